@@ -1,0 +1,172 @@
+/*
+ * netplex_core.h — the single list of declarations of the native core.
+ *
+ * build_ffi.py feeds this file to cffi's cdef (dropping the preprocessor lines
+ * other than integer #defines) and #includes it in set_source, so the C
+ * compiler checks that the declarations and the definitions agree.  Keep it in
+ * the subset of C that cffi's cdef parses: no macros with arguments, no
+ * inline functions, integer constants as enums.
+ *
+ * Conventions
+ *  - Every function returns a non-negative result or a negative NP_E* code.
+ *    The Python layer turns codes into exceptions in one place.
+ *  - A "handle" names one incarnation of a semaphore or mutex:
+ *    (generation << 32) | index.  A handle of a destroyed object is stale
+ *    (NP_ESTALE); look the name up again.
+ *  - Deadlines are absolute CLOCK_MONOTONIC nanoseconds.  NP_NOWAIT means "do
+ *    not wait", NP_FOREVER "no deadline".  A wait never sleeps longer than one
+ *    slice (100 ms): it returns NP_EINTR with the caller still queued, so that
+ *    Python can run its signal handlers and call again; np_wait_cancel()
+ *    leaves the queue.
+ *  - The calling process and thread are registered implicitly on first use
+ *    (and again after fork()).  recover(pid) is the supervisor's half of the
+ *    contract: call it after reaping pid.
+ */
+#ifndef NETPLEX_CORE_H
+#define NETPLEX_CORE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+enum {
+    NP_OK         =  0,
+    NP_ENOENT     = -1,   /* no such name */
+    NP_EEXIST     = -2,   /* name exists (NP_EXCL) */
+    NP_EAGAIN     = -3,   /* value is 0 / mutex locked, and no wait asked */
+    NP_ETIMEDOUT  = -4,   /* deadline passed; nothing taken, no longer queued */
+    NP_EINTR      = -5,   /* wait slice elapsed; still queued: call again or cancel */
+    NP_EDESTROYED = -6,   /* the object was destroyed while waiting */
+    NP_ESTALE     = -7,   /* the handle's generation is gone */
+    NP_ENOSPC_SEM = -8,   /* semaphore table full */
+    NP_ENOSPC_MTX = -9,   /* mutex table full */
+    NP_ENOSPC_PROC= -10,  /* process table full */
+    NP_ENOSPC_ACT = -11,  /* thread (actor) table full */
+    NP_EOVERFLOW  = -12,  /* value would exceed NP_VALUE_MAX */
+    NP_EINVAL     = -13,  /* bad argument (name length, initial value, kind) */
+    NP_ECORRUPT   = -14,  /* the segment failed a consistency check */
+    NP_EBADSEG    = -15,  /* not a netplex segment / version mismatch */
+    NP_ESYS       = -16,  /* a system call failed; errno is preserved */
+    NP_EBUSY      = -17,  /* a sleep cannot start now (already waiting) */
+    NP_EKIND      = -18   /* name exists as the other kind (semaphore vs mutex) */
+};
+
+enum {
+    NP_KIND_SEM   = 1,
+    NP_KIND_MUTEX = 2
+};
+
+/* flags of np_lookup */
+enum {
+    NP_CREATE    = 1,    /* create when missing */
+    NP_EXCL      = 2,    /* with NP_CREATE: fail with NP_EEXIST when it exists */
+    NP_PROTECTED = 4     /* a created semaphore is protected */
+};
+
+#define NP_NAME_MAX 255
+#define NP_NOWAIT -1
+#define NP_FOREVER 9223372036854775807
+#define NP_VALUE_MAX 9223372036854775807
+
+typedef struct np_domain np_domain;
+
+typedef struct {
+    uint32_t semaphores;     /* capacity of the semaphore table */
+    uint32_t mutexes;        /* capacity of the mutex table */
+    uint32_t processes;      /* capacity of the process (owner) table */
+    uint32_t actors;         /* capacity of the thread table (waits, intents) */
+} np_config;
+
+typedef struct {
+    uint32_t index;
+    int32_t  kind;           /* NP_KIND_SEM or NP_KIND_MUTEX */
+    uint64_t handle;
+    int64_t  value;          /* semaphore value; mutex: 1 free, 0 locked */
+    int32_t  protected_;     /* semaphores: protected accounting on */
+    int32_t  owner_pid;      /* mutex: pid of the holder, 0 when free */
+    uint32_t waiters;        /* threads queued */
+    char     name[256];
+} np_obj_info;
+
+typedef struct {
+    uint32_t index;
+    int32_t  pid;
+    uint64_t start_time;     /* /proc/<pid>/stat field 22 at registration */
+    int32_t  state;          /* 0 free, 1 alive, 2 being recovered */
+    uint32_t threads;        /* actors attached */
+} np_proc_info;
+
+/* ---- domain (segment) lifecycle ---- */
+/* Create segment `name` ("/netplex-..."): O_CREAT|O_EXCL, mode 0600, sized for
+ * cfg, initialised, mapped.  *out receives the mapping. */
+int np_domain_create(const char *name, const np_config *cfg, np_domain **out);
+/* Map an existing segment (validates magic, version and size). */
+int np_domain_attach(const char *name, np_domain **out);
+/* Unmap; the segment stays.  Safe on NULL. */
+void np_domain_close(np_domain *d);
+int np_domain_unlink(const char *name);
+size_t np_domain_size(const np_domain *d);
+int np_domain_config(const np_domain *d, np_config *out);
+/* pid and start time of the creating process (stale-segment detection). */
+int32_t np_domain_creator_pid(const np_domain *d);
+uint64_t np_domain_creator_start(const np_domain *d);
+/* 1 if the process pid with that start time is alive (not a zombie), else 0. */
+int np_process_alive(int32_t pid, uint64_t start_time);
+
+/* ---- names ---- */
+/* Find (or create, per flags) the object `name` of `kind`.  Returns a handle
+ * (>= 0) or NP_ENOENT / NP_EEXIST / NP_EKIND / NP_ENOSPC_* / NP_EINVAL. */
+int64_t np_lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial);
+
+/* ---- semaphores ---- */
+/* +1; returns the new value. */
+int64_t np_sem_increment(np_domain *d, uint64_t handle);
+/* -1 when positive; returns the new value.  deadline NP_NOWAIT: NP_EAGAIN at
+ * 0.  Otherwise waits (FIFO, starvation-free) until the deadline. */
+int64_t np_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline);
+int64_t np_sem_get(np_domain *d, uint64_t handle);
+/* Remove the semaphore; waiters get NP_EDESTROYED. */
+int64_t np_sem_destroy(np_domain *d, uint64_t handle);
+/* Net protected amount (increments - successful decrements) of pid. */
+int64_t np_sem_delta(np_domain *d, uint64_t handle, int32_t pid);
+
+/* ---- mutexes ---- */
+/* 0 when locked by the calling process; NP_EAGAIN (NP_NOWAIT), NP_ETIMEDOUT, NP_EINTR. */
+int64_t np_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);
+/* Unlock (any process may; no-op when not locked). */
+int64_t np_mutex_unlock(np_domain *d, uint64_t handle);
+int64_t np_mutex_destroy(np_domain *d, uint64_t handle);
+
+/* Leave the wait queue the calling thread is in (after NP_EINTR). */
+int64_t np_wait_cancel(np_domain *d);
+
+/* ---- supervisor contract ---- */
+/* Register the calling process (also done implicitly on first use). */
+int64_t np_register(np_domain *d);
+/* Release the calling thread's actor (thread exit).  Not needed for correctness. */
+int64_t np_thread_detach(np_domain *d);
+/* After reaping pid: revert its protected deltas (clamped at 0), release its
+ * mutexes, complete or roll back the operation it died in, drop its waits,
+ * wake waiters, free its slots.  Idempotent; a live process that reuses the
+ * pid is left alone.  Returns the number of process slots recovered. */
+int64_t np_recover(np_domain *d, int32_t pid);
+
+/* ---- introspection ---- */
+int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info *out);  /* 1 used, 0 free */
+int64_t np_proc_info(np_domain *d, uint32_t index, np_proc_info *out);               /* 1 used, 0 free */
+/* Consistency check of a quiescent segment: 0 when consistent, else
+ * NP_ECORRUPT with a description written into buf. */
+int64_t np_check(np_domain *d, char *buf, size_t len);
+
+/* ---- test support ---- */
+/* Only when the environment had NETPLEX_CORE_TEST=1 at the first attach:
+ * SIGKILL the calling process at the n-th crash point it reaches from now
+ * (n >= 1; 0 disarms).  Returns NP_EINVAL otherwise. */
+int64_t np_test_crash_after(int64_t n);
+/* Crash points passed since the last arm (to enumerate steps). */
+int64_t np_test_crash_count(void);
+/* Floor of the binding, for bench/: does nothing. */
+int64_t np_noop(void);
+/* CLOCK_MONOTONIC in ns (deadlines). */
+int64_t np_now(void);
+
+#endif

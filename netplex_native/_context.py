@@ -1,0 +1,61 @@
+"""Which process this is (controller or container) and its primitive backends.
+
+One ``Context`` per process, in :data:`ctx`.  The public modules
+(``semaphore``, ``mutex``, ``sharedvar``, ``cenv``) call through
+``ctx.sem`` / ``ctx.mutex`` / ``ctx.var``: a backend object chosen from the
+plugins the controller has, or a placeholder that raises the right error.
+"""
+
+from __future__ import annotations
+
+from .errors import NotInContainerError, PluginNotAddedError
+
+KINDS = {"semaphore": "sem", "mutex": "mutex", "sharedvar": "var"}
+
+
+class _Unavailable:
+    """Stands in for a backend that is not there; every call raises."""
+
+    def __init__(self, kind: str, outside: bool):
+        self._kind = kind
+        self._outside = outside
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise self.error()
+
+    def error(self) -> Exception:
+        k = self._kind
+        if self._outside:
+            return NotInContainerError(
+                f"netplex_native.{k} used outside any controller or container: "
+                f"call it from a hook, timer or handler of a running service")
+        plugins = {"semaphore": "semaphore.plugin or semaphore.native_plugin",
+                   "mutex": "mutex.plugin or mutex.native_plugin",
+                   "sharedvar": "sharedvar.plugin"}[k]
+        return PluginNotAddedError(
+            f"netplex_native.{k} used but no {k} plugin was added: call "
+            f"ctrl.add_plugin({plugins}) in post_add_hook")
+
+
+class Context:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.role = None          # None, "controller" or "container"
+        self.controller = None    # the Controller (in containers: the forked copy)
+        self.container = None     # the Container (container processes only)
+        self.channel = None       # container side of the RPC channel
+        self.runtime = None       # container.py's _Runtime (container processes only)
+        self.set_backends({})
+
+    def set_backends(self, backends: dict) -> None:
+        outside = self.role is None
+        for kind, attr in KINDS.items():
+            b = backends.get(kind)
+            setattr(self, attr, b if b is not None else _Unavailable(kind, outside))
+
+
+ctx = Context()

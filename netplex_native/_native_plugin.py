@@ -1,0 +1,170 @@
+"""The native plugins: semaphores and mutexes in the controller's shared-memory
+segment (``_native.Domain``), a drop-in for the RPC plugins.
+
+Controller side: the domain plugin creates the segment when added (before any
+fork), removes segments left by dead controllers, calls ``recover(pid)`` for
+every reaped container (before ``post_finish_hook``), and unlinks the segment
+at shutdown.  Process side: the backends call the core directly; waits in
+handlers (``*_async``) run in a worker thread so the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+
+from .errors import NativeUnavailableError, WouldBlockError, check_name, check_timeout
+from .plugin import Plugin
+
+log = logging.getLogger("netplex_native")
+
+_executor = None
+_executor_pid = 0
+
+
+def _wait_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for awaitable waits (one pool per process; forks get their own)."""
+    global _executor, _executor_pid
+    if _executor is None or _executor_pid != os.getpid():
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="netplex-wait")
+        _executor_pid = os.getpid()
+    return _executor
+
+
+async def _wait_in_thread(blocking, give_back):
+    """Run ``blocking(cancel_event)`` in a thread; if the awaiting task is
+    cancelled, stop the wait and hand back whatever it obtained anyway."""
+    cancel = threading.Event()
+    fut = asyncio.get_running_loop().run_in_executor(_wait_executor(), blocking, cancel)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+
+        def undo(f):
+            if not f.cancelled() and f.exception() is None:
+                give_back(f.result())
+        fut.add_done_callback(undo)
+        raise
+
+
+class NativeDomainPlugin(Plugin):
+    """Owns the segment of one controller."""
+
+    name = "native"
+
+    def ctrl_added(self, ctrl) -> None:
+        if ctrl.plugin_data(self) is not None:
+            return
+        try:
+            from . import _native
+        except ImportError as e:
+            raise NativeUnavailableError(
+                f"the native core is not built ({e}); reinstall with a C compiler, "
+                f"or use the RPC plugins (semaphore.plugin, mutex.plugin)") from e
+        if not _native.available():
+            raise NativeUnavailableError("the native core (netplex_native._core) is not built; "
+                                         "reinstall with a C compiler or use the RPC plugins")
+        for stale in _native.Domain.remove_stale():
+            log.warning("removed shared-memory segment %s left by a dead controller", stale)
+        dom = _native.Domain.create(**ctrl.native_config)
+        ctrl.set_plugin_data(self, dom)
+        log.info("native segment %s created (%d bytes)", dom.name, dom.size)
+
+    def ctrl_container_reaped(self, ctrl, rec) -> None:
+        ctrl.plugin_data(self).recover(rec.pid)
+
+    def ctrl_unplugged(self, ctrl) -> None:
+        dom = ctrl.plugin_data(self)
+        if dom is not None:
+            dom.unlink()
+            dom.close()
+            ctrl.set_plugin_data(self, None)
+
+    def inspect(self, ctrl) -> dict:
+        dom = ctrl.plugin_data(self)
+        return {"segment": dom.name, "size": dom.size, "config": dom.config,
+                "semaphores": dom.semaphores(), "mutexes": dom.mutexes(),
+                "processes": dom.processes()}
+
+
+domain_plugin = NativeDomainPlugin()
+
+
+class NativeSemaphorePlugin(Plugin):
+    name = "semaphore.native"
+    provides = "semaphore"
+    required = (domain_plugin,)
+
+    def backend(self, ctrl, role):
+        return _NativeSem(ctrl.plugin_data(domain_plugin), role)
+
+
+class NativeMutexPlugin(Plugin):
+    name = "mutex.native"
+    provides = "mutex"
+    required = (domain_plugin,)
+
+    def backend(self, ctrl, role):
+        return _NativeMutex(ctrl.plugin_data(domain_plugin), role)
+
+
+class _NativeSem:
+    def __init__(self, dom, role):
+        self._dom = dom
+        self._in_controller = role == "controller"
+        self.create = dom.sem_create
+        self.increment = dom.sem_increment
+        self.get = dom.sem_get
+        self.destroy = dom.sem_destroy
+
+    def decrement(self, name, wait=False, timeout=None):
+        if wait is True and self._in_controller:
+            r = self._dom.sem_decrement(name)
+            if r < 0 and check_timeout(timeout) != 0:
+                raise WouldBlockError("decrement(wait=True) would block the controller's loop; "
+                                      "wait in a container instead")
+            return r
+        return self._dom.sem_decrement(name, wait=wait, timeout=timeout)
+
+    async def decrement_async(self, name, wait=False, timeout=None):
+        r = self.decrement(name, False, None) if wait is True else self.decrement(name, wait, timeout)
+        if r >= 0 or wait is not True:
+            return r
+        timeout = check_timeout(timeout)
+        if timeout == 0:
+            return r
+        dom = self._dom
+        return await _wait_in_thread(
+            lambda cancel: dom.sem_decrement(name, wait=True, timeout=timeout, cancel=cancel),
+            lambda got: dom.sem_increment(name) if got >= 0 else None)
+
+
+class _NativeMutex:
+    def __init__(self, dom, role):
+        self._dom = dom
+        self._in_controller = role == "controller"
+        self.unlock = dom.mutex_unlock
+
+    def lock(self, name, timeout=None):
+        if self._in_controller:
+            if self._dom.mutex_trylock(name):
+                return True
+            if check_timeout(timeout) == 0:
+                return False
+            raise WouldBlockError("lock() on a held mutex would block the controller's loop")
+        return self._dom.mutex_lock(name, timeout)
+
+    async def lock_async(self, name, timeout=None):
+        if self._dom.mutex_trylock(name):
+            return True
+        timeout = check_timeout(timeout)
+        if timeout == 0:
+            return False
+        dom = self._dom
+        return await _wait_in_thread(
+            lambda cancel: dom.mutex_lock(name, timeout, cancel=cancel),
+            lambda got: dom.mutex_unlock(name) if got else None)

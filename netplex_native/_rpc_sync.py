@@ -1,0 +1,482 @@
+"""RPC semaphores and mutexes: the state lives in the controller process.
+
+Controller side (``SyncState`` and the two plugins) and the backends the
+public modules call (``_SemClient``/``_MutexClient`` in containers, over the
+channel; ``_SemLocal``/``_MutexLocal`` in the controller itself).
+
+Semantics (reference, defects fixed):
+- waits are deferred replies in FIFO order; a waiter whose container is gone
+  is dropped before anything is handed to it (defect 1), and a deferred grant
+  that the container never acknowledged is given back when it dies;
+- protected semaphores keep, per container, increments minus successful
+  decrements; when the container ends that amount is subtracted (clamped at
+  0) and waiters are served;
+- a mutex records its holder only: unlock by another container clears it,
+  with no per-container counter to skew (defect 2); a dead holder's mutex
+  goes to the next live waiter; a dead waiter is dropped, never handed the
+  lock (defect 3);
+- ``destroy`` removes the semaphore (a later ``create`` returns True) and
+  answers every waiter with -1, each answer on its own (defect 4).
+Semaphores and mutexes share one namespace.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .errors import (NetplexError, WouldBlockError, check_bool, check_int, check_name,
+                     check_timeout, VALUE_MAX)
+from .plugin import Plugin
+
+
+class _Waiter:
+    __slots__ = ("rec", "reply", "timer")
+
+    def __init__(self, rec, reply):
+        self.rec = rec
+        self.reply = reply
+        self.timer = None
+
+
+class _Sem:
+    __slots__ = ("name", "value", "protected", "deltas", "waiters")
+
+    def __init__(self, name, value, protected):
+        self.name = name
+        self.value = value
+        self.protected = protected
+        self.deltas: dict[str, int] = {}   # container id -> increments - decrements
+        self.waiters: deque[_Waiter] = deque()
+
+
+class _Mutex:
+    __slots__ = ("name", "owner", "waiters")
+
+    def __init__(self, name):
+        self.name = name
+        self.owner = None                  # container id, or "" for the controller
+        self.waiters: deque[_Waiter] = deque()
+
+
+def _kind_error(name, is_kind, other):
+    return ValueError(f"{name!r} is a {other}, not a {is_kind} (semaphores and mutexes share one namespace)")
+
+
+class SyncState:
+    """Per-controller state of RPC semaphores and mutexes."""
+
+    def __init__(self, loop_getter):
+        self._loop = loop_getter
+        self.sems: dict[str, _Sem] = {}
+        self.mutexes: dict[str, _Mutex] = {}
+
+    # ---- semaphores ----
+    def _sem(self, name, implicit=True) -> _Sem | None:
+        s = self.sems.get(name)
+        if s is None:
+            if name in self.mutexes:
+                raise _kind_error(name, "semaphore", "mutex")
+            if implicit:
+                s = self.sems[name] = _Sem(name, 0, True)
+        return s
+
+    def sem_create(self, name, initial, protected) -> bool:
+        if name in self.sems:
+            return False
+        if name in self.mutexes:
+            raise _kind_error(name, "semaphore", "mutex")
+        self.sems[name] = _Sem(name, initial, protected)
+        return True
+
+    def sem_increment(self, cid, name) -> int:
+        s = self._sem(name)
+        if s.value >= VALUE_MAX:
+            raise ValueError(f"semaphore {name!r} is at its maximum value {VALUE_MAX}")
+        s.value += 1
+        if s.protected and cid:
+            s.deltas[cid] = s.deltas.get(cid, 0) + 1
+        new = s.value
+        self._serve(s)
+        return new
+
+    def sem_try_decrement(self, cid, name) -> int:
+        s = self._sem(name)
+        if s.value <= 0:
+            return -1
+        self._take(s, cid)
+        return s.value
+
+    def _take(self, s: _Sem, cid) -> None:
+        s.value -= 1
+        if s.protected and cid:
+            d = s.deltas.get(cid, 0) - 1
+            if d:
+                s.deltas[cid] = d
+            else:
+                s.deltas.pop(cid, None)
+
+    def _untake(self, s: _Sem, cid) -> None:
+        """Exact inverse of _take (a grant given back)."""
+        if self.sems.get(s.name) is not s:
+            return  # destroyed meanwhile: nothing to give back to
+        s.value += 1
+        if s.protected and cid:
+            d = s.deltas.get(cid, 0) + 1
+            if d:
+                s.deltas[cid] = d
+            else:
+                s.deltas.pop(cid, None)
+        self._serve(s)
+
+    def sem_wait(self, rec, name, timeout, reply) -> None:
+        """decrement(wait=True): answer now or queue (FIFO)."""
+        s = self._sem(name)
+        if s.value > 0:
+            self._take(s, rec.id)
+            reply.ok(s.value)
+            return
+        if timeout == 0:
+            reply.ok(-1)
+            return
+        w = _Waiter(rec, reply)
+        s.waiters.append(w)
+
+        def drop():
+            try:
+                s.waiters.remove(w)
+            except ValueError:
+                pass
+            if w.timer is not None:
+                w.timer.cancel()
+        reply.on_cancel = drop
+        if timeout is not None:
+            def expire():
+                w.timer = None
+                drop()
+                reply.ok(-1)
+            w.timer = self._loop().call_later(timeout, expire)
+
+    def _serve(self, s: _Sem) -> None:
+        """Hand counts to live waiters, first come first served."""
+        while s.value > 0 and s.waiters:
+            w = s.waiters.popleft()
+            if w.timer is not None:
+                w.timer.cancel()
+            if not w.reply.alive or w.reply.done:
+                continue  # its container is gone: never hand it anything
+            self._take(s, w.rec.id)
+            cid = w.rec.id
+            w.reply.ok(s.value, undo=lambda s=s, cid=cid: self._untake(s, cid))
+
+    def sem_get(self, name) -> int:
+        return self._sem(name).value
+
+    def sem_destroy(self, name) -> None:
+        s = self.sems.get(name)
+        if s is None:
+            if name in self.mutexes:
+                raise _kind_error(name, "semaphore", "mutex")
+            return
+        del self.sems[name]
+        waiters, s.waiters = s.waiters, deque()
+        for w in waiters:
+            if w.timer is not None:
+                w.timer.cancel()
+            try:
+                w.reply.ok(-1)
+            except Exception:  # one broken waiter must not leave the others unanswered
+                pass
+
+    # ---- mutexes ----
+    def _mutex(self, name) -> _Mutex:
+        m = self.mutexes.get(name)
+        if m is None:
+            if name in self.sems:
+                raise _kind_error(name, "mutex", "semaphore")
+            m = self.mutexes[name] = _Mutex(name)
+        return m
+
+    def mutex_lock(self, rec, owner, name, timeout, reply) -> None:
+        m = self._mutex(name)
+        if m.owner is None:
+            m.owner = owner
+            reply.ok(True)
+            return
+        if timeout == 0:
+            reply.ok(False)
+            return
+        w = _Waiter(rec, reply)
+        m.waiters.append(w)
+
+        def drop():
+            try:
+                m.waiters.remove(w)
+            except ValueError:
+                pass
+            if w.timer is not None:
+                w.timer.cancel()
+        reply.on_cancel = drop
+        if timeout is not None:
+            def expire():
+                w.timer = None
+                drop()
+                reply.ok(False)
+            w.timer = self._loop().call_later(timeout, expire)
+
+    def mutex_unlock(self, name) -> None:
+        m = self.mutexes.get(name)
+        if m is None:
+            if name in self.sems:
+                raise _kind_error(name, "mutex", "semaphore")
+            return
+        self._release(m)
+
+    def _release(self, m: _Mutex) -> None:
+        m.owner = None
+        while m.waiters:
+            w = m.waiters.popleft()
+            if w.timer is not None:
+                w.timer.cancel()
+            if not w.reply.alive or w.reply.done:
+                continue
+            m.owner = w.rec.id
+
+            def undo(m=m, cid=w.rec.id):
+                if m.owner == cid and self.mutexes.get(m.name) is m:
+                    self._release(m)
+            w.reply.ok(True, undo=undo)
+            return
+
+    # ---- a container's end ----
+    def container_reaped(self, cid: str) -> None:
+        for s in list(self.sems.values()):
+            if s.waiters:
+                s.waiters = deque(w for w in s.waiters if w.rec.id != cid)
+            d = s.deltas.pop(cid, 0)
+            if d:
+                s.value = max(0, s.value - d)
+                self._serve(s)
+        for m in list(self.mutexes.values()):
+            if m.waiters:
+                m.waiters = deque(w for w in m.waiters if w.rec.id != cid)
+            if m.owner == cid:
+                self._release(m)
+
+    def inspect(self) -> dict:
+        return {
+            "semaphores": [
+                {"name": s.name, "value": s.value, "protected": s.protected,
+                 "waiters": len(s.waiters), "holders": dict(s.deltas)}
+                for s in self.sems.values()],
+            "mutexes": [
+                {"name": m.name, "locked": m.owner is not None, "owner": m.owner,
+                 "waiters": len(m.waiters)}
+                for m in self.mutexes.values()],
+        }
+
+
+def _args(args, n, proc):
+    if len(args) != n:
+        raise ValueError(f"{proc}: expected {n} arguments, got {len(args)}")
+    return args
+
+
+class _SyncBase(Plugin):
+    """Holds the SyncState shared by the semaphore and mutex RPC plugins."""
+
+    name = "sync"
+
+    def ctrl_added(self, ctrl) -> None:
+        if ctrl.plugin_data(self) is None:
+            ctrl.set_plugin_data(self, SyncState(lambda: ctrl._loop))
+
+    def ctrl_container_reaped(self, ctrl, rec) -> None:
+        ctrl.plugin_data(self).container_reaped(rec.id)
+
+    def inspect(self, ctrl) -> dict:
+        return ctrl.plugin_data(self).inspect()
+
+
+_sync_base = _SyncBase()
+
+
+def _state(ctrl) -> SyncState:
+    return ctrl.plugin_data(_sync_base)
+
+
+class SemaphorePlugin(Plugin):
+    name = "semaphore"
+    prefix = "sem"
+    provides = "semaphore"
+    required = (_sync_base,)
+
+    def ctrl_receive_call(self, ctrl, rec, proc, args, blob, reply) -> None:
+        st = _state(ctrl)
+        if proc == "create":
+            name, initial, protected = _args(args, 3, proc)
+            reply.ok(st.sem_create(check_name(name), check_int(initial, "initial"),
+                                   check_bool(protected, "protected")))
+        elif proc == "increment":
+            reply.ok(st.sem_increment(rec.id, check_name(_args(args, 1, proc)[0])))
+        elif proc == "decrement":
+            name, wait, timeout = _args(args, 3, proc)
+            name = check_name(name)
+            if check_bool(wait, "wait"):
+                st.sem_wait(rec, name, check_timeout(timeout), reply)
+            else:
+                reply.ok(st.sem_try_decrement(rec.id, name))
+        elif proc == "get":
+            reply.ok(st.sem_get(check_name(_args(args, 1, proc)[0])))
+        elif proc == "destroy":
+            st.sem_destroy(check_name(_args(args, 1, proc)[0]))
+            reply.ok(None)
+        else:
+            raise ValueError(f"semaphore: no procedure {proc!r}")
+
+    def backend(self, ctrl, role):
+        if role == "container":
+            from ._context import ctx
+            return _SemClient(ctx.channel)
+        return _SemLocal(_state(ctrl))
+
+
+class MutexPlugin(Plugin):
+    name = "mutex"
+    prefix = "mutex"
+    provides = "mutex"
+    required = (_sync_base,)
+
+    def ctrl_receive_call(self, ctrl, rec, proc, args, blob, reply) -> None:
+        st = _state(ctrl)
+        if proc == "lock":
+            name, timeout = _args(args, 2, proc)
+            st.mutex_lock(rec, rec.id, check_name(name), check_timeout(timeout), reply)
+        elif proc == "unlock":
+            st.mutex_unlock(check_name(_args(args, 1, proc)[0]))
+            reply.ok(None)
+        else:
+            raise ValueError(f"mutex: no procedure {proc!r}")
+
+    def backend(self, ctrl, role):
+        if role == "container":
+            from ._context import ctx
+            return _MutexClient(ctx.channel)
+        return _MutexLocal(_state(ctrl))
+
+
+# ---- backends: what the public modules call ----
+
+def _check_wait(wait, timeout):
+    if wait is not True and wait is not False:
+        raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
+    return check_timeout(timeout)
+
+
+class _SemClient:
+    """In a container: every operation is a call to the controller."""
+
+    def __init__(self, channel):
+        self._ch = channel
+
+    def create(self, name, initial, protected):
+        return self._ch.call("sem.create", [check_name(name), check_int(initial, "initial"),
+                                            check_bool(protected, "protected")])[0]
+
+    def increment(self, name):
+        return self._ch.call("sem.increment", [check_name(name)])[0]
+
+    def _undo(self, name):
+        def undo(result):
+            if isinstance(result, int) and result >= 0:
+                self._ch.notify("sem.increment", [name])
+        return undo
+
+    def decrement(self, name, wait=False, timeout=None):
+        timeout = _check_wait(wait, timeout)
+        name = check_name(name)
+        return self._ch.call("sem.decrement", [name, wait, timeout], undo=self._undo(name))[0]
+
+    async def decrement_async(self, name, wait=False, timeout=None):
+        timeout = _check_wait(wait, timeout)
+        name = check_name(name)
+        return (await self._ch.acall("sem.decrement", [name, wait, timeout], undo=self._undo(name)))[0]
+
+    def get(self, name):
+        return self._ch.call("sem.get", [check_name(name)])[0]
+
+    def destroy(self, name):
+        self._ch.call("sem.destroy", [check_name(name)])
+
+
+class _SemLocal:
+    """In the controller process: direct, and never blocking."""
+
+    def __init__(self, state: SyncState):
+        self._st = state
+
+    def create(self, name, initial, protected):
+        return self._st.sem_create(check_name(name), check_int(initial, "initial"),
+                                   check_bool(protected, "protected"))
+
+    def increment(self, name):
+        return self._st.sem_increment(None, check_name(name))
+
+    def decrement(self, name, wait=False, timeout=None):
+        timeout = _check_wait(wait, timeout)
+        r = self._st.sem_try_decrement(None, check_name(name))
+        if r < 0 and wait and timeout != 0:
+            raise WouldBlockError("decrement(wait=True) would block the controller's loop; "
+                                  "wait in a container instead")
+        return r
+
+    async def decrement_async(self, name, wait=False, timeout=None):
+        return self.decrement(name, wait, timeout)
+
+    def get(self, name):
+        return self._st.sem_get(check_name(name))
+
+    def destroy(self, name):
+        self._st.sem_destroy(check_name(name))
+
+
+class _MutexClient:
+    def __init__(self, channel):
+        self._ch = channel
+
+    def _undo(self, name):
+        def undo(result):
+            if result is True:
+                self._ch.notify("mutex.unlock", [name])
+        return undo
+
+    def lock(self, name, timeout=None):
+        timeout = check_timeout(timeout)
+        return self._ch.call("mutex.lock", [name, timeout], undo=self._undo(name))[0]
+
+    async def lock_async(self, name, timeout=None):
+        timeout = check_timeout(timeout)
+        return (await self._ch.acall("mutex.lock", [name, timeout], undo=self._undo(name)))[0]
+
+    def unlock(self, name):
+        self._ch.call("mutex.unlock", [name])
+
+
+class _MutexLocal:
+    def __init__(self, state: SyncState):
+        self._st = state
+
+    def lock(self, name, timeout=None):
+        timeout = check_timeout(timeout)
+        m = self._st._mutex(name)
+        if m.owner is None:
+            m.owner = ""
+            return True
+        if timeout == 0:
+            return False
+        raise WouldBlockError("lock() on a held mutex would block the controller's loop")
+
+    async def lock_async(self, name, timeout=None):
+        return self.lock(name, timeout)
+
+    def unlock(self, name):
+        self._st.mutex_unlock(name)

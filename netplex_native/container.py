@@ -1,0 +1,290 @@
+"""A container: one worker process of a service.  Everything here after
+``run_container`` runs in the container process, on its own asyncio loop:
+the service's handler for each accepted connection, timers, messages from the
+controller, and the container's hooks.
+
+Its end:
+- regular (the controller asked, or a hook returned False from
+  ``global_exception_handler``): stop accepting, let handlers finish (a few
+  seconds), ``pre_finish_hook``, exit 0;
+- the controller died (channel EOF, or SIGTERM from the parent-death signal):
+  exit at once, within 2 s at the latest (a hard alarm backs it up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+from ._context import ctx
+from .channel import Channel
+from .errors import check_interval, check_message, ControllerGoneError
+
+log = logging.getLogger("netplex_native")
+
+#: Seconds a regular end waits for running handlers before cancelling them.
+HANDLER_GRACE = 3.0
+#: Hard limit for an exit forced by the controller's death or SIGTERM.
+HARD_EXIT_AFTER = 1.5
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Container:
+    """A container as hooks see it: ``id``, ``pid``, ``service_name``."""
+
+    def __init__(self, cid: str, pid: int, service_name: str):
+        self.id = cid
+        self.pid = pid
+        self.service_name = service_name
+
+    def send_message(self, pattern: str, name: str, args=()) -> None:
+        """Broadcast to ``receive_message`` of the containers of the services
+        matching *pattern* (this one included when it matches)."""
+        pattern, name, args = check_message(pattern, name, args)
+        if ctx.role == "container" and ctx.container is self:
+            ctx.channel.notify("ctl.send_message", [pattern, name, args])
+        elif ctx.role == "controller" and ctx.controller is not None:
+            ctx.controller.send_message(pattern, name, args)
+        else:
+            from .errors import NotInContainerError
+            raise NotInContainerError("send_message needs a running controller or container")
+
+    def __repr__(self) -> str:
+        return f"<Container {self.id} pid={self.pid} service={self.service_name}>"
+
+
+class Timer:
+    """A timer of ``cenv.create_timer``; ``id`` is unique in its container."""
+
+    _next_id = 0
+
+    def __init__(self, rt, callback, interval: float):
+        Timer._next_id += 1
+        self.id = Timer._next_id
+        self.callback = callback
+        self.interval = interval
+        self.active = True
+        self._rt = rt
+        self._handle = None
+        self._task = None
+
+    def _arm(self) -> None:
+        self._handle = self._rt.loop.call_later(self.interval, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self.active:
+            return
+        try:
+            r = self.callback(self)
+        except Exception as e:
+            self._stop()
+            self._rt.exception(e)
+            return
+        if asyncio.iscoroutine(r):
+            self._task = self._rt.loop.create_task(r)
+            self._task.add_done_callback(self._done)
+        else:
+            self._rearm_if(r)
+
+    def _done(self, task) -> None:
+        self._task = None
+        if task.cancelled():
+            self._stop()
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._stop()
+            self._rt.exception(exc)
+            return
+        self._rearm_if(task.result())
+
+    def _rearm_if(self, again) -> None:
+        if again is True and self.active:
+            self._arm()
+        else:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.active = False
+        self._rt.timers.pop(self.id, None)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is not None:
+            self._task.cancel()
+        self._stop()
+
+    def __repr__(self) -> str:
+        return f"<Timer {self.id} every {self.interval}s{'' if self.active else ' (stopped)'}>"
+
+
+class _Runtime:
+    """The container process's state."""
+
+    def __init__(self, ctrl, service, cont: Container, channel: Channel, listen_sock):
+        self.ctrl = ctrl
+        self.service = service
+        self.hooks = service.hooks
+        self.cont = cont
+        self.channel = channel
+        self.listen_sock = listen_sock
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timers: dict[int, Timer] = {}
+        self.handlers: set[asyncio.Task] = set()
+        self.server = None
+        self.stop_reason: asyncio.Future | None = None
+
+    # -- exceptions and stop --
+    def exception(self, exc: BaseException) -> None:
+        try:
+            keep = self.hooks.global_exception_handler(exc)
+        except Exception:
+            log.exception("global_exception_handler failed")
+            keep = True
+        if keep is False:
+            log.info("container %s (pid %d): global_exception_handler returned False; finishing",
+                     self.cont.id, self.cont.pid)
+            self.stop("regular")
+
+    def stop(self, reason: str) -> None:
+        """Request the end: "regular" or "abort"."""
+        if self.stop_reason is not None and not self.stop_reason.done():
+            self.stop_reason.set_result(reason)
+
+    def hook(self, name: str, *args) -> None:
+        try:
+            getattr(self.hooks, name)(*args)
+        except Exception as e:
+            self.exception(e)
+
+    # -- messages from the controller --
+    def on_message(self, obj, blob) -> None:
+        kind = obj[0]
+        if kind == "m":
+            self.hook("receive_message", self.cont, obj[1], obj[2])
+        elif kind == "a":
+            self.hook("receive_admin_message", self.cont, obj[1], obj[2])
+        elif kind == "ctl":
+            if obj[1] == "system_shutdown":
+                self.hook("system_shutdown")
+                try:
+                    self.channel.notify("ctl.system_shutdown_done", [])
+                except ControllerGoneError:
+                    pass
+            elif obj[1] == "shutdown":
+                self.hook("shutdown")
+                self.stop("regular")
+
+    def on_controller_gone(self) -> None:
+        log.warning("container %s (pid %d): controller gone; exiting", self.cont.id, self.cont.pid)
+        self.abort()
+
+    def abort(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, HARD_EXIT_AFTER)  # SIGALRM (default) ends us
+        self.stop("abort")
+
+    # -- serving --
+    async def _client_connected(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        self.handlers.add(task)
+        try:
+            await self.service.handler(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            self.exception(e)
+        finally:
+            self.handlers.discard(task)
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    async def main(self) -> int:
+        loop = self.loop = asyncio.get_running_loop()
+        self.stop_reason = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, self.abort)
+        self.channel.attach(loop, self.on_message, self.on_controller_gone)
+        self.hook("post_start_hook", self.cont)
+        if not self.stop_reason.done():
+            try:
+                self.channel.notify("ctl.ready", [])
+            except ControllerGoneError:
+                self.abort()
+        if self.listen_sock is not None and not self.stop_reason.done():
+            self.server = await asyncio.start_server(self._client_connected, sock=self.listen_sock)
+        reason = await self.stop_reason
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.timers.values()):
+            t.cancel()
+        if reason == "regular":
+            if self.handlers:
+                await asyncio.wait(list(self.handlers), timeout=HANDLER_GRACE)
+            for t in list(self.handlers):
+                t.cancel()
+            self.hook("pre_finish_hook", self.cont)
+        else:
+            for t in list(self.handlers):
+                t.cancel()
+        if self.handlers:
+            await asyncio.wait(list(self.handlers), timeout=0.5)
+        return 0
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """SIGTERM when the controller dies, even by SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(0)
+
+
+def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
+    """The container process's main; returns its exit code (the caller _exits)."""
+    _set_parent_death_signal(ctrl.pid)
+    cont = Container(cid, os.getpid(), service.name)
+    channel = Channel(chan_sock)
+    rt = _Runtime(ctrl, service, cont, channel, listen_sock)
+    ctx.reset()
+    ctx.role = "container"
+    ctx.controller = ctrl
+    ctx.container = cont
+    ctx.channel = channel
+    ctx.runtime = rt
+    cont._rt = rt
+    ctrl._install_backends("container")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = 0
+    try:
+        code = loop.run_until_complete(rt.main())
+    except BaseException as e:
+        log.error("container %s (pid %d) failed: %r", cid, os.getpid(), e)
+        code = 1
+    finally:
+        channel.close()
+        logging.shutdown()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+    return code
+
+
+def runtime():
+    """The running container's runtime, or None outside a container."""
+    return getattr(ctx, "runtime", None) if ctx.role == "container" else None

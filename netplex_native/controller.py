@@ -1,0 +1,785 @@
+"""The controller: the master process that forks, supervises and serves containers.
+
+Everything here runs in the controller process, on its asyncio loop.  Its
+life, top to bottom:
+
+``run``               bind sockets, start the admin socket, ``_manage`` every service
+``_manage``           keep ``workers`` containers alive (``_spawn``, with back-off)
+``_spawn``            ``pre_start_hook``, socketpair, fork -> ``container.run_container``
+``_on_sigchld``       reap our children -> ``_container_died``
+``_container_died``   THE place a container's end is handled, in order:
+                      undo unacknowledged grants, plugins give back its
+                      holdings (native ``recover(pid)``, RPC revert),
+                      ``post_finish_hook``, plugins' ``container_finished``,
+                      then restart or finish the shutdown
+``_shutdown``         system_shutdown -> shutdown -> wait/escalate ->
+                      ``post_rm_hook`` -> plugins unplugged -> files removed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+from . import wire
+from ._context import ctx
+from .container import Container, run_container
+from .errors import (NetplexError, PluginNotAddedError, ProtocolError, ServiceConfigError,
+                     check_message)
+from .plugin import Plugin
+from .service import Service, bind, bound_address
+
+log = logging.getLogger("netplex_native")
+
+ADMIN_SOCKET = "admin.sock"
+#: Most bytes buffered for one container that does not read its channel.
+MAX_WRITE_BUFFER = 64 * 1024 * 1024
+
+
+class _Reply:
+    """The answer to one call; plugins call ``ok`` or ``error`` now or later."""
+
+    __slots__ = ("_rec", "id", "done", "deferred", "on_cancel")
+
+    def __init__(self, rec, rid):
+        self._rec = rec
+        self.id = rid
+        self.done = False
+        self.deferred = False
+        self.on_cancel = None
+
+    @property
+    def alive(self) -> bool:
+        """The caller is still there to receive the answer."""
+        return self._rec.alive
+
+    def ok(self, result=None, blob=None, undo=None) -> None:
+        """Answer; *undo* reverses the grant if the caller dies before it
+        acknowledged a deferred answer."""
+        if self.done:
+            return
+        self.done = True
+        rec = self._rec
+        rec.pending.pop(self.id, None)
+        if self.id <= 0 or not rec.alive:
+            if undo is not None and self.deferred:
+                undo()
+            return
+        if self.deferred and undo is not None:
+            rec.unacked[self.id] = undo
+        rec.conn.send(wire.encode(["r", self.id, True, result, self.deferred], blob))
+
+    def error(self, exc: BaseException) -> None:
+        if self.done:
+            return
+        self.done = True
+        rec = self._rec
+        rec.pending.pop(self.id, None)
+        if self.id > 0 and rec.alive:
+            rec.conn.send(wire.encode(["r", self.id, False, [type(exc).__name__, str(exc)], False]))
+
+
+class _Conn:
+    """The controller's end of one container's socketpair: non-blocking,
+    frames in, frames out, dropped on a malformed frame."""
+
+    def __init__(self, ctrl, rec, sock: socket.socket):
+        self._ctrl = ctrl
+        self._rec = rec
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._decoder = wire.Decoder()
+        self._wbuf = bytearray()
+        self.closed = False
+        sock.setblocking(False)
+        ctrl._loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as e:
+            log.warning("container %s (pid %d): %s; dropping its channel", self._rec.id, self._rec.pid, e)
+            self.close()
+            return
+        for obj, blob in frames:
+            if self.closed:
+                return
+            self._ctrl._on_call(self._rec, obj, blob)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._wbuf:
+            self._wbuf += data
+        else:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self.close()
+                return
+            if n == len(data):
+                return
+            self._wbuf += data[n:]
+            self._ctrl._loop.add_writer(self.fd, self._on_writable)
+        if len(self._wbuf) > MAX_WRITE_BUFFER:
+            log.warning("container %s (pid %d) does not read its channel; dropping it", self._rec.id, self._rec.pid)
+            self.close()
+
+    def _on_writable(self) -> None:
+        try:
+            n = self.sock.send(self._wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        del self._wbuf[:n]
+        if not self._wbuf:
+            self._ctrl._loop.remove_writer(self.fd)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._rec.alive = False
+        loop = self._ctrl._loop
+        loop.remove_reader(self.fd)
+        if self._wbuf:
+            loop.remove_writer(self.fd)
+            self._wbuf.clear()
+        self.sock.close()
+
+
+class _ContainerRecord:
+    """What the controller knows of one container process."""
+
+    def __init__(self, cid: str, service: Service):
+        self.id = cid
+        self.service = service
+        self.pid = 0
+        self.conn: _Conn | None = None
+        self.alive = True           # channel open and not reaped
+        self.ready = False          # post_start_hook done
+        self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.pending: dict[int, _Reply] = {}      # deferred replies by call id
+        self.unacked: dict[int, object] = {}      # call id -> undo of a deferred grant
+        self.system_shutdown_done = False
+        self.container = Container(cid, 0, service.name)
+
+    def info(self) -> dict:
+        return {"id": self.id, "pid": self.pid, "service": self.service.name,
+                "started": self.started, "uptime": round(time.monotonic() - self.started_mono, 3),
+                "ready": self.ready}
+
+
+class _ServiceState:
+    def __init__(self, service: Service):
+        self.service = service
+        self.sock: socket.socket | None = None
+        self.bound = None
+        self.records: dict[str, _ContainerRecord] = {}
+        self.seq = 0
+        self.start_failures = 0      # consecutive
+        self.restarts = 0
+        self.disabled = False
+        self.restart_handle: asyncio.TimerHandle | None = None
+
+
+class Controller:
+    """The master process: forks and supervises the containers of its services.
+
+    ``socket_dir``: where the admin socket lives (created 0700); None: a
+    private temporary directory removed at shutdown.
+    """
+
+    def __init__(self, socket_dir: str | None = None, *, max_start_failures: int = 10,
+                 backoff: tuple[float, float] = (0.1, 5.0), shutdown_timeout: float = 5.0,
+                 native_config: dict | None = None):
+        self._socket_dir_arg = socket_dir
+        self._socket_dir: str | None = None
+        self._own_socket_dir = False
+        self.max_start_failures = max_start_failures
+        self.backoff = backoff
+        self.shutdown_timeout = shutdown_timeout
+        self.native_config = dict(native_config or {})
+        self._services: dict[str, _ServiceState] = {}
+        self._plugins: list[Plugin] = []
+        self._plugin_data: dict[Plugin, object] = {}
+        self._routes: dict[str, Plugin] = {}
+        self._by_pid: dict[int, _ContainerRecord] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._selector = None
+        self._admin = None
+        self._state = "new"          # new -> running -> stopping -> stopped
+        self._shutdown_task = None
+        self._done: asyncio.Future | None = None
+        self._reaped_event: asyncio.Event | None = None
+        self.pid = os.getpid()
+        if ctx.role != "container":
+            ctx.reset()
+            ctx.role = "controller"
+            ctx.controller = self
+            ctx.set_backends({})
+
+    # ---- configuration ----
+    @property
+    def socket_dir(self) -> str | None:
+        return self._socket_dir
+
+    @property
+    def services(self) -> list[Service]:
+        return [s.service for s in self._services.values()]
+
+    def add_service(self, service: Service) -> None:
+        if not isinstance(service, Service):
+            raise TypeError(f"add_service takes a Service, not {type(service).__name__}")
+        if service.name in self._services:
+            raise ValueError(f"a service named {service.name!r} was already added")
+        if self._state in ("stopping", "stopped"):
+            raise NetplexError("the controller is shutting down")
+        st = _ServiceState(service)
+        self._services[service.name] = st
+        service.hooks.post_add_hook(service, self)
+        if self._state == "running":
+            self._bind(st)
+            self._manage(st)
+
+    def add_plugin(self, plugin: Plugin) -> None:
+        """Add a plugin (its required plugins first); adding twice is a no-op."""
+        if not isinstance(plugin, Plugin):
+            raise TypeError(f"add_plugin takes a plugin (e.g. semaphore.plugin), not {type(plugin).__name__}")
+        if plugin in self._plugins:
+            return
+        for req in plugin.required:
+            self.add_plugin(req)
+        if plugin.provides:
+            for other in self._plugins:
+                if other.provides == plugin.provides:
+                    raise ValueError(
+                        f"{plugin.name} and {other.name} both provide {plugin.provides}; add only one of them")
+        plugin.ctrl_added(self)
+        self._plugins.append(plugin)
+        if plugin.prefix:
+            self._routes[plugin.prefix] = plugin
+        if ctx.role == "controller" and ctx.controller is self:
+            self._install_backends("controller")
+
+    def plugins(self) -> list[Plugin]:
+        return list(self._plugins)
+
+    def plugin_data(self, plugin: Plugin):
+        return self._plugin_data.get(plugin)
+
+    def set_plugin_data(self, plugin: Plugin, data) -> None:
+        self._plugin_data[plugin] = data
+
+    def _install_backends(self, role: str) -> None:
+        backends = {}
+        for p in self._plugins:
+            if p.provides:
+                backends[p.provides] = p.backend(self, role)
+        ctx.set_backends(backends)
+
+    # ---- queries ----
+    def containers(self) -> list[Container]:
+        out = []
+        for st in self._services.values():
+            for rec in st.records.values():
+                if rec.pid:
+                    out.append(rec.container)
+        return out
+
+    def address_of(self, service_name: str) -> str | None:
+        """The bound address of a service (a tcp port 0 resolved), while running."""
+        st = self._services.get(service_name)
+        return str(st.bound) if st and st.bound else None
+
+    def status(self) -> dict:
+        """A JSON-serialisable snapshot (admin ``list``)."""
+        return {
+            "pid": os.getpid(),
+            "state": self._state,
+            "socket_dir": self._socket_dir,
+            "plugins": [p.name for p in self._plugins],
+            "services": [
+                {"name": st.service.name,
+                 "address": str(st.bound) if st.bound else None,
+                 "workers": st.service.workers,
+                 "disabled": st.disabled,
+                 "restarts": st.restarts,
+                 "containers": [r.info() for r in st.records.values() if r.pid]}
+                for st in self._services.values()
+            ],
+        }
+
+    def restart_service(self, name: str) -> int:
+        """Ask every container of a service to finish; the workload manager
+        starts new ones (a disabled service is enabled again).  Returns the count."""
+        st = self._services.get(name) if isinstance(name, str) else None
+        if st is None:
+            raise ValueError(f"no service named {name!r}")
+        st.disabled = False
+        st.start_failures = 0
+        frame = wire.encode(["ctl", "shutdown"])
+        n = 0
+        for rec in st.records.values():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
+                n += 1
+        self._manage(st)
+        return n
+
+    # ---- messages ----
+    def send_message(self, pattern: str, name: str, args=()) -> int:
+        """Broadcast to ``receive_message`` of every container whose service
+        name matches *pattern* (``*`` wildcard, whole name).  Returns the count."""
+        pattern, name, args = check_message(pattern, name, args)
+        return self._broadcast("m", pattern, name, args)
+
+    def send_admin_message(self, pattern: str, name: str, args=()) -> int:
+        pattern, name, args = check_message(pattern, name, args)
+        return self._broadcast("a", pattern, name, args)
+
+    def _broadcast(self, kind: str, pattern: str, name: str, args: list) -> int:
+        frame = wire.encode([kind, name, args])
+        n = 0
+        for st in self._services.values():
+            if not _match(pattern, st.service.name):
+                continue
+            for rec in st.records.values():
+                if rec.alive and rec.conn is not None:
+                    rec.conn.send(frame)
+                    n += 1
+        return n
+
+    # ---- running ----
+    def run(self) -> None:
+        """Run until shutdown (SIGTERM, SIGINT, ``shutdown()``, or
+        ``cenv.system_shutdown()`` in a container)."""
+        if self._state != "new":
+            raise NetplexError(f"controller already {self._state}")
+        self._selector = selectors.DefaultSelector()
+        loop = asyncio.SelectorEventLoop(self._selector)
+        self._loop = loop
+        ctx.reset()
+        ctx.role = "controller"
+        ctx.controller = self
+        self._install_backends("controller")
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+                self._loop = None
+
+    def shutdown(self) -> None:
+        """Begin an orderly shutdown (idempotent; safe from hooks and signal handlers)."""
+        if self._state == "new":
+            self._state = "stopped"
+            return
+        if self._state != "running" or self._loop is None:
+            return
+        self._state = "stopping"
+        self._shutdown_task = self._loop.create_task(self._shutdown())
+
+    async def _main(self) -> None:
+        loop = self._loop
+        self._done = loop.create_future()
+        self._reaped_event = asyncio.Event()
+        self._prepare_socket_dir()
+        try:
+            for st in self._services.values():
+                self._bind(st)
+        except BaseException:
+            self._close_sockets()
+            self._remove_socket_dir()
+            self._unplug_all()
+            raise
+        loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
+        loop.add_signal_handler(signal.SIGTERM, self.shutdown)
+        loop.add_signal_handler(signal.SIGINT, self.shutdown)
+        from .admin import AdminServer
+        self._admin = AdminServer(self, os.path.join(self._socket_dir, ADMIN_SOCKET))
+        await self._admin.start()
+        self._state = "running"
+        log.info("controller started (pid %d, socket dir %s)", os.getpid(), self._socket_dir)
+        for st in self._services.values():
+            self._manage(st)
+        await self._done
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    def _prepare_socket_dir(self) -> None:
+        if self._socket_dir_arg is None:
+            self._socket_dir = tempfile.mkdtemp(prefix="netplex-")
+            self._own_socket_dir = True
+        else:
+            d = os.path.abspath(self._socket_dir_arg)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.stat(d)
+            if st.st_uid != os.getuid():
+                raise ServiceConfigError(f"socket directory {d} belongs to uid {st.st_uid}, not to us")
+            if st.st_mode & 0o077:
+                os.chmod(d, 0o700)
+            self._socket_dir = d
+        os.chmod(self._socket_dir, 0o700)
+
+    def _bind(self, st: _ServiceState) -> None:
+        addr = st.service.address
+        if addr is None or st.sock is not None:
+            return
+        try:
+            st.sock = bind(addr)
+        except OSError as e:
+            raise ServiceConfigError(f"service {st.service.name!r}: cannot listen on {addr}: {e.strerror or e}") from e
+        st.bound = bound_address(addr, st.sock)
+        log.info("service %s listening on %s", st.service.name, st.bound)
+
+    # ---- workload ----
+    def _manage(self, st: _ServiceState) -> None:
+        """Start containers until the service has ``workers`` of them."""
+        if self._state != "running" or st.disabled or st.restart_handle is not None:
+            return
+        while len(st.records) < st.service.workers:
+            if not self._spawn(st):
+                break
+
+    def _spawn(self, st: _ServiceState) -> bool:
+        service = st.service
+        st.seq += 1
+        cid = f"{service.name}.{st.seq}"
+        try:
+            service.hooks.pre_start_hook(service, self, cid)
+        except Exception as e:
+            log.error("service %s: pre_start_hook failed: %r", service.name, e)
+            self._start_failed(st)
+            return False
+        rec = _ContainerRecord(cid, service)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for h in logging.getLogger().handlers + log.handlers:
+            try:
+                h.flush()
+            except Exception:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the container; never returns
+            code = 70
+            try:
+                parent_sock.close()
+                self._close_in_child(st)
+                code = run_container(self, service, cid, child_sock, st.sock)
+            except BaseException:
+                try:
+                    log.exception("container %s failed to start", cid)
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        child_sock.close()
+        rec.pid = pid
+        rec.container = Container(cid, pid, service.name)
+        rec.conn = _Conn(self, rec, parent_sock)
+        st.records[cid] = rec
+        self._by_pid[pid] = rec
+        log.info("container %s (pid %d) started", cid, pid)
+        return True
+
+    def _close_in_child(self, st: _ServiceState) -> None:
+        """In a fresh container: drop what belongs to the controller (through
+        the owning objects, so no fd number is ever closed twice)."""
+        for other in self._services.values():
+            for rec in other.records.values():
+                if rec.conn is not None:
+                    rec.conn.sock.close()
+            if other is not st and other.sock is not None:
+                other.sock.close()
+        if self._admin is not None:
+            self._admin.close_in_child()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
+        for attr in ("_ssock", "_csock"):  # the parent loop's self-pipe
+            s = getattr(self._loop, attr, None)
+            if s is not None:
+                s.close()
+        if self._selector is not None:
+            self._selector.close()
+        asyncio.events._set_running_loop(None)
+
+    def _start_failed(self, st: _ServiceState) -> None:
+        st.start_failures += 1
+        if st.start_failures >= self.max_start_failures:
+            st.disabled = True
+            log.error("service %s disabled after %d consecutive start failures",
+                      st.service.name, st.start_failures)
+
+    def _schedule_restart(self, st: _ServiceState) -> None:
+        if st.disabled or self._state != "running":
+            return
+        if st.start_failures == 0:
+            self._manage(st)
+            return
+        if st.restart_handle is not None:
+            return
+        base, cap = self.backoff
+        delay = min(cap, base * (2 ** (st.start_failures - 1)))
+        log.warning("service %s: %d consecutive start failures; next start in %.2f s",
+                    st.service.name, st.start_failures, delay)
+
+        def fire():
+            st.restart_handle = None
+            self._manage(st)
+        st.restart_handle = self._loop.call_later(delay, fire)
+
+    # ---- calls from containers ----
+    def _on_call(self, rec: _ContainerRecord, obj, blob) -> None:
+        if not (isinstance(obj, list) and len(obj) == 3 and type(obj[0]) is int
+                and isinstance(obj[1], str) and isinstance(obj[2], list)):
+            log.warning("container %s (pid %d) sent a malformed call: %.200r", rec.id, rec.pid, obj)
+            if isinstance(obj, list) and obj and type(obj[0]) is int and obj[0] > 0:
+                _Reply(rec, obj[0]).error(ProtocolError("malformed call: expected [id, proc, args]"))
+            return
+        rid, proc, args = obj
+        reply = _Reply(rec, rid)
+        prefix, _, sub = proc.partition(".")
+        try:
+            if prefix == "ctl":
+                self._ctl_call(rec, sub, args, reply)
+            else:
+                plugin = self._routes.get(prefix)
+                if plugin is None:
+                    raise PluginNotAddedError(f"no plugin serves {proc!r}; was it added in post_add_hook?")
+                plugin.ctrl_receive_call(self, rec, sub, args, blob, reply)
+        except (TypeError, ValueError, NetplexError) as e:
+            reply.error(e)
+        except Exception as e:  # a plugin bug must not take the controller down
+            log.exception("error serving %s for container %s", proc, rec.id)
+            reply.error(e)
+        if not reply.done:
+            reply.deferred = True
+            if rid > 0:
+                rec.pending[rid] = reply
+
+    def _ctl_call(self, rec, proc: str, args: list, reply: _Reply) -> None:
+        if proc == "ack":
+            for rid in args:
+                rec.unacked.pop(rid, None)
+        elif proc == "cancel":
+            for rid in args:
+                pending = rec.pending.get(rid)
+                if pending is not None:
+                    if pending.on_cancel is not None:
+                        pending.on_cancel()
+                    pending.error(NetplexError("cancelled"))
+        elif proc == "ready":
+            rec.ready = True
+            self._services[rec.service.name].start_failures = 0
+        elif proc == "send_message":
+            pattern, name, margs = check_message(*args)
+            reply.ok(self.send_message(pattern, name, margs))
+        elif proc == "system_shutdown":
+            log.info("container %s (pid %d) asked for system shutdown", rec.id, rec.pid)
+            self.shutdown()
+        elif proc == "system_shutdown_done":
+            rec.system_shutdown_done = True
+            self._reaped_event.set()
+        else:
+            raise ValueError(f"unknown control call {proc!r}")
+        reply.ok(None)
+
+    # ---- a container's end ----
+    def _on_sigchld(self) -> None:
+        for pid in list(self._by_pid):
+            try:
+                wpid, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                wpid, status = pid, 0
+            if wpid == pid:
+                self._container_died(self._by_pid[pid], status)
+
+    def _container_died(self, rec: _ContainerRecord, status: int) -> None:
+        st = self._services[rec.service.name]
+        del self._by_pid[rec.pid]
+        del st.records[rec.id]
+        rec.alive = False
+        if rec.conn is not None:
+            rec.conn.close()
+        if os.WIFSIGNALED(status):
+            how = f"killed by signal {os.WTERMSIG(status)}"
+            clean = False
+        else:
+            code = os.WEXITSTATUS(status)
+            how = f"exited with code {code}"
+            clean = code == 0
+        (log.info if clean else log.warning)("container %s (pid %d) %s", rec.id, rec.pid, how)
+        # 1. grants it never acknowledged go back
+        for undo in rec.unacked.values():
+            _safely(undo, "undo of an unacknowledged grant")
+        rec.unacked.clear()
+        for reply in list(rec.pending.values()):
+            if reply.on_cancel is not None:
+                _safely(reply.on_cancel, "cancel of a dead container's wait")
+            reply.done = True
+        rec.pending.clear()
+        # 2. plugins give back what it held (native recover(pid), RPC revert)
+        for plugin in self._plugins:
+            _safely(lambda: plugin.ctrl_container_reaped(self, rec), f"{plugin.name}: container_reaped")
+        # 3. the hook
+        _safely(lambda: rec.service.hooks.post_finish_hook(rec.service, self, rec.id), "post_finish_hook")
+        # 4. plugins learn it finished
+        is_last = not st.records
+        for plugin in self._plugins:
+            _safely(lambda: plugin.ctrl_container_finished(self, rec.id, is_last),
+                    f"{plugin.name}: container_finished")
+        # 5. restart, or finish the shutdown
+        if self._state == "running":
+            if not rec.ready:
+                self._start_failed(st)
+            st.restarts += 1
+            self._schedule_restart(st)
+        self._reaped_event.set()
+
+    # ---- shutdown ----
+    async def _shutdown(self) -> None:
+        log.info("shutting down")
+        for st in self._services.values():
+            if st.restart_handle is not None:
+                st.restart_handle.cancel()
+                st.restart_handle = None
+        # 1. every container learns the system goes down, while all are still up
+        self._broadcast_ctl("system_shutdown")
+        await self._wait_until(lambda: all(r.system_shutdown_done or not r.alive for r in self._records()),
+                               min(2.0, self.shutdown_timeout))
+        # 2. then each is asked to finish (shutdown hook, pre_finish_hook, exit)
+        self._broadcast_ctl("shutdown")
+        await self._wait_until(lambda: not self._by_pid, self.shutdown_timeout)
+        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            if not self._by_pid:
+                break
+            for pid, rec in list(self._by_pid.items()):
+                log.warning("container %s (pid %d) did not finish; sending %s", rec.id, pid, sig.name)
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            await self._wait_until(lambda: not self._by_pid, grace)
+        # 3. services go, then plugins, then files
+        for st in self._services.values():
+            _safely(lambda: st.service.hooks.post_rm_hook(st.service, self), "post_rm_hook")
+        self._close_sockets()
+        if self._admin is not None:
+            self._admin.close()
+        self._unplug_all()
+        self._remove_socket_dir()
+        self._state = "stopped"
+        log.info("controller stopped")
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _records(self):
+        for st in self._services.values():
+            yield from st.records.values()
+
+    def _broadcast_ctl(self, what: str) -> None:
+        frame = wire.encode(["ctl", what])
+        for rec in self._records():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
+
+    async def _wait_until(self, cond, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._reaped_event.clear()
+            try:
+                await asyncio.wait_for(self._reaped_event.wait(), min(remaining, 0.1))
+            except asyncio.TimeoutError:
+                pass
+            self._on_sigchld()  # a SIGCHLD may have been coalesced
+        return True
+
+    def _close_sockets(self) -> None:
+        for st in self._services.values():
+            if st.sock is not None:
+                st.sock.close()
+                st.sock = None
+                addr = st.service.address
+                if addr is not None and addr.scheme == "unix":
+                    try:
+                        os.unlink(addr.path)
+                    except FileNotFoundError:
+                        pass
+
+    def _unplug_all(self) -> None:
+        for plugin in reversed(self._plugins):
+            _safely(lambda: plugin.ctrl_unplugged(self), f"{plugin.name}: unplugged")
+
+    def _remove_socket_dir(self) -> None:
+        d = self._socket_dir
+        if not d:
+            return
+        try:
+            os.unlink(os.path.join(d, ADMIN_SOCKET))
+        except FileNotFoundError:
+            pass
+        if self._own_socket_dir:
+            try:
+                os.rmdir(d)
+            except OSError as e:
+                log.warning("could not remove socket directory %s: %s", d, e)
+
+
+def _match(pattern: str, name: str) -> bool:
+    """``*`` matches any run of characters; the whole name must match."""
+    if pattern == "*":
+        return True
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return pattern == name
+    if not name.startswith(parts[0]) or not name.endswith(parts[-1]):
+        return False
+    pos = len(parts[0])
+    end = len(name) - len(parts[-1])
+    if end < pos:
+        return False
+    for part in parts[1:-1]:
+        i = name.find(part, pos, end)
+        if i < 0:
+            return False
+        pos = i + len(part)
+    return True
+
+
+def _safely(fn, what: str) -> None:
+    """Run a hook or plugin callback; an exception is logged, never fatal."""
+    try:
+        fn()
+    except Exception:
+        log.exception("%s failed", what)

@@ -1,0 +1,57 @@
+"""Mutexes shared by the containers of one controller.
+
+``access(name)`` returns a handle; ``lock``/``unlock`` or ``with``/``async
+with``.  Not recursive; any container may unlock; waiters are served in
+order; a mutex whose holder ends (even by SIGKILL) is unlocked.
+"""
+
+from __future__ import annotations
+
+from ._context import ctx
+from ._rpc_sync import MutexPlugin
+from ._native_plugin import NativeMutexPlugin
+from .errors import check_name
+
+plugin = MutexPlugin()
+native_plugin = NativeMutexPlugin()
+
+
+class Mutex:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = check_name(name)
+
+    def lock(self, timeout: float | None = None) -> bool:
+        """Wait until locked (True), or *timeout* seconds (False)."""
+        return ctx.mutex.lock(self.name, timeout)
+
+    async def lock_async(self, timeout: float | None = None) -> bool:
+        """``lock`` for handlers: waits without blocking the container's loop."""
+        return await ctx.mutex.lock_async(self.name, timeout)
+
+    def unlock(self) -> None:
+        """Unlock (a no-op when not locked)."""
+        ctx.mutex.unlock(self.name)
+
+    def __enter__(self) -> "Mutex":
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    async def __aenter__(self) -> "Mutex":
+        await self.lock_async()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.unlock()
+
+    def __repr__(self) -> str:
+        return f"<Mutex {self.name!r}>"
+
+
+def access(name: str) -> Mutex:
+    """The mutex *name* (created unlocked on first use)."""
+    return Mutex(name)
