@@ -85,7 +85,7 @@ typedef struct {
     int32_t  owner_pid;      /* mutex: pid of the holder, 0 when free */
     uint32_t waiters;        /* threads queued */
     char     name[256];
-} np_obj_info;
+} np_obj_info_t;   /* _t: np_obj_info is the function */
 
 typedef struct {
     uint32_t index;
@@ -93,7 +93,7 @@ typedef struct {
     uint64_t start_time;     /* /proc/<pid>/stat field 22 at registration */
     int32_t  state;          /* 0 free, 1 alive, 2 being recovered */
     uint32_t threads;        /* actors attached */
-} np_proc_info;
+} np_proc_info_t;  /* _t: np_proc_info is the function */
 
 /* ---- domain (segment) lifecycle ---- */
 /* Create segment `name` ("/netplex-..."): O_CREAT|O_EXCL, mode 0600, sized for
@@ -151,8 +151,8 @@ int64_t np_thread_detach(np_domain *d);
 int64_t np_recover(np_domain *d, int32_t pid);
 
 /* ---- introspection ---- */
-int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info *out);  /* 1 used, 0 free */
-int64_t np_proc_info(np_domain *d, uint32_t index, np_proc_info *out);               /* 1 used, 0 free */
+int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out);  /* 1 used, 0 free */
+int64_t np_proc_info(np_domain *d, uint32_t index, np_proc_info_t *out);               /* 1 used, 0 free */
 /* Consistency check of a quiescent segment: 0 when consistent, else
  * NP_ECORRUPT with a description written into buf. */
 int64_t np_check(np_domain *d, char *buf, size_t len);
