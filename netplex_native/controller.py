@@ -520,7 +520,7 @@ class Controller:
         if self._admin is not None:
             self._admin.close_in_child()
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
         for attr in ("_ssock", "_csock"):  # the parent loop's self-pipe
