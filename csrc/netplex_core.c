@@ -795,6 +795,13 @@ int64_t np_sem_get(np_domain *d, uint64_t handle)
 
 int64_t np_sem_delta(np_domain *d, uint64_t handle, int32_t pid)
 {
+    int64_t v;
+    int64_t rc = np_sem_delta_of(d, handle, pid, &v);
+    return rc < 0 ? rc : v;
+}
+
+int64_t np_sem_delta_of(np_domain *d, uint64_t handle, int32_t pid, int64_t *out)
+{
     uint32_t idx;
     int rc;
     if ((rc = handle_obj(d, handle, NP_KIND_SEM, &idx)) < 0)
@@ -812,7 +819,8 @@ int64_t np_sem_delta(np_domain *d, uint64_t handle, int32_t pid)
         if (__atomic_load_n(&e->gen, __ATOMIC_RELAXED) == gen)
             sum += __atomic_load_n(&e->delta, __ATOMIC_RELAXED);
     }
-    return sum;
+    *out = sum;
+    return 0;
 }
 
 int64_t np_wait_cancel(np_domain *d)

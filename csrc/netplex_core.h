@@ -128,6 +128,9 @@ int64_t np_sem_get(np_domain *d, uint64_t handle);
 int64_t np_sem_destroy(np_domain *d, uint64_t handle);
 /* Net protected amount (increments - successful decrements) of pid. */
 int64_t np_sem_delta(np_domain *d, uint64_t handle, int32_t pid);
+/* The same without the ambiguity of a negative delta and an error code:
+ * 0 and the delta in *out, or a negative NP_E* code. */
+int64_t np_sem_delta_of(np_domain *d, uint64_t handle, int32_t pid, int64_t *out);
 
 /* ---- mutexes ---- */
 /* 0 when locked by the calling process; NP_EAGAIN (NP_NOWAIT), NP_ETIMEDOUT, NP_EINTR. */

@@ -1,0 +1,451 @@
+"""Python face of the native core (``netplex_native._core``, csrc/netplex_core.c).
+
+A :class:`Domain` is one shared-memory segment holding semaphores, mutexes and the
+process/thread tables that make them crash-safe.  Names are looked up once per process
+and the handle is cached; a handle whose object was destroyed (``NP_ESTALE``) is looked
+up again.  Every negative return code becomes an exception in :func:`_check`.
+
+Blocking waits call the C function repeatedly: it sleeps at most one 100 ms slice and
+returns ``NP_EINTR`` still queued, so Python signal handlers (Ctrl-C) run between
+slices.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue with
+``np_wait_cancel``, so an interrupted wait leaves nothing behind.
+
+Thread-safe: the C side gives each thread its own actor; the handle caches are plain
+dicts whose single operations are atomic under the GIL.  Nothing here depends on the
+pid: after ``fork()`` the child keeps using the same Domain and registers itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from . import errors
+
+try:
+    from ._core import ffi as _ffi, lib as _lib
+except ImportError as _e:  # pragma: no cover - exercised only without a build
+    _ffi = _lib = None
+    _import_error = _e
+else:
+    _import_error = None
+
+__all__ = ["available", "Domain"]
+
+if _lib is not None:
+    _NOWAIT = _lib.NP_NOWAIT
+    _FOREVER = _lib.NP_FOREVER
+    _EAGAIN = _lib.NP_EAGAIN
+    _ETIMEDOUT = _lib.NP_ETIMEDOUT
+    _EINTR = _lib.NP_EINTR
+    _EDESTROYED = _lib.NP_EDESTROYED
+    _ESTALE = _lib.NP_ESTALE
+    _ENOENT = _lib.NP_ENOENT
+    _EEXIST = _lib.NP_EEXIST
+    _SEM = _lib.NP_KIND_SEM
+    _MTX = _lib.NP_KIND_MUTEX
+    _CREATE = _lib.NP_CREATE
+    _EXCL = _lib.NP_EXCL
+    _PROTECTED = _lib.NP_PROTECTED
+    _TABLES = {
+        _lib.NP_ENOSPC_SEM: ("semaphore", "semaphores"),
+        _lib.NP_ENOSPC_MTX: ("mutex", "mutexes"),
+        _lib.NP_ENOSPC_PROC: ("process", "processes"),
+        _lib.NP_ENOSPC_ACT: ("thread (actor)", "actors"),
+    }
+    _SEGMENT_CODES = {
+        _lib.NP_EBADSEG: "not a netplex segment, or one of another layout version",
+        _lib.NP_ECORRUPT: "the segment failed a consistency check",
+    }
+
+_KIND_NAMES = {1: "semaphore", 2: "mutex"}
+_PROC_STATES = {0: "free", 1: "alive", 2: "recovering"}
+
+
+def available() -> bool:
+    """True if the compiled core is importable."""
+    return _lib is not None
+
+
+def _require():
+    if _lib is None:
+        raise errors.NativeUnavailableError(
+            f"the native core netplex_native._core is not built ({_import_error}); "
+            "reinstall with a C compiler and the Python headers (e.g. apt-get install gcc python3-dev)")
+
+
+def _check(rc: int, dom: "Domain | None" = None, name: str | None = None, kind: int = 0) -> int:
+    """Return rc if it is >= 0, else raise the exception that the code means."""
+    if rc >= 0:
+        return rc
+    raise _error(rc, dom, name, kind)
+
+
+def _error(rc, dom, name, kind):
+    if rc in _TABLES:
+        what, key = _TABLES[rc]
+        cap = dom.config.get(key) if dom is not None else "?"
+        seg = f" of segment {dom.name}" if dom is not None else ""
+        return errors.TableFullError(
+            f"the {what} table{seg} is full ({cap} {key}); nothing was changed. "
+            f"Create the domain with a larger capacity: Domain.create({key}=...)")
+    if rc == _lib.NP_EINVAL:
+        return ValueError(f"invalid argument (name {name!r})" if name is not None else "invalid argument")
+    if rc == _lib.NP_EKIND:
+        this = _KIND_NAMES.get(kind, "object")
+        other = "mutex" if kind == _SEM else "semaphore"
+        return ValueError(f"name {name!r} is a {other}, not a {this}")
+    if rc == _lib.NP_ESYS:
+        e = _ffi.errno
+        seg = dom.name if dom is not None else name
+        return errors.SegmentError(e, f"{os.strerror(e)} (native segment {seg})")
+    if rc in _SEGMENT_CODES:
+        seg = dom.name if dom is not None else name
+        return errors.SegmentError(f"{_SEGMENT_CODES[rc]}: {seg}")
+    if rc == _lib.NP_EOVERFLOW:
+        return OverflowError(f"semaphore {name!r} would exceed {errors.VALUE_MAX}")
+    if rc == _lib.NP_EBUSY:
+        return RuntimeError("this thread is already queued on another semaphore or mutex")
+    return errors.NetplexError(f"native core error {rc} (name {name!r})")
+
+
+class Domain:
+    """One shared-memory segment of semaphores and mutexes (see the module doc)."""
+
+    def __init__(self, d, name: str):
+        # Use create() or attach().
+        self._d = d
+        self.name = name
+        self.size = int(_lib.np_domain_size(d))
+        c = _ffi.new("np_config *")
+        _lib.np_domain_config(d, c)
+        self.config = {"semaphores": c.semaphores, "mutexes": c.mutexes,
+                       "processes": c.processes, "actors": c.actors}
+        self._sems: dict[str, int] = {}
+        self._mtxs: dict[str, int] = {}
+
+    # ---- lifecycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, *, semaphores=1024, mutexes=1024, processes=256, actors=None, name=None) -> "Domain":
+        _require()
+        semaphores = errors.check_int(semaphores, "semaphores", 0, 2**28)
+        mutexes = errors.check_int(mutexes, "mutexes", 0, 2**28)
+        processes = errors.check_int(processes, "processes", 1, 2**20)
+        actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**23)
+        name = _segment_name(name)
+        cfg = _ffi.new("np_config *", {"semaphores": semaphores, "mutexes": mutexes,
+                                       "processes": processes, "actors": actors})
+        out = _ffi.new("np_domain **")
+        _check(_lib.np_domain_create(name.encode(), cfg, out), None, name)
+        return cls(out[0], name)
+
+    @classmethod
+    def attach(cls, name) -> "Domain":
+        _require()
+        name = _segment_name(name)
+        out = _ffi.new("np_domain **")
+        _check(_lib.np_domain_attach(name.encode(), out), None, name)
+        return cls(out[0], name)
+
+    @staticmethod
+    def remove_stale(prefix="netplex-") -> list[str]:
+        """Unlink our segments in /dev/shm whose creator (pid + start time) is dead."""
+        _require()
+        removed = []
+        try:
+            entries = os.listdir("/dev/shm")
+        except OSError:
+            return removed
+        out = _ffi.new("np_domain **")
+        for entry in entries:
+            if not entry.startswith(prefix):
+                continue
+            name = "/" + entry
+            if _lib.np_domain_attach(name.encode(), out) < 0:
+                continue                      # not ours, or not readable by us
+            d = out[0]
+            try:
+                dead = not _lib.np_process_alive(_lib.np_domain_creator_pid(d),
+                                                 _lib.np_domain_creator_start(d))
+            finally:
+                _lib.np_domain_close(d)
+            if dead and _lib.np_domain_unlink(name.encode()) == 0:
+                removed.append(name)
+        return removed
+
+    def close(self) -> None:
+        """Unmap (the segment stays).  The Domain is unusable afterwards."""
+        d, self._d = self._d, None
+        self._sems.clear()
+        self._mtxs.clear()
+        if d is not None:
+            _lib.np_domain_close(d)
+
+    def unlink(self) -> None:
+        """Remove the segment's name (idempotent); mappings stay valid."""
+        rc = _lib.np_domain_unlink(self.name.encode())
+        if rc < 0 and _ffi.errno != 2:  # ENOENT: already gone
+            _check(rc, self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<netplex Domain {self.name} {self.config}>"
+
+    def _dom(self):
+        if self._d is None:
+            raise errors.SegmentError(f"native segment {self.name} is closed")
+        return self._d
+
+    # ---- supervisor contract --------------------------------------------
+
+    def register(self) -> None:
+        _check(_lib.np_register(self._dom()), self)
+
+    def recover(self, pid: int) -> int:
+        """After reaping pid: give back what it held.  Returns slots recovered."""
+        pid = errors.check_int(pid, "pid", 1, 2**31 - 1)
+        return _check(_lib.np_recover(self._dom(), pid), self)
+
+    def cancel_waits(self) -> None:
+        _check(_lib.np_wait_cancel(self._dom()), self)
+
+    def thread_detach(self) -> None:
+        """Free the calling thread's actor (optional; at thread exit)."""
+        _check(_lib.np_thread_detach(self._dom()), self)
+
+    # ---- handles ---------------------------------------------------------
+
+    def _handle(self, kind, name, create=True):
+        """Handle of name (cached), created as the implicit semantics say.
+        None when missing and create is False."""
+        cache = self._sems if kind == _SEM else self._mtxs
+        h = cache.get(name)
+        if h is not None:
+            return h
+        name = errors.check_name(name)
+        flags = (_CREATE | _PROTECTED) if create else 0
+        rc = _lib.np_lookup(self._dom(), kind, name.encode(), flags, 0)
+        if rc == _ENOENT and not create:
+            return None
+        _check(rc, self, name, kind)
+        cache[name] = rc
+        return rc
+
+    def _call(self, kind, name, fn, *args, create=True):
+        """fn(d, handle, *args), looking the name up again after NP_ESTALE.
+        Returns None when the name is missing and create is False."""
+        cache = self._sems if kind == _SEM else self._mtxs
+        while True:
+            h = self._handle(kind, name, create)
+            if h is None:
+                return None
+            rc = fn(self._d, h, *args)
+            if rc != _ESTALE:
+                return rc
+            cache.pop(name, None)
+
+    def _deadline(self, timeout):
+        timeout = errors.check_timeout(timeout)
+        if timeout is None:
+            return _FOREVER
+        return _lib.np_now() + int(timeout * 1e9)
+
+    def _wait(self, kind, name, fn, deadline, cancel):
+        """Blocking acquire: repeat fn while it returns NP_EINTR; leave the queue
+        if anything (Ctrl-C, cancel) ends the wait early."""
+        cache = self._sems if kind == _SEM else self._mtxs
+        d = self._dom()
+        try:
+            while True:
+                h = self._handle(kind, name)
+                rc = fn(d, h, deadline)
+                while rc == _EINTR:
+                    if cancel is not None and cancel.is_set():
+                        _lib.np_wait_cancel(d)
+                        return _ETIMEDOUT
+                    rc = fn(d, h, deadline)
+                if rc != _ESTALE:
+                    return rc
+                cache.pop(name, None)
+        except BaseException:
+            _lib.np_wait_cancel(d)
+            raise
+
+    # ---- semaphores ------------------------------------------------------
+
+    def sem_create(self, name, initial=0, *, protected=False) -> bool:
+        """Create name with initial; True if created, False if it existed."""
+        name = errors.check_name(name)
+        initial = errors.check_int(initial, "initial")
+        protected = errors.check_bool(protected, "protected")
+        flags = _CREATE | _EXCL | (_PROTECTED if protected else 0)
+        rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial)
+        if rc == _EEXIST:
+            return False
+        self._sems[name] = _check(rc, self, name, _SEM)
+        return True
+
+    def sem_increment(self, name) -> int:
+        h = self._sems.get(name)
+        if h is not None:
+            rc = _lib.np_sem_increment(self._d, h)
+            if rc >= 0:
+                return rc
+        return _check(self._call(_SEM, name, _lib.np_sem_increment), self, name, _SEM)
+
+    def sem_decrement(self, name, *, wait=False, timeout=None, cancel=None) -> int:
+        """The new value, or -1 when nothing was taken (0 without wait, timeout,
+        destroyed while waiting, cancel set)."""
+        if wait is False:
+            h = self._sems.get(name)
+            if h is not None:
+                rc = _lib.np_sem_decrement(self._d, h, _NOWAIT)
+                if rc >= 0:
+                    return rc
+                if rc == _EAGAIN:
+                    return -1
+            rc = self._call(_SEM, name, _lib.np_sem_decrement, _NOWAIT)
+        else:
+            errors.check_bool(wait, "wait")
+            rc = self._wait(_SEM, name, _lib.np_sem_decrement, self._deadline(timeout), cancel)
+        if rc >= 0:
+            return rc
+        if rc in (_EAGAIN, _ETIMEDOUT, _EDESTROYED):
+            return -1
+        return _check(rc, self, name, _SEM)
+
+    def sem_get(self, name) -> int:
+        h = self._sems.get(name)
+        if h is not None:
+            rc = _lib.np_sem_get(self._d, h)
+            if rc >= 0:
+                return rc
+        return _check(self._call(_SEM, name, _lib.np_sem_get), self, name, _SEM)
+
+    def sem_destroy(self, name) -> None:
+        """Remove name (waiters get -1).  A missing name is a no-op."""
+        rc = self._call(_SEM, name, _lib.np_sem_destroy, create=False)
+        self._sems.pop(name, None)
+        if rc is not None:
+            _check(rc, self, name, _SEM)
+
+    def sem_delta(self, name, pid) -> int:
+        """Protected net amount (increments - decrements) of process pid."""
+        pid = errors.check_int(pid, "pid", 1, 2**31 - 1)
+        out = _ffi.new("int64_t *")
+        rc = self._call(_SEM, name, _lib.np_sem_delta_of, pid, out, create=False)
+        if rc is None:
+            return 0
+        _check(rc, self, name, _SEM)
+        return out[0]
+
+    # ---- mutexes ---------------------------------------------------------
+
+    def mutex_lock(self, name, timeout=None, *, cancel=None) -> bool:
+        """True when locked by this process; False on timeout (or cancel)."""
+        h = self._mtxs.get(name)
+        if h is not None:
+            rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
+            if rc == 0:
+                return True
+        rc = self._wait(_MTX, name, _lib.np_mutex_lock, self._deadline(timeout), cancel)
+        if rc == 0:
+            return True
+        if rc in (_EAGAIN, _ETIMEDOUT, _EDESTROYED):
+            return False
+        _check(rc, self, name, _MTX)
+        return True
+
+    def mutex_trylock(self, name) -> bool:
+        h = self._mtxs.get(name)
+        if h is not None:
+            rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
+            if rc == 0:
+                return True
+            if rc == _EAGAIN:
+                return False
+        rc = self._call(_MTX, name, _lib.np_mutex_lock, _NOWAIT)
+        if rc == _EAGAIN:
+            return False
+        _check(rc, self, name, _MTX)
+        return True
+
+    def mutex_unlock(self, name) -> None:
+        """Unlock (any process may; a no-op when not locked)."""
+        h = self._mtxs.get(name)
+        if h is not None and _lib.np_mutex_unlock(self._d, h) == 0:
+            return
+        rc = self._call(_MTX, name, _lib.np_mutex_unlock)
+        _check(rc, self, name, _MTX)
+
+    def mutex_destroy(self, name) -> None:
+        rc = self._call(_MTX, name, _lib.np_mutex_destroy, create=False)
+        self._mtxs.pop(name, None)
+        if rc is not None:
+            _check(rc, self, name, _MTX)
+
+    # ---- introspection ---------------------------------------------------
+
+    def _objects(self, kind, count):
+        d = self._dom()
+        info = _ffi.new("np_obj_info_t *")
+        for i in range(count):
+            if _check(_lib.np_obj_info(d, kind, i, info), self) == 1:
+                yield info
+
+    def semaphores(self) -> list[dict]:
+        pids = [p["pid"] for p in self.processes()]
+        out = _ffi.new("int64_t *")
+        result = []
+        for info in self._objects(_SEM, self.config["semaphores"]):
+            holders = {}
+            if info.protected_:
+                for pid in pids:
+                    if _lib.np_sem_delta_of(self._d, info.handle, pid, out) == 0 and out[0]:
+                        holders[pid] = out[0]
+            result.append({"name": _ffi.string(info.name).decode(), "value": info.value,
+                           "protected": bool(info.protected_), "waiters": info.waiters,
+                           "holders": holders})
+        return result
+
+    def mutexes(self) -> list[dict]:
+        return [{"name": _ffi.string(info.name).decode(), "locked": info.value == 0,
+                 "owner_pid": info.owner_pid or None, "waiters": info.waiters}
+                for info in self._objects(_MTX, self.config["mutexes"])]
+
+    def processes(self) -> list[dict]:
+        d = self._dom()
+        info = _ffi.new("np_proc_info_t *")
+        out = []
+        for i in range(self.config["processes"]):
+            if _check(_lib.np_proc_info(d, i, info), self) == 1:
+                out.append({"pid": info.pid, "start_time": info.start_time,
+                            "state": _PROC_STATES.get(info.state, str(info.state)),
+                            "threads": info.threads})
+        return out
+
+    def check(self) -> None:
+        """Raise errors.SegmentError describing the first inconsistency found
+        (meaningful on a quiescent segment)."""
+        buf = _ffi.new("char[]", 512)
+        rc = _lib.np_check(self._dom(), buf, 512)
+        if rc < 0:
+            raise errors.SegmentError(f"native segment {self.name} is inconsistent: "
+                                      f"{_ffi.string(buf).decode(errors='replace')}")
+
+
+def _segment_name(name) -> str:
+    if name is None:
+        return "/netplex-" + secrets.token_hex(12)
+    if not isinstance(name, str) or not name.strip("/"):
+        raise ValueError(f"segment name must be a non-empty str, not {name!r}")
+    name = "/" + name.lstrip("/")
+    if "/" in name[1:] or len(name) > 250:
+        raise ValueError(f"segment name must be one path component of at most 250 characters: {name!r}")
+    return name
