@@ -116,10 +116,12 @@ class _NativeSem:
     def __init__(self, dom, role):
         self._dom = dom
         self._in_controller = role == "controller"
-        self.create = dom.sem_create
         self.increment = dom.sem_increment
         self.get = dom.sem_get
         self.destroy = dom.sem_destroy
+
+    def create(self, name, initial, protected):
+        return self._dom.sem_create(name, initial, protected=protected)
 
     def decrement(self, name, wait=False, timeout=None):
         if wait is True and self._in_controller:

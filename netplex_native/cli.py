@@ -1,0 +1,219 @@
+"""The ``netplex-native`` command (also ``python -m netplex_native``).
+
+    netplex-native demo [--duration S] [--chaos] [--workers N] [--backend native|rpc]
+    netplex-native run CONFIG.toml
+    netplex-native admin [--socket-dir DIR] [--json] list|inspect|message|restart|shutdown
+    netplex-native bench [--quick] ...
+
+``--log-level`` on every command; logs go to stderr, one line per event,
+with the process id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import NetplexError
+
+
+def default_socket_dir() -> str:
+    """Per-user directory of the CLI's controller (0700)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "netplex-native")
+    return os.path.join("/tmp", f"netplex-native-{os.getuid()}")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s [pid %(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _native_or_rpc(backend: str) -> str:
+    if backend != "native":
+        return backend
+    try:
+        from . import _native
+        if _native.available():
+            return "native"
+    except ImportError:
+        pass
+    print("notice: the native core is not built; using the RPC backend", file=sys.stderr)
+    return "rpc"
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+    backend = _native_or_rpc(args.backend)
+    ctrl = demo.build(workers=args.workers, backend=backend, duration=args.duration, chaos=args.chaos,
+                      chaos_every=args.chaos_every, port=args.port, rate=args.rate,
+                      socket_dir=args.socket_dir)
+    ctrl.run()
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import config
+    from .controller import Controller
+    opts, services = config.load(args.config)
+    socket_dir = args.socket_dir or opts.get("socket_dir") or default_socket_dir()
+    ctrl = Controller(socket_dir, max_start_failures=opts.get("max_start_failures", 10),
+                      shutdown_timeout=opts.get("shutdown_timeout", 5.0))
+    for s in services:
+        ctrl.add_service(s)
+    ctrl.run()
+    return 0
+
+
+def _print_list(r: dict) -> None:
+    print(f"controller pid {r['pid']}  state {r['state']}  socket dir {r['socket_dir']}")
+    print(f"plugins: {', '.join(r['plugins']) or '-'}")
+    for s in r["services"]:
+        flag = "  DISABLED" if s["disabled"] else ""
+        print(f"\nservice {s['name']}  address {s['address'] or '-'}  workers {s['workers']}"
+              f"  restarts {s['restarts']}{flag}")
+        for c in s["containers"]:
+            print(f"  {c['id']:<16} pid {c['pid']:<8} up {c['uptime']:>9.1f}s"
+                  f"{'' if c['ready'] else '  (starting)'}")
+
+
+def _print_inspect(r: dict) -> None:
+    for name, data in r["plugins"].items():
+        if not data:
+            continue
+        print(f"[{name}]")
+        if "segment" in data:
+            print(f"  segment {data['segment']} ({data['size']} bytes) capacity {data['config']}")
+        for s in data.get("semaphores", []):
+            holders = ", ".join(f"{k}:{v}" for k, v in (s.get("holders") or {}).items()) or "-"
+            print(f"  semaphore {s['name']:<28} value {s['value']:<6} "
+                  f"{'protected' if s.get('protected') else 'unprotected':<12} "
+                  f"waiters {s.get('waiters', 0):<3} holders {holders}")
+        for m in data.get("mutexes", []):
+            owner = m.get("owner", m.get("owner_pid"))
+            print(f"  mutex     {m['name']:<28} {'locked by ' + str(owner) if m['locked'] else 'free':<24}"
+                  f" waiters {m.get('waiters', 0)}")
+        for v in data.get("sharedvars", []):
+            print(f"  sharedvar {v['name']:<28} {'enc ' if v['enc'] else ''}owner {v['owner'] or '-'}"
+                  f"{' ro' if v['ro'] else ''} value {v['value']!r}")
+
+
+def cmd_admin(args) -> int:
+    from . import admin
+    socket_dir = args.socket_dir or default_socket_dir()
+    c = args.command
+    if c == "list":
+        req = {"cmd": "list"}
+    elif c == "inspect":
+        req = {"cmd": "inspect"}
+    elif c == "message":
+        if len(args.args) < 2:
+            print("usage: netplex-native admin message PATTERN NAME [ARGS...]", file=sys.stderr)
+            return 2
+        req = {"cmd": "message", "pattern": args.args[0], "name": args.args[1], "args": args.args[2:]}
+    elif c == "restart":
+        if len(args.args) != 1:
+            print("usage: netplex-native admin restart SERVICE", file=sys.stderr)
+            return 2
+        req = {"cmd": "restart", "service": args.args[0]}
+    else:
+        req = {"cmd": "shutdown"}
+    if c in ("list", "inspect", "shutdown") and args.args:
+        print(f"admin {c} takes no arguments", file=sys.stderr)
+        return 2
+    r = admin.request(socket_dir, req)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif not r.get("ok"):
+        pass
+    elif c == "list":
+        _print_list(r)
+    elif c == "inspect":
+        _print_inspect(r)
+    elif c == "message":
+        print(f"delivered to {r['delivered']} container(s)")
+    elif c == "restart":
+        print(f"restarting {r['restarted']} container(s) of {args.args[0]}")
+    else:
+        print("shutdown requested")
+    if not r.get("ok"):
+        print(f"error: {r.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "bench", "run.py")
+    if not os.path.exists(script):
+        print("error: bench/run.py not found; run the benchmarks from a checkout of the repository",
+              file=sys.stderr)
+        return 1
+    sys.argv = [script] + args.bench_args
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error", "critical"],
+                        help="logging level (default: info)")
+    p = argparse.ArgumentParser(prog="netplex-native", parents=[common],
+                                description="Multi-process services with crash-safe primitives.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", parents=[common], help="run the demo service")
+    d.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: until Ctrl-C)")
+    d.add_argument("--chaos", action="store_true", help="SIGKILL the job's owner every few seconds")
+    d.add_argument("--chaos-every", type=float, default=3.0, metavar="SECONDS")
+    d.add_argument("--workers", type=int, default=4)
+    d.add_argument("--backend", choices=["native", "rpc"], default="native")
+    d.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
+    d.add_argument("--rate", type=float, default=20.0, help="monitor requests per second")
+    d.add_argument("--socket-dir", default=None)
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", parents=[common], help="run the services of a TOML file")
+    r.add_argument("config")
+    r.add_argument("--socket-dir", default=None)
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("admin", parents=[common], help="administer a running controller")
+    a.add_argument("--socket-dir", default=None)
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("command", choices=["list", "inspect", "message", "restart", "shutdown"])
+    a.add_argument("args", nargs="*")
+    a.set_defaults(func=cmd_admin)
+
+    b = sub.add_parser("bench", parents=[common], help="run the benchmarks (bench/run.py)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    if args.cmd == "demo" and args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except NetplexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

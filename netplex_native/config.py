@@ -1,0 +1,170 @@
+"""``netplex-native run CONFIG.toml``: services from a TOML file.
+
+::
+
+    [controller]                 # optional
+    socket_dir = "/run/myapp"    # default: netplex-native's per-user directory
+    max_start_failures = 10
+
+    [[service]]
+    name = "echo"
+    handler = "echo_app:handle"  # module:callable, an async (reader, writer) function
+    hooks = "echo_app:Hooks"     # optional, a ProcessorHooks subclass (made with no arguments)
+    address = "tcp://127.0.0.1:8000"   # or "unix:///path", or omitted
+    workers = 4
+    plugins = "native"           # "native", "rpc" or "none" (default "native")
+
+Modules are imported relative to the file's directory first.  Every error
+names the file, the key and what was expected, and is raised before anything
+forks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tomllib
+
+from .errors import ServiceConfigError
+from .hooks import ProcessorHooks
+from .service import Service, parse_address
+
+SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins"}
+CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout"}
+PLUGIN_CHOICES = ("native", "rpc", "none")
+
+
+class _Err:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, where: str, msg: str) -> ServiceConfigError:
+        return ServiceConfigError(f"{self.path}: {where}: {msg}")
+
+
+def _resolve(ref, where, err):
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        raise err(where, f"expected \"module:name\", got {ref!r}")
+    mod_name, _, attr = ref.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise err(where, f"cannot import module {mod_name!r}: {e}") from None
+    except Exception as e:
+        raise err(where, f"importing module {mod_name!r} failed: {type(e).__name__}: {e}") from None
+    obj = mod
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise err(where, f"module {mod_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+class _PluginHooks(ProcessorHooks):
+    """Wraps a service's hooks to add the configured plugins first."""
+
+    def __init__(self, inner: ProcessorHooks, plugins: str):
+        self._inner = inner
+        self._plugins = plugins
+
+    def post_add_hook(self, service, ctrl):
+        from . import semaphore, mutex, sharedvar
+        if self._plugins == "native":
+            ctrl.add_plugin(semaphore.native_plugin)
+            ctrl.add_plugin(mutex.native_plugin)
+        elif self._plugins == "rpc":
+            ctrl.add_plugin(semaphore.plugin)
+            ctrl.add_plugin(mutex.plugin)
+        if self._plugins != "none":
+            ctrl.add_plugin(sharedvar.plugin)
+        self._inner.post_add_hook(service, ctrl)
+
+    def __getattribute__(self, name):
+        if name in ("post_add_hook", "_inner", "_plugins"):
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "_inner"), name)
+
+
+def load(path: str) -> tuple[dict, list[Service]]:
+    """Parse and validate *path*; returns (controller options, services)."""
+    err = _Err(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ServiceConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ServiceConfigError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(doc) - {"controller", "service"}
+    if unknown:
+        raise err(", ".join(sorted(unknown)), "unknown top-level key; expected [controller] and [[service]]")
+    ctrl_opts = doc.get("controller", {})
+    if not isinstance(ctrl_opts, dict):
+        raise err("controller", "expected a table [controller]")
+    for k in ctrl_opts:
+        if k not in CONTROLLER_KEYS:
+            raise err(f"controller.{k}", f"unknown key; expected one of {sorted(CONTROLLER_KEYS)}")
+    if "socket_dir" in ctrl_opts and not isinstance(ctrl_opts["socket_dir"], str):
+        raise err("controller.socket_dir", "expected a string (a directory path)")
+    for k in ("max_start_failures",):
+        if k in ctrl_opts and (type(ctrl_opts[k]) is not int or ctrl_opts[k] < 1):
+            raise err(f"controller.{k}", "expected an integer >= 1")
+    if "shutdown_timeout" in ctrl_opts and (type(ctrl_opts["shutdown_timeout"]) not in (int, float)
+                                            or ctrl_opts["shutdown_timeout"] <= 0):
+        raise err("controller.shutdown_timeout", "expected a number of seconds > 0")
+    services_doc = doc.get("service")
+    if not isinstance(services_doc, list) or not services_doc:
+        raise err("service", "expected at least one [[service]] table")
+    base = os.path.dirname(os.path.abspath(path))
+    if base not in sys.path:
+        sys.path.insert(0, base)
+    services = []
+    names = set()
+    for i, sd in enumerate(services_doc):
+        where = f"service[{i}]"
+        for k in sd:
+            if k not in SERVICE_KEYS:
+                raise err(f"{where}.{k}", f"unknown key; expected one of {sorted(SERVICE_KEYS)}")
+        name = sd.get("name")
+        if not isinstance(name, str) or not name:
+            raise err(f"{where}.name", "expected a non-empty string")
+        where = f"service {name!r}"
+        if name in names:
+            raise err(f"{where}.name", "duplicate service name")
+        names.add(name)
+        handler = None
+        if "handler" in sd:
+            handler = _resolve(sd["handler"], f"{where}.handler", err)
+        hooks = ProcessorHooks()
+        if "hooks" in sd:
+            cls = _resolve(sd["hooks"], f"{where}.hooks", err)
+            if not (isinstance(cls, type) and issubclass(cls, ProcessorHooks)):
+                raise err(f"{where}.hooks", "expected a ProcessorHooks subclass")
+            try:
+                hooks = cls()
+            except Exception as e:
+                raise err(f"{where}.hooks", f"creating {sd['hooks']} failed: {e}") from None
+        address = sd.get("address")
+        if address is not None:
+            try:
+                parse_address(address)
+            except (TypeError, ValueError) as e:
+                raise err(f"{where}.address", str(e)) from None
+        workers = sd.get("workers", 1)
+        if type(workers) is not int or not 0 <= workers <= 4096:
+            raise err(f"{where}.workers", f"expected an integer between 0 and 4096, got {workers!r}")
+        plugins = sd.get("plugins", "native")
+        if plugins not in PLUGIN_CHOICES:
+            raise err(f"{where}.plugins", f"expected one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
+        try:
+            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers)
+        except (TypeError, ValueError) as e:
+            raise err(where, str(e)) from None
+        services.append(svc)
+    chosen = {sd.get("plugins", "native") for sd in services_doc} - {"none"}
+    if len(chosen) > 1:
+        raise err("service.plugins", "all services share one controller, so they must use the same "
+                  f"backend; got both {' and '.join(sorted(chosen))}")
+    return ctrl_opts, services
