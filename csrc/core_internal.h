@@ -111,6 +111,7 @@ struct np_domain {
     uint64_t   serial;          /* distinguishes domains in thread caches */
     uint32_t   my_proc;         /* process slot + 1, valid when my_epoch matches */
     uint64_t   my_epoch;
+    np_domain *next;            /* list of open domains (thread exit) */
 };
 
 #endif

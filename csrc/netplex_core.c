@@ -109,16 +109,41 @@ typedef struct {
 #define NP_TCACHE 8
 static __thread np_tcache tcache[NP_TCACHE];
 
+/* Open domains of this process, so that a thread's exit frees its actors
+ * only in domains that are still mapped. */
+static pthread_mutex_t dom_mu = PTHREAD_MUTEX_INITIALIZER;
+static np_domain *dom_list;
+static pthread_key_t exit_key;
+
+static void thread_exit(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&dom_mu);
+    for (int i = 0; i < NP_TCACHE; i++) {
+        np_tcache *c = &tcache[i];
+        if (!c->d || c->epoch != fork_epoch)
+            continue;
+        for (np_domain *d = dom_list; d; d = d->next)
+            if (d == c->d && d->serial == c->serial) {
+                np_thread_detach(d);
+                break;
+            }
+    }
+    pthread_mutex_unlock(&dom_mu);
+}
+
 static void atfork_child(void)
 {
     fork_epoch++;
     pthread_mutex_init(&reg_mu, NULL);
+    pthread_mutex_init(&dom_mu, NULL);
     crash_armed = 0;
 }
 
 static void do_init(void)
 {
     pthread_atfork(NULL, NULL, atfork_child);
+    pthread_key_create(&exit_key, thread_exit);
 }
 
 static void read_test_env(void)
@@ -434,6 +459,7 @@ static NOINLINE int my_actor_slow(np_domain *d, uint32_t *out)
         tcache[0].serial = d->serial;
         tcache[0].epoch = fork_epoch;
         tcache[0].actor = a;
+        pthread_setspecific(exit_key, (void *)1);   /* run thread_exit */
         *out = a;
         return 0;
     }
@@ -1280,6 +1306,10 @@ static int map_domain(char *base, size_t size, np_domain **out)
     d->nact = h->cfg.actors;
     d->name_cap = h->name_cap;
     d->serial = __atomic_add_fetch(&domain_serial, 1, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&dom_mu);
+    d->next = dom_list;
+    dom_list = d;
+    pthread_mutex_unlock(&dom_mu);
     *out = d;
     return 0;
 }
@@ -1382,6 +1412,13 @@ void np_domain_close(np_domain *d)
 {
     if (!d)
         return;
+    pthread_mutex_lock(&dom_mu);
+    for (np_domain **pp = &dom_list; *pp; pp = &(*pp)->next)
+        if (*pp == d) {
+            *pp = d->next;
+            break;
+        }
+    pthread_mutex_unlock(&dom_mu);
     munmap(d->base, d->size);
     d->serial = 0;
     free(d);
