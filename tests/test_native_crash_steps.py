@@ -1,0 +1,218 @@
+"""Crash at every step: a child is SIGKILLed at the n-th crash point of one mutating
+operation, for n = 1, 2, ... until the operation completes; after recover(pid) the
+segment is consistent and shows exactly the state before or after the operation."""
+
+import os
+import signal
+import time
+import traceback
+
+import pytest
+
+from netplex_native import _native
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native core not built")
+
+MAX_STEPS = 200
+STEPS = {}          # op -> number of crash points (reported at the end)
+
+
+@pytest.fixture
+def dom(request):
+    d = _native.Domain.create(semaphores=8, mutexes=8, processes=8)
+    request.addfinalizer(d.close)
+    request.addfinalizer(d.unlink)
+    return d
+
+
+def sem(dom, name):
+    return next((o for o in dom.semaphores() if o["name"] == name), None)
+
+
+def mtx(dom, name):
+    return next((o for o in dom.mutexes() if o["name"] == name), None)
+
+
+def run_child(dom, n, prepare, op, register_first=True):
+    """Fork a test-mode child that prepares, arms the n-th crash point and runs op.
+    Returns (pid, crashed)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ["NETPLEX_CORE_TEST"] = "1"
+            if register_first:
+                dom.register()
+            prepare()
+            assert _native._lib.np_test_crash_after(n) == 0
+            op()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def reap(pid, timeout=20):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        p, status = os.waitpid(pid, os.WNOHANG)
+        if p:
+            if os.WIFSIGNALED(status):
+                assert os.WTERMSIG(status) == signal.SIGKILL
+                return True
+            assert os.waitstatus_to_exitcode(status) == 0, "child failed"
+            return False
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("child hung")
+
+
+def enumerate_crashes(dom, op_name, setup, prepare, op, verify, during=None, register_first=True):
+    """The loop shared by every operation; returns the number of crash points."""
+    for n in range(1, MAX_STEPS):
+        before = setup()
+        pid = run_child(dom, n, prepare, op, register_first)
+        if during:
+            during(pid)
+        crashed = reap(pid)
+        dom.recover(pid)
+        dom.check()
+        assert pid not in [p["pid"] for p in dom.processes()]
+        verify(before, crashed, n)
+        if not crashed:
+            STEPS[op_name] = n - 1
+            assert n - 1 >= 1, f"{op_name} has no crash point"
+            return n - 1
+    raise AssertionError(f"{op_name} still crashing after {MAX_STEPS} steps")
+
+
+@pytest.mark.timeout(120)
+def test_sem_create_is_atomic_at_every_crash_point(dom):
+    def setup():
+        dom.sem_destroy("s")
+    def verify(_, crashed, n):
+        info = sem(dom, "s")
+        assert info is None or (info["value"] == 5 and info["waiters"] == 0), (n, info)
+        assert dom.sem_create("s", 5) is (info is None)
+        assert dom.sem_get("s") == 5
+    enumerate_crashes(dom, "sem create", setup, lambda: None,
+                      lambda: dom.sem_create("s", 5), verify)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
+def test_sem_increment_is_atomic_at_every_crash_point(dom, protected):
+    dom.sem_create("s", 3, protected=protected)
+    def setup():
+        return dom.sem_get("s")
+    def verify(before, crashed, n):
+        v = dom.sem_get("s")
+        # protected: the dead child's delta is reverted whatever step it died at
+        assert v == (before if protected else v) and v in (before, before + 1), (n, before, v)
+        assert dom.sem_delta("s", os.getpid()) == 0
+    enumerate_crashes(dom, f"sem increment ({'protected' if protected else 'unprotected'})",
+                      setup, lambda: dom.sem_get("s"), lambda: dom.sem_increment("s"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_protected_sem_decrement_is_atomic_at_every_crash_point(dom):
+    dom.sem_create("s", 3, protected=True)
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["value"] == 3 and info["holders"] == {} and info["waiters"] == 0, (n, info)
+    enumerate_crashes(dom, "sem decrement (protected)", lambda: None, lambda: dom.sem_get("s"),
+                      lambda: dom.sem_decrement("s"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_sem_decrement_with_a_completed_wait_is_atomic_at_every_crash_point(dom):
+    """The child queues, the parent posts once, the child takes the count."""
+    dom.sem_create("s", 0, protected=True)
+    def setup():
+        # start every round from value 0 with nobody queued
+        while dom.sem_decrement("s") >= 0:
+            pass
+    def during(pid):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            info = sem(dom, "s")
+            if info["waiters"] == 1:
+                dom.sem_increment("s")
+                return
+            if _dead(pid):
+                return
+            time.sleep(0.001)
+        raise AssertionError("child neither queued nor died")
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0, (n, info)
+        posted = dom.sem_delta("s", os.getpid())
+        # what the parent posted is still there: the dead child's take was reverted
+        assert info["value"] == posted and posted in (0, 1), (n, info, posted)
+        assert set(info["holders"]) <= {os.getpid()}
+    enumerate_crashes(dom, "sem decrement with wait", setup, lambda: dom.sem_get("s"),
+                      lambda: dom.sem_decrement("s", wait=True, timeout=10), verify, during)
+
+
+def _dead(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.mark.timeout(120)
+def test_sem_destroy_is_atomic_at_every_crash_point(dom):
+    def setup():
+        dom.sem_create("s", 2)
+    def verify(_, crashed, n):
+        info = sem(dom, "s")
+        assert info is None or info["value"] == 2, (n, info)
+        assert dom.sem_create("s", 9) is (info is None)
+        dom.sem_destroy("s")
+    enumerate_crashes(dom, "sem destroy", setup, lambda: dom.sem_get("s"),
+                      lambda: dom.sem_destroy("s"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_lock_is_atomic_at_every_crash_point(dom):
+    dom.mutex_unlock("m")                       # implicit creation
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info["locked"] is False and info["waiters"] == 0, (n, info)
+        assert dom.mutex_trylock("m") is True
+        dom.mutex_unlock("m")
+    enumerate_crashes(dom, "mutex lock", lambda: None, lambda: dom.mutex_unlock("m"),
+                      lambda: dom.mutex_lock("m"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_unlock_is_atomic_at_every_crash_point(dom):
+    def setup():
+        assert dom.mutex_trylock("m") is True   # held by the (live) parent
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info["waiters"] == 0
+        assert (info["locked"], info["owner_pid"]) in ((True, os.getpid()), (False, None)), (n, info)
+        dom.mutex_unlock("m")
+    enumerate_crashes(dom, "mutex unlock", setup, lambda: dom.sem_get("warm"),
+                      lambda: dom.mutex_unlock("m"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_register_is_atomic_at_every_crash_point(dom):
+    dom.sem_create("s", 1)
+    def verify(_, crashed, n):
+        assert [p["pid"] for p in dom.processes()] == [os.getpid()], n
+        assert dom.sem_get("s") == 1
+    enumerate_crashes(dom, "register", lambda: None, lambda: None, dom.register, verify,
+                      register_first=False)
+
+
+def test_zz_report_crash_steps():
+    """Prints the number of crash points of each operation (run with -s)."""
+    print("\ncrash points per operation:", ", ".join(f"{k}: {v}" for k, v in STEPS.items()))
