@@ -369,3 +369,24 @@ def test_uncontended_operations_make_no_system_call(dom, tmp_path):
     between = lines[marks[0] + 1:marks[1]]
     assert not [l for l in between if "futex(" in l], between[:20]
     assert between == [], between[:20]
+
+
+def test_remove_stale_unlinks_only_segments_of_dead_creators(dom):
+    """A segment whose creator died is removed; one whose creator lives is kept."""
+    r, w = os.pipe()
+
+    def creator():
+        d = _native.Domain.create(semaphores=1, mutexes=1, processes=1)
+        os.write(w, d.name.encode())
+    pid = fork(creator)
+    stale = os.read(r, 200).decode()
+    assert join(pid) == 0
+    try:
+        removed = _native.Domain.remove_stale()
+        assert stale in removed
+        assert dom.name not in removed
+        assert os.path.exists("/dev/shm" + dom.name)
+        assert not os.path.exists("/dev/shm" + stale)
+    finally:
+        if os.path.exists("/dev/shm" + stale):
+            os.unlink("/dev/shm" + stale)
