@@ -124,6 +124,7 @@ class _NativeSem:
         return self._dom.sem_create(name, initial, protected=protected)
 
     def decrement(self, name, wait=False, timeout=None):
+        timeout = check_timeout(timeout)  # before any fast path takes something
         if wait is True and self._in_controller:
             r = self._dom.sem_decrement(name)
             if r < 0 and check_timeout(timeout) != 0:
@@ -133,6 +134,7 @@ class _NativeSem:
         return self._dom.sem_decrement(name, wait=wait, timeout=timeout)
 
     async def decrement_async(self, name, wait=False, timeout=None):
+        timeout = check_timeout(timeout)
         r = self.decrement(name, False, None) if wait is True else self.decrement(name, wait, timeout)
         if r >= 0 or wait is not True:
             return r
@@ -152,15 +154,17 @@ class _NativeMutex:
         self.unlock = dom.mutex_unlock
 
     def lock(self, name, timeout=None):
+        timeout = check_timeout(timeout)
         if self._in_controller:
             if self._dom.mutex_trylock(name):
                 return True
             if check_timeout(timeout) == 0:
                 return False
             raise WouldBlockError("lock() on a held mutex would block the controller's loop")
-        return self._dom.mutex_lock(name, timeout)
+        return self._dom.mutex_lock(name, check_timeout(timeout))
 
     async def lock_async(self, name, timeout=None):
+        check_timeout(timeout)  # before the fast path takes the lock
         if self._dom.mutex_trylock(name):
             return True
         timeout = check_timeout(timeout)

@@ -877,12 +877,15 @@ BAD_CALLS = [
     ("semaphore.decrement(S, wait='yes')", TypeError, "wait"),
     ("semaphore.decrement(S, wait=True, timeout=-1)", ValueError, "timeout"),
     ("semaphore.decrement(S, wait=True, timeout='x')", TypeError, "timeout"),
+    ("semaphore.decrement(S, timeout=-1)", ValueError, "timeout"),
+    ("semaphore.decrement(S, wait=True, timeout=float('nan'))", ValueError, "timeout"),
     ("mutex.access(123)", TypeError, "name"),
     ("mutex.access('')", ValueError, "name"),
     ("mutex.access(LONG_ASCII)", ValueError, "name"),
     ("mutex.access('a\\x00b')", ValueError, "name"),
     ("mutex.access(M).lock(timeout=-1)", ValueError, "timeout"),
     ("mutex.access(M).lock(timeout='x')", TypeError, "timeout"),
+    ("mutex.access(M).lock(timeout=float('nan'))", ValueError, "timeout"),
     ("mutex.access(S).lock(timeout=0)", ValueError, "semaphore"),
     ("mutex.access(S).unlock()", ValueError, "semaphore"),
     ("semaphore.increment(M)", ValueError, "mutex"),
@@ -919,3 +922,31 @@ def test_bad_arguments_raise_type_or_value_error_naming_the_argument_and_change_
         assert a.call("semaphore.create('x' * 255, 2**63 - 1)") is True
         assert a.call("semaphore.get('é' * 127)") == 0
         assert a.call("semaphore.decrement(S, wait=True, timeout=0)", S=S) == 2
+
+
+@pytest.mark.parametrize("timeout", ["-1", "'x'", "float('nan')"])
+def test_lock_with_a_bad_timeout_on_a_free_mutex_raises_and_does_not_lock(events, backend, timeout):
+    """The timeout is checked before anything is taken, also when the mutex is free."""
+    M = uniq("mtx")
+    with cluster(events, backend, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("[mutex.access(M).lock(timeout=0), mutex.access(M).unlock()]", M=M) == [True, None]
+        err = a.error(f"mutex.access(M).lock(timeout={timeout})", M=M)
+        assert "TypeError" in err.mro or "ValueError" in err.mro
+        assert "timeout" in err.msg
+        assert b.call("mutex.access(M).lock(timeout=0)", M=M) is True, "the failed call locked the mutex"
+
+
+@pytest.mark.parametrize("timeout", ["-1", "'x'"])
+def test_decrement_with_a_bad_timeout_on_a_positive_semaphore_raises_and_takes_nothing(events, backend, timeout):
+    S = uniq("sem")
+    with cluster(events, backend, ["a"]) as c:
+        a = c["a"]
+        assert a.call("semaphore.create(S, 2)", S=S) is True
+        for wait in (True, False):
+            err = a.error(f"semaphore.decrement(S, wait={wait}, timeout={timeout})", S=S)
+            assert "TypeError" in err.mro or "ValueError" in err.mro
+            assert "timeout" in err.msg
+            err = a.error(f"await semaphore.decrement_async(S, wait={wait}, timeout={timeout})", S=S)
+            assert "timeout" in err.msg
+        assert a.call("semaphore.get(S)", S=S) == 2
