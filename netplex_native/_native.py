@@ -299,7 +299,7 @@ class Domain:
                 return rc
         return _check(self._call(_SEM, name, _lib.np_sem_increment), self, name, _SEM)
 
-    def sem_decrement(self, name, *, wait=False, timeout=None, cancel=None) -> int:
+    def sem_decrement(self, name, wait=False, timeout=None, *, cancel=None) -> int:
         """The new value, or -1 when nothing was taken (0 without wait, timeout,
         destroyed while waiting, cancel set)."""
         if wait is False:

@@ -113,25 +113,29 @@ class NativeMutexPlugin(Plugin):
 
 
 class _NativeSem:
+    """The semaphore backend over a Domain.  In containers the operations are
+    the Domain's own methods (no extra Python layer on the hot path); in the
+    controller a wait that would block raises WouldBlockError instead."""
+
     def __init__(self, dom, role):
         self._dom = dom
-        self._in_controller = role == "controller"
         self.increment = dom.sem_increment
         self.get = dom.sem_get
         self.destroy = dom.sem_destroy
+        if role == "container":
+            self.decrement = dom.sem_decrement
 
     def create(self, name, initial, protected):
         return self._dom.sem_create(name, initial, protected=protected)
 
     def decrement(self, name, wait=False, timeout=None):
-        timeout = check_timeout(timeout)  # before any fast path takes something
-        if wait is True and self._in_controller:
-            r = self._dom.sem_decrement(name)
-            if r < 0 and check_timeout(timeout) != 0:
-                raise WouldBlockError("decrement(wait=True) would block the controller's loop; "
-                                      "wait in a container instead")
-            return r
-        return self._dom.sem_decrement(name, wait=wait, timeout=timeout)
+        r = self._dom.sem_decrement(name)
+        if r < 0 and wait is True and check_timeout(timeout) != 0:
+            raise WouldBlockError("decrement(wait=True) would block the controller's loop; "
+                                  "wait in a container instead")
+        if wait is not True and wait is not False:
+            raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
+        return r
 
     async def decrement_async(self, name, wait=False, timeout=None):
         timeout = check_timeout(timeout)
@@ -150,18 +154,16 @@ class _NativeSem:
 class _NativeMutex:
     def __init__(self, dom, role):
         self._dom = dom
-        self._in_controller = role == "controller"
         self.unlock = dom.mutex_unlock
+        if role == "container":
+            self.lock = dom.mutex_lock
 
     def lock(self, name, timeout=None):
-        timeout = check_timeout(timeout)
-        if self._in_controller:
-            if self._dom.mutex_trylock(name):
-                return True
-            if check_timeout(timeout) == 0:
-                return False
-            raise WouldBlockError("lock() on a held mutex would block the controller's loop")
-        return self._dom.mutex_lock(name, check_timeout(timeout))
+        if self._dom.mutex_trylock(name):
+            return True
+        if check_timeout(timeout) == 0:
+            return False
+        raise WouldBlockError("lock() on a held mutex would block the controller's loop")
 
     async def lock_async(self, name, timeout=None):
         check_timeout(timeout)  # before the fast path takes the lock
