@@ -212,7 +212,11 @@ class _Runtime:
     async def main(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
         self.stop_reason = loop.create_future()
-        loop.add_signal_handler(signal.SIGTERM, self.abort)
+        def on_sigterm(signum, frame):
+            # arm the hard exit here: the loop may be blocked (sleep, a CPU loop)
+            signal.setitimer(signal.ITIMER_REAL, HARD_EXIT_AFTER)
+            loop.call_soon_threadsafe(self.abort)
+        signal.signal(signal.SIGTERM, on_sigterm)
         self.channel.attach(loop, self.on_message, self.on_controller_gone)
         self.hook("post_start_hook", self.cont)
         if not self.stop_reason.done():

@@ -475,6 +475,7 @@ class Controller:
         except Exception as e:
             log.error("service %s: pre_start_hook failed: %r", service.name, e)
             self._start_failed(st)
+            self._schedule_restart(st)  # retry with back-off (or stay disabled)
             return False
         rec = _ContainerRecord(cid, service)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
