@@ -841,3 +841,102 @@ def test_admin_restart_enables_a_disabled_service_again(events, socket_dir):
         events.poll(0.3)
         assert len(events.all("attempt")) == 6
         assert proc.stop() == 0
+
+
+@pytest.mark.timeout(40)
+def test_unix_socket_left_by_a_killed_controller_is_replaced_by_the_next(events, short_dir):
+    path = os.path.join(short_dir, "stale.sock")
+
+    def build():
+        ctrl = netplex.Controller()
+        ctrl.add_service(netplex.Service("u", who_handler, hooks=Recorder(events), address=f"unix://{path}"))
+        return ctrl
+
+    with run_controller(build) as proc:
+        first = events.wait("started", timeout=10)[0]
+        proc.signal(signal.SIGKILL)
+        proc.wait(5)
+        assert wait_until(lambda: not pid_alive(first["cpid"]), 3)
+    assert os.path.exists(path)  # stale: nobody listens
+    with run_controller(build) as proc:
+        second = events.wait("started", count=2, timeout=10)[1]
+        assert _line(path).split()[0] == second["cid"]
+        assert proc.stop() == 0
+    assert not os.path.exists(path)
+
+
+@pytest.mark.timeout(40)
+def test_a_second_controller_on_a_busy_socket_dir_fails_and_leaves_the_first_alone(events, short_dir):
+    sdir = os.path.join(short_dir, "s")
+    upath = os.path.join(short_dir, "second.sock")
+
+    def build_first():
+        ctrl = netplex.Controller(sdir)
+        ctrl.add_service(netplex.Service("one", hooks=Recorder(events)))
+        return ctrl
+
+    def build_second():
+        ctrl = netplex.Controller(sdir)
+        ctrl.add_service(netplex.Service("two", who_handler, hooks=Recorder(events),
+                                         address=f"unix://{upath}"))
+        return ctrl
+
+    with run_controller(build_first) as first:
+        events.wait("started", timeout=10)
+        _wait_admin(sdir)
+        with run_controller(build_second) as second:
+            assert second.wait(10) == 1, "the second controller must fail (exit code 1 from the harness)"
+        assert events.all("started", service="two") == []
+        assert first.alive()
+        assert _admin_list(sdir)["pid"] == first.pid
+        assert not os.path.exists(upath), "the failed controller left its unix socket file behind"
+        assert first.stop() == 0
+
+
+class CrashesAfterReady(Recorder):
+    def post_start_hook(self, cont):
+        super().post_start_hook(cont)
+        cenv.create_timer(lambda t: os._exit(1), 0.01)
+
+
+@pytest.mark.timeout(40)
+def test_containers_crashing_right_after_start_are_restarted_with_back_off(events, socket_dir):
+    """DESIGN: "back off on crash loops": a container that crashes 10 ms after
+    a successful start, again and again, must not be re-forked at full speed."""
+
+    def build():
+        ctrl = netplex.Controller(socket_dir, backoff=(0.1, 5.0))
+        ctrl.add_service(netplex.Service("loop", hooks=CrashesAfterReady(events)))
+        return ctrl
+
+    with run_controller(build) as proc:
+        events.wait("started", timeout=10)
+        events.poll(2.0)
+        n = len(events.all("started"))
+        # with 0.1 s doubling back-off: starts at about 0, 0.1, 0.3, 0.7, 1.5 s
+        assert n <= 8, f"{n} restarts in 2 s: no back-off on a crash loop"
+        assert proc.stop() == 0
+
+
+@pytest.mark.timeout(40)
+def test_a_second_controller_failing_to_bind_keeps_the_first_ones_admin_socket(events, short_dir):
+    """Same socket dir, same tcp port: the second fails at bind and must not
+    remove the first controller's admin.sock."""
+    sdir = os.path.join(short_dir, "s")
+    port = free_port()
+
+    def build():
+        ctrl = netplex.Controller(sdir)
+        ctrl.add_service(netplex.Service("web", who_handler, hooks=Recorder(events),
+                                         address=f"tcp://127.0.0.1:{port}"))
+        return ctrl
+
+    with run_controller(build) as first:
+        events.wait("started", timeout=10)
+        _wait_admin(sdir)
+        with run_controller(build) as second:
+            assert second.wait(10) == 1
+        assert first.alive()
+        assert os.path.exists(os.path.join(sdir, "admin.sock")), "the first controller's admin.sock was removed"
+        assert _admin_list(sdir)["pid"] == first.pid
+        assert first.stop() == 0
