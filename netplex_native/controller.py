@@ -409,20 +409,22 @@ class Controller:
         self._done = loop.create_future()
         self._reaped_event = asyncio.Event()
         self._prepare_socket_dir()
+        from .admin import AdminServer
         try:
             for st in self._services.values():
                 self._bind(st)
+            admin = AdminServer(self, os.path.join(self._socket_dir, ADMIN_SOCKET))
+            await admin.start()
         except BaseException:
             self._close_sockets()
-            self._remove_socket_dir()
+            if self._own_socket_dir:  # a given dir may hold another controller's admin.sock
+                self._remove_socket_dir()
             self._unplug_all()
             raise
+        self._admin = admin
         loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
         loop.add_signal_handler(signal.SIGTERM, self.shutdown)
         loop.add_signal_handler(signal.SIGINT, self.shutdown)
-        from .admin import AdminServer
-        self._admin = AdminServer(self, os.path.join(self._socket_dir, ADMIN_SOCKET))
-        await self._admin.start()
         self._state = "running"
         log.info("controller started (pid %d, socket dir %s)", os.getpid(), self._socket_dir)
         for st in self._services.values():
