@@ -940,3 +940,44 @@ def test_a_second_controller_failing_to_bind_keeps_the_first_ones_admin_socket(e
         assert os.path.exists(os.path.join(sdir, "admin.sock")), "the first controller's admin.sock was removed"
         assert _admin_list(sdir)["pid"] == first.pid
         assert first.stop() == 0
+
+
+class BlockedInWait(Recorder):
+    def post_start_hook(self, cont):
+        super().post_start_hook(cont)
+
+        def block(timer):
+            self.events.emit("blocking", cid=cont.id)
+            r = semaphore.decrement("blocked.never", wait=True)
+            self.events.emit("wait_ended", cid=cont.id, result=r)
+            return False
+        cenv.create_timer(block, 0.05)
+
+    def global_exception_handler(self, exc):
+        self.events.emit("geh", msg=repr(exc)[:200])
+        return True
+
+
+@pytest.mark.timeout(40)
+def test_sigterm_ends_a_synchronous_wait_so_the_container_runs_its_shutdown_hooks(events):
+    """A container blocked in ``decrement(wait=True)`` at SIGTERM: the
+    shutdown must reach it (system_shutdown, shutdown, pre_finish_hook), not
+    time out and kill it after shutdown_timeout + 2 s."""
+
+    def build():
+        ctrl = netplex.Controller()
+        ctrl.add_service(netplex.Service("blocked", hooks=BlockedInWait(events, (semaphore.plugin,))))
+        return ctrl
+
+    with run_controller(build) as proc:
+        events.wait("blocking", timeout=10)
+        t0 = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(15)
+        took = time.monotonic() - t0
+        events.poll(0.2)
+        kinds = [e["kind"] for e in events.seen]
+        assert code == 0
+        assert "system_shutdown" in kinds and "shutdown" in kinds and "pre_finish" in kinds, \
+            f"hooks that ran: {kinds} (shutdown took {took:.1f}s)"
+        assert took < 4.0
