@@ -248,7 +248,7 @@ class Actor:
         """SIGKILL the current container; by default wait until the controller
         has reaped it, recovered its holdings and started the next one."""
         n = self.readies()
-        pid = self.pid()
+        pid = self.wait_ready(n)   # not a call: the container may be blocked in a wait
         os.kill(pid, signal.SIGKILL)
         if wait_restart:
             self.wait_ready(n + 1)
