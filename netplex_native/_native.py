@@ -302,6 +302,8 @@ class Domain:
     def sem_decrement(self, name, wait=False, timeout=None, *, cancel=None) -> int:
         """The new value, or -1 when nothing was taken (0 without wait, timeout,
         destroyed while waiting, cancel set)."""
+        if timeout is not None:
+            errors.check_timeout(timeout)  # before a fast path takes anything
         if wait is False:
             h = self._sems.get(name)
             if h is not None:
@@ -349,6 +351,8 @@ class Domain:
 
     def mutex_lock(self, name, timeout=None, *, cancel=None) -> bool:
         """True when locked by this process; False on timeout (or cancel)."""
+        if timeout is not None:
+            errors.check_timeout(timeout)  # before the fast path takes the lock
         h = self._mtxs.get(name)
         if h is not None:
             rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)

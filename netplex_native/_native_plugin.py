@@ -129,12 +129,13 @@ class _NativeSem:
         return self._dom.sem_create(name, initial, protected=protected)
 
     def decrement(self, name, wait=False, timeout=None):
+        if wait is not True and wait is not False:  # checked before anything is taken
+            raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
+        timeout = check_timeout(timeout)
         r = self._dom.sem_decrement(name)
-        if r < 0 and wait is True and check_timeout(timeout) != 0:
+        if r < 0 and wait is True and timeout != 0:
             raise WouldBlockError("decrement(wait=True) would block the controller's loop; "
                                   "wait in a container instead")
-        if wait is not True and wait is not False:
-            raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
         return r
 
     async def decrement_async(self, name, wait=False, timeout=None):
@@ -159,9 +160,10 @@ class _NativeMutex:
             self.lock = dom.mutex_lock
 
     def lock(self, name, timeout=None):
+        timeout = check_timeout(timeout)  # before the fast path takes the lock
         if self._dom.mutex_trylock(name):
             return True
-        if check_timeout(timeout) == 0:
+        if timeout == 0:
             return False
         raise WouldBlockError("lock() on a held mutex would block the controller's loop")
 

@@ -950,3 +950,48 @@ def test_decrement_with_a_bad_timeout_on_a_positive_semaphore_raises_and_takes_n
             err = a.error(f"await semaphore.decrement_async(S, wait={wait}, timeout={timeout})", S=S)
             assert "timeout" in err.msg
         assert a.call("semaphore.get(S)", S=S) == 2
+
+
+CTRL_BAD = [
+    ("semaphore.decrement(CS, wait='yes')", "wait"),
+    ("semaphore.decrement(CS, wait=True, timeout=-1)", "timeout"),
+    ("semaphore.decrement(CS, timeout='x')", "timeout"),
+    ("mutex.access(CM).lock(timeout=-1)", "timeout"),
+    ("mutex.access(CM).lock(timeout='x')", "timeout"),
+    ("semaphore.create('', 1)", "name"),
+    ("semaphore.create(CS + '.n', -1)", "initial"),
+]
+CTRL_S = "t.ctrl.bad.sem"
+CTRL_M = "t.ctrl.bad.mtx"
+
+
+class ControllerBadArgsHooks(ActorHooks):
+    """Runs bad calls in the controller process (pre_start_hook) and reports."""
+
+    def pre_start_hook(self, service, ctrl, container_id):
+        super().pre_start_hook(service, ctrl, container_id)
+        if semaphore.create(CTRL_S, 2) is False:
+            return
+        out = []
+        for src, word in CTRL_BAD:
+            try:
+                eval(src, {"semaphore": semaphore, "mutex": mutex, "CS": CTRL_S, "CM": CTRL_M})
+                out.append([src, None, ""])
+            except (TypeError, ValueError) as e:
+                out.append([src, type(e).__name__, str(e)[:100]])
+            except Exception as e:
+                out.append([src, "other:" + type(e).__name__, str(e)[:100]])
+        self.events.emit("ctrl_bad", out=out, value=semaphore.get(CTRL_S),
+                         free=mutex.access(CTRL_M).lock(timeout=0))
+        mutex.access(CTRL_M).unlock()
+
+
+def test_bad_arguments_in_the_controller_raise_before_anything_is_taken(events, backend):
+    with cluster(events, backend, ["a"], hooks=ControllerBadArgsHooks) as c:
+        got = events.wait("ctrl_bad", timeout=10)[0]
+        failures = [f"{src}: {typ} {msg!r}" for (src, typ, msg), (_, word) in zip(got["out"], CTRL_BAD)
+                    if typ not in ("TypeError", "ValueError") or word not in msg]
+        assert not failures, "\n".join(failures)
+        assert got["value"] == 2, "a failed decrement in the controller took a count"
+        assert got["free"] is True, "a failed lock in the controller locked the mutex"
+        assert c["a"].call("semaphore.get(CS)", CS=CTRL_S) == 2
