@@ -1,0 +1,170 @@
+"""Shared variables (one backend: the RPC plugin, values in the controller),
+with real forked controllers and containers.  Infrastructure: test_semantics.py."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from test_semantics import cluster, uniq, settle
+
+pytestmark = pytest.mark.timeout(60)
+BACKEND = "rpc"   # the semaphore/mutex backend is irrelevant here
+
+
+class Point:
+    """A custom picklable object (containers are forks: the class is there)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __eq__(self, other):
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+
+def test_create_var_returns_true_then_false(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["a", "b"]) as c:
+        assert c["a"].call("sharedvar.create_var(V)", V=V) is True
+        assert c["b"].call("sharedvar.create_var(V, enc=True)", V=V) is False
+        assert c["b"].call("sharedvar.get_value(V)", V=V) == ""   # still the plain one
+
+
+def test_set_get_delete_and_missing_variables(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("sharedvar.get_value(V)", V=V) is None
+        assert a.call("sharedvar.set_value(V, 'x')", V=V) is False
+        assert a.call("sharedvar.delete_var(V)", V=V) is False
+        assert a.call("sharedvar.create_var(V)", V=V) is True
+        assert b.call("sharedvar.get_value(V)", V=V) == ""
+        assert b.call("sharedvar.set_value(V, 'héllo')", V=V) is True
+        assert a.call("sharedvar.get_value(V)", V=V) == "héllo"
+        assert a.call("sharedvar.delete_var(V)", V=V) is True
+        assert b.call("sharedvar.get_value(V)", V=V) is None
+        assert b.call("sharedvar.delete_var(V)", V=V) is False
+        assert b.call("sharedvar.create_var(V)", V=V) is True
+
+
+def test_plain_variable_rejects_non_str_with_sharedvar_type_error(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["a"]) as c:
+        a = c["a"]
+        assert a.call("[sharedvar.create_var(V), sharedvar.set_value(V, 'keep')]", V=V) == [True, True]
+        for value in ("5", "b'x'", "{'a': 1}", "None"):
+            err = a.error(f"sharedvar.set_value(V, {value})", V=V)
+            assert err.type == "SharedVarTypeError", err
+            assert "TypeError" in err.mro and "NetplexError" in err.mro
+        assert a.call("sharedvar.get_value(V)", V=V) == "keep"
+
+
+def test_enc_variable_holds_dicts_lists_and_custom_objects(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("sharedvar.create_var(V, enc=True)", V=V) is True
+        assert b.call("sharedvar.get_value(V) is None", V=V) is True
+        P = "__import__('test_sharedvar').Point"
+        for value in ("{'k': [1, 2.5, None], 'n': {'x': 'y'}}", "[1, 'two', (3, 4)]", "'a str too'",
+                      f"{P}(3, -4)", f"{{'p': [{P}(1, 2)]}}"):
+            assert a.call(f"sharedvar.set_value(V, {value})", V=V) is True
+            assert b.call(f"sharedvar.get_value(V) == {value}", V=V) is True, value
+            assert b.call(f"sharedvar.wait_for_value(V, timeout=1) == {value}", V=V) is True
+
+
+def test_own_variable_goes_with_the_last_container_of_its_service_and_not_before(events, tmp_path):
+    V = uniq("var")
+    flag = str(tmp_path / "no-restart")
+    with cluster(events, BACKEND, ["owner", "other"], workers={"owner": 2}, no_restart_flag=flag) as c:
+        owner, other = c["owner"], c["other"]
+        pids = [e["pid"] for e in events.all("ready", service="owner")]
+        assert len(pids) == 2
+        assert owner.call("sharedvar.create_var(V, own=True)", V=V) is True
+        assert other.call("sharedvar.set_value(V, 'v')", V=V) is True
+        # another service's container ending does not touch it
+        other.kill()
+        assert other.call("sharedvar.get_value(V)", V=V) == "v"
+        open(flag, "w").close()            # owner containers are not restarted from now on
+        os.kill(pids[0], 9)
+        settle(lambda: not os.path.exists(f"/proc/{pids[0]}"), what="first owner container reaped")
+        assert other.call("sharedvar.get_value(V)", V=V) == "v", "deleted before the last container ended"
+        os.kill(pids[1], 9)
+        settle(lambda: other.call("sharedvar.get_value(V)", V=V) is None, what="own variable deleted")
+
+
+def test_ro_variable_can_only_be_set_by_its_owner(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["owner", "other"]) as c:
+        owner, other = c["owner"], c["other"]
+        assert owner.call("sharedvar.create_var(V, ro=True)", V=V) is True
+        assert owner.call("sharedvar.set_value(V, 'mine')", V=V) is True
+        err = other.error("sharedvar.set_value(V, 'theirs')", V=V)
+        assert err.type == "SharedVarPermissionError"
+        assert "PermissionError" in err.mro and "NetplexError" in err.mro
+        assert other.call("sharedvar.get_value(V)", V=V) == "mine"
+        assert owner.call("sharedvar.set_value(V, 'again')", V=V) is True
+
+
+def test_timeout_deletes_after_that_many_seconds_without_access(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("sharedvar.create_var(V, timeout=0.3)", V=V) is True
+        # accessed every 0.1 s for 0.9 s: it stays
+        for i in range(9):
+            time.sleep(0.1)
+            if i % 2:
+                assert b.call("sharedvar.get_value(V)", V=V) is not None, f"expired while accessed ({i})"
+            else:
+                assert a.call("sharedvar.set_value(V, str(i))", V=V, i=i) is True, f"expired while accessed ({i})"
+        time.sleep(0.6)                    # 0.3 s without access, and some
+        assert b.call("sharedvar.get_value(V)", V=V) is None
+        assert b.call("sharedvar.create_var(V)", V=V) is True
+
+
+def test_wait_for_value_returns_at_once_when_ever_set(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["a", "b"]) as c:
+        assert c["a"].call("[sharedvar.create_var(V), sharedvar.set_value(V, 'x')]", V=V) == [True, True]
+        value, waited = c["b"].call("""
+            t0 = time.monotonic()
+            v = sharedvar.wait_for_value(V, timeout=5)
+            result = [v, time.monotonic() - t0]
+        """, V=V)
+        assert value == "x" and waited < 1.0
+        # "ever set": setting it to the empty string still counts
+        assert c["a"].call("sharedvar.set_value(V, '')", V=V) is True
+        assert c["b"].call("sharedvar.wait_for_value(V, timeout=0)", V=V) == ""
+
+
+def test_wait_for_value_blocks_until_the_next_set(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["w1", "w2", "s"]) as c:
+        assert c["s"].call("sharedvar.create_var(V)", V=V) is True
+        waits = [c["w1"].start("sharedvar.wait_for_value(V, timeout=20)", V=V),
+                 c["w2"].start("await sharedvar.wait_for_value_async(V, timeout=20)", V=V)]
+        c.wait_waiters(V, 2)
+        assert not waits[0].done(0.2) and not waits[1].done()
+        assert c["s"].call("sharedvar.set_value(V, 'now')", V=V) is True
+        assert [w.result(5) for w in waits] == ["now", "now"]
+
+
+def test_wait_for_value_returns_none_when_deleted_while_waiting_or_on_timeout(events):
+    V = uniq("var")
+    with cluster(events, BACKEND, ["w", "d"]) as c:
+        w, d = c["w"], c["d"]
+        assert w.call("sharedvar.wait_for_value(V, timeout=1)", V=V) is None   # missing
+        assert d.call("sharedvar.create_var(V)", V=V) is True
+        value, waited = w.call("""
+            t0 = time.monotonic()
+            v = sharedvar.wait_for_value(V, timeout=0.3)
+            result = [v, time.monotonic() - t0]
+        """, V=V)
+        assert value is None and 0.25 <= waited < 1.5
+        waiting = w.start("sharedvar.wait_for_value(V, timeout=20)", V=V)
+        c.wait_waiters(V, 1)
+        assert d.call("sharedvar.delete_var(V)", V=V) is True
+        assert waiting.result(5) is None
