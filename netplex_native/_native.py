@@ -123,6 +123,10 @@ class Domain:
                        "processes": c.processes, "actors": c.actors}
         self._sems: dict[str, int] = {}
         self._mtxs: dict[str, int] = {}
+        #: Called between wait slices (at most every 100 ms) in any waiting
+        #: thread; True ends the wait as a timeout would.  A supervisor uses it
+        #: to end waits at shutdown.
+        self.interrupt_check = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -266,7 +270,8 @@ class Domain:
                 h = self._handle(kind, name)
                 rc = fn(d, h, deadline)
                 while rc == _EINTR:
-                    if cancel is not None and cancel.is_set():
+                    if (cancel is not None and cancel.is_set()) or (
+                            self.interrupt_check is not None and self.interrupt_check()):
                         _lib.np_wait_cancel(d)
                         return _ETIMEDOUT
                     rc = fn(d, h, deadline)

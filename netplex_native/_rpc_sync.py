@@ -140,6 +140,7 @@ class SyncState:
             return
         w = _Waiter(rec, reply)
         s.waiters.append(w)
+        reply.cancel_value = -1
 
         def drop():
             try:
@@ -207,6 +208,7 @@ class SyncState:
             return
         w = _Waiter(rec, reply)
         m.waiters.append(w)
+        reply.cancel_value = False
 
         def drop():
             try:

@@ -165,6 +165,16 @@ class Channel:
             for obj, blob in frames:
                 self._dispatch(obj, blob)
 
+    def control_pending(self) -> bool:
+        """Read what has arrived (without running any hook) and tell whether
+        a lifecycle message (``["ctl", ...]``) is waiting to be handled.
+        Loop thread only."""
+        try:
+            self._read_available()
+        except (ControllerGoneError, ProtocolError):
+            return True
+        return any(obj[0] == "ctl" for obj, _ in self._inbox)
+
     def _on_readable(self) -> None:
         try:
             self._read_available()

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from ._context import ctx
@@ -142,6 +143,8 @@ class _Runtime:
         self.handlers: set[asyncio.Task] = set()
         self.server = None
         self.stop_reason: asyncio.Future | None = None
+        self.stopping = False       # a shutdown message was handled
+        self.loop_thread = threading.get_ident()
 
     # -- exceptions and stop --
     def exception(self, exc: BaseException) -> None:
@@ -175,6 +178,7 @@ class _Runtime:
             self.hook("receive_admin_message", self.cont, obj[1], obj[2])
         elif kind == "ctl":
             if obj[1] == "system_shutdown":
+                self.stopping = True
                 self.hook("system_shutdown")
                 try:
                     self.channel.notify("ctl.system_shutdown_done", [])
@@ -184,11 +188,22 @@ class _Runtime:
                 self.hook("shutdown")
                 self.stop("regular")
 
+    def shutdown_pending(self) -> bool:
+        """For blocking waits (any thread): has the system begun to stop?
+        On the loop thread this looks at the channel itself, since a
+        synchronous wait keeps the loop from handling messages."""
+        if self.stopping or self.channel.closed:
+            return True
+        if threading.get_ident() == self.loop_thread:
+            return self.channel.control_pending()
+        return False
+
     def on_controller_gone(self) -> None:
         log.warning("container %s (pid %d): controller gone; exiting", self.cont.id, self.cont.pid)
         self.abort()
 
     def abort(self) -> None:
+        self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, HARD_EXIT_AFTER)  # SIGALRM (default) ends us
         self.stop("abort")
 
@@ -270,6 +285,10 @@ def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
     ctx.runtime = rt
     cont._rt = rt
     ctrl._install_backends("container")
+    from ._native_plugin import domain_plugin
+    dom = ctrl.plugin_data(domain_plugin)
+    if dom is not None:
+        dom.interrupt_check = rt.shutdown_pending
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     code = 0

@@ -39,6 +39,9 @@ from .service import Service, bind, bound_address
 log = logging.getLogger("netplex_native")
 
 ADMIN_SOCKET = "admin.sock"
+#: An unclean end this soon after a container became ready counts toward
+#: the crash-loop back-off (failures before ready count toward disabling).
+CRASH_LOOP_WINDOW = 1.0
 #: Most bytes buffered for one container that does not read its channel.
 MAX_WRITE_BUFFER = 64 * 1024 * 1024
 
@@ -46,14 +49,24 @@ MAX_WRITE_BUFFER = 64 * 1024 * 1024
 class _Reply:
     """The answer to one call; plugins call ``ok`` or ``error`` now or later."""
 
-    __slots__ = ("_rec", "id", "done", "deferred", "on_cancel")
+    __slots__ = ("_rec", "id", "done", "deferred", "on_cancel", "cancel_value")
 
     def __init__(self, rec, rid):
         self._rec = rec
         self.id = rid
         self.done = False
         self.deferred = False
-        self.on_cancel = None
+        self.on_cancel = None       # set by a plugin that defers: leave its queue
+        self.cancel_value = None    # the answer when the system ends the wait
+
+    def end_wait(self) -> None:
+        """The system ends this deferred wait (shutdown): leave the queue and
+        answer as a timeout would."""
+        if self.done:
+            return
+        if self.on_cancel is not None:
+            self.on_cancel()
+        self.ok(self.cancel_value)
 
     @property
     def alive(self) -> bool:
@@ -179,6 +192,7 @@ class _ContainerRecord:
         self.conn: _Conn | None = None
         self.alive = True           # channel open and not reaped
         self.ready = False          # post_start_hook done
+        self.ready_mono = 0.0
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.pending: dict[int, _Reply] = {}      # deferred replies by call id
@@ -199,7 +213,8 @@ class _ServiceState:
         self.bound = None
         self.records: dict[str, _ContainerRecord] = {}
         self.seq = 0
-        self.start_failures = 0      # consecutive
+        self.start_failures = 0      # consecutive, before ready: disables the service
+        self.crash_streak = 0        # consecutive quick unclean ends after ready: back-off
         self.restarts = 0
         self.disabled = False
         self.restart_handle: asyncio.TimerHandle | None = None
@@ -544,15 +559,16 @@ class Controller:
     def _schedule_restart(self, st: _ServiceState) -> None:
         if st.disabled or self._state != "running":
             return
-        if st.start_failures == 0:
+        failures = max(st.start_failures, st.crash_streak)
+        if failures == 0:
             self._manage(st)
             return
         if st.restart_handle is not None:
             return
         base, cap = self.backoff
-        delay = min(cap, base * (2 ** (st.start_failures - 1)))
-        log.warning("service %s: %d consecutive start failures; next start in %.2f s",
-                    st.service.name, st.start_failures, delay)
+        delay = min(cap, base * (2 ** (failures - 1)))
+        log.warning("service %s: %d consecutive %s; next start in %.2f s", st.service.name, failures,
+                    "start failures" if st.start_failures >= st.crash_streak else "quick crashes", delay)
 
         def fire():
             st.restart_handle = None
@@ -585,7 +601,9 @@ class Controller:
             reply.error(e)
         if not reply.done:
             reply.deferred = True
-            if rid > 0:
+            if self._state == "stopping":
+                reply.end_wait()   # no new waits once shutdown began
+            elif rid > 0:
                 rec.pending[rid] = reply
 
     def _ctl_call(self, rec, proc: str, args: list, reply: _Reply) -> None:
@@ -601,6 +619,7 @@ class Controller:
                     pending.error(NetplexError("cancelled"))
         elif proc == "ready":
             rec.ready = True
+            rec.ready_mono = time.monotonic()
             self._services[rec.service.name].start_failures = 0
         elif proc == "send_message":
             pattern, name, margs = check_message(*args)
@@ -663,6 +682,10 @@ class Controller:
         if self._state == "running":
             if not rec.ready:
                 self._start_failed(st)
+            elif not clean and time.monotonic() - rec.ready_mono < CRASH_LOOP_WINDOW:
+                st.crash_streak += 1
+            else:
+                st.crash_streak = 0
             st.restarts += 1
             self._schedule_restart(st)
         self._reaped_event.set()
@@ -674,6 +697,10 @@ class Controller:
             if st.restart_handle is not None:
                 st.restart_handle.cancel()
                 st.restart_handle = None
+        # 0. waits end: answered as timeouts, so no container stays blocked
+        for rec in list(self._records()):
+            for reply in list(rec.pending.values()):
+                reply.end_wait()
         # 1. every container learns the system goes down, while all are still up
         self._broadcast_ctl("system_shutdown")
         await self._wait_until(lambda: all(r.system_shutdown_done or not r.alive for r in self._records()),

@@ -20,7 +20,7 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import admin, cenv, semaphore
-from harness import run_controller, free_port, pid_alive, wait_until, shm_entries
+from harness import plugins_for, run_controller, free_port, pid_alive, wait_until, shm_entries
 
 
 # ---------------------------------------------------------------- helpers
@@ -959,14 +959,14 @@ class BlockedInWait(Recorder):
 
 
 @pytest.mark.timeout(40)
-def test_sigterm_ends_a_synchronous_wait_so_the_container_runs_its_shutdown_hooks(events):
+def test_sigterm_ends_a_synchronous_wait_so_the_container_runs_its_shutdown_hooks(events, backend):
     """A container blocked in ``decrement(wait=True)`` at SIGTERM: the
     shutdown must reach it (system_shutdown, shutdown, pre_finish_hook), not
     time out and kill it after shutdown_timeout + 2 s."""
 
     def build():
         ctrl = netplex.Controller()
-        ctrl.add_service(netplex.Service("blocked", hooks=BlockedInWait(events, (semaphore.plugin,))))
+        ctrl.add_service(netplex.Service("blocked", hooks=BlockedInWait(events, plugins_for(backend)[:1])))
         return ctrl
 
     with run_controller(build) as proc:
