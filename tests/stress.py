@@ -44,7 +44,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import netplex_native as netplex  # noqa: E402
 from netplex_native import admin, cenv, mutex, semaphore  # noqa: E402
-from harness import Events, run_controller, pid_alive, plugins_for, wait_until  # noqa: E402
+from harness import Events, run_controller, plugins_for, wait_until  # noqa: E402
+import harness  # noqa: E402
+
+
+def pid_alive(pid: int) -> bool:
+    """harness.pid_alive, tolerating a process that vanishes while /proc is read."""
+    try:
+        return harness.pid_alive(pid)
+    except ProcessLookupError:
+        return False
 
 REC = struct.Struct("<iBBHqqq")          # pid, kind, resource, pad, a, b, c: 32 bytes
 assert REC.size == 32

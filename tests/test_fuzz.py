@@ -20,7 +20,8 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 import netplex_native as netplex
 from netplex_native import admin, wire, semaphore, mutex, sharedvar, cenv
 from netplex_native.errors import ProtocolError
-from harness import run_controller, plugins_for, pid_alive, wait_until
+from harness import run_controller, plugins_for, wait_until
+from stress import pid_alive
 
 SEED = int(os.environ.get("NETPLEX_FUZZ_SEED", "20261124"))
 HDR = struct.Struct("!II")

@@ -19,7 +19,8 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import admin, wire
-from harness import run_controller, plugins_for, pid_alive, wait_until, shm_entries
+from harness import run_controller, plugins_for, wait_until, shm_entries
+from stress import pid_alive
 import stress
 
 STORM_SECONDS = float(os.environ.get("NETPLEX_STORM_SECONDS", "6"))
