@@ -285,13 +285,13 @@ class Controller:
             raise TypeError(f"add_plugin takes a plugin (e.g. semaphore.plugin), not {type(plugin).__name__}")
         if plugin in self._plugins:
             return
-        for req in plugin.required:
-            self.add_plugin(req)
-        if plugin.provides:
+        if plugin.provides:  # before its required plugins: a refused plugin adds nothing
             for other in self._plugins:
                 if other.provides == plugin.provides:
                     raise ValueError(
                         f"{plugin.name} and {other.name} both provide {plugin.provides}; add only one of them")
+        for req in plugin.required:
+            self.add_plugin(req)
         plugin.ctrl_added(self)
         self._plugins.append(plugin)
         if plugin.prefix:
