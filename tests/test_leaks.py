@@ -135,8 +135,11 @@ def test_restarts_do_not_leak(events, backend, tmp_path):
               f"({(rss1 - rss0) / max(n, 1) * 1024:.0f} bytes/restart)")
         assert n >= 300, f"only {n} restarts measured"
         assert st["state"] == "running" and not st["services"][0]["disabled"]
-        # fds: exactly flat (compare the minima: containers in flight add one each)
-        assert fd1_min <= fd0_min, f"fds grew {fd0_min} -> {fd1_min} over {n} restarts"
+        # fds: flat.  Each live container holds one channel socket in the
+        # controller, and the window's minimum depends on how many happened to be
+        # in flight, so allow WORKERS; a leak of one fd per 100 restarts would
+        # add more than 3 over >= 300 restarts.
+        assert fd1_min <= fd0_min + WORKERS, f"fds grew {fd0_min} -> {fd1_min} over {n} restarts"
         # RSS: Python's allocator grows in 256 kB arenas and pages get touched
         # as the heap churns; 2 MB over >= 300 restarts allows that noise but not
         # a leak of a record per restart (>= 10 kB/restart would exceed it).
