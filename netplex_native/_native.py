@@ -127,6 +127,57 @@ class Domain:
         #: thread; True ends the wait as a timeout would.  A supervisor uses it
         #: to end waits at shutdown.
         self.interrupt_check = None
+        self._bind_fast_paths()
+
+    def _bind_fast_paths(self) -> None:
+        """Per-instance closures for the uncontended operations: a cached
+        handle and one C call, with locals instead of attribute and global
+        lookups.  Anything else (a miss, a stale handle, a wait, an error)
+        goes to the methods below.  close() empties the caches, so a closure
+        kept after close() falls through to a method that raises."""
+        d, sems, mtxs = self._d, self._sems, self._mtxs
+        c_inc, c_dec = _lib.np_sem_increment, _lib.np_sem_decrement
+        c_lock, c_unlock = _lib.np_mutex_lock, _lib.np_mutex_unlock
+        slow_inc = Domain.sem_increment.__get__(self)
+        slow_dec = Domain.sem_decrement.__get__(self)
+        slow_lock = Domain.mutex_lock.__get__(self)
+        slow_unlock = Domain.mutex_unlock.__get__(self)
+        nowait = _NOWAIT
+
+        def sem_increment(name):
+            h = sems.get(name)
+            if h is not None:
+                rc = c_inc(d, h)
+                if rc >= 0:
+                    return rc
+            return slow_inc(name)
+
+        def sem_decrement(name, wait=False, timeout=None, *, cancel=None):
+            if wait is False and timeout is None:
+                h = sems.get(name)
+                if h is not None:
+                    rc = c_dec(d, h, nowait)
+                    if rc >= 0:
+                        return rc
+            return slow_dec(name, wait, timeout, cancel=cancel)
+
+        def mutex_lock(name, timeout=None, *, cancel=None):
+            if timeout is None:
+                h = mtxs.get(name)
+                if h is not None and c_lock(d, h, nowait) == 0:
+                    return True
+            return slow_lock(name, timeout, cancel=cancel)
+
+        def mutex_unlock(name):
+            h = mtxs.get(name)
+            if h is not None and c_unlock(d, h) == 0:
+                return None
+            return slow_unlock(name)
+
+        self.sem_increment = sem_increment
+        self.sem_decrement = sem_decrement
+        self.mutex_lock = mutex_lock
+        self.mutex_unlock = mutex_unlock
 
     # ---- lifecycle -------------------------------------------------------
 

@@ -299,16 +299,9 @@ class Cluster:
     def wait_waiters(self, name: str, count: int, timeout: float = 5.0) -> None:
         """Wait until *count* waiters are queued on *name*."""
         deadline = time.monotonic() + timeout
-        reported = False
         while time.monotonic() < deadline:
             n = self.waiters(name)
-            if n is not None:
-                reported = True
-                if n >= count:
-                    return
-            elif not reported and time.monotonic() > deadline - timeout + 0.5:
-                # inspect does not report waiters for this backend: fall back to time
-                time.sleep(0.3)
+            if n is not None and n >= count:
                 return
             time.sleep(0.01)
         raise AssertionError(f"{name!r}: {self.waiters(name)} waiters after {timeout}s, expected {count}")
