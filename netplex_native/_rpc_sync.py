@@ -91,7 +91,7 @@ class SyncState:
     def sem_increment(self, cid, name) -> int:
         s = self._sem(name)
         if s.value >= VALUE_MAX:
-            raise ValueError(f"semaphore {name!r} is at its maximum value {VALUE_MAX}")
+            raise OverflowError(f"semaphore {name!r} would exceed {VALUE_MAX}")
         s.value += 1
         if s.protected and cid:
             s.deltas[cid] = s.deltas.get(cid, 0) + 1

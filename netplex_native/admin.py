@@ -72,6 +72,13 @@ class AdminServer:
             if uid != os.getuid():
                 log.warning("admin: refused a peer of uid %d", uid)
                 writer.write(wire.encode({"ok": False, "error": "permission denied: wrong uid"}))
+                await writer.drain()
+                # read (and ignore) what it sent, so closing does not reset
+                # the connection before the answer is read
+                try:
+                    await asyncio.wait_for(reader.read(MAX_ADMIN_FRAME), 0.2)
+                except asyncio.TimeoutError:
+                    pass
                 return
             dec = wire.Decoder()
             while True:

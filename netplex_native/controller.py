@@ -594,7 +594,7 @@ class Controller:
                 if plugin is None:
                     raise PluginNotAddedError(f"no plugin serves {proc!r}; was it added in post_add_hook?")
                 plugin.ctrl_receive_call(self, rec, sub, args, blob, reply)
-        except (TypeError, ValueError, NetplexError) as e:
+        except (TypeError, ValueError, OverflowError, NetplexError) as e:
             reply.error(e)
         except Exception as e:  # a plugin bug must not take the controller down
             log.exception("error serving %s for container %s", proc, rec.id)

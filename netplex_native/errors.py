@@ -76,7 +76,7 @@ REMOTE_ERRORS: dict[str, type[BaseException]] = {
     for cls in (
         NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError,
         TableFullError, SharedVarPermissionError, SharedVarTypeError,
-        ControllerGoneError, ProtocolError, RemoteError, TypeError, ValueError,
+        ControllerGoneError, ProtocolError, RemoteError, TypeError, ValueError, OverflowError,
     )
 }
 
