@@ -303,6 +303,20 @@ def job_uncontended(jc: JobCtx):
                     f()
             return loop, None
 
+        def c_raw():
+            dom = _native_dom()
+            dom.sem_create("u.raw", 1)
+            dom.sem_decrement("u.raw")
+            dom.sem_increment("u.raw")
+            d, h, nw = dom._d, dom._sems["u.raw"], _lib.NP_NOWAIT
+            dec, inc = _lib.np_sem_decrement, _lib.np_sem_increment
+
+            def loop(n):
+                for _ in range(n):
+                    dec(d, h, nw)
+                    inc(d, h)
+            return loop, None
+
         def c_dom():
             dom = _native_dom()
             dom.sem_create("u.dom", 1)
@@ -386,11 +400,11 @@ def job_uncontended(jc: JobCtx):
                     rel()
             return loop, s.remove
 
-        cands.update({"floor_2_cffi_noop": c_floor, "native_domain_sem": c_dom, "native_sem": c_sem,
+        cands.update({"floor_2_cffi_noop": c_floor, "native_raw_cffi_sem": c_raw, "native_domain_sem": c_dom, "native_sem": c_sem,
                       "native_sem_protected": c_sem_prot, "native_mutex": c_mutex,
                       "native_domain_mutex": c_dom_mutex, "mp_sem": c_mp_sem, "mp_lock": c_mp_lock,
                       "sysv_sem_undo": c_sysv})
-        order = ["floor_2_cffi_noop", "native_domain_sem", "native_sem", "native_sem_protected",
+        order = ["floor_2_cffi_noop", "native_raw_cffi_sem", "native_domain_sem", "native_sem", "native_sem_protected",
                  "posix_ipc_sem", "sysv_sem_undo", "mp_sem", "native_domain_mutex", "native_mutex",
                  "flock", "mp_lock"]
     else:
@@ -504,7 +518,7 @@ def job_uncontended(jc: JobCtx):
 
 
 def bench_uncontended(q, results):
-    p = {"batch": 0.02 if q else 0.06, "rounds": 5 if q else 13}
+    p = {"batch": 0.03 if q else 0.08, "rounds": 9 if q else 21}
     out = {}
     for backend in ("native", "rpc"):
         log(f"uncontended: {backend} container, {p['rounds']} alternating rounds of ~{p['batch'] * 1000:.0f} ms batches")
@@ -590,8 +604,8 @@ def job_contention(jc: JobCtx):
 
 def bench_contention(q, results):
     Ks = [2, 4, 8]
-    dur = 0.25 if q else 0.6
-    rounds = 3 if q else 5
+    dur = 0.3 if q else 0.8
+    rounds = 3 if q else 7
     import posix_ipc
     res = {}
     for backend in ("native", "rpc"):
@@ -678,11 +692,11 @@ def job_handoff(jc: JobCtx):
 
 def bench_handoff(q, results):
     import posix_ipc
-    rounds = 5 if q else 11
+    rounds = 7 if q else 15
     res = {}
     for backend in ("native", "rpc"):
-        n = {"lib": (5000 if q else 15000) if backend == "native" else (300 if q else 800),
-             "posix_ipc_sem": 5000 if q else 15000}
+        n = {"lib": (10000 if q else 30000) if backend == "native" else (500 if q else 1500),
+             "posix_ipc_sem": 10000 if q else 30000}
         cands = ["lib", "posix_ipc_sem"]
         names = {}
         for k in ("pa", "pb"):
@@ -738,7 +752,7 @@ def job_recovery(jc: JobCtx):
 
 
 def bench_recovery(q, results):
-    trials = 10 if q else 50
+    trials = 15 if q else 50
     res = {}
     for backend in ("native", "rpc"):
         fd, fpath = tempfile.mkstemp(prefix="nbench-r-")
@@ -960,7 +974,7 @@ def targets(results):
 
 REFS = {  # row -> reference row for the ratio column
     "uncontended": {
-        "floor_2_cffi_noop": "posix_ipc_sem", "native_domain_sem": "posix_ipc_sem",
+        "floor_2_cffi_noop": "posix_ipc_sem", "native_raw_cffi_sem": "posix_ipc_sem", "native_domain_sem": "posix_ipc_sem",
         "native_sem": "posix_ipc_sem", "native_sem_protected": "posix_ipc_sem", "posix_ipc_sem": "posix_ipc_sem",
         "sysv_sem_undo": "posix_ipc_sem", "mp_sem": "posix_ipc_sem",
         "native_domain_mutex": "flock", "native_mutex": "flock", "flock": "flock", "mp_lock": "flock",
