@@ -123,14 +123,13 @@ def load(path: str) -> tuple[dict, list[Service]]:
     services = []
     names = set()
     for i, sd in enumerate(services_doc):
-        where = f"service[{i}]"
+        name = sd.get("name")
+        where = f"service {name!r}" if isinstance(name, str) and name else f"service[{i}]"
         for k in sd:
             if k not in SERVICE_KEYS:
                 raise err(f"{where}.{k}", f"unknown key; expected one of {sorted(SERVICE_KEYS)}")
-        name = sd.get("name")
         if not isinstance(name, str) or not name:
             raise err(f"{where}.name", "expected a non-empty string")
-        where = f"service {name!r}"
         if name in names:
             raise err(f"{where}.name", "duplicate service name")
         names.add(name)
