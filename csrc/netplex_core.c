@@ -731,11 +731,14 @@ int64_t np_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline)
 /* ------------------------------------------------------------------ */
 /* Release: semaphore increment and mutex unlock                        */
 
-int64_t np_sem_increment(np_domain *d, uint64_t handle)
+/* One unit back: semaphore +1 (with its protected delta), or mutex unlock
+ * (a no-op when not locked; any process may unlock).  The queued waiters are
+ * woken after the guard is released, to re-compete. */
+static int64_t obj_release(np_domain *d, uint64_t handle, int kind)
 {
     uint32_t idx, ai, who[NP_WAKE_BATCH];
     int rc, n = 0;
-    if ((rc = handle_obj(d, handle, NP_KIND_SEM, &idx)) < 0)
+    if ((rc = handle_obj(d, handle, kind, &idx)) < 0)
         return rc;
     if ((rc = my_actor(d, &ai)) < 0)
         return rc;
@@ -748,13 +751,19 @@ int64_t np_sem_increment(np_domain *d, uint64_t handle)
         return NP_ESTALE;
     }
     int64_t v = o->value;
+    if (kind == NP_KIND_MUTEX && v != 0) {      /* not locked: no-op */
+        guard_unlock(&o->guard);
+        return 0;
+    }
     if (unlikely(v >= (int64_t)NP_VALUE_MAX)) {
         guard_unlock(&o->guard);
         return NP_EOVERFLOW;
     }
     tx_begin(a, idx, 0);
     TX64(d, a, o->value, v + 1);
-    if (o->protected_) {
+    if (kind == NP_KIND_MUTEX) {
+        TX32(d, a, o->owner, 0);
+    } else if (o->protected_) {
         np_delta *e = delta_of(d, d->my_proc - 1, idx);
         int64_t cur = e->gen == o->gen ? e->delta : 0;
         TX32(d, a, e->gen, o->gen);
@@ -766,39 +775,17 @@ int64_t np_sem_increment(np_domain *d, uint64_t handle)
     guard_unlock(&o->guard);
     CRASHPOINT();
     wake_actors(d, who, n);
-    return v + 1;
+    return kind == NP_KIND_MUTEX ? 0 : v + 1;
+}
+
+int64_t np_sem_increment(np_domain *d, uint64_t handle)
+{
+    return obj_release(d, handle, NP_KIND_SEM);
 }
 
 int64_t np_mutex_unlock(np_domain *d, uint64_t handle)
 {
-    uint32_t idx, ai, who[NP_WAKE_BATCH];
-    int rc, n = 0;
-    if ((rc = handle_obj(d, handle, NP_KIND_MUTEX, &idx)) < 0)
-        return rc;
-    if ((rc = my_actor(d, &ai)) < 0)
-        return rc;
-    np_obj *o = &d->objs[idx];
-    np_actor *a = &d->actors[ai];
-    guard_lock(d, &o->guard, ai);
-    CRASHPOINT();
-    if (unlikely(!o->used || o->gen != handle_gen(handle))) {
-        guard_unlock(&o->guard);
-        return NP_ESTALE;
-    }
-    if (o->value != 0) {                /* not locked: no-op */
-        guard_unlock(&o->guard);
-        return 0;
-    }
-    tx_begin(a, idx, 0);
-    TX64(d, a, o->value, 1);
-    TX32(d, a, o->owner, 0);
-    tx_commit(d, a);
-    if (unlikely(o->qlen))
-        n = q_collect(d, o, who);
-    guard_unlock(&o->guard);
-    CRASHPOINT();
-    wake_actors(d, who, n);
-    return 0;
+    return obj_release(d, handle, NP_KIND_MUTEX);
 }
 
 int64_t np_sem_get(np_domain *d, uint64_t handle)
