@@ -1187,6 +1187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
     ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--_strace-child", dest="strace_child", type=int, default=None, help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:          # netplex-native bench -- --quick
+        argv = argv[1:]
     args = ap.parse_args(argv)
     if args.strace_child is not None:
         return strace_child(args.strace_child)
