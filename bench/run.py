@@ -733,7 +733,7 @@ def job_handoff(jc: JobCtx):
     for r in range(p["rounds"]):
         for cand in p["cands"]:
             base, _, pl = cand.partition("@")
-            n = p["n"][base] // (8 if pl == "cross" else 1)   # cross-CPU wake-ups are ~10x slower
+            n = p["n"][base] // {"cross": 8, "same": 1}.get(pl, 4)   # cross-CPU wake-ups are ~10-20x slower
             place(pl or "any", not pinger)
             jc.emit("ready", round=r, cand=cand)
             jc.go()
@@ -951,6 +951,18 @@ def vmrss_kb(pid):
     return None
 
 
+def pss_kb(pid):
+    """Proportional set size: shared (fork, segment) pages split among their users."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def bench_memory(q, results):
     from netplex_native import _native
     d = _native.Domain.create()
@@ -965,8 +977,11 @@ def bench_memory(q, results):
             time.sleep(0.5)
             ctrl_kb = vmrss_kb(s.pid)
             conts = [vmrss_kb(e["pid"]) for e in ups]
+            pss = [pss_kb(s.pid)] + [pss_kb(e["pid"]) for e in ups]
             mem[backend] = {"controller_rss_kb": ctrl_kb, "container_rss_kb_median": med(conts),
-                            "container_rss_kb": conts, "total_rss_kb": ctrl_kb + sum(conts)}
+                            "container_rss_kb": conts, "total_rss_kb": ctrl_kb + sum(conts),
+                            "controller_pss_kb": pss[0], "container_pss_kb_median": med([x for x in pss[1:] if x]),
+                            "total_pss_kb": sum(x for x in pss if x) if all(pss) else None}
     results["memory"] = mem
     return results
 
@@ -1125,7 +1140,10 @@ def print_table(results):
         for b in ("native", "rpc"):
             if b in m:
                 print(f"  {b:6}: controller RSS {m[b]['controller_rss_kb']:,} kB, container RSS median "
-                      f"{m[b]['container_rss_kb_median']:,.0f} kB, total (1+8) {m[b]['total_rss_kb']:,} kB")
+                      f"{m[b]['container_rss_kb_median']:,.0f} kB, total (1+8) {m[b]['total_rss_kb']:,} kB"
+                      + (f"; PSS controller {m[b]['controller_pss_kb']:,} kB, container median "
+                         f"{m[b]['container_pss_kb_median']:,.0f} kB, total {m[b]['total_pss_kb']:,} kB"
+                         if m[b].get("total_pss_kb") else ""))
     print()
     print("targets:")
     for t in results.get("targets", []):
