@@ -1013,16 +1013,19 @@ def targets(results):
             def pls(a, b, f):
                 return "".join(f"; {pl}: {f(m(a + '@' + pl), m(b + '@' + pl))}" for pl in ("same", "cross")
                                if f"{a}@{pl}" in u and f"{b}@{pl}" in u)
-            pl_ok = [pl for pl in ("", "@same", "@cross") if f"rpc_sem{pl}" in u]
-            rs = {pl or "@any": m("rpc_sem" + pl) / m("socketpair_floor" + pl) for pl in pl_ok}
-            r = max(rs.values())
-            add("RPC sem pair <= 1.5x bare socketpair floor (worst placement)", r, 1.5, r <= 1.5,
+            # Verdict on the worst PINNED placement: unpinned, each candidate lands
+            # same-CPU or cross-CPU by chance and the ratio compares unlike cases.
+            pl_ok = [pl for pl in ("@same", "@cross") if f"rpc_sem{pl}" in u] or [""]
+            info = [pl for pl in ("",) if pl not in pl_ok]
+            rs = {pl or "@any": m("rpc_sem" + pl) / m("socketpair_floor" + pl) for pl in pl_ok + info}
+            r = max(rs[pl or "@any"] for pl in pl_ok)
+            add("RPC sem pair <= 1.5x bare socketpair floor (worst pinned placement)", r, 1.5, r <= 1.5,
                 "; ".join(f"{k[1:]}: {m('rpc_sem' + (k if k != '@any' else '')) / 1000:.1f} vs "
                           f"{m('socketpair_floor' + (k if k != '@any' else '')) / 1000:.1f} us = {v:.2f}x"
                           for k, v in rs.items()))
-            rs = {pl or "@any": m("mp_manager_sem" + pl) / m("rpc_sem" + pl) for pl in pl_ok}
-            r = min(rs.values())
-            add("RPC sem pair faster than multiprocessing.Manager (worst placement)", r, 1.0, r > 1.0,
+            rs = {pl or "@any": m("mp_manager_sem" + pl) / m("rpc_sem" + pl) for pl in pl_ok + info}
+            r = min(rs[pl or "@any"] for pl in pl_ok)
+            add("RPC sem pair faster than multiprocessing.Manager (worst pinned placement)", r, 1.0, r > 1.0,
                 "; ".join(f"{k[1:]}: {m('rpc_sem' + (k if k != '@any' else '')) / 1000:.1f} vs "
                           f"{m('mp_manager_sem' + (k if k != '@any' else '')) / 1000:.1f} us = {v:.2f}x faster"
                           for k, v in rs.items()))
@@ -1039,8 +1042,9 @@ def targets(results):
     if h:
         rs = {pl[1:] or "any": h["native_sem" + pl]["median"] / h["posix_ipc_sem@native" + pl]["median"]
               for pl in ("", "@same", "@cross") if "native_sem" + pl in h}
-        r = max(rs.values())
-        add("native hand-off latency <= 1.2x posix_ipc (worst placement)", r, 1.2, r <= 1.2,
+        pinned = [k for k in ("same", "cross") if k in rs] or ["any"]
+        r = max(rs[k] for k in pinned)
+        add("native hand-off latency <= 1.2x posix_ipc (worst pinned placement)", r, 1.2, r <= 1.2,
             "; ".join(f"{k}: {h['native_sem' + ('@' + k if k != 'any' else '')]['median'] / 1000:.2f} vs "
                       f"{h['posix_ipc_sem@native' + ('@' + k if k != 'any' else '')]['median'] / 1000:.2f} us = {v:.2f}x"
                       for k, v in rs.items()))
@@ -1205,12 +1209,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
     ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--_strace-child", dest="strace_child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--report", default=None, metavar="RESULTS.json",
+                    help="print the table of a saved run again (targets recomputed)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:          # netplex-native bench -- --quick
         argv = argv[1:]
     args = ap.parse_args(argv)
     if args.strace_child is not None:
         return strace_child(args.strace_child)
+    if args.report:
+        with open(args.report) as f:
+            results = json.load(f)
+        results["targets"] = targets(results)
+        print_table(results)
+        return 0
     sections = SECTIONS if not args.only else [s.strip() for s in args.only.split(",")]
     for s in sections:
         if s not in SECTIONS:
