@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 
-from .errors import NativeUnavailableError, WouldBlockError, check_name, check_timeout
+from .errors import NativeUnavailableError, WouldBlockError, check_timeout
 from .plugin import Plugin
 
 log = logging.getLogger("netplex_native")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .errors import (NetplexError, WouldBlockError, check_bool, check_int, check_name,
+from .errors import (WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, VALUE_MAX)
 from .plugin import Plugin
 

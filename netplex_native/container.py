@@ -20,11 +20,10 @@ import os
 import signal
 import sys
 import threading
-import time
 
 from ._context import ctx
 from .channel import Channel
-from .errors import check_interval, check_message, ControllerGoneError
+from .errors import check_message, ControllerGoneError
 
 log = logging.getLogger("netplex_native")
 

@@ -1,4 +1,3 @@
-import os
 import sys
 
 import pytest
@@ -26,3 +25,16 @@ def backend(request):
 def socket_dir(tmp_path):
     d = tmp_path / "sock"
     return str(d)
+
+
+@pytest.fixture
+def dom(request):
+    """A private native segment, unlinked even when the test fails.  A core
+    that is not built fails the test: a broken build must never look green."""
+    from netplex_native import _native
+    assert _native.available(), "the native core (netplex_native._core) is not built"
+    size = getattr(request, "param", 16)
+    d = _native.Domain.create(semaphores=size, mutexes=size, processes=16)
+    request.addfinalizer(d.close)
+    request.addfinalizer(d.unlink)
+    return d

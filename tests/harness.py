@@ -21,7 +21,6 @@ import socket
 import time
 import traceback
 
-import pytest
 
 BACKENDS = ["rpc", "native"]
 
@@ -217,3 +216,18 @@ def need_backend(backend: str) -> None:
     if backend == "native":
         from netplex_native import _native  # noqa: F401  (ImportError = a broken build)
         assert _native.available(), "the native core is not built"
+
+
+def fork_call(fn, *args) -> int:
+    """Run ``fn(*args)`` in a forked child; it exits 0 if fn returned, 1 if it raised."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn(*args)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid

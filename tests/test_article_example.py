@@ -9,7 +9,7 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import semaphore, cenv
-from harness import run_controller, plugins_for, pid_alive
+from harness import run_controller, plugins_for
 
 SEM = "jobs.timer_owner"
 

@@ -18,9 +18,9 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import admin, cenv, mutex, semaphore, sharedvar
-from netplex_native.errors import (NotInContainerError, PluginNotAddedError, SharedVarPermissionError,
+from netplex_native.errors import (PluginNotAddedError, SharedVarPermissionError,
                                    SharedVarTypeError, TableFullError, VALUE_MAX)
-from harness import run_controller, plugins_for, wait_until
+from harness import run_controller, plugins_for
 
 LONG_ASCII = "a" * 256                    # 256 bytes
 LONG_MULTI = "é" * 128                    # 128 characters, 256 bytes

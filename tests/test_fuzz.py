@@ -12,7 +12,6 @@ import os
 import random
 import socket
 import struct
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck

@@ -402,7 +402,7 @@ class CtrlSender(Recorder):
         try:
             ctrl.send_message("*", "n", [3])
             err = None
-        except TypeError as e:
+        except TypeError:
             err = "TypeError"
         self.events.emit("ctrl_sent", n=n, err=err)
 

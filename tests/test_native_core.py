@@ -7,36 +7,16 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 
 import pytest
 
 from netplex_native import _native, errors
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason="native core not built")
 
 
-@pytest.fixture
-def dom(request):
-    d = _native.Domain.create(semaphores=16, mutexes=16, processes=16)
-    request.addfinalizer(d.close)
-    request.addfinalizer(d.unlink)
-    return d
 
 
-def fork(fn, *args):
-    """Run fn(*args) in a child; exit status 0 if it returned, 1 if it raised."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+from harness import fork_call as fork
 
 
 def join(pid, timeout=10.0):

@@ -11,18 +11,11 @@ import pytest
 
 from netplex_native import _native
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason="native core not built")
 
 MAX_STEPS = 200
 STEPS = {}          # op -> number of crash points (reported at the end)
 
 
-@pytest.fixture
-def dom(request):
-    d = _native.Domain.create(semaphores=8, mutexes=8, processes=8)
-    request.addfinalizer(d.close)
-    request.addfinalizer(d.unlink)
-    return d
 
 
 def sem(dom, name):

@@ -4,35 +4,16 @@ reaps and calls Domain.recover(pid)."""
 import os
 import signal
 import time
-import traceback
 
 import pytest
 
 from netplex_native import _native
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason="native core not built")
 
 
-@pytest.fixture
-def dom(request):
-    d = _native.Domain.create(semaphores=16, mutexes=16, processes=16)
-    request.addfinalizer(d.close)
-    request.addfinalizer(d.unlink)
-    return d
 
 
-def fork(fn, *args):
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+from harness import fork_call as fork
 
 
 def kill_and_reap(pid):

@@ -576,7 +576,7 @@ def _raw_admin_one(socket_dir, data: bytes) -> bytes:
     try:
         s.connect(os.path.join(socket_dir, "admin.sock"))
         s.sendall(data)
-        dec, buf = wire.Decoder(), b""
+        buf = b""
         while True:
             chunk = s.recv(65536)
             if not chunk:

@@ -5,8 +5,6 @@ Infrastructure: test_semantics.py."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest

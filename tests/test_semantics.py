@@ -36,7 +36,7 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import semaphore, mutex, sharedvar, cenv
-from harness import run_controller, plugins_for, free_port, pid_alive, wait_until
+from harness import run_controller, plugins_for, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
