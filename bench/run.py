@@ -1206,7 +1206,8 @@ def machine():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (1-2 minutes)")
-    ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
+    ap.add_argument("--out", default=os.path.relpath(os.path.join(HERE, "results")),
+                    help="output directory (default: bench/results of the checkout)")
     ap.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--_strace-child", dest="strace_child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--report", default=None, metavar="RESULTS.json",
