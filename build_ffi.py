@@ -50,7 +50,9 @@ ffibuilder.cdef(_cdef_text(HEADER))
 ffibuilder.set_source(
     "netplex_native._core",
     '#include "netplex_core.h"',
-    sources=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.c"))),
+    # fast.c is the separate accelerator module (setup.py), not part of the core
+    sources=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.c"))
+                   if os.path.basename(p) != "fast.c"),
     include_dirs=[os.path.relpath(CSRC, HERE)],
     depends=[os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.h"))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],

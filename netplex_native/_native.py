@@ -30,6 +30,11 @@ except ImportError as _e:  # pragma: no cover - exercised only without a build
 else:
     _import_error = None
 
+try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
+    from . import _fast
+except ImportError:  # pragma: no cover - a build without it uses closures
+    _fast = None
+
 __all__ = ["available", "Domain"]
 
 if _lib is not None:
@@ -130,19 +135,59 @@ class Domain:
         self._bind_fast_paths()
 
     def _bind_fast_paths(self) -> None:
-        """Per-instance closures for the uncontended operations: a cached
-        handle and one C call, with locals instead of attribute and global
-        lookups.  Anything else (a miss, a stale handle, a wait, an error)
-        goes to the methods below.  close() empties the caches, so a closure
-        kept after close() falls through to a method that raises."""
+        """Per-instance entry points for the uncontended operations.
+
+        With the accelerator (_fast, csrc/fast.c) the four non-blocking
+        cases are C methods that look the handle up and call the core with
+        no cffi overhead; otherwise Python closures do the same with locals
+        instead of attribute and global lookups.  ``decrement(wait=True)``
+        without a timeout makes its first wait slice directly.  Anything else
+        (a miss, a stale handle, a timeout, an error) goes to the methods
+        below.  close() empties the caches, so an entry point kept after
+        close() falls through to a method that raises."""
         d, sems, mtxs = self._d, self._sems, self._mtxs
-        c_inc, c_dec = _lib.np_sem_increment, _lib.np_sem_decrement
+        c_inc, c_dec, c_cancel = _lib.np_sem_increment, _lib.np_sem_decrement, _lib.np_wait_cancel
         c_lock, c_unlock = _lib.np_mutex_lock, _lib.np_mutex_unlock
         slow_inc = Domain.sem_increment.__get__(self)
         slow_dec = Domain.sem_decrement.__get__(self)
         slow_lock = Domain.mutex_lock.__get__(self)
         slow_unlock = Domain.mutex_unlock.__get__(self)
-        nowait = _NOWAIT
+        nowait, forever, eintr, edestroyed = _NOWAIT, _FOREVER, _EINTR, _EDESTROYED
+
+        def sem_decrement(name, wait=False, timeout=None, *, cancel=None):
+            h = sems.get(name)
+            if h is not None and timeout is None and cancel is None:
+                if wait is False:
+                    rc = c_dec(d, h, nowait)
+                    if rc >= 0:
+                        return rc
+                elif wait is True:
+                    try:
+                        rc = c_dec(d, h, forever)      # one slice, at most 100 ms
+                        if rc >= 0:
+                            return rc
+                        if rc == edestroyed:
+                            return -1
+                        if rc == eintr:                # still queued: keep the place
+                            return slow_dec(name, True)
+                    except BaseException:
+                        c_cancel(d)
+                        raise
+            return slow_dec(name, wait, timeout, cancel=cancel)
+
+        if _fast is not None:
+            b = _fast.Binder(
+                int(_ffi.cast("uintptr_t", d)),
+                *(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, f))) for f in (
+                    "np_sem_decrement", "np_sem_increment", "np_mutex_lock", "np_mutex_unlock",
+                    "np_wait_cancel")),
+                sems, mtxs, slow_dec, slow_inc, slow_lock, slow_unlock)
+            self._binder = b
+            self.sem_decrement = b.sem_decrement
+            self.sem_increment = b.sem_increment
+            self.mutex_lock = b.mutex_lock
+            self.mutex_unlock = b.mutex_unlock
+            return
 
         def sem_increment(name):
             h = sems.get(name)
@@ -151,15 +196,6 @@ class Domain:
                 if rc >= 0:
                     return rc
             return slow_inc(name)
-
-        def sem_decrement(name, wait=False, timeout=None, *, cancel=None):
-            if wait is False and timeout is None:
-                h = sems.get(name)
-                if h is not None:
-                    rc = c_dec(d, h, nowait)
-                    if rc >= 0:
-                        return rc
-            return slow_dec(name, wait, timeout, cancel=cancel)
 
         def mutex_lock(name, timeout=None, *, cancel=None):
             if timeout is None:
@@ -174,8 +210,8 @@ class Domain:
                 return None
             return slow_unlock(name)
 
-        self.sem_increment = sem_increment
         self.sem_decrement = sem_decrement
+        self.sem_increment = sem_increment
         self.mutex_lock = mutex_lock
         self.mutex_unlock = mutex_unlock
 

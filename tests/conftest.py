@@ -27,14 +27,17 @@ def socket_dir(tmp_path):
     return str(d)
 
 
-@pytest.fixture
-def dom(request):
-    """A private native segment, unlinked even when the test fails.  A core
-    that is not built fails the test: a broken build must never look green."""
+@pytest.fixture(params=["accelerated", "closures"])
+def dom(request, monkeypatch):
+    """A private native segment, unlinked even when the test fails; once with
+    the C accelerator of the uncontended operations (_fast) and once with the
+    pure-Python entry points it replaces.  A core that is not built fails the
+    test: a broken build must never look green."""
     from netplex_native import _native
     assert _native.available(), "the native core (netplex_native._core) is not built"
-    size = getattr(request, "param", 16)
-    d = _native.Domain.create(semaphores=size, mutexes=size, processes=16)
+    if request.param == "closures":
+        monkeypatch.setattr(_native, "_fast", None)
+    d = _native.Domain.create(semaphores=16, mutexes=16, processes=16)
     request.addfinalizer(d.close)
     request.addfinalizer(d.unlink)
     return d

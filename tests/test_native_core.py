@@ -370,3 +370,31 @@ def test_remove_stale_unlinks_only_segments_of_dead_creators(dom):
     finally:
         if os.path.exists("/dev/shm" + stale):
             os.unlink("/dev/shm" + stale)
+
+
+def test_the_accelerator_is_built_and_serves_the_fast_paths(dom):
+    """A normal build has netplex_native._fast; a Domain binds its methods."""
+    from netplex_native import _fast  # an ImportError here is a broken build
+    if _native._fast is None:          # the "closures" run of the fixture
+        assert not hasattr(dom, "_binder")
+        return
+    assert isinstance(dom._binder, _fast.Binder)
+    assert dom.sem_decrement.__self__ is dom._binder
+    dom.sem_create("acc", 1)
+    assert dom.sem_decrement("acc") == 0 and dom.sem_decrement("acc") == -1
+    assert dom.sem_increment("acc") == 1
+    assert dom.mutex_lock("acc.m") is True and dom.mutex_trylock("acc.m") is False
+    dom.mutex_unlock("acc.m")
+    assert dom.mutex_trylock("acc.m") is True
+
+
+def test_entry_points_kept_after_close_raise_instead_of_touching_the_segment():
+    d = _native.Domain.create(semaphores=4, mutexes=4, processes=4)
+    d.sem_create("x", 1)
+    dec, inc, lock, unlock = d.sem_decrement, d.sem_increment, d.mutex_lock, d.mutex_unlock
+    d.unlink()
+    d.close()
+    for call in (lambda: dec("x"), lambda: inc("x"), lambda: lock("m"), lambda: unlock("m"),
+                 lambda: dec("x", True)):
+        with pytest.raises(errors.SegmentError, match="closed"):
+            call()
