@@ -11,7 +11,7 @@
 #include <sys/types.h>
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 1u
+#define NP_LAYOUT_VERSION 2u
 
 /* Guard word: 0 free, else (owner actor index + 1) | NP_GUARD_WAITERS. */
 #define NP_GUARD_WAITERS  0x80000000u
@@ -36,6 +36,10 @@
 #define NP_INTENT_MAX     12
 #define NP_GEN_MASK       0x7fffffffu     /* handles stay >= 0 as int64 */
 #define NP_SLICE_NS       100000000LL     /* a wait returns NP_EINTR after this */
+/* Newcomers may take a free unit ahead of queued waiters (no convoy under
+ * contention) until the queue's head has waited this long; from then on they
+ * queue behind it.  Bounds the overtaking: waits are starvation-free. */
+#define NP_STARVE_NS      1000000LL
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
 
@@ -89,6 +93,7 @@ typedef struct {
     uint32_t intent_n;
     uint32_t intent_guard;      /* guard id + 1 the log belongs to */
     uint32_t intent_guard2;     /* second guard id + 1 (create/destroy), or 0 */
+    int64_t  wait_since;        /* CLOCK_MONOTONIC ns when it was queued */
     np_redo  intent[NP_INTENT_MAX];
 } np_actor;
 

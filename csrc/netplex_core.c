@@ -39,7 +39,12 @@
  *
  * Waits.  Counts are never handed to a waiter: they stay in `value', and the
  * waiter at queue position p (0-based) is entitled to take one when
- * value > p.  A poster wakes the first min(value, qlen) waiters, who
+ * value > p.  A caller that is not queued may take a free unit ahead of the
+ * queue (no convoy of sleeps and wake-ups under contention) unless the head
+ * has waited NP_STARVE_NS already; from then on it queues behind: the
+ * overtaking is bounded, so waits are starvation-free, and waits longer
+ * than that are served in FIFO order.  A poster wakes the first
+ * min(value, qlen) waiters, who
  * re-compete; a dead waiter is dequeued by recovery (or by the waiters behind
  * it, which check liveness when a slice expires), so it never swallows a
  * count.  Each actor sleeps on its own wake word, read under the guard before
@@ -537,8 +542,10 @@ static void tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim)
     TX32(d, me, v->waiting_on, 0);
 }
 
-static void tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx)
+static void tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx,
+                        int64_t now)
 {
+    TX64(d, me, me->wait_since, now);
     TX32(d, me, me->qnext, 0);
     TX32(d, me, me->wait_gen, o->gen);
     TX32(d, me, me->waiting_on, idx + 1);
@@ -610,6 +617,14 @@ static void check_ahead(np_domain *d, uint32_t me, const uint32_t *procs, int n)
     }
 }
 
+/* Under o's guard, with waiters queued: has the head waited so long that
+ * newcomers must queue behind it (NP_STARVE_NS)? */
+static inline int head_starving(np_domain *d, const np_obj *o)
+{
+    const np_actor *head = &d->actors[o->qhead - 1];
+    return np_now() - head->wait_since >= NP_STARVE_NS;
+}
+
 static int64_t obj_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
 {
     uint32_t idx, ai;
@@ -646,7 +661,7 @@ static int64_t obj_acquire(np_domain *d, uint64_t handle, int64_t deadline, int 
         int64_t v = o->value;
         int entitled;
         if (likely(!queued))
-            entitled = v > 0 && (o->qlen == 0 || deadline == NP_NOWAIT);
+            entitled = v > 0 && (o->qlen == 0 || !head_starving(d, o));
         else
             entitled = v > (int64_t)q_pos(d, o, ai);
         if (likely(entitled)) {
@@ -706,7 +721,7 @@ static int64_t obj_acquire(np_domain *d, uint64_t handle, int64_t deadline, int 
         }
         if (!queued) {
             tx_begin(a, idx, 0);
-            tx_q_append(d, a, ai, o, idx);
+            tx_q_append(d, a, ai, o, idx, now);
             tx_commit(d, a);
         }
         /* acquire: read under the guard, so any later post changes it. */
