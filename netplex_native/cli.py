@@ -194,14 +194,18 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("args", nargs="*")
     a.set_defaults(func=cmd_admin)
 
-    b = sub.add_parser("bench", parents=[common], help="run the benchmarks (bench/run.py)")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    b = sub.add_parser("bench", parents=[common], help="run the benchmarks (bench/run.py [--quick] ...)")
+    b.set_defaults(func=cmd_bench, bench_args=[])
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if args.cmd == "bench":
+        args.bench_args = extra          # bench/run.py parses its own options
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_level)
     if args.cmd == "demo" and args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)

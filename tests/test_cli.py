@@ -173,3 +173,13 @@ def test_every_command_takes_log_level_and_python_m_works():
         assert r.returncode == 0 and "--log-level" in r.stdout, cmd
     r = run_cli("--log-level", "nonsense", "admin", "list")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bench_command_passes_its_options_to_bench_run(tmp_path):
+    """`netplex-native bench --quick --only syscalls` runs the syscall count."""
+    r = run_cli("bench", "--quick", "--only", "syscalls", "--out", str(tmp_path), timeout=100)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "syscalls" in json.dumps(data)
+    assert "zero syscalls on the uncontended native path" in r.stdout
