@@ -11,7 +11,7 @@
 #include <sys/types.h>
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 2u
+#define NP_LAYOUT_VERSION 3u
 
 /* Guard word: 0 free, else (owner actor index + 1) | NP_GUARD_WAITERS. */
 #define NP_GUARD_WAITERS  0x80000000u
@@ -40,6 +40,11 @@
  * contention) until the queue's head has waited this long; from then on they
  * queue behind it.  Bounds the overtaking: waits are starvation-free. */
 #define NP_STARVE_NS      1000000LL
+/* Before queueing, a caller whose last releaser ran on another CPU watches
+ * the value for this many pauses (a few microseconds): cheaper than a futex
+ * sleep and wake-up when the holder is running.  No spin when the releaser
+ * shares our CPU: it cannot run while we spin. */
+#define NP_SPIN_ITERS     100
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
 
@@ -67,6 +72,7 @@ typedef struct {
     uint32_t owner;             /* mutex: process slot + 1 of the holder */
     uint32_t qhead, qtail;      /* FIFO of actor index + 1 */
     uint32_t qlen;
+    int32_t  rel_cpu;           /* hint: CPU of the last release (not logged) */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
@@ -86,6 +92,7 @@ typedef struct {
     uint32_t proc;              /* process slot + 1 that owns it; 0 free */
     int32_t  tid;
     uint32_t wake;              /* futex word this actor sleeps on */
+    uint32_t sleeping;          /* 1 while it may be in futex_wait on `wake' */
     uint32_t qnext;             /* next in the wait queue (actor + 1) */
     uint32_t waiting_on;        /* object index + 1 of the queue it is in */
     uint32_t wait_gen;          /* generation of that object when queued */

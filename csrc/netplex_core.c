@@ -66,6 +66,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -574,9 +575,14 @@ static void wake_actors(np_domain *d, const uint32_t *who, int n)
 {
     for (int i = 0; i < n; i++) {
         np_actor *x = &d->actors[who[i]];
-        /* release: the committed state precedes the change the sleeper sees. */
-        __atomic_add_fetch(&x->wake, 1, __ATOMIC_RELEASE);
-        futex_wake(&x->wake, 1);
+        /* seq_cst, with the sleeper's store of `sleeping' and load of
+         * `wake' (Dekker): either it sees our increment and does not sleep,
+         * or we see its flag and wake it.  Only the first waker after it went
+         * to sleep makes the system call; a waiter already woken but not yet
+         * running costs the others nothing more. */
+        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
+            futex_wake(&x->wake, 1);
     }
 }
 
@@ -637,6 +643,7 @@ static int64_t obj_acquire(np_domain *d, uint64_t handle, int64_t deadline, int 
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
     int64_t slice_end = 0;
+    int spun = 0;
 
     for (;;) {
         guard_lock(d, &o->guard, ai);
@@ -686,6 +693,14 @@ static int64_t obj_acquire(np_domain *d, uint64_t handle, int64_t deadline, int 
             guard_unlock(&o->guard);
             return NP_EAGAIN;
         }
+        if (!queued && !spun && o->rel_cpu != sched_getcpu()) {
+            spun = 1;                   /* reads only: nothing to log */
+            guard_unlock(&o->guard);
+            for (int i = 0; i < NP_SPIN_ITERS
+                     && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
+                cpu_relax();
+            continue;
+        }
         int64_t now = np_now();
         if (now >= deadline) {
             /* Not entitled: nobody behind us becomes entitled by our leaving. */
@@ -729,7 +744,11 @@ static int64_t obj_acquire(np_domain *d, uint64_t handle, int64_t deadline, int 
         guard_unlock(&o->guard);
         CRASHPOINT();
         int64_t until = deadline < slice_end ? deadline : slice_end;
-        futex_wait(&a->wake, w, until - now);
+        /* seq_cst: pairs with wake_actors (see there). */
+        __atomic_store_n(&a->sleeping, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&a->wake, __ATOMIC_SEQ_CST) == w)
+            futex_wait(&a->wake, w, until - now);
+        __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
     }
 }
 
@@ -787,6 +806,8 @@ static int64_t obj_release(np_domain *d, uint64_t handle, int kind)
     tx_commit(d, a);
     if (unlikely(o->qlen))
         n = q_collect(d, o, who);
+    /* relaxed: a hint for spinning waiters, ordered by nothing. */
+    __atomic_store_n(&o->rel_cpu, sched_getcpu(), __ATOMIC_RELAXED);
     guard_unlock(&o->guard);
     CRASHPOINT();
     wake_actors(d, who, n);
