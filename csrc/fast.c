@@ -240,21 +240,285 @@ static PyTypeObject BinderType = {
     .tp_methods = b_methods,
 };
 
+/* ------------------------------------------------------------------ */
+/* The public functions without a Python frame.
+ *
+ * Forward(ctx, attr, method, names, defaults, npos): calling it with the
+ * public signature calls getattr(ctx, attr).method(*all_params) with every
+ * parameter in positional form (keywords mapped by name, defaults filled),
+ * which is what semaphore.decrement & co. do in Python.  MutexBase gives
+ * Mutex its lock()/unlock() the same way.  The context object is the one
+ * of netplex_native._context, so the backend in use is looked up at each
+ * call, as in Python. */
+
+#define FWD_MAX 8
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+    PyObject *ctx, *attr, *method, *names, *defaults;
+    Py_ssize_t npos;
+} Forward;
+
+static PyObject *fwd_vectorcall(Forward *f, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t np = PyTuple_GET_SIZE(f->names);
+    Py_ssize_t nd = PyTuple_GET_SIZE(f->defaults);
+    PyObject *buf[FWD_MAX + 1];
+    PyObject **a = buf + 1;
+    if (n > f->npos) {
+        PyErr_Format(PyExc_TypeError, "%U() takes %zd positional argument%s but %zd were given",
+                     f->method, f->npos, f->npos == 1 ? "" : "s", n);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < np; i++)
+        a[i] = i < n ? args[i] : NULL;
+    if (kwnames) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t k = 0; k < nk; k++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+            Py_ssize_t j = 0;
+            for (; j < np; j++) {
+                PyObject *nm = PyTuple_GET_ITEM(f->names, j);
+                if (nm == key || PyUnicode_Compare(nm, key) == 0)
+                    break;
+            }
+            if (j == np) {
+                PyErr_Format(PyExc_TypeError, "%U() got an unexpected keyword argument '%U'", f->method, key);
+                return NULL;
+            }
+            if (a[j]) {
+                PyErr_Format(PyExc_TypeError, "%U() got multiple values for argument '%U'", f->method, key);
+                return NULL;
+            }
+            a[j] = args[n + k];
+        }
+    }
+    for (Py_ssize_t i = 0; i < np; i++) {
+        if (a[i])
+            continue;
+        if (i >= np - nd) {
+            a[i] = PyTuple_GET_ITEM(f->defaults, i - (np - nd));
+        } else {
+            PyErr_Format(PyExc_TypeError, "%U() missing required argument '%U'",
+                         f->method, PyTuple_GET_ITEM(f->names, i));
+            return NULL;
+        }
+    }
+    PyObject *backend = PyObject_GetAttr(f->ctx, f->attr);
+    if (backend == NULL)
+        return NULL;
+    a[-1] = backend;            /* buf[0]: the method's self */
+    PyObject *r = PyObject_VectorcallMethod(f->method, a - 1, (size_t)(np + 1), NULL);
+    Py_DECREF(backend);
+    return r;
+}
+
+static int fwd_init(Forward *f, PyObject *args, PyObject *kwds)
+{
+    PyObject *ctx, *attr, *method, *names, *defaults;
+    Py_ssize_t npos;
+    if (!PyArg_ParseTuple(args, "OUUO!O!n:Forward", &ctx, &attr, &method, &PyTuple_Type, &names,
+                          &PyTuple_Type, &defaults, &npos))
+        return -1;
+    if (PyTuple_GET_SIZE(names) > FWD_MAX || PyTuple_GET_SIZE(defaults) > PyTuple_GET_SIZE(names)
+            || npos < 0 || npos > PyTuple_GET_SIZE(names)) {
+        PyErr_SetString(PyExc_ValueError, "Forward: bad parameter description");
+        return -1;
+    }
+    Py_INCREF(ctx); Py_XSETREF(f->ctx, ctx);
+    Py_INCREF(attr); Py_XSETREF(f->attr, attr);
+    Py_INCREF(method); Py_XSETREF(f->method, method);
+    Py_INCREF(names); Py_XSETREF(f->names, names);
+    Py_INCREF(defaults); Py_XSETREF(f->defaults, defaults);
+    PyUnicode_InternInPlace(&f->attr);
+    PyUnicode_InternInPlace(&f->method);
+    f->npos = npos;
+    f->vectorcall = (vectorcallfunc)fwd_vectorcall;
+    return 0;
+}
+
+static int fwd_traverse(Forward *f, visitproc visit, void *arg)
+{
+    Py_VISIT(f->dict); Py_VISIT(f->ctx); Py_VISIT(f->attr); Py_VISIT(f->method);
+    Py_VISIT(f->names); Py_VISIT(f->defaults);
+    return 0;
+}
+
+static int fwd_clear(Forward *f)
+{
+    Py_CLEAR(f->dict); Py_CLEAR(f->ctx); Py_CLEAR(f->attr); Py_CLEAR(f->method);
+    Py_CLEAR(f->names); Py_CLEAR(f->defaults);
+    return 0;
+}
+
+static void fwd_dealloc(Forward *f)
+{
+    PyObject_GC_UnTrack(f);
+    fwd_clear(f);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static PyGetSetDef fwd_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL}
+};
+
+static PyTypeObject ForwardType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "netplex_native._fast.Forward",
+    .tp_basicsize = sizeof(Forward),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A public function of netplex_native calling its backend without a Python frame.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)fwd_init,
+    .tp_dealloc = (destructor)fwd_dealloc,
+    .tp_traverse = (traverseproc)fwd_traverse,
+    .tp_clear = (inquiry)fwd_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Forward, vectorcall),
+    .tp_dictoffset = offsetof(Forward, dict),
+    .tp_getset = fwd_getset,
+};
+
+/* MutexBase: the name, lock(timeout=None) and unlock() of mutex.Mutex. */
+static PyObject *mutex_ctx;          /* set_context(): netplex_native._context.ctx */
+static PyObject *s_mutex, *s_lock, *s_unlock;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;
+} MutexBase;
+
+static int mb_init(MutexBase *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *name;
+    static char *kw[] = {"name", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:MutexBase", kw, &name))
+        return -1;
+    Py_INCREF(name);
+    Py_XSETREF(self->name, name);
+    return 0;
+}
+
+static PyObject *mb_backend_call(MutexBase *self, PyObject *method, PyObject *timeout)
+{
+    if (mutex_ctx == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "netplex_native._fast.set_context() was not called");
+        return NULL;
+    }
+    PyObject *backend = PyObject_GetAttr(mutex_ctx, s_mutex);
+    if (backend == NULL)
+        return NULL;
+    PyObject *a[3] = {backend, self->name, timeout};
+    PyObject *r = PyObject_VectorcallMethod(method, a, timeout ? 3 : 2, NULL);
+    Py_DECREF(backend);
+    return r;
+}
+
+static PyObject *mb_lock(MutexBase *self, PyObject *const *args, Py_ssize_t n, PyObject *kwnames)
+{
+    PyObject *timeout = Py_None;
+    Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (n + nk > 1) {
+        PyErr_SetString(PyExc_TypeError, "lock() takes at most 1 argument (timeout)");
+        return NULL;
+    }
+    if (n == 1)
+        timeout = args[0];
+    else if (nk == 1) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) {
+            PyErr_Format(PyExc_TypeError, "lock() got an unexpected keyword argument '%U'",
+                         PyTuple_GET_ITEM(kwnames, 0));
+            return NULL;
+        }
+        timeout = args[0];
+    }
+    return mb_backend_call(self, s_lock, timeout);
+}
+
+static PyObject *mb_unlock(MutexBase *self, PyObject *Py_UNUSED(ignored))
+{
+    return mb_backend_call(self, s_unlock, NULL);
+}
+
+static PyObject *mb_get_name(MutexBase *self, void *Py_UNUSED(c))
+{
+    if (self->name == NULL)
+        Py_RETURN_NONE;
+    Py_INCREF(self->name);
+    return self->name;
+}
+
+static void mb_dealloc(MutexBase *self)
+{
+    Py_CLEAR(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef mb_methods[] = {
+    {"lock", (PyCFunction)(void (*)(void))mb_lock, METH_FASTCALL | METH_KEYWORDS,
+     "lock(timeout=None) -> bool: wait until locked (True), or timeout seconds (False)."},
+    {"unlock", (PyCFunction)mb_unlock, METH_NOARGS, "unlock(): unlock (a no-op when not locked)."},
+    {NULL, NULL, 0, NULL}
+};
+
+static PyGetSetDef mb_getset[] = {
+    {"name", (getter)mb_get_name, NULL, "the mutex's name", NULL},
+    {NULL, NULL, NULL, NULL, NULL}
+};
+
+static PyTypeObject MutexBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "netplex_native._fast.MutexBase",
+    .tp_basicsize = sizeof(MutexBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "lock() and unlock() of netplex_native.mutex.Mutex.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)mb_init,
+    .tp_dealloc = (destructor)mb_dealloc,
+    .tp_methods = mb_methods,
+    .tp_getset = mb_getset,
+};
+
+static PyObject *set_context(PyObject *Py_UNUSED(m), PyObject *ctx)
+{
+    Py_INCREF(ctx);
+    Py_XSETREF(mutex_ctx, ctx);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_context", set_context, METH_O, "set_context(ctx): the context whose .mutex MutexBase uses."},
+    {NULL, NULL, 0, NULL}
+};
+
 static struct PyModuleDef fast_module = {
     PyModuleDef_HEAD_INIT, "netplex_native._fast",
-    "Fast paths of the native core's uncontended operations.", -1, NULL,
+    "Fast paths of the native core's uncontended operations.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fast(void)
 {
-    if (PyType_Ready(&BinderType) < 0)
+    if (PyType_Ready(&BinderType) < 0 || PyType_Ready(&ForwardType) < 0
+            || PyType_Ready(&MutexBaseType) < 0)
+        return NULL;
+    s_mutex = PyUnicode_InternFromString("mutex");
+    s_lock = PyUnicode_InternFromString("lock");
+    s_unlock = PyUnicode_InternFromString("unlock");
+    if (!s_mutex || !s_lock || !s_unlock)
         return NULL;
     PyObject *m = PyModule_Create(&fast_module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&BinderType);
-    if (PyModule_AddObject(m, "Binder", (PyObject *)&BinderType) < 0) {
-        Py_DECREF(&BinderType);
+    Py_INCREF(&ForwardType);
+    Py_INCREF(&MutexBaseType);
+    if (PyModule_AddObject(m, "Binder", (PyObject *)&BinderType) < 0
+            || PyModule_AddObject(m, "Forward", (PyObject *)&ForwardType) < 0
+            || PyModule_AddObject(m, "MutexBase", (PyObject *)&MutexBaseType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

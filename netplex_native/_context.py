@@ -8,6 +8,8 @@ plugins the controller has, or a placeholder that raises the right error.
 
 from __future__ import annotations
 
+import functools
+
 from .errors import NotInContainerError, PluginNotAddedError
 
 KINDS = {"semaphore": "sem", "mutex": "mutex", "sharedvar": "var"}
@@ -59,3 +61,19 @@ class Context:
 
 
 ctx = Context()
+
+
+def forward(attr: str, names: tuple, defaults: tuple = (), npos: int = 1):
+    """Decorator for a public function that only calls ``ctx.<attr>.<its
+    name>(*params)``: with the accelerator (csrc/fast.c) the same call is made
+    without a Python frame; the decorated function stays its documentation and
+    signature, and is used as it is when the accelerator is not built."""
+    def wrap(pyfunc):
+        try:
+            from ._fast import Forward
+        except ImportError:
+            return pyfunc
+        f = Forward(ctx, attr, pyfunc.__name__, names, defaults, npos)
+        functools.update_wrapper(f, pyfunc)
+        return f
+    return wrap

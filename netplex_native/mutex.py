@@ -16,15 +16,35 @@ plugin = MutexPlugin()
 native_plugin = NativeMutexPlugin()
 
 
-class Mutex:
-    __slots__ = ("name",)
+try:
+    from ._fast import MutexBase as _MutexBase, set_context as _set_context
+except ImportError:
+    class _MutexBase:
+        """lock()/unlock() in Python (the accelerator is not built)."""
+
+        __slots__ = ("name",)
+
+        def __init__(self, name):
+            self.name = name
+
+        def lock(self, timeout=None):
+            return ctx.mutex.lock(self.name, timeout)
+
+        def unlock(self):
+            ctx.mutex.unlock(self.name)
+else:
+    _set_context(ctx)
+
+
+class Mutex(_MutexBase):
+    """The mutex *name*.  ``lock(timeout=None) -> bool`` waits until locked
+    (True) or *timeout* seconds (False); ``unlock()`` unlocks (a no-op when
+    not locked)."""
+
+    __slots__ = ()
 
     def __init__(self, name: str):
-        self.name = check_name(name)
-
-    def lock(self, timeout: float | None = None) -> bool:
-        """Wait until locked (True), or *timeout* seconds (False)."""
-        return ctx.mutex.lock(self.name, timeout)
+        super().__init__(check_name(name))
 
     async def lock_async(self, timeout: float | None = None) -> bool:
         """``lock`` for handlers: waits without blocking the container's loop."""

@@ -11,7 +11,7 @@ however it ends, and waiters are woken.
 
 from __future__ import annotations
 
-from ._context import ctx
+from ._context import ctx, forward
 from ._rpc_sync import SemaphorePlugin
 from ._native_plugin import NativeSemaphorePlugin
 
@@ -25,11 +25,13 @@ def create(name: str, initial: int = 0, *, protected: bool = False) -> bool:
     return ctx.sem.create(name, initial, protected)
 
 
+@forward("sem", ("name",))
 def increment(name: str) -> int:
     """+1; returns the new value."""
     return ctx.sem.increment(name)
 
 
+@forward("sem", ("name", "wait", "timeout"), (False, None))
 def decrement(name: str, *, wait: bool = False, timeout: float | None = None) -> int:
     """-1 if the value is positive; returns the new value.  At 0: -1 without
     *wait*; with *wait*, blocks (FIFO) until positive, or until *timeout*
@@ -42,6 +44,7 @@ async def decrement_async(name: str, *, wait: bool = False, timeout: float | Non
     return await ctx.sem.decrement_async(name, wait, timeout)
 
 
+@forward("sem", ("name",))
 def get(name: str) -> int:
     """The current value."""
     return ctx.sem.get(name)
