@@ -36,7 +36,9 @@ class Channel:
         self.sock = sock
         sock.setblocking(False)
         self.fd = sock.fileno()
-        self._decoder = wire.Decoder()
+        self._decoder = wire.Decoder(binary=True)
+        self._poller = select.poll()                # one poll object, reused by every wait
+        self._poller.register(self.fd, select.POLLIN)
         self._next_id = 0
         self._results: dict[int, tuple] = {}        # replies to synchronous calls
         self._sync_ids: set[int] = set()
@@ -72,33 +74,37 @@ class Channel:
     # ---- calls ----
     def notify(self, proc: str, args: list, blob: bytes | None = None) -> None:
         """A call that wants no reply."""
-        self._send(wire.encode([0, proc, args], blob))
+        self._send(wire.encode_call(0, proc, args, blob))
 
     def call(self, proc: str, args: list, blob: bytes | None = None, undo=None):
         """Synchronous call; returns ``(result, blob)`` or raises the remote error."""
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             fut = asyncio.run_coroutine_threadsafe(self.acall(proc, args, blob, undo), self._loop)
             return fut.result()
-        rid = self._new_id()
-        self._sync_ids.add(rid)
+        self._next_id = rid = self._next_id + 1
+        sync_ids = self._sync_ids
+        results = self._results
+        sync_ids.add(rid)
         try:
-            self._send(wire.encode([rid, proc, args], blob))
-            while rid not in self._results:
-                self._wait_readable()
-                self._read_available()
+            self._send(wire.encode_call(rid, proc, args, blob))
+            # Read until the reply is there, and no further: what follows it
+            # stays in the socket (or the decoder) for the loop's reader.
+            while rid not in results:
+                self._poller.poll(100)  # wake regularly: signal handlers run between polls
+                self._read_once()
         except BaseException:
-            self._sync_ids.discard(rid)
-            if rid not in self._results:
+            sync_ids.discard(rid)
+            if rid not in results:
                 self._abandon(rid, undo)
             raise
-        self._sync_ids.discard(rid)
-        return _unwrap(self._results.pop(rid))
+        sync_ids.discard(rid)
+        return _unwrap(results.pop(rid))
 
     async def acall(self, proc: str, args: list, blob: bytes | None = None, undo=None):
         rid = self._new_id()
         fut = self._loop.create_future()
         self._futures[rid] = fut
-        self._send(wire.encode([rid, proc, args], blob))
+        self._send(wire.encode_call(rid, proc, args, blob))
         try:
             reply = await fut
         except asyncio.CancelledError:
@@ -127,7 +133,16 @@ class Channel:
     def _send(self, data: bytes) -> None:
         if self.closed:
             raise ControllerGoneError("the controller closed the channel")
-        view = memoryview(data)
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self._eof()
+            raise ControllerGoneError(f"the controller closed the channel: {e}") from None
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
         while view:
             try:
                 n = self.sock.send(view)
@@ -141,29 +156,30 @@ class Channel:
                 raise ControllerGoneError(f"the controller closed the channel: {e}") from None
             view = view[n:]
 
-    def _wait_readable(self) -> None:
-        p = select.poll()
-        p.register(self.fd, select.POLLIN)
-        p.poll(100)  # wake regularly: signal handlers run between polls
+    def _read_once(self) -> bool:
+        """One recv: dispatch the frames it completes.  False if nothing was
+        there; raises ControllerGoneError (EOF) or ProtocolError (garbage)."""
+        try:
+            data = self.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._eof()
+            raise ControllerGoneError("the controller closed the channel")
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError:
+            self._eof()
+            raise
+        for obj, blob in frames:
+            self._dispatch(obj, blob)
+        return True
 
     def _read_available(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(1 << 18)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._eof()
-                raise ControllerGoneError("the controller closed the channel")
-            try:
-                frames = self._decoder.feed(data)
-            except ProtocolError:
-                self._eof()
-                raise
-            for obj, blob in frames:
-                self._dispatch(obj, blob)
+        while self._read_once():
+            pass
 
     def control_pending(self) -> bool:
         """Read what has arrived (without running any hook) and tell whether
@@ -177,7 +193,7 @@ class Channel:
 
     def _on_readable(self) -> None:
         try:
-            self._read_available()
+            self._read_once()       # level-triggered: called again while more is there
         except (ControllerGoneError, ProtocolError):
             pass
         self._drain_inbox()

@@ -87,7 +87,7 @@ class _Reply:
             return
         if self.deferred and undo is not None:
             rec.unacked[self.id] = undo
-        rec.conn.send(wire.encode(["r", self.id, True, result, self.deferred], blob))
+        rec.conn.send(wire.encode_reply(self.id, result, self.deferred, blob))
 
     def error(self, exc: BaseException) -> None:
         if self.done:
@@ -108,7 +108,7 @@ class _Conn:
         self._rec = rec
         self.sock = sock
         self.fd = sock.fileno()
-        self._decoder = wire.Decoder()
+        self._decoder = wire.Decoder(binary=True)
         self._wbuf = bytearray()
         self.closed = False
         sock.setblocking(False)

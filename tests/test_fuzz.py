@@ -105,7 +105,7 @@ def malformed_cases(rng: random.Random) -> list[tuple[str, bytes]]:
     for i in range(8):          # a valid header, then garbage body
         body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
         cases.append((f"garbage body #{i}", HDR.pack(4 + len(body), len(body)) + body))
-    return cases
+    return cases + binary_malformed_cases()
 
 
 # ---------------------------------------------------------------- the decoder alone
@@ -182,6 +182,149 @@ def test_decoder_seeded_malformed_cases():
         wire.Decoder().feed(HDR.pack(4 + 200000, 200000) + b"[" * 200000)
 
 
+# ---------------------------------------------------------------- binary frames (container channels)
+
+def _bin_call(op, rid, flags=0, timeout=float("nan"), name=b"fz.s"):
+    body = struct.pack("!BQBd", op, rid, flags, timeout) + name
+    return HDR.pack(4 + len(body), 0) + body
+
+
+def _bin_reply(rid, flags, value=0):
+    body = struct.pack("!BQBq", 0x80, rid, flags, value)
+    return HDR.pack(4 + len(body), 0) + body
+
+
+HOT_CALLS = [
+    ("sem.increment", ["fz.s"]), ("sem.get", ["é💥"]), ("mutex.unlock", ["fz.m"]),
+    ("sem.decrement", ["fz.s", False, None]), ("sem.decrement", ["fz.s", True, 2.5]),
+    ("sem.decrement", ["fz.s", True, 0]), ("sem.decrement", ["", True, -1.0]),
+    ("mutex.lock", ["fz.m", None]), ("mutex.lock", ["fz.m", 0.0]), ("mutex.lock", ["x" * 300, float("inf")]),
+]
+# the same procedures in shapes that have no binary form: sent as JSON, same meaning
+JSON_ONLY_CALLS = [
+    ("sem.increment", [5]), ("sem.increment", []), ("sem.increment", ["a", "b"]), ("sem.get", [None]),
+    ("sem.decrement", ["fz.s", 1, None]), ("sem.decrement", ["fz.s", True, True]),
+    ("sem.decrement", ["fz.s", True, 10**30]), ("sem.decrement", ["fz.s", True, "1"]),
+    ("sem.decrement", ["fz.s", False]), ("mutex.lock", ["fz.m"]), ("mutex.lock", ["fz.m", None, 1]),
+    ("mutex.lock", ["\ud800", None]), ("sem.create", ["fz.s", 1, True]), ("var.get", ["v"]),
+    ("mutex.unlock", ["y" * 5000]),
+]
+
+
+def _is_binary(frame_bytes):
+    return HDR.unpack_from(frame_bytes)[1] == 0
+
+
+def test_binary_call_roundtrip():
+    for rid in (0, 1, 2**32 + 7, 2**64 - 1):
+        for proc, args in HOT_CALLS:
+            data = wire.encode_call(rid, proc, args)
+            assert _is_binary(data), (proc, args)
+            (obj, blob), = wire.Decoder(binary=True).feed(data)
+            assert blob is None
+            want = [rid, proc, [float(a) if type(a) is int and i == len(args) - 1 and len(args) > 1 else a
+                                for i, a in enumerate(args)]]
+            if want[2][-1] == float("inf"):
+                want[2][-1] = float("inf")
+            assert obj == want, (obj, want)
+            _check_frames([(obj, blob)])
+    for rid, proc, args, blob in [(2**64, "sem.get", ["a"], None), (-1, "sem.get", ["a"], None),
+                                  (3, "sem.get", ["a"], b"blob")] + [(9, p, a, None) for p, a in JSON_ONLY_CALLS]:
+        if proc == "mutex.lock" and args[0] == "\ud800":
+            continue  # not encodable at all (JSON raises too, below)
+        data = wire.encode_call(rid, proc, args, blob)
+        assert not _is_binary(data), (proc, args)
+        assert wire.Decoder(binary=True).feed(data) == [([rid, proc, args], blob)]
+    with pytest.raises(UnicodeEncodeError):
+        wire.encode_call(9, "mutex.lock", ["\ud800", None])
+
+
+def test_binary_reply_roundtrip():
+    for rid in (1, 2**64 - 1):
+        for result in (None, 0, -1, 7, 2**63 - 1, -2**63, True, False):
+            for deferred in (False, True):
+                data = wire.encode_reply(rid, result, deferred)
+                assert _is_binary(data)
+                got = wire.Decoder(binary=True).feed(data)
+                assert got == [(["r", rid, True, result, deferred], None)]
+                assert type(got[0][0][3]) is type(result)
+    for rid, result, blob in [(1, 2**63, None), (1, -2**63 - 1, None), (1, "s", None), (1, [1], None),
+                              (1, 1.5, None), (1, None, b"pickle"), (2**64, 1, None)]:
+        data = wire.encode_reply(rid, result, False, blob)
+        assert not _is_binary(data)
+        assert wire.Decoder(binary=True).feed(data) == [(["r", rid, True, result, False], blob)]
+
+
+def test_binary_frames_only_on_channels():
+    data = wire.encode_call(5, "sem.get", ["a"])
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        wire.Decoder().feed(data)                    # the admin socket's decoder
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        wire.Decoder().feed(wire.encode_reply(5, 1))
+
+
+def binary_malformed_cases() -> list[tuple[str, bytes]]:
+    """Well-framed binary frames with a body that does not parse: the peer is dropped."""
+    ok = wire.encode_call(10**9, "sem.get", ["fz.s"])
+    return [
+        ("binary: empty body", HDR.pack(4, 0)),
+        ("binary: unknown op", _bin_call(0x7f, 1)),
+        ("binary: op 0", _bin_call(0, 1)),
+        ("binary: call too short", HDR.pack(4 + 10, 0) + b"\x03" + b"\x00" * 9),
+        ("binary: flags on increment", _bin_call(1, 1, flags=1)),
+        ("binary: unknown decrement flag", _bin_call(2, 1, flags=2)),
+        ("binary: name not utf-8", _bin_call(3, 1, name=b"\xff\xfe")),
+        ("binary: good then bad", ok + _bin_call(9, 1)),
+    ]
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 255), st.integers(0, 2**64 - 1), st.integers(0, 255),
+       st.floats(allow_nan=True, allow_infinity=True), st.binary(max_size=40), st.integers(-8, 8))
+def test_binary_decoder_fuzzed_bodies(op, rid, flags, timeout, name, trim):
+    body = struct.pack("!BQBd", op, rid, flags, timeout) + name
+    if trim < 0:
+        body = body[:trim]
+    for data in (HDR.pack(4 + len(body), 0) + body,
+                 _bin_reply(rid, flags, (rid & 0xffff) - 7 if op & 1 else 0)):
+        try:
+            frames = wire.Decoder(binary=True).feed(data)
+        except ProtocolError as e:
+            assert str(e)
+            continue
+        _check_frames(frames)
+        (obj, blob), = frames
+        assert blob is None and isinstance(obj, list)
+        if obj[0] == "r":
+            assert obj[2] is True and isinstance(obj[4], bool)
+        else:
+            assert obj[0] == rid and obj[1] in wire.CALL_OPS and isinstance(obj[2], list)
+            assert wire.Decoder(binary=True).feed(wire.encode_call(*obj)) == frames
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.one_of(st.sampled_from(HOT_CALLS + JSON_ONLY_CALLS[:-4]).map(lambda c: ("c",) + c),
+                          st.tuples(st.just("r"), st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64),
+                                                            st.text(max_size=5)), st.booleans())),
+                min_size=1, max_size=8),
+       st.integers(1, 40))
+def test_binary_and_json_mixed_any_chunking(msgs, chunk):
+    frames, want = [], []
+    for i, m in enumerate(msgs, 1):
+        if m[0] == "c":
+            frames.append(wire.encode_call(i, m[1], m[2]))
+            want.append(wire.Decoder(binary=True).feed(frames[-1])[0])
+        else:
+            frames.append(wire.encode_reply(i, m[1], m[2]))
+            want.append((["r", i, True, m[1], m[2]], None))
+    stream = b"".join(frames)
+    dec = wire.Decoder(binary=True)
+    got = []
+    for i in range(0, len(stream), chunk):
+        got += dec.feed(stream[i:i + chunk])
+    assert got == want and dec.pending == 0
+
+
 # ---------------------------------------------------------------- container channels
 
 class _Worker(netplex.ProcessorHooks):
@@ -232,6 +375,20 @@ class _Fuzzer(netplex.ProcessorHooks):
                 obj = rand_call(rng)
                 blob = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) if rng.random() < 0.1 else None
                 data = frame(obj, blob, nan=rng.random() < 0.05)
+                r = rng.random()
+                if r < 0.3 and isinstance(obj, list) and len(obj) == 3 and isinstance(obj[1], str) \
+                        and blob is None:
+                    try:                           # binary where the call has a hot shape
+                        data = wire.encode_call(*obj)
+                    except (ValueError, TypeError, UnicodeEncodeError):
+                        pass
+                elif r < 0.33:                     # well-framed binary frames of any content
+                    op = rng.randrange(1, 6)
+                    data = rng.choice([
+                        _bin_call(op, rng.choice([0, 10**9 + i, 2**64 - 1]),
+                                  rng.choice([0, 1]) if op == 2 else 0, rng.choice([float("nan"), 0.0, -1.0, 0.01, 1e300]),
+                                  rng.choice([b"fz.s", b"fz.m", b"", b"x" * 300, "é".encode(), b"a\x00b"])),
+                        _bin_reply(rng.randrange(2**64), rng.choice([1, 3, 5, 7, 9, 13]), 0)])
                 if rng.random() < 0.003:           # a big one (well below the limit)
                     data = frame([10**9, "sem.get", ["x" * (1 << 20)]])
                 _send_all(sock, data)
