@@ -34,8 +34,10 @@ def increment(name: str) -> int:
 @forward("sem", ("name", "wait", "timeout"), (False, None))
 def decrement(name: str, *, wait: bool = False, timeout: float | None = None) -> int:
     """-1 if the value is positive; returns the new value.  At 0: -1 without
-    *wait*; with *wait*, blocks (FIFO) until positive, or until *timeout*
-    seconds (-1), or until the semaphore is destroyed (-1)."""
+    *wait*; with *wait*, blocks until positive, or until *timeout* seconds
+    (-1), or until the semaphore is destroyed (-1).  Waiters are served in
+    order of arrival (native: a newcomer may overtake waiters queued for
+    less than 1 ms)."""
     return ctx.sem.decrement(name, wait, timeout)
 
 
