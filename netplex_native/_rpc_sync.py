@@ -89,21 +89,25 @@ class SyncState:
         return True
 
     def sem_increment(self, cid, name) -> int:
-        s = self._sem(name)
+        s = self.sems.get(name) or self._sem(name)
         if s.value >= VALUE_MAX:
             raise OverflowError(f"semaphore {name!r} would exceed {VALUE_MAX}")
         s.value += 1
         if s.protected and cid:
             s.deltas[cid] = s.deltas.get(cid, 0) + 1
         new = s.value
-        self._serve(s)
+        if s.waiters:
+            self._serve(s)
         return new
 
     def sem_try_decrement(self, cid, name) -> int:
-        s = self._sem(name)
+        s = self.sems.get(name) or self._sem(name)
         if s.value <= 0:
             return -1
-        self._take(s, cid)
+        if s.protected and cid:
+            self._take(s, cid)
+        else:
+            s.value -= 1
         return s.value
 
     def _take(self, s: _Sem, cid) -> None:
@@ -278,9 +282,9 @@ class SyncState:
 
 
 def _args(args, n, proc):
-    if len(args) != n:
-        raise ValueError(f"{proc}: expected {n} arguments, got {len(args)}")
-    return args
+    if len(args) == n:
+        return args
+    raise ValueError(f"{proc}: expected {n} arguments, got {len(args)}")
 
 
 class _SyncBase(Plugin):
@@ -313,20 +317,21 @@ class SemaphorePlugin(Plugin):
     required = (_sync_base,)
 
     def ctrl_receive_call(self, ctrl, rec, proc, args, blob, reply) -> None:
-        st = _state(ctrl)
-        if proc == "create":
-            name, initial, protected = _args(args, 3, proc)
-            reply.ok(st.sem_create(check_name(name), check_int(initial, "initial"),
-                                   check_bool(protected, "protected")))
-        elif proc == "increment":
-            reply.ok(st.sem_increment(rec.id, check_name(_args(args, 1, proc)[0])))
-        elif proc == "decrement":
+        st = ctrl.plugin_data(_sync_base)
+        # the hot procedures first
+        if proc == "decrement":
             name, wait, timeout = _args(args, 3, proc)
             name = check_name(name)
             if check_bool(wait, "wait"):
                 st.sem_wait(rec, name, check_timeout(timeout), reply)
             else:
                 reply.ok(st.sem_try_decrement(rec.id, name))
+        elif proc == "increment":
+            reply.ok(st.sem_increment(rec.id, check_name(_args(args, 1, proc)[0])))
+        elif proc == "create":
+            name, initial, protected = _args(args, 3, proc)
+            reply.ok(st.sem_create(check_name(name), check_int(initial, "initial"),
+                                   check_bool(protected, "protected")))
         elif proc == "get":
             reply.ok(st.sem_get(check_name(_args(args, 1, proc)[0])))
         elif proc == "destroy":
@@ -349,7 +354,7 @@ class MutexPlugin(Plugin):
     required = (_sync_base,)
 
     def ctrl_receive_call(self, ctrl, rec, proc, args, blob, reply) -> None:
-        st = _state(ctrl)
+        st = ctrl.plugin_data(_sync_base)
         if proc == "lock":
             name, timeout = _args(args, 2, proc)
             st.mutex_lock(rec, rec.id, check_name(name), check_timeout(timeout), reply)

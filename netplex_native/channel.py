@@ -22,7 +22,6 @@ received.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 import threading
 from collections import deque
@@ -34,11 +33,11 @@ from .errors import REMOTE_ERRORS, ControllerGoneError, RemoteError, ProtocolErr
 class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        sock.setblocking(False)
+        # Blocking: a synchronous call sleeps in recv() itself (one system
+        # call per wait); every other read passes MSG_DONTWAIT.
+        sock.setblocking(True)
         self.fd = sock.fileno()
         self._decoder = wire.Decoder(binary=True)
-        self._poller = select.poll()                # one poll object, reused by every wait
-        self._poller.register(self.fd, select.POLLIN)
         self._next_id = 0
         self._results: dict[int, tuple] = {}        # replies to synchronous calls
         self._sync_ids: set[int] = set()
@@ -90,8 +89,7 @@ class Channel:
             # Read until the reply is there, and no further: what follows it
             # stays in the socket (or the decoder) for the loop's reader.
             while rid not in results:
-                self._poller.poll(100)  # wake regularly: signal handlers run between polls
-                self._read_once()
+                self._read_once(0)      # blocks; a signal's handler runs, then it waits on
         except BaseException:
             sync_ids.discard(rid)
             if rid not in results:
@@ -134,33 +132,17 @@ class Channel:
         if self.closed:
             raise ControllerGoneError("the controller closed the channel")
         try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
+            self.sock.sendall(data)     # blocking: waits while the controller is behind
         except OSError as e:
             self._eof()
             raise ControllerGoneError(f"the controller closed the channel: {e}") from None
-        if n == len(data):
-            return
-        view = memoryview(data)[n:]
-        while view:
-            try:
-                n = self.sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                p = select.poll()
-                p.register(self.fd, select.POLLOUT)
-                p.poll(100)
-                continue
-            except OSError as e:
-                self._eof()
-                raise ControllerGoneError(f"the controller closed the channel: {e}") from None
-            view = view[n:]
 
-    def _read_once(self) -> bool:
-        """One recv: dispatch the frames it completes.  False if nothing was
-        there; raises ControllerGoneError (EOF) or ProtocolError (garbage)."""
+    def _read_once(self, flags: int = socket.MSG_DONTWAIT) -> bool:
+        """One recv (waits for data when *flags* is 0): dispatch the frames it
+        completes.  False if nothing was there; raises ControllerGoneError
+        (EOF) or ProtocolError (garbage)."""
         try:
-            data = self.sock.recv(1 << 18)
+            data = self.sock.recv(1 << 18, flags)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:

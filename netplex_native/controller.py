@@ -45,6 +45,8 @@ CRASH_LOOP_WINDOW = 1.0
 #: Most bytes buffered for one container that does not read its channel.
 MAX_WRITE_BUFFER = 64 * 1024 * 1024
 
+_encode_reply = wire.encode_reply
+
 
 class _Reply:
     """The answer to one call; plugins call ``ok`` or ``error`` now or later."""
@@ -80,21 +82,25 @@ class _Reply:
             return
         self.done = True
         rec = self._rec
-        rec.pending.pop(self.id, None)
-        if self.id <= 0 or not rec.alive:
-            if undo is not None and self.deferred:
+        rid = self.id
+        deferred = self.deferred
+        if deferred:                # only a deferred reply is in pending
+            rec.pending.pop(rid, None)
+        if rid <= 0 or not rec.alive:
+            if undo is not None and deferred:
                 undo()
             return
-        if self.deferred and undo is not None:
-            rec.unacked[self.id] = undo
-        rec.conn.send(wire.encode_reply(self.id, result, self.deferred, blob))
+        if deferred and undo is not None:
+            rec.unacked[rid] = undo
+        rec.conn.send(_encode_reply(rid, result, deferred, blob))
 
     def error(self, exc: BaseException) -> None:
         if self.done:
             return
         self.done = True
         rec = self._rec
-        rec.pending.pop(self.id, None)
+        if self.deferred:
+            rec.pending.pop(self.id, None)
         if self.id > 0 and rec.alive:
             rec.conn.send(wire.encode(["r", self.id, False, [type(exc).__name__, str(exc)], False]))
 
@@ -112,11 +118,15 @@ class _Conn:
         self._wbuf = bytearray()
         self.closed = False
         sock.setblocking(False)
+        self._recv = sock.recv          # bound once: the reader's hot path
+        self._send = sock.send
+        self._feed = self._decoder.feed
+        self._on_call = ctrl._on_call
         ctrl._loop.add_reader(self.fd, self._on_readable)
 
     def _on_readable(self) -> None:
         try:
-            data = self.sock.recv(1 << 18)
+            data = self._recv(1 << 18)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -126,15 +136,17 @@ class _Conn:
             self.close()
             return
         try:
-            frames = self._decoder.feed(data)
+            frames = self._feed(data)
         except ProtocolError as e:
             log.warning("container %s (pid %d): %s; dropping its channel", self._rec.id, self._rec.pid, e)
             self.close()
             return
+        on_call = self._on_call
+        rec = self._rec
         for obj, blob in frames:
             if self.closed:
                 return
-            self._ctrl._on_call(self._rec, obj, blob)
+            on_call(rec, obj, blob)
 
     def send(self, data: bytes) -> None:
         if self.closed:
@@ -143,7 +155,7 @@ class _Conn:
             self._wbuf += data
         else:
             try:
-                n = self.sock.send(data)
+                n = self._send(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:
@@ -577,8 +589,8 @@ class Controller:
 
     # ---- calls from containers ----
     def _on_call(self, rec: _ContainerRecord, obj, blob) -> None:
-        if not (isinstance(obj, list) and len(obj) == 3 and type(obj[0]) is int
-                and isinstance(obj[1], str) and isinstance(obj[2], list)):
+        if not (type(obj) is list and len(obj) == 3 and type(obj[0]) is int
+                and type(obj[1]) is str and type(obj[2]) is list):   # the decoder makes exact types
             log.warning("container %s (pid %d) sent a malformed call: %.200r", rec.id, rec.pid, obj)
             if isinstance(obj, list) and obj and type(obj[0]) is int and obj[0] > 0:
                 _Reply(rec, obj[0]).error(ProtocolError("malformed call: expected [id, proc, args]"))
