@@ -23,11 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 from collections import deque
 
 from . import wire
 from .errors import REMOTE_ERRORS, ControllerGoneError, RemoteError, ProtocolError
+
+
+# A plain binary reply (wire.encode_reply): header (length 22, no JSON), 0x80.
+_REPLY_HEAD = wire._REPLY.pack(wire._REPLY_LEN, 0, wire.OP_REPLY, 0, 0, 0)[:9]
+_REPLY_SIZE = wire._REPLY.size
+_REPLY_TAIL = struct.Struct("!BQBq").unpack_from   # from offset 8: op, id, flags, value
+_PLAIN = {1: None, 9: False, 13: True}             # flags of ok, not deferred, value 0
 
 
 class Channel:
@@ -88,8 +96,22 @@ class Channel:
             self._send(wire.encode_call(rid, proc, args, blob))
             # Read until the reply is there, and no further: what follows it
             # stays in the socket (or the decoder) for the loop's reader.
+            # Blocking reads; a signal's handler runs, then the wait goes on.
+            if not self._decoder.pending:
+                # the usual case: the next read is exactly our plain binary reply
+                data = self._recv_blocking()
+                if len(data) == _REPLY_SIZE and data.startswith(_REPLY_HEAD):
+                    _, rrid, flags, value = _REPLY_TAIL(data, 8)
+                    if rrid == rid:
+                        if flags == 5:              # ok, an int
+                            sync_ids.discard(rid)
+                            return value, None
+                        if not value and flags in _PLAIN:   # ok, None/False/True
+                            sync_ids.discard(rid)
+                            return _PLAIN[flags], None
+                self._process(data)
             while rid not in results:
-                self._read_once(0)      # blocks; a signal's handler runs, then it waits on
+                self._process(self._recv_blocking())
         except BaseException:
             sync_ids.discard(rid)
             if rid not in results:
@@ -137,16 +159,27 @@ class Channel:
             self._eof()
             raise ControllerGoneError(f"the controller closed the channel: {e}") from None
 
-    def _read_once(self, flags: int = socket.MSG_DONTWAIT) -> bool:
-        """One recv (waits for data when *flags* is 0): dispatch the frames it
-        completes.  False if nothing was there; raises ControllerGoneError
-        (EOF) or ProtocolError (garbage)."""
+    def _read_once(self) -> bool:
+        """One recv without waiting: dispatch the frames it completes.  False
+        if nothing was there; raises ControllerGoneError (EOF) or ProtocolError
+        (garbage)."""
         try:
-            data = self.sock.recv(1 << 18, flags)
+            data = self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
             data = b""
+        self._process(data)
+        return True
+
+    def _recv_blocking(self) -> bytes:
+        try:
+            return self.sock.recv(1 << 18)
+        except OSError:
+            return b""
+
+    def _process(self, data: bytes) -> None:
+        """Dispatch the frames *data* completes (b"": EOF)."""
         if not data:
             self._eof()
             raise ControllerGoneError("the controller closed the channel")
@@ -157,7 +190,6 @@ class Channel:
             raise
         for obj, blob in frames:
             self._dispatch(obj, blob)
-        return True
 
     def _read_available(self) -> None:
         while self._read_once():
