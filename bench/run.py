@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import re
 import select
 import shutil
 import signal
