@@ -578,7 +578,7 @@ class Controller:
         if st.restart_handle is not None:
             return
         base, cap = self.backoff
-        delay = min(cap, base * (2 ** (failures - 1)))
+        delay = min(cap, base * 2.0 ** min(failures - 1, 30))
         log.warning("service %s: %d consecutive %s; next start in %.2f s", st.service.name, failures,
                     "start failures" if st.start_failures >= st.crash_streak else "quick crashes", delay)
 
@@ -654,7 +654,10 @@ class Controller:
             except ChildProcessError:
                 wpid, status = pid, 0
             if wpid == pid:
-                self._container_died(self._by_pid[pid], status)
+                try:
+                    self._container_died(self._by_pid[pid], status)
+                except Exception:  # never let one child's end stop the reaping
+                    log.exception("handling the end of pid %d failed", pid)
 
     def _container_died(self, rec: _ContainerRecord, status: int) -> None:
         st = self._services[rec.service.name]

@@ -981,3 +981,25 @@ def test_sigterm_ends_a_synchronous_wait_so_the_container_runs_its_shutdown_hook
         assert "system_shutdown" in kinds and "shutdown" in kinds and "pre_finish" in kinds, \
             f"hooks that ran: {kinds} (shutdown took {took:.1f}s)"
         assert took < 4.0
+
+
+def test_back_off_stays_bounded_after_thousands_of_quick_crashes():
+    """A 60 s kill storm reached 1024 consecutive quick crashes: 2 ** 1023
+    overflowed a float inside the SIGCHLD handler and reaping stalled."""
+    import asyncio
+    from netplex_native.controller import _ServiceState
+    ctrl = netplex.Controller(backoff=(0.01, 0.05))
+    loop = asyncio.new_event_loop()
+    try:
+        ctrl._loop, ctrl._state = loop, "running"
+        st = _ServiceState(netplex.Service("svc", workers=0))
+        for streak in (1, 31, 1024, 10**6):
+            st.crash_streak = streak
+            st.restart_handle = None
+            ctrl._schedule_restart(st)
+            assert st.restart_handle is not None
+            assert st.restart_handle.when() - loop.time() <= 0.05 + 1e-3
+            st.restart_handle.cancel()
+    finally:
+        ctrl._state = "stopped"
+        loop.close()
