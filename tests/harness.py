@@ -165,25 +165,34 @@ def free_port() -> int:
     return port
 
 
-def request(port_or_path, line: str, timeout: float = 5.0) -> str:
-    """Send one line to a service and return its one-line answer."""
-    if isinstance(port_or_path, int):
-        s = socket.create_connection(("127.0.0.1", port_or_path), timeout=timeout)
+def exchange(where, data: bytes, *, until_eof: bool = False, timeout: float = 5.0) -> bytes:
+    """Send *data* to a TCP port (int, or (host, port)) or a Unix socket path
+    and return what comes back: one line, or everything until the peer
+    closes (*until_eof*)."""
+    if isinstance(where, int):
+        where = ("127.0.0.1", where)
+    if isinstance(where, tuple):
+        s = socket.create_connection(where, timeout=timeout)
     else:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(port_or_path)
+        s.connect(where)
     try:
-        s.sendall(line.encode() + b"\n")
+        s.sendall(data)
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
+        while until_eof or not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
             if not chunk:
                 break
             buf += chunk
-        return buf.decode().strip()
+        return buf
     finally:
         s.close()
+
+
+def request(where, line: str, timeout: float = 5.0) -> str:
+    """Send one line to a service and return its one-line answer."""
+    return exchange(where, line.encode() + b"\n", timeout=timeout).decode().strip()
 
 
 def pid_alive(pid: int) -> bool:

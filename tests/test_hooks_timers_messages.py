@@ -17,7 +17,7 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import admin, cenv, semaphore, mutex, sharedvar
-from harness import run_controller, free_port, pid_alive, wait_until
+from harness import exchange, run_controller, free_port, pid_alive, wait_until
 
 
 # ---------------------------------------------------------------- helpers
@@ -72,20 +72,6 @@ def _admin(socket_dir, **req):
     r = admin.request(socket_dir, req, timeout=5)
     assert r.get("ok") is True, r
     return r
-
-
-def _send_line(port, line: str) -> bytes:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(line.encode() + b"\n")
-        buf = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                return buf
-            buf += chunk
-    finally:
-        s.close()
 
 
 # ---------------------------------------------------------------- hooks
@@ -193,14 +179,14 @@ def test_global_exception_handler_sees_hook_timer_and_handler_errors_and_decides
         _admin(socket_dir, cmd="message", pattern="exc", name="hook-keep", args=[])
         assert events.wait("geh", count=2, timeout=5)[1]["msg"] == "hook-keep"
         # a handler
-        _send_line(port, "handler-keep")
+        exchange(port, b"handler-keep\n", until_eof=True)
         assert events.wait("geh", count=3, timeout=5)[2]["msg"] == "handler-keep"
         events.poll(0.3)
         assert pid_alive(first["cpid"]) and len(events.all("started")) == 1
         assert events.all("pre_finish") == []
 
         # False ends the container (regularly: pre_finish_hook runs) and it is restarted
-        _send_line(port, "handler-end")
+        exchange(port, b"handler-end\n", until_eof=True)
         events.wait("pre_finish", cid="exc.1", timeout=5)
         events.wait("post_finish", cid="exc.1", timeout=5)
         events.wait("started", cid="exc.2", timeout=5)

@@ -20,7 +20,7 @@ import pytest
 
 import netplex_native as netplex
 from netplex_native import admin, cenv, semaphore
-from harness import plugins_for, run_controller, free_port, pid_alive, wait_until, shm_entries
+from harness import exchange, request, plugins_for, run_controller, free_port, pid_alive, wait_until, shm_entries
 
 
 # ---------------------------------------------------------------- helpers
@@ -119,26 +119,6 @@ async def who_handler(reader, writer):
     await writer.drain()
 
 
-def _line(sock_or_addr, data=b"hi\n", timeout=5.0) -> str:
-    if isinstance(sock_or_addr, tuple):
-        s = socket.create_connection(sock_or_addr, timeout=timeout)
-    else:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(sock_or_addr)
-    try:
-        s.sendall(data)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        return buf.decode().strip()
-    finally:
-        s.close()
-
-
 def _admin_list(socket_dir):
     r = admin.request(socket_dir, {"cmd": "list"}, timeout=5)
     assert r["ok"], r
@@ -203,7 +183,7 @@ def test_tcp_service_on_port_0_serves_from_several_containers(events, socket_dir
         started = {e["cid"]: e["cpid"] for e in events.all("started")}
         assert all(started[cid] == int(pid) for cid, pid in answers), "answer pid does not match container"
         # and a plain request still works afterwards
-        assert _line(("127.0.0.1", port)).split()[0] in served_by
+        assert request(("127.0.0.1", port), "hi").split()[0] in served_by
         assert proc.stop() == 0
 
 
@@ -221,7 +201,7 @@ def test_tcp_service_answers_many_sequential_requests(events):
         events.wait("started", count=2, timeout=10)
         cids = {e["cid"] for e in events.all("started")}
         for _ in range(50):
-            cid, _pid = _line(("127.0.0.1", port)).split()
+            cid, _pid = request(("127.0.0.1", port), "hi").split()
             assert cid in cids
         assert proc.stop() == 0
 
@@ -254,7 +234,7 @@ def test_unix_service_serves_and_its_socket_file_is_removed_at_shutdown(events, 
         assert lk["tcp"] is None and lk["missing"] is None
         ucids = {e["cid"] for e in events.all("started", service="usvc")}
         for _ in range(10):
-            assert _line(path).split()[0] in ucids
+            assert request(path, "hi").split()[0] in ucids
         assert os.path.exists(path)
         assert proc.stop() == 0
         assert not os.path.exists(path), "the unix socket file was left behind"
@@ -515,19 +495,7 @@ def test_admin_list_inspect_message_restart_and_shutdown(events, socket_dir):
 
 
 def _raw_admin(socket_dir, data: bytes, timeout=5.0) -> bytes:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(os.path.join(socket_dir, "admin.sock"))
-        s.sendall(data)
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return buf
-            buf += chunk
-    finally:
-        s.close()
+    return exchange(os.path.join(socket_dir, "admin.sock"), data, until_eof=True, timeout=timeout)
 
 
 @pytest.mark.timeout(40)
@@ -722,7 +690,7 @@ def test_garbage_on_a_container_channel_drops_that_container_only(events, socket
         st = _service(_admin_list(socket_dir), "app")
         assert {c["id"] for c in st["containers"]} == set(others) | {"app.4"}
         for _ in range(10):
-            assert _line(("127.0.0.1", port)).split()[0] in set(others) | {"app.4"}
+            assert request(("127.0.0.1", port), "hi").split()[0] in set(others) | {"app.4"}
         assert proc.stop() == 0
 
 
@@ -860,7 +828,7 @@ def test_unix_socket_left_by_a_killed_controller_is_replaced_by_the_next(events,
     assert os.path.exists(path)  # stale: nobody listens
     with run_controller(build) as proc:
         second = events.wait("started", count=2, timeout=10)[1]
-        assert _line(path).split()[0] == second["cid"]
+        assert request(path, "hi").split()[0] == second["cid"]
         assert proc.stop() == 0
     assert not os.path.exists(path)
 
