@@ -327,6 +327,30 @@ def job_uncontended(jc: JobCtx):
     order = []
     peers = [os.getppid()]          # the controller, then the RPC peers
     placed = {}                     # candidate -> base candidate, placement
+
+    def public_sem(name, protected=False):
+        """decrement+increment through the public API (either backend)."""
+        def make():
+            semaphore.create(name, 1, protected=protected)
+            dec, inc = semaphore.decrement, semaphore.increment
+
+            def loop(n):
+                for _ in range(n):
+                    dec(name)
+                    inc(name)
+            return loop, None
+        return make
+
+    def public_mutex():
+        m = mutex.access("u.mtx")
+
+        def loop(n):
+            lock, unlock = m.lock, m.unlock
+            for _ in range(n):
+                lock()
+                unlock()
+        return loop, None
+
     if jc.backend == "native":
         from netplex_native._native import _lib
 
@@ -362,36 +386,6 @@ def job_uncontended(jc: JobCtx):
                 for _ in range(n):
                     dec("u.dom")
                     inc("u.dom")
-            return loop, None
-
-        def c_sem():
-            semaphore.create("u.sem", 1)
-            dec, inc = semaphore.decrement, semaphore.increment
-
-            def loop(n):
-                for _ in range(n):
-                    dec("u.sem")
-                    inc("u.sem")
-            return loop, None
-
-        def c_sem_prot():
-            semaphore.create("u.psem", 1, protected=True)
-            dec, inc = semaphore.decrement, semaphore.increment
-
-            def loop(n):
-                for _ in range(n):
-                    dec("u.psem")
-                    inc("u.psem")
-            return loop, None
-
-        def c_mutex():
-            m = mutex.access("u.mtx")
-
-            def loop(n):
-                lock, unlock = m.lock, m.unlock
-                for _ in range(n):
-                    lock()
-                    unlock()
             return loop, None
 
         def c_dom_mutex():
@@ -436,8 +430,8 @@ def job_uncontended(jc: JobCtx):
                     rel()
             return loop, s.remove
 
-        cands.update({"floor_2_cffi_noop": c_floor, "native_raw_cffi_sem": c_raw, "native_domain_sem": c_dom, "native_sem": c_sem,
-                      "native_sem_protected": c_sem_prot, "native_mutex": c_mutex,
+        cands.update({"floor_2_cffi_noop": c_floor, "native_raw_cffi_sem": c_raw, "native_domain_sem": c_dom, "native_sem": public_sem("u.sem"),
+                      "native_sem_protected": public_sem("u.psem", protected=True), "native_mutex": public_mutex,
                       "native_domain_mutex": c_dom_mutex, "mp_sem": c_mp_sem, "mp_lock": c_mp_lock,
                       "sysv_sem_undo": c_sysv})
         order = ["floor_2_cffi_noop", "native_raw_cffi_sem", "native_domain_sem", "native_sem", "native_sem_protected",
@@ -445,26 +439,6 @@ def job_uncontended(jc: JobCtx):
                  "flock", "mp_lock"]
     else:
         from netplex_native import wire
-
-        def c_rpc_sem():
-            semaphore.create("u.sem", 1)
-            dec, inc = semaphore.decrement, semaphore.increment
-
-            def loop(n):
-                for _ in range(n):
-                    dec("u.sem")
-                    inc("u.sem")
-            return loop, None
-
-        def c_rpc_mutex():
-            m = mutex.access("u.mtx")
-
-            def loop(n):
-                lock, unlock = m.lock, m.unlock
-                for _ in range(n):
-                    lock()
-                    unlock()
-            return loop, None
 
         def c_sock():
             # Two request/response round trips with the frames of a sem pair,
@@ -517,7 +491,7 @@ def job_uncontended(jc: JobCtx):
                     rel()
             return loop, mgr.shutdown
 
-        cands.update({"rpc_sem": c_rpc_sem, "rpc_mutex": c_rpc_mutex, "socketpair_floor": c_sock,
+        cands.update({"rpc_sem": public_sem("u.sem"), "rpc_mutex": public_mutex, "socketpair_floor": c_sock,
                       "mp_manager_sem": c_manager})
         order = ["rpc_sem", "socketpair_floor", "mp_manager_sem", "rpc_mutex", "posix_ipc_sem"]
         for base in ("rpc_sem", "socketpair_floor", "mp_manager_sem"):
