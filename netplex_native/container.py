@@ -305,8 +305,3 @@ def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
         except Exception:
             pass
     return code
-
-
-def runtime():
-    """The running container's runtime, or None outside a container."""
-    return getattr(ctx, "runtime", None) if ctx.role == "container" else None

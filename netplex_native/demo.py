@@ -59,7 +59,6 @@ class DemoHooks(ProcessorHooks):
     def __init__(self, backend: str):
         self.backend = backend
         self.own = False
-        self.job_timer = None
         self.waiter = None
 
     def post_add_hook(self, service, ctrl):
@@ -84,7 +83,7 @@ class DemoHooks(ProcessorHooks):
             return
         self.own = True
         sharedvar.set_value(OWNER_VAR, json.dumps({"id": cont.id, "pid": cont.pid, "since": time.monotonic()}))
-        self.job_timer = cenv.create_timer(self.run_job, JOB_INTERVAL)
+        cenv.create_timer(self.run_job, JOB_INTERVAL)
 
     def run_job(self, timer):
         semaphore.increment(JOBS_DONE)
