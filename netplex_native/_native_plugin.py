@@ -139,12 +139,11 @@ class _NativeSem:
         return r
 
     async def decrement_async(self, name, wait=False, timeout=None):
-        timeout = check_timeout(timeout)
-        r = self.decrement(name, False, None) if wait is True else self.decrement(name, wait, timeout)
-        if r >= 0 or wait is not True:
-            return r
-        timeout = check_timeout(timeout)
-        if timeout == 0:
+        if wait is not True:
+            return self.decrement(name, wait, timeout)
+        timeout = check_timeout(timeout)   # before the fast path takes a count
+        r = self._dom.sem_decrement(name)  # free now: no thread needed
+        if r >= 0 or timeout == 0:
             return r
         dom = self._dom
         return await _wait_in_thread(
@@ -168,10 +167,9 @@ class _NativeMutex:
         raise WouldBlockError("lock() on a held mutex would block the controller's loop")
 
     async def lock_async(self, name, timeout=None):
-        check_timeout(timeout)  # before the fast path takes the lock
+        timeout = check_timeout(timeout)  # before the fast path takes the lock
         if self._dom.mutex_trylock(name):
             return True
-        timeout = check_timeout(timeout)
         if timeout == 0:
             return False
         dom = self._dom
