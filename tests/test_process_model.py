@@ -25,14 +25,6 @@ from harness import exchange, request, plugins_for, run_controller, free_port, p
 
 # ---------------------------------------------------------------- helpers
 
-def _native_available() -> bool:
-    try:
-        from netplex_native import _native
-        return bool(_native.available())
-    except Exception:
-        return False
-
-
 class _EventLog(logging.Handler):
     """Forwards the library's log records as "log" events (from any process)."""
 
@@ -393,7 +385,7 @@ def test_signal_shuts_down_in_reference_order_and_exits_0(events, sig, socket_di
     """system_shutdown everywhere, then shutdown, pre_finish (container),
     post_finish (controller), post_rm; exit 0; nothing left behind."""
     shm_before = shm_entries()
-    plugins = (semaphore.native_plugin,) if _native_available() else (semaphore.plugin,)
+    plugins = (semaphore.native_plugin,)   # its segment must be gone afterwards too
     private = sig == signal.SIGTERM   # one run with a private temp dir, one with a given dir
 
     def build():
