@@ -1,37 +1,82 @@
 /*
- * core_internal.h — memory layout of a netplex segment and the helpers the
- * core's .c files share.  Not part of the binding (build_ffi.py reads only
- * netplex_core.h).  The invariants are stated once, in netplex_core.c.
+ * core_internal.h — the segment's memory layout, the bits of every shared
+ * word, and the small inline pieces of the fast path the core's .c files
+ * share.  Not part of the binding (build_ffi.py reads only netplex_core.h).
+ *
+ * Where things live (one responsibility per file):
+ *   tx.c          guards and the redo log: the transaction primitive, and the
+ *                 wait-free takeover of a guard whose owner is dead
+ *   liveness.c    "is this process / actor / recoverer dead?" (never wrong
+ *                 about a live one)
+ *   identity.c    process slots, actors (one per thread), the thread cache,
+ *                 fork, and reclaiming a full table through the reserve
+ *   queue.c       FIFO wait queues and wake-ups
+ *   acquire.c     semaphore decrement and mutex lock (one implementation)
+ *   release.c     semaphore increment and mutex unlock, get, deltas, cancel
+ *   names.c       lookup / create / destroy
+ *   recovery.c    recover(pid): the state machine of a dead process's slot
+ *   segment.c     create / attach / close / unlink, the in-flight count
+ *   introspect.c  obj_info, proc_info, check
+ *   testpoints.c  crash points (test builds only: crashpoint.h)
+ *
+ * Invariants every file keeps (each file states its own on top):
+ *  I1 Every object field, and the queue links of the actors queued on it
+ *     (qnext, waiting_on, wait_gen), change only under the object's guard;
+ *     names and `used' also under the name guard.  Lock order: name guard,
+ *     then one object guard; never two object guards.
+ *  I2 A valid redo log (intent_valid) for guard set G exists only while every
+ *     guard of G is held by the log's writer or by a taker-over that took it
+ *     from a dead owner.  Logged writes are absolute: applying one twice is
+ *     harmless.
+ *  I3 A guard word names its owner by actor index AND incarnation, a process
+ *     slot names its recoverer the same way: an actor that is freed bumps its
+ *     incarnation first, so a name never designates a later owner.
+ *  I4 Dead means dead: only certain evidence (ESRCH/ENOENT, another start
+ *     time, a zombie with no live thread) lets anyone act on a process's
+ *     behalf.  "Cannot tell" is treated as alive.
  */
 #ifndef NETPLEX_CORE_INTERNAL_H
 #define NETPLEX_CORE_INTERNAL_H
 
 #include "netplex_core.h"
+#include "crashpoint.h"
 #include <stdint.h>
 #include <sys/types.h>
 
-#define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 3u
+#define likely(x)   __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+#define NOINLINE    __attribute__((noinline))
 
-/* Guard word: 0 free, else (owner actor index + 1) | NP_GUARD_WAITERS. */
+#define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
+#define NP_LAYOUT_VERSION 4u
+
+/* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
+ * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
 #define NP_GUARD_WAITERS  0x80000000u
-#define NP_GUARD_OWNER    0x7fffffffu
+#define NP_GUARD_TAG      0x7fffffffu
+#define NP_TAG_ACTOR      0x000fffffu     /* actor index + 1 */
+#define NP_TAG_INC_SHIFT  20
+#define NP_TAG_INC_MASK   0x7ffu
+#define NP_ACTORS_MAX     0x000ffffeu     /* so that index + 1 fits NP_TAG_ACTOR */
 
 /* Name table entry: 0 empty, NP_NAME_TOMB deleted, else object index + 1. */
 #define NP_NAME_TOMB      0xffffffffu
 
-/* Process slot word: pid (bits 0-31) | state (bits 32-39) | recoverer
- * actor index + 1 (bits 40-63, only in NP_PS_RECOVERING).  One word so that
- * every transition of a slot is a single compare-and-swap. */
+/* ---- process slot word (64 bits), every transition one CAS:
+ * pid (bits 0-21: Linux pids are < 2^22) | state (22-23) | recoverer (24-63).
+ * Recoverer = (actor index + 1) | (actor incarnation & 0xfffff) << 20, only
+ * in NP_PS_RECOVERING; 0 there means "unclaimed: anyone may finish it". */
 #define NP_PS_FREE        0u
 #define NP_PS_REGISTERING 1u
 #define NP_PS_ALIVE       2u
 #define NP_PS_RECOVERING  3u
-#define PW_PID(w)   ((int32_t)(uint32_t)((w) & 0xffffffffu))
-#define PW_STATE(w) ((uint32_t)(((w) >> 32) & 0xffu))
-#define PW_REC(w)   ((uint32_t)((w) >> 40))
+#define NP_PID_MASK       0x3fffffu
+#define NP_REC_INC_MASK   0xfffffu
+#define PW_PID(w)   ((int32_t)(uint32_t)((w) & NP_PID_MASK))
+#define PW_STATE(w) ((uint32_t)(((w) >> 22) & 0x3u))
+#define PW_REC(w)   ((uint64_t)((w) >> 24))
 #define PW_MAKE(pid, st, rec) \
-    ((uint64_t)(uint32_t)(pid) | ((uint64_t)(st) << 32) | ((uint64_t)(rec) << 40))
+    ((uint64_t)((uint32_t)(pid) & NP_PID_MASK) | ((uint64_t)(st) << 22) | ((uint64_t)(rec) << 24))
 
 #define NP_INTENT_MAX     12
 #define NP_GEN_MASK       0x7fffffffu     /* handles stay >= 0 as int64 */
@@ -42,11 +87,14 @@
 #define NP_STARVE_NS      1000000LL
 /* Before queueing, a caller whose last releaser ran on another CPU watches
  * the value for this many pauses (a few microseconds): cheaper than a futex
- * sleep and wake-up when the holder is running.  No spin when the releaser
- * shares our CPU: it cannot run while we spin. */
+ * sleep and wake-up when the holder is running. */
 #define NP_SPIN_ITERS     100
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
+#define NP_RECLAIM_NS     1000000000LL    /* a full table's reclaim: at most 1 s */
+
+/* liveness verdicts (liveness.c) */
+enum { NP_DEAD = 0, NP_ALIVE = 1, NP_UNKNOWN = 2 };
 
 typedef struct {
     uint64_t magic;             /* written last at creation (release) */
@@ -73,9 +121,12 @@ typedef struct {
     uint32_t qhead, qtail;      /* FIFO of actor index + 1 */
     uint32_t qlen;
     int32_t  rel_cpu;           /* hint: CPU of the last release (not logged) */
+    uint32_t purge;             /* hint: a queued actor gave up (not logged) */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
+/* Slots [0, processes) are for processes; slot `processes' is the reserve
+ * (identity.c: reclaiming a full table).  Same for actors. */
 typedef struct {
     uint64_t w;                 /* PW_* word */
     uint64_t start_time;        /* valid once state is ALIVE */
@@ -90,9 +141,11 @@ typedef struct {
 
 typedef struct {
     uint32_t proc;              /* process slot + 1 that owns it; 0 free */
+    uint32_t inc;               /* incarnation: bumped before it is freed */
     int32_t  tid;
     uint32_t wake;              /* futex word this actor sleeps on */
     uint32_t sleeping;          /* 1 while it may be in futex_wait on `wake' */
+    uint32_t cancel_pending;    /* 1: gave up a wait it could not leave (owner-written) */
     uint32_t qnext;             /* next in the wait queue (actor + 1) */
     uint32_t waiting_on;        /* object index + 1 of the queue it is in */
     uint32_t wait_gen;          /* generation of that object when queued */
@@ -100,6 +153,7 @@ typedef struct {
     uint32_t intent_n;
     uint32_t intent_guard;      /* guard id + 1 the log belongs to */
     uint32_t intent_guard2;     /* second guard id + 1 (create/destroy), or 0 */
+    uint32_t pad;
     int64_t  wait_since;        /* CLOCK_MONOTONIC ns when it was queued */
     np_redo  intent[NP_INTENT_MAX];
 } np_actor;
@@ -120,10 +174,235 @@ struct np_domain {
     np_actor  *actors;
     np_delta  *deltas;
     uint32_t   nsem, nmtx, nobj, nproc, nact, name_cap;
+    uint32_t   rslot, ractor;   /* the reserve slot and actor (== nproc, nact) */
     uint64_t   serial;          /* distinguishes domains in thread caches */
     uint32_t   my_proc;         /* process slot + 1, valid when my_epoch matches */
     uint64_t   my_epoch;
+    int        inside;          /* calls in progress in this process (segment.c) */
+    int        closing;         /* np_domain_close has begun */
     np_domain *next;            /* list of open domains (thread exit) */
 };
+
+/* ---- process-local state (identity.c) ---- */
+extern uint64_t np_fork_epoch;          /* bumped in the child after fork() */
+
+typedef struct {
+    np_domain *d;
+    uint64_t   serial, epoch;
+    uint32_t   actor;
+    uint32_t   tag;                     /* guard owner tag of that actor */
+} np_tcache;
+#define NP_TCACHE 8
+extern __thread np_tcache np_tc[NP_TCACHE];
+
+/* ---- shared helpers ---- */
+int64_t np_now(void);
+int  np_futex_wait(uint32_t *w, uint32_t val, int64_t ns);
+void np_futex_wake(uint32_t *w, int n);
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t seg_off(np_domain *d, const void *p)
+{
+    return (uint64_t)((const char *)p - d->base);
+}
+
+static inline uint32_t *guard_word(np_domain *d, uint32_t g)
+{
+    return g < d->nobj ? &d->objs[g].guard : &d->h->name_guard;
+}
+
+static inline np_delta *delta_of(np_domain *d, uint32_t proc, uint32_t sem)
+{
+    return &d->deltas[(size_t)proc * d->nsem + sem];
+}
+
+static inline uint32_t actor_tag(uint32_t a, uint32_t inc)
+{
+    return (a + 1) | ((inc & NP_TAG_INC_MASK) << NP_TAG_INC_SHIFT);
+}
+
+static inline uint64_t actor_rec(uint32_t a, uint32_t inc)
+{
+    return (uint64_t)(a + 1) | ((uint64_t)(inc & NP_REC_INC_MASK) << 20);
+}
+
+/* saturating int64 addition: counts never wrap (I: values in [0, MAX]) */
+static inline int64_t sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
+}
+
+/* ---- identity.c ---- */
+int  np_my_actor_slow(np_domain *d, uint32_t *actor, uint32_t *tag);
+static inline int my_actor(np_domain *d, uint32_t *actor, uint32_t *tag)
+{
+    np_tcache *c = &np_tc[0];
+    if (likely(c->d == d && c->serial == d->serial && c->epoch == np_fork_epoch)) {
+        *actor = c->actor;
+        *tag = c->tag;
+        return 0;
+    }
+    return np_my_actor_slow(d, actor, tag);
+}
+void np_ensure_self(void);
+extern int32_t  np_my_pid;
+extern uint64_t np_my_start;
+void np_tcache_drop(np_domain *d);
+void np_identity_init(void);
+#include <pthread.h>
+extern pthread_mutex_t np_dom_mu;      /* guards np_dom_list */
+extern np_domain *np_dom_list;          /* open domains of this process */
+void np_free_actor(np_domain *d, uint32_t x);
+
+/* ---- liveness.c ---- */
+int np_proc_state(int32_t pid, uint64_t start);            /* NP_DEAD / ALIVE / UNKNOWN */
+int np_slot_state(np_domain *d, uint32_t p);
+int np_tag_state(np_domain *d, uint32_t tag);               /* guard owner */
+int np_rec_state(np_domain *d, uint64_t rec);               /* slot recoverer */
+
+/* ---- tx.c ---- */
+int  np_guard_lock_slow(np_domain *d, uint32_t *g, uint32_t tag, int64_t deadline);
+void np_guard_takeover(np_domain *d, uint32_t g, uint32_t seen, uint32_t tag);
+int  np_settle_intent(np_domain *d, uint32_t x, uint32_t tag, int64_t deadline);
+
+/* 0, or NP_EINTR (a slice passed: call again), NP_ETIMEDOUT (deadline),
+ * NP_ECLOSED.  deadline as for the operations: NP_NOWAIT and NP_FOREVER
+ * both mean "one slice at a time". */
+static inline int guard_lock(np_domain *d, uint32_t *g, uint32_t tag, int64_t deadline)
+{
+    uint32_t z = 0;
+    /* acquire: everything the previous holder wrote is visible to us. */
+    if (likely(__atomic_compare_exchange_n(g, &z, tag, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)))
+        return 0;
+    return np_guard_lock_slow(d, g, tag, deadline);
+}
+
+static inline void guard_unlock(uint32_t *g)
+{
+    /* release: our applied writes happen-before the next holder's reads. */
+    uint32_t old = __atomic_exchange_n(g, 0, __ATOMIC_RELEASE);
+    if (unlikely(old & NP_GUARD_WAITERS))
+        np_futex_wake(g, 1);
+}
+
+static inline void tx_begin(np_actor *a, uint32_t g1, uint32_t g2p1)
+{
+    a->intent_n = 0;
+    a->intent_guard = g1 + 1;
+    a->intent_guard2 = g2p1;
+}
+
+static inline void tx_put(np_domain *d, np_actor *a, void *p, uint64_t v, uint32_t w)
+{
+    np_redo *r = &a->intent[a->intent_n++];
+    r->off = seg_off(d, p);
+    r->val = v;
+    r->width = w;
+}
+#define TX32(d, a, field, v) tx_put((d), (a), &(field), (uint64_t)(uint32_t)(v), 4)
+#define TX64(d, a, field, v) tx_put((d), (a), &(field), (uint64_t)(v), 8)
+
+static inline void redo_apply(np_domain *d, np_actor *a)
+{
+    uint32_t n = a->intent_n;
+    if (n > NP_INTENT_MAX)
+        n = NP_INTENT_MAX;
+    for (uint32_t i = 0; i < n; i++) {
+        np_redo *r = &a->intent[i];
+        if (r->off + r->width > d->size || (r->off & (r->width - 1)))
+            continue;                   /* never write outside the segment */
+        /* relaxed: the guard orders these; atomic only so that lock-free
+         * readers (np_sem_get, introspection) never see a torn value. */
+        if (r->width == 8)
+            __atomic_store_n((uint64_t *)(d->base + r->off), r->val, __ATOMIC_RELAXED);
+        else if (r->width == 4)
+            __atomic_store_n((uint32_t *)(d->base + r->off), (uint32_t)r->val, __ATOMIC_RELAXED);
+        CRASHPOINT();
+    }
+}
+
+static inline void tx_commit(np_domain *d, np_actor *a)
+{
+    CRASHPOINT();                       /* intent written, not valid */
+    /* release: the log entries are written before the flag that says so. */
+    __atomic_store_n(&a->intent_valid, 1, __ATOMIC_RELEASE);
+    CRASHPOINT();
+    redo_apply(d, a);
+    /* release: the applied writes precede the end of the intent. */
+    __atomic_store_n(&a->intent_valid, 0, __ATOMIC_RELEASE);
+    CRASHPOINT();
+}
+
+/* ---- queue.c (caller holds the object's guard) ---- */
+uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a);
+void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim);
+void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
+int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
+void np_q_purge(np_domain *d, np_actor *me, np_obj *o);
+void np_wake_actors(np_domain *d, const uint32_t *who, int n);
+
+/* ---- names.c ---- */
+uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot);
+
+/* ---- recovery.c ---- */
+/* Recover slot p if its process is certainly dead (or its recovery was
+ * abandoned).  1 recovered, 0 nothing to do, <0 could not finish now (the
+ * slot is left for anyone to finish; *unknown set when liveness was unclear). */
+int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline);
+int np_recover_all_dead(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline);
+int np_leave_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline);
+
+/* ---- handles ---- */
+static inline int handle_obj(np_domain *d, uint64_t handle, int kind, uint32_t *idx)
+{
+    uint32_t i = (uint32_t)handle;
+    if (kind == NP_KIND_SEM ? i >= d->nsem : (i < d->nsem || i >= d->nobj))
+        return NP_EINVAL;
+    *idx = i;
+    return 0;
+}
+
+static inline uint32_t handle_gen(uint64_t handle)
+{
+    return (uint32_t)(handle >> 32) & NP_GEN_MASK;
+}
+
+static inline int64_t make_handle(np_domain *d, uint32_t i)
+{
+    return (int64_t)(((uint64_t)(d->objs[i].gen & NP_GEN_MASK) << 32) | i);
+}
+
+/* ---- segment.c: the in-flight count np_domain_close waits for ---- */
+#define NP_ENTER(d) do { \
+        __atomic_add_fetch(&(d)->inside, 1, __ATOMIC_SEQ_CST); \
+        if (unlikely(__atomic_load_n(&(d)->closing, __ATOMIC_SEQ_CST))) { \
+            __atomic_sub_fetch(&(d)->inside, 1, __ATOMIC_RELEASE); \
+            return NP_ECLOSED; \
+        } \
+    } while (0)
+#define NP_LEAVE(d) __atomic_sub_fetch(&(d)->inside, 1, __ATOMIC_RELEASE)
+
+/* 1 while close waits for the calls in progress: waits end (NP_ECLOSED).
+ * 2 while close gives back what the process held: new calls still refused. */
+static inline int closing(np_domain *d)
+{
+    return __atomic_load_n(&d->closing, __ATOMIC_RELAXED) == 1;
+}
+
+/* internal (uncounted) operations; the exported functions wrap them */
+int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind);
+int64_t np_i_release(np_domain *d, uint64_t handle, int kind);
+int64_t np_i_wait_cancel(np_domain *d);
 
 #endif

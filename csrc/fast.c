@@ -20,12 +20,18 @@
  * so redoing it in Python is safe.
  *
  * The GIL is kept for the non-blocking calls (NP_NOWAIT; a guard is held by
- * its owner for a few instructions, and a dead owner is recovered inside).
- * A blocking call without a timeout (decrement(wait=True), lock()) makes its
- * first wait slice here with the GIL released; if that slice ends with the
- * caller still queued (NP_EINTR), the Python method continues the same wait
- * (keeping its place, running signal handlers between slices), and if that
- * raises before its own clean-up, the wait is cancelled here.
+ * its owner for a few instructions, and a dead owner is taken over inside),
+ * and they use the core's np_fast_* entry points, which skip the in-flight
+ * count that np_domain_close waits for: holding the GIL, and the Binder's
+ * `d' being cleared by Domain.close() (under the GIL) before the core's
+ * close runs, is what excludes a concurrent close here.  A blocking call
+ * without a timeout (decrement(wait=True), lock()) makes its first wait slice
+ * here with the GIL released, through the counted entry points; if that
+ * slice ends with the caller still queued (NP_EINTR), the Python method
+ * continues the same wait (keeping its place, running signal handlers
+ * between slices), and if that raises before its own clean-up, the wait is
+ * cancelled here.  A mutex destroyed during that slice answers False, as the
+ * Python method does (never re-created and locked behind the caller's back).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,8 +44,9 @@ typedef int64_t (*np_op)(np_domain *);
 
 typedef struct {
     PyObject_HEAD
-    np_domain *d;
-    np_op_hd sem_dec, mtx_lock;
+    np_domain *d;                           /* NULL once the Domain is closed */
+    np_op_hd sem_dec, mtx_lock;             /* uncounted (GIL held) */
+    np_op_hd sem_dec_w, mtx_lock_w;         /* counted: the GIL is released */
     np_op_h sem_inc, mtx_unlock;
     np_op wait_cancel;
     PyObject *sems, *mtxs;                  /* dict: name -> handle (int) */
@@ -72,8 +79,9 @@ static inline PyObject *slow(PyObject *fn, PyObject *const *args, size_t nargsf,
 static inline int64_t first_slice(Binder *self, np_op_hd op, uint64_t h)
 {
     int64_t rc;
+    np_domain *d = self->d;
     Py_BEGIN_ALLOW_THREADS
-    rc = op(self->d, h, NP_FOREVER);
+    rc = op(d, h, NP_FOREVER);
     Py_END_ALLOW_THREADS
     return rc;
 }
@@ -82,7 +90,7 @@ static inline int64_t first_slice(Binder *self, np_op_hd op, uint64_t h)
 static PyObject *resume(Binder *self, PyObject *fn, PyObject *const *args, size_t nargsf, PyObject *kw)
 {
     PyObject *r = PyObject_Vectorcall(fn, args, nargsf, kw);
-    if (r == NULL)
+    if (r == NULL && self->d)
         self->wait_cancel(self->d);     /* idempotent: nothing queued is fine */
     return r;
 }
@@ -93,7 +101,7 @@ static PyObject *b_sem_decrement(Binder *self, PyObject *const *args, size_t nar
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     uint64_t h;
     if (kw == NULL && n >= 1 && n <= 3 && (n < 3 || args[2] == Py_None)
-            && cached(self->sems, args[0], &h)) {
+            && cached(self->sems, args[0], &h) && self->d) {
         if (n < 2 || args[1] == Py_False) {
             int64_t rc = self->sem_dec(self->d, h, NP_NOWAIT);
             if (rc >= 0)
@@ -101,7 +109,7 @@ static PyObject *b_sem_decrement(Binder *self, PyObject *const *args, size_t nar
             if (rc == NP_EAGAIN)
                 return PyLong_FromLong(-1);
         } else if (args[1] == Py_True) {
-            int64_t rc = first_slice(self, self->sem_dec, h);
+            int64_t rc = first_slice(self, self->sem_dec_w, h);
             if (rc >= 0)
                 return PyLong_FromLongLong(rc);
             if (rc == NP_EDESTROYED)
@@ -118,7 +126,7 @@ static PyObject *b_sem_increment(Binder *self, PyObject *const *args, size_t nar
 {
     if (kw == NULL && PyVectorcall_NARGS(nargsf) == 1) {
         uint64_t h;
-        if (cached(self->sems, args[0], &h)) {
+        if (cached(self->sems, args[0], &h) && self->d) {
             int64_t rc = self->sem_inc(self->d, h);
             if (rc >= 0)
                 return PyLong_FromLongLong(rc);
@@ -133,12 +141,14 @@ static PyObject *b_mutex_lock(Binder *self, PyObject *const *args, size_t nargsf
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     uint64_t h;
     if (kw == NULL && (n == 1 || (n == 2 && args[1] == Py_None))
-            && cached(self->mtxs, args[0], &h)) {
+            && cached(self->mtxs, args[0], &h) && self->d) {
         int64_t rc = self->mtx_lock(self->d, h, NP_NOWAIT);
         if (rc == NP_EAGAIN)
-            rc = first_slice(self, self->mtx_lock, h);
+            rc = first_slice(self, self->mtx_lock_w, h);
         if (rc == 0)
             Py_RETURN_TRUE;
+        if (rc == NP_EDESTROYED)
+            Py_RETURN_FALSE;
         if (rc == NP_EINTR)
             return resume(self, self->slow_lock, args, nargsf, kw);
     }
@@ -150,7 +160,7 @@ static PyObject *b_mutex_unlock(Binder *self, PyObject *const *args, size_t narg
 {
     if (kw == NULL && PyVectorcall_NARGS(nargsf) == 1) {
         uint64_t h;
-        if (cached(self->mtxs, args[0], &h) && self->mtx_unlock(self->d, h) == 0)
+        if (cached(self->mtxs, args[0], &h) && self->d && self->mtx_unlock(self->d, h) == 0)
             Py_RETURN_NONE;
     }
     return slow(self->slow_unlock, args, nargsf, kw);
@@ -185,21 +195,23 @@ static void b_dealloc(Binder *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Binder(domain, sem_dec, sem_inc, mtx_lock, mtx_unlock, wait_cancel, sems, mtxs,
- *        slow_dec, slow_inc, slow_lock, slow_unlock)
- * domain and the five functions are addresses (ints) from the cffi module. */
+/* Binder(domain, sem_dec, sem_inc, mtx_lock, mtx_unlock, wait_cancel, sem_dec_w,
+ *        mtx_lock_w, sems, mtxs, slow_dec, slow_inc, slow_lock, slow_unlock)
+ * domain and the seven functions are addresses (ints) from the cffi module:
+ * the np_fast_* ones, then the counted np_sem_decrement and np_mutex_lock. */
 static int b_init(Binder *self, PyObject *args, PyObject *kwds)
 {
-    unsigned long long d, f1, f2, f3, f4, f5;
+    unsigned long long d, f1, f2, f3, f4, f5, f6, f7;
     PyObject *sems, *mtxs, *s1, *s2, *s3, *s4;
     if (kwds && PyDict_GET_SIZE(kwds)) {
         PyErr_SetString(PyExc_TypeError, "Binder takes no keyword arguments");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "KKKKKKO!O!OOOO:Binder", &d, &f1, &f2, &f3, &f4, &f5,
-                          &PyDict_Type, &sems, &PyDict_Type, &mtxs, &s1, &s2, &s3, &s4))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKO!O!OOOO:Binder", &d, &f1, &f2, &f3, &f4, &f5,
+                          &f6, &f7, &PyDict_Type, &sems, &PyDict_Type, &mtxs,
+                          &s1, &s2, &s3, &s4))
         return -1;
-    if (!d || !f1 || !f2 || !f3 || !f4 || !f5) {
+    if (!d || !f1 || !f2 || !f3 || !f4 || !f5 || !f6 || !f7) {
         PyErr_SetString(PyExc_ValueError, "Binder: null domain or function address");
         return -1;
     }
@@ -209,6 +221,8 @@ static int b_init(Binder *self, PyObject *args, PyObject *kwds)
     self->mtx_lock = (np_op_hd)(uintptr_t)f3;
     self->mtx_unlock = (np_op_h)(uintptr_t)f4;
     self->wait_cancel = (np_op)(uintptr_t)f5;
+    self->sem_dec_w = (np_op_hd)(uintptr_t)f6;
+    self->mtx_lock_w = (np_op_hd)(uintptr_t)f7;
     Py_INCREF(sems); Py_XSETREF(self->sems, sems);
     Py_INCREF(mtxs); Py_XSETREF(self->mtxs, mtxs);
     Py_INCREF(s1); Py_XSETREF(self->slow_dec, s1);
@@ -218,7 +232,16 @@ static int b_init(Binder *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* close(): from now on every call goes to the Python methods (which say
+ * the Domain is closed).  Called by Domain.close() before the core's close. */
+static PyObject *b_close(Binder *self, PyObject *Py_UNUSED(ignored))
+{
+    self->d = NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef b_methods[] = {
+    {"close", (PyCFunction)b_close, METH_NOARGS, NULL},
     {"sem_decrement", (PyCFunction)(void (*)(void))b_sem_decrement, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"sem_increment", (PyCFunction)(void (*)(void))b_sem_increment, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"mutex_lock", (PyCFunction)(void (*)(void))b_mutex_lock, METH_FASTCALL | METH_KEYWORDS, NULL},

@@ -19,8 +19,13 @@
  *    Python can run its signal handlers and call again; np_wait_cancel()
  *    leaves the queue.
  *  - The calling process and thread are registered implicitly on first use
- *    (and again after fork()).  recover(pid) is the supervisor's half of the
- *    contract: call it after reaping pid.
+ *    (and again after fork()); the creator of a domain is registered by
+ *    np_domain_create, so that the supervisor never needs a free table entry
+ *    to recover.  recover(pid) is the supervisor's half of the contract: call
+ *    it after reaping pid.
+ *  - Waiting for an internal guard honours the same deadline and slice: a
+ *    guard held by a stopped process delays a call by at most one slice
+ *    (NP_EINTR: call again) and never past its deadline.
  */
 #ifndef NETPLEX_CORE_H
 #define NETPLEX_CORE_H
@@ -47,7 +52,8 @@ enum {
     NP_EBADSEG    = -15,  /* not a netplex segment / version mismatch */
     NP_ESYS       = -16,  /* a system call failed; errno is preserved */
     NP_EBUSY      = -17,  /* a sleep cannot start now (already waiting) */
-    NP_EKIND      = -18   /* name exists as the other kind (semaphore vs mutex) */
+    NP_EKIND      = -18,  /* name exists as the other kind (semaphore vs mutex) */
+    NP_ECLOSED    = -19   /* np_domain_close() was called in this process */
 };
 
 enum {
@@ -91,7 +97,8 @@ typedef struct {
     uint32_t index;
     int32_t  pid;
     uint64_t start_time;     /* /proc/<pid>/stat field 22 at registration */
-    int32_t  state;          /* 0 free, 1 alive, 2 being recovered */
+    int32_t  state;          /* 0 free, 1 alive, 2 being recovered, 3 registering */
+    int32_t  reserved;       /* 1: the slot kept for reclaiming a full table */
     uint32_t threads;        /* actors attached */
 } np_proc_info_t;  /* _t: np_proc_info is the function */
 
@@ -101,7 +108,10 @@ typedef struct {
 int np_domain_create(const char *name, const np_config *cfg, np_domain **out);
 /* Map an existing segment (validates magic, version and size). */
 int np_domain_attach(const char *name, np_domain **out);
-/* Unmap; the segment stays.  Safe on NULL. */
+/* Leave and unmap; the segment stays.  Waits in progress in other threads of
+ * this process end with NP_ECLOSED, and calls in progress are waited for;
+ * then what this process held through d is given back (as recover would)
+ * and its slot and actors are freed.  Safe on NULL. */
 void np_domain_close(np_domain *d);
 int np_domain_unlink(const char *name);
 size_t np_domain_size(const np_domain *d);
@@ -109,7 +119,9 @@ int np_domain_config(const np_domain *d, np_config *out);
 /* pid and start time of the creating process (stale-segment detection). */
 int32_t np_domain_creator_pid(const np_domain *d);
 uint64_t np_domain_creator_start(const np_domain *d);
-/* 1 if the process pid with that start time is alive (not a zombie), else 0. */
+/* 0 only when the process pid with that start time is certainly gone (no
+ * such pid, another start time, or a zombie with no live thread); 1 when it
+ * is alive or when that cannot be told (EMFILE, ENOMEM, unreadable /proc). */
 int np_process_alive(int32_t pid, uint64_t start_time);
 
 /* ---- names ---- */
@@ -147,11 +159,25 @@ int64_t np_wait_cancel(np_domain *d);
 int64_t np_register(np_domain *d);
 /* Release the calling thread's actor (thread exit).  Not needed for correctness. */
 int64_t np_thread_detach(np_domain *d);
-/* After reaping pid: revert its protected deltas (clamped at 0), release its
- * mutexes, complete or roll back the operation it died in, drop its waits,
- * wake waiters, free its slots.  Idempotent; a live process that reuses the
- * pid is left alone.  Returns the number of process slots recovered. */
-int64_t np_recover(np_domain *d, int32_t pid);
+/* After reaping pid: complete or roll back the operation it died in, revert
+ * its protected deltas (clamped at 0 and at NP_VALUE_MAX), release its
+ * mutexes, drop its waits, wake waiters, free its slots; and finish any
+ * recovery whose recoverer died.  Idempotent; a live process that reuses the
+ * pid is left alone.  Returns the number of process slots recovered, or
+ * NP_EAGAIN when some work could not be finished by the deadline (a guard
+ * held by a stopped process, liveness that cannot be told now): call again
+ * later; nothing is lost meanwhile. */
+int64_t np_recover(np_domain *d, int32_t pid, int64_t deadline);
+
+/* The four uncontended operations and cancel without the in-flight count
+ * that np_domain_close waits for: only for a caller that excludes a
+ * concurrent np_domain_close by other means (the accelerator, csrc/fast.c,
+ * under the GIL).  Same results as the counted functions. */
+int64_t np_fast_sem_increment(np_domain *d, uint64_t handle);
+int64_t np_fast_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline);
+int64_t np_fast_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);
+int64_t np_fast_mutex_unlock(np_domain *d, uint64_t handle);
+int64_t np_fast_wait_cancel(np_domain *d);
 
 /* ---- introspection ---- */
 int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out);  /* 1 used, 0 free */
@@ -165,6 +191,9 @@ int64_t np_check(np_domain *d, char *buf, size_t len);
  * SIGKILL the calling process at the n-th crash point it reaches from now
  * (n >= 1; 0 disarms).  Returns NP_EINVAL otherwise. */
 int64_t np_test_crash_after(int64_t n);
+/* The signal a crash point sends: SIGKILL (default) or SIGSTOP (once: the
+ * process stops there, inside whatever it holds, and runs on after SIGCONT). */
+int64_t np_test_crash_signal(int32_t sig);
 /* Crash points passed since the last arm (to enumerate steps). */
 int64_t np_test_crash_count(void);
 /* Floor of the binding, for bench/: does nothing. */

@@ -8,7 +8,13 @@ up again.  Every negative return code becomes an exception in :func:`_check`.
 Blocking waits call the C function repeatedly: it sleeps at most one 100 ms slice and
 returns ``NP_EINTR`` still queued, so Python signal handlers (Ctrl-C) run between
 slices.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue with
-``np_wait_cancel``, so an interrupted wait leaves nothing behind.
+``np_wait_cancel``, so an interrupted wait leaves nothing behind.  Any call may also
+return ``NP_EINTR`` when an internal guard is held by a stopped process for a whole
+slice; every call site here calls again, so Ctrl-C works there too.
+
+``close()`` is a process leaving the domain: waits in other threads end (they raise
+SegmentError), what the process held through this Domain is given back as if it had
+died, its table entries are freed, and only then is the memory unmapped.
 
 Thread-safe: the C side gives each thread its own actor; the handle caches are plain
 dicts whose single operations are atomic under the GIL.  Nothing here depends on the
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
 from . import errors
 
@@ -45,6 +52,7 @@ if _lib is not None:
     _EINTR = _lib.NP_EINTR
     _EDESTROYED = _lib.NP_EDESTROYED
     _ESTALE = _lib.NP_ESTALE
+    _ECLOSED = _lib.NP_ECLOSED
     _ENOENT = _lib.NP_ENOENT
     _EEXIST = _lib.NP_EEXIST
     _SEM = _lib.NP_KIND_SEM
@@ -111,6 +119,9 @@ def _error(rc, dom, name, kind):
         return OverflowError(f"semaphore {name!r} would exceed {errors.VALUE_MAX}")
     if rc == _lib.NP_EBUSY:
         return RuntimeError("this thread is already queued on another semaphore or mutex")
+    if rc == _lib.NP_ECLOSED:
+        seg = dom.name if dom is not None else "?"
+        return errors.SegmentError(f"native segment {seg} is closed")
     return errors.NetplexError(f"native core error {rc} (name {name!r})")
 
 
@@ -132,6 +143,7 @@ class Domain:
         #: thread; True ends the wait as a timeout would.  A supervisor uses it
         #: to end waits at shutdown.
         self.interrupt_check = None
+        self._binder = None
         self._bind_fast_paths()
 
     def _bind_fast_paths(self) -> None:
@@ -179,8 +191,9 @@ class Domain:
             b = _fast.Binder(
                 int(_ffi.cast("uintptr_t", d)),
                 *(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, f))) for f in (
-                    "np_sem_decrement", "np_sem_increment", "np_mutex_lock", "np_mutex_unlock",
-                    "np_wait_cancel")),
+                    "np_fast_sem_decrement", "np_fast_sem_increment", "np_fast_mutex_lock",
+                    "np_fast_mutex_unlock", "np_fast_wait_cancel",
+                    "np_sem_decrement", "np_mutex_lock")),
                 sems, mtxs, slow_dec, slow_inc, slow_lock, slow_unlock)
             self._binder = b
             self.sem_decrement = b.sem_decrement
@@ -266,8 +279,13 @@ class Domain:
         return removed
 
     def close(self) -> None:
-        """Unmap (the segment stays).  The Domain is unusable afterwards."""
+        """Leave the domain and unmap it (the segment stays).  Waits in progress in
+        other threads end with SegmentError; what this process held through this
+        Domain (protected counts, mutexes) is given back, as if it had died; its
+        table entries are freed.  The Domain is unusable afterwards."""
         d, self._d = self._d, None
+        if self._binder is not None:
+            self._binder.close()
         self._sems.clear()
         self._mtxs.clear()
         if d is not None:
@@ -298,10 +316,25 @@ class Domain:
     def register(self) -> None:
         _check(_lib.np_register(self._dom()), self)
 
-    def recover(self, pid: int) -> int:
-        """After reaping pid: give back what it held.  Returns slots recovered."""
+    def recover(self, pid: int, timeout=None) -> int:
+        """After reaping pid: give back what it held.  Returns the number of process
+        slots recovered (0: nothing to do), or -1 when ``timeout`` passed first — a
+        guard held by a stopped process, or liveness that cannot be told now (EMFILE):
+        call again later; nothing is lost meanwhile.  ``timeout=None`` keeps trying
+        (Ctrl-C interrupts); a supervisor's event loop passes 0 and retries."""
         pid = errors.check_int(pid, "pid", 1, 2**31 - 1)
-        return _check(_lib.np_recover(self._dom(), pid), self)
+        end = None if timeout is None else self._deadline(timeout)
+        pause = 0.001
+        while True:
+            now = _lib.np_now()
+            dl = now + 100_000_000 if end is None else end
+            rc = _lib.np_recover(self._dom(), pid, dl)
+            if rc != _EAGAIN:
+                return _check(rc, self)
+            if end is not None and _lib.np_now() >= end:
+                return -1
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def cancel_waits(self) -> None:
         _check(_lib.np_wait_cancel(self._dom()), self)
@@ -321,7 +354,10 @@ class Domain:
             return h
         name = errors.check_name(name)
         flags = (_CREATE | _PROTECTED) if create else 0
-        rc = _lib.np_lookup(self._dom(), kind, name.encode(), flags, 0)
+        bname = name.encode()
+        rc = _lib.np_lookup(self._dom(), kind, bname, flags, 0)
+        while rc == _EINTR:                # the name guard's holder is stopped
+            rc = _lib.np_lookup(self._dom(), kind, bname, flags, 0)
         if rc == _ENOENT and not create:
             return None
         _check(rc, self, name, kind)
@@ -336,16 +372,22 @@ class Domain:
             h = self._handle(kind, name, create)
             if h is None:
                 return None
-            rc = fn(self._d, h, *args)
+            rc = fn(self._dom(), h, *args)
+            while rc == _EINTR:            # a guard's holder is stopped: call again
+                rc = fn(self._dom(), h, *args)
             if rc != _ESTALE:
                 return rc
             cache.pop(name, None)
 
     def _deadline(self, timeout):
+        """Absolute CLOCK_MONOTONIC ns; NP_FOREVER for None, inf, or anything past it."""
         timeout = errors.check_timeout(timeout)
         if timeout is None:
             return _FOREVER
-        return _lib.np_now() + int(timeout * 1e9)
+        now = _lib.np_now()
+        if timeout >= (_FOREVER - now) / 1e9:
+            return _FOREVER
+        return now + int(timeout * 1e9)
 
     def _wait(self, kind, name, fn, deadline, cancel):
         """Blocking acquire: repeat fn while it returns NP_EINTR; leave the queue
@@ -378,6 +420,8 @@ class Domain:
         protected = errors.check_bool(protected, "protected")
         flags = _CREATE | _EXCL | (_PROTECTED if protected else 0)
         rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial)
+        while rc == _EINTR:
+            rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial)
         if rc == _EEXIST:
             return False
         self._sems[name] = _check(rc, self, name, _SEM)
@@ -385,7 +429,7 @@ class Domain:
 
     def sem_increment(self, name) -> int:
         h = self._sems.get(name)
-        if h is not None:
+        if h is not None and self._d is not None:
             rc = _lib.np_sem_increment(self._d, h)
             if rc >= 0:
                 return rc
@@ -398,7 +442,7 @@ class Domain:
             errors.check_timeout(timeout)  # before a fast path takes anything
         if wait is False:
             h = self._sems.get(name)
-            if h is not None:
+            if h is not None and self._d is not None:
                 rc = _lib.np_sem_decrement(self._d, h, _NOWAIT)
                 if rc >= 0:
                     return rc
@@ -416,7 +460,7 @@ class Domain:
 
     def sem_get(self, name) -> int:
         h = self._sems.get(name)
-        if h is not None:
+        if h is not None and self._d is not None:
             rc = _lib.np_sem_get(self._d, h)
             if rc >= 0:
                 return rc
@@ -446,7 +490,7 @@ class Domain:
         if timeout is not None:
             errors.check_timeout(timeout)  # before the fast path takes the lock
         h = self._mtxs.get(name)
-        if h is not None:
+        if h is not None and self._d is not None:
             rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
             if rc == 0:
                 return True
@@ -460,7 +504,7 @@ class Domain:
 
     def mutex_trylock(self, name) -> bool:
         h = self._mtxs.get(name)
-        if h is not None:
+        if h is not None and self._d is not None:
             rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
             if rc == 0:
                 return True
@@ -475,7 +519,7 @@ class Domain:
     def mutex_unlock(self, name) -> None:
         """Unlock (any process may; a no-op when not locked)."""
         h = self._mtxs.get(name)
-        if h is not None and _lib.np_mutex_unlock(self._d, h) == 0:
+        if h is not None and self._d is not None and _lib.np_mutex_unlock(self._d, h) == 0:
             return
         rc = self._call(_MTX, name, _lib.np_mutex_unlock)
         _check(rc, self, name, _MTX)

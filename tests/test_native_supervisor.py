@@ -170,7 +170,8 @@ def test_waiter_behind_a_dead_waiter_gets_the_count_without_a_supervisor(dom):
 
 @pytest.mark.timeout(20)
 def test_a_process_blocked_on_a_dead_guard_owner_recovers_it(dom):
-    """A child dies holding a semaphore's guard; the next user takes the guard over."""
+    """A child dies holding a semaphore's guard; the next user takes the guard over
+    (wait-free: the dead process's slot is left to recover(pid))."""
     dom.sem_create("g", 1, protected=True)
 
     def die_in_guard():
@@ -185,6 +186,7 @@ def test_a_process_blocked_on_a_dead_guard_owner_recovers_it(dom):
     t0 = time.monotonic()
     assert dom.sem_increment("g") == 2      # no recover(pid) called
     assert time.monotonic() - t0 < 1
+    assert dom.recover(pid) == 1
     assert pid not in [p["pid"] for p in dom.processes()]
     dom.check()
 

@@ -1,0 +1,221 @@
+/*
+ * acquire.c — semaphore decrement and mutex lock: one implementation.
+ *
+ * A mutex is a semaphore of value 1 with an owner (the holder's process
+ * slot); a protected semaphore also counts, per process slot and object
+ * generation, what each process took (its delta), so that recovery gives it
+ * back.  Both are changed in one transaction (tx.c) under the object's guard.
+ *
+ * Invariants kept here (with Q1-Q4 of queue.c)
+ *  A1 value >= 0 always; a mutex's value is 1 (free, owner 0) or 0 (locked,
+ *     owner = the holder's slot + 1).
+ *  A2 Bounded overtaking: a caller not queued may take a free unit ahead of
+ *     the queue unless the head has waited NP_STARVE_NS; from then on it
+ *     queues behind: waits are starvation-free.
+ *  A3 A wait sleeps at most one slice (NP_SLICE_NS) per call and returns
+ *     NP_EINTR still queued, after checking whether a process it waits behind
+ *     is dead (recovering it if so: progress never depends on the supervisor
+ *     alone).  NP_ETIMEDOUT leaves the queue, or marks the caller given up
+ *     when the guard could not be had in time (Q3): nothing was taken.
+ *  A4 destroy bumps the generation; a queued waiter that finds another
+ *     generation returns NP_EDESTROYED and is no longer queued.
+ */
+#define _GNU_SOURCE
+#include "core_internal.h"
+
+#include <sched.h>
+
+static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t *procs, int n,
+                        int64_t deadline)
+{
+    for (int i = 0; i < n; i++) {
+        uint32_t p = procs[i];
+        uint64_t w = __atomic_load_n(&d->procs[p].w, __ATOMIC_ACQUIRE);
+        if (PW_STATE(w) != NP_PS_FREE)
+            np_recover_slot(d, me, tag, p, deadline);
+    }
+}
+
+/* Under o's guard, with waiters queued: has the head waited so long that
+ * newcomers must queue behind it (A2)? */
+static inline int head_starving(np_domain *d, const np_obj *o)
+{
+    const np_actor *head = &d->actors[o->qhead - 1];
+    return np_now() - head->wait_since >= NP_STARVE_NS;
+}
+
+/* Could not have the guard: leave nothing that blocks others (Q3). */
+static void give_up(np_obj *o, np_actor *a, uint32_t idx)
+{
+    if (__atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED) == idx + 1) {
+        /* seq_cst: the flag is visible before the hint that says look. */
+        __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
+{
+    uint32_t idx, ai, tag;
+    int rc;
+    if ((rc = handle_obj(d, handle, kind, &idx)) < 0)
+        return rc;
+    if ((rc = my_actor(d, &ai, &tag)) < 0)
+        return rc;
+    uint32_t gen = handle_gen(handle);
+    np_obj *o = &d->objs[idx];
+    np_actor *a = &d->actors[ai];
+    int64_t slice_end = 0;
+    int spun = 0;
+
+    for (;;) {
+        if (unlikely((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)) {
+            if (rc != NP_EINTR)
+                give_up(o, a, idx);
+            return rc;
+        }
+        CRASHPOINT();
+        if (unlikely(__atomic_load_n(&o->purge, __ATOMIC_RELAXED)))
+            np_q_purge(d, a, o);
+        if (unlikely(!o->used || o->gen != gen)) {
+            if (a->waiting_on == idx + 1 && a->wait_gen == gen) {
+                tx_begin(a, idx, 0);
+                TX32(d, a, a->waiting_on, 0);
+                tx_commit(d, a);
+                guard_unlock(&o->guard);
+                CRASHPOINT();
+                return NP_EDESTROYED;
+            }
+            guard_unlock(&o->guard);
+            return NP_ESTALE;
+        }
+        int queued = a->waiting_on == idx + 1 && a->wait_gen == gen;
+        if (unlikely(queued && a->cancel_pending)) {
+            /* a wait of ours given up earlier (Q3): start afresh */
+            tx_begin(a, idx, 0);
+            np_tx_q_remove(d, a, o, ai);
+            tx_commit(d, a);
+            queued = 0;
+        }
+        if (unlikely(a->waiting_on && !queued)) {
+            guard_unlock(&o->guard);
+            if (a->cancel_pending) {
+                np_i_wait_cancel(d);   /* the other queue: try to leave it */
+                if (!__atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED))
+                    continue;
+            }
+            return NP_EBUSY;
+        }
+        int64_t v = o->value;
+        int entitled;
+        if (likely(!queued))
+            entitled = v > 0 && (o->qlen == 0 || !head_starving(d, o));
+        else
+            entitled = v > (int64_t)np_q_pos(d, o, ai);
+        if (likely(entitled)) {
+            tx_begin(a, idx, 0);
+            TX64(d, a, o->value, v - 1);
+            if (kind == NP_KIND_MUTEX) {
+                TX32(d, a, o->owner, d->my_proc);
+            } else if (o->protected_) {
+                np_delta *e = delta_of(d, d->my_proc - 1, idx);
+                int64_t cur = e->gen == o->gen ? e->delta : 0;
+                TX32(d, a, e->gen, o->gen);
+                TX64(d, a, e->delta, sat_add(cur, -1));
+            }
+            if (queued)
+                np_tx_q_remove(d, a, o, ai);
+            tx_commit(d, a);
+            guard_unlock(&o->guard);
+            CRASHPOINT();
+            return kind == NP_KIND_MUTEX ? 0 : v - 1;
+        }
+        if (deadline == NP_NOWAIT) {
+            guard_unlock(&o->guard);
+            return NP_EAGAIN;
+        }
+        if (!queued && !spun && o->rel_cpu != sched_getcpu()) {
+            spun = 1;                   /* reads only: nothing to log */
+            guard_unlock(&o->guard);
+            for (int i = 0; i < NP_SPIN_ITERS
+                     && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
+                cpu_relax();
+            continue;
+        }
+        int64_t now = np_now();
+        if (now >= deadline || closing(d)) {
+            /* Not entitled: nobody behind us becomes entitled by our leaving. */
+            if (queued) {
+                tx_begin(a, idx, 0);
+                np_tx_q_remove(d, a, o, ai);
+                tx_commit(d, a);
+            }
+            guard_unlock(&o->guard);
+            CRASHPOINT();
+            return closing(d) ? NP_ECLOSED : NP_ETIMEDOUT;
+        }
+        if (!slice_end)
+            slice_end = now + NP_SLICE_NS;
+        if (now >= slice_end) {
+            /* Someone ahead may be dead (no supervisor, or a slow one). */
+            uint32_t procs[NP_WAKE_BATCH];
+            int n = 0;
+            if (kind == NP_KIND_MUTEX && v == 0 && o->owner && o->owner <= d->nproc)
+                procs[n++] = o->owner - 1;
+            if (v > 0 && queued) {
+                uint32_t cur = o->qhead, steps = 0;
+                while (cur && cur != ai + 1 && n < NP_WAKE_BATCH && steps++ <= d->nact) {
+                    uint32_t p = d->actors[cur - 1].proc;
+                    if (p && p != d->my_proc && p <= d->nproc)
+                        procs[n++] = p - 1;
+                    cur = d->actors[cur - 1].qnext;
+                }
+            }
+            guard_unlock(&o->guard);
+            int64_t rdl = deadline < now + NP_SLICE_NS ? deadline : now + NP_SLICE_NS;
+            check_ahead(d, ai, tag, procs, n, rdl);
+            return NP_EINTR;
+        }
+        if (!queued) {
+            tx_begin(a, idx, 0);
+            np_tx_q_append(d, a, ai, o, idx, now);
+            tx_commit(d, a);
+        }
+        /* acquire: read under the guard, so any later post changes it. */
+        uint32_t w = __atomic_load_n(&a->wake, __ATOMIC_ACQUIRE);
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        int64_t until = deadline < slice_end ? deadline : slice_end;
+        /* seq_cst: pairs with np_wake_actors (Q4). */
+        __atomic_store_n(&a->sleeping, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&a->wake, __ATOMIC_SEQ_CST) == w && !closing(d))
+            np_futex_wait(&a->wake, w, until - now);
+        __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
+    }
+}
+
+int64_t np_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline)
+{
+    NP_ENTER(d);
+    int64_t rc = np_i_acquire(d, handle, deadline, NP_KIND_SEM);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline)
+{
+    NP_ENTER(d);
+    int64_t rc = np_i_acquire(d, handle, deadline, NP_KIND_MUTEX);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_fast_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline)
+{
+    return np_i_acquire(d, handle, deadline, NP_KIND_SEM);
+}
+
+int64_t np_fast_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline)
+{
+    return np_i_acquire(d, handle, deadline, NP_KIND_MUTEX);
+}

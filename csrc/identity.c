@@ -1,0 +1,393 @@
+/*
+ * identity.c — who is acting: process slots, actors, the thread cache.
+ *
+ * A process takes a slot (pid + start time) on first use of a domain, and
+ * each of its threads an actor (the unit that holds guards, writes redo logs
+ * and waits in queues).  A thread finds its actor through a small thread-
+ * local cache, most recently used first; fork() invalidates the whole cache
+ * (np_fork_epoch) so a child registers itself.
+ *
+ * Invariants kept here
+ *  S1 A slot goes FREE -> REGISTERING -> ALIVE by its own process, with one
+ *     CAS and two stores; start_time is stored before ALIVE is published.  A
+ *     process dead in REGISTERING owns no actor yet.
+ *  S2 (I3) An actor is claimed by one CAS on `proc' (0 -> slot + 1) and freed
+ *     by bumping `inc' first, then storing proc = 0 (release): its tags and
+ *     recoverer ids name that incarnation only.  A freed actor holds no guard,
+ *     has no valid intent and is in no queue.
+ *  S3 Recovery never needs a free entry: the creator is registered at
+ *     create; a process that finds the process or actor table full enters the
+ *     reserve (slot `processes', actor `actors'), recovers every dead slot
+ *     from there, leaves the reserve and tries again.  One process at a time
+ *     is in the reserve; a dead one's reserve is adopted by the next, after
+ *     its guards and intent are settled (T2 in tx.c).
+ *  S4 The thread cache evicts its least recently used entry, and frees the
+ *     evicted actor if it waits nowhere (its domain still open).
+ */
+#define _GNU_SOURCE
+#include "core_internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+uint64_t np_fork_epoch = 1;
+static uint64_t self_epoch;            /* epoch np_my_pid/np_my_start belong to */
+int32_t  np_my_pid;
+uint64_t np_my_start;
+__thread np_tcache np_tc[NP_TCACHE];
+
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t  init_once = PTHREAD_ONCE_INIT;
+pthread_mutex_t np_dom_mu = PTHREAD_MUTEX_INITIALIZER;
+np_domain *np_dom_list;
+static pthread_key_t exit_key;
+
+static int domain_open(np_domain *d, uint64_t serial)
+{
+    for (np_domain *x = np_dom_list; x; x = x->next)
+        if (x == d && x->serial == serial)
+            return 1;
+    return 0;
+}
+
+static void thread_exit(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&np_dom_mu);
+    for (int i = 0; i < NP_TCACHE; i++) {
+        np_tcache *c = &np_tc[i];
+        if (c->d && c->epoch == np_fork_epoch && domain_open(c->d, c->serial)
+                && np_thread_detach(c->d) == 0)
+            i = -1;                     /* the entries moved up: start again */
+    }
+    pthread_mutex_unlock(&np_dom_mu);
+}
+
+static void atfork_child(void)
+{
+    np_fork_epoch++;
+    pthread_mutex_init(&reg_mu, NULL);
+    pthread_mutex_init(&np_dom_mu, NULL);
+    np_test_disarm();
+}
+
+static void do_init(void)
+{
+    pthread_atfork(NULL, NULL, atfork_child);
+    pthread_key_create(&exit_key, thread_exit);
+}
+
+void np_identity_init(void)
+{
+    pthread_once(&init_once, do_init);
+    np_test_read_env();
+}
+
+/* /proc read failing (EMFILE): start 0 = "unknown", compared by pid only
+ * (conservative: a recycled pid then looks alive, never the reverse). */
+static uint64_t read_my_start(void)
+{
+    char path[64], buf[1024];
+    uint64_t s = 0;
+    snprintf(path, sizeof path, "/proc/self/stat");
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ')
+        return 0;
+    p += 2;
+    for (int fld = 3; fld < 22 && p; fld++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    if (p)
+        s = strtoull(p, NULL, 10);
+    return s;
+}
+
+void np_ensure_self(void)
+{
+    if (self_epoch != np_fork_epoch) {
+        np_my_pid = getpid();
+        np_my_start = read_my_start();
+        self_epoch = np_fork_epoch;
+    }
+}
+
+/* Register in slot p (free, or dead and adopted by the caller: `expect').
+ * S1. */
+static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
+{
+    np_proc *s = &d->procs[p];
+    /* acquire: we now own the slot; whoever freed it is done with it. */
+    if (!__atomic_compare_exchange_n(&s->w, &expect, PW_MAKE(np_my_pid, NP_PS_REGISTERING, 0),
+                                     0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return 0;
+    CRASHPOINT();
+    __atomic_store_n(&s->start_time, np_my_start, __ATOMIC_RELAXED);
+    CRASHPOINT();
+    /* release: start_time is visible to whoever sees ALIVE. */
+    __atomic_store_n(&s->w, PW_MAKE(np_my_pid, NP_PS_ALIVE, 0), __ATOMIC_RELEASE);
+    CRASHPOINT();
+    return 1;
+}
+
+/* Claim a free actor for slot p (+1); the caller's thread.  S2. */
+static int claim_actor(np_domain *d, uint32_t lo, uint32_t hi, uint32_t mp, uint32_t *out)
+{
+    for (uint32_t a = lo; a < hi; a++) {
+        uint32_t z = 0;
+        np_actor *x = &d->actors[a];
+        if (__atomic_load_n(&x->proc, __ATOMIC_RELAXED) != 0)
+            continue;
+        /* acquire: the previous owner's (or recovery's) stores are visible. */
+        if (!__atomic_compare_exchange_n(&x->proc, &z, mp, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            continue;
+        CRASHPOINT();
+        x->tid = (int32_t)syscall(SYS_gettid);
+        x->qnext = 0;
+        x->waiting_on = 0;
+        x->cancel_pending = 0;
+        x->intent_n = 0;
+        __atomic_store_n(&x->intent_valid, 0, __ATOMIC_RELAXED);
+        CRASHPOINT();
+        *out = a;
+        return 1;
+    }
+    return 0;
+}
+
+void np_free_actor(np_domain *d, uint32_t x)
+{
+    np_actor *ax = &d->actors[x];
+    ax->waiting_on = 0;
+    ax->cancel_pending = 0;
+    /* release: the incarnation ends before the actor can be claimed again. */
+    __atomic_add_fetch(&ax->inc, 1, __ATOMIC_RELEASE);
+    CRASHPOINT();
+    __atomic_store_n(&ax->proc, 0, __ATOMIC_RELEASE);
+    CRASHPOINT();
+}
+
+/* ---- the reserve (S3) ---- */
+
+/* Enter the reserve: its slot and actor become the caller's.  0, or
+ * NP_ENOSPC_PROC when another live process keeps it past the deadline. */
+static int reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadline)
+{
+    uint32_t R = d->rslot, A = d->ractor;
+    np_proc *s = &d->procs[R];
+    for (;;) {
+        uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+        if (w == 0) {
+            if (take_slot(d, R, 0))
+                break;
+            continue;
+        }
+        if (np_slot_state(d, R) == NP_DEAD) {
+            if (take_slot(d, R, w))     /* adopt a dead process's reserve */
+                break;
+            continue;
+        }
+        if (np_now() >= deadline)
+            return NP_ENOSPC_PROC;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    np_actor *x = &d->actors[A];
+    if (__atomic_load_n(&x->proc, __ATOMIC_ACQUIRE) != 0) {
+        /* A dead predecessor's actor: end its incarnation, settle what its
+         * tag still holds (T2), then its record is ours. */
+        uint32_t old = actor_tag(A, __atomic_load_n(&x->inc, __ATOMIC_RELAXED));
+        __atomic_add_fetch(&x->inc, 1, __ATOMIC_RELEASE);
+        CRASHPOINT();
+        uint32_t mine = actor_tag(A, x->inc);
+        __atomic_store_n(&x->proc, R + 1, __ATOMIC_RELEASE);
+        for (uint32_t g = 0; g <= d->nobj; g++) {
+            uint32_t v = __atomic_load_n(guard_word(d, g), __ATOMIC_ACQUIRE);
+            if (v && (v & NP_GUARD_TAG) == old)
+                np_guard_takeover(d, g, v, mine);
+        }
+        /* a guard it took over and released may have left its log valid
+         * only if it died between the two: settle it before reuse */
+        int rc;
+        while ((rc = np_settle_intent(d, A, mine, deadline)) == NP_EINTR)
+            ;
+        if (rc < 0)
+            return NP_ENOSPC_PROC;
+    } else {
+        uint32_t z = 0;
+        if (!__atomic_compare_exchange_n(&x->proc, &z, R + 1, 0, __ATOMIC_ACQUIRE,
+                                         __ATOMIC_RELAXED))
+            return NP_ENOSPC_PROC;      /* cannot happen: the slot is ours */
+        CRASHPOINT();
+    }
+    x->tid = (int32_t)syscall(SYS_gettid);
+    x->qnext = 0;
+    x->waiting_on = 0;
+    x->intent_n = 0;
+    *actor = A;
+    *tag = actor_tag(A, x->inc);
+    return 0;
+}
+
+static void reserve_leave(np_domain *d)
+{
+    uint32_t R = d->rslot;
+    np_free_actor(d, d->ractor);
+    uint64_t w = __atomic_load_n(&d->procs[R].w, __ATOMIC_RELAXED);
+    /* release: everything done from the reserve precedes its reuse. */
+    __atomic_compare_exchange_n(&d->procs[R].w, &w, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+    CRASHPOINT();
+}
+
+/* The table is full: recover every dead slot from the reserve.  The number
+ * recovered, or a negative code. */
+static int reclaim(np_domain *d)
+{
+    uint32_t a, tag;
+    int64_t deadline = np_now() + NP_RECLAIM_NS;
+    int rc = reserve_enter(d, &a, &tag, deadline);
+    if (rc < 0)
+        return rc;
+    int n = np_recover_all_dead(d, a, tag, deadline);
+    reserve_leave(d);
+    return n;
+}
+
+static int register_process(np_domain *d)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        for (uint32_t p = 0; p < d->nproc; p++)
+            if (__atomic_load_n(&d->procs[p].w, __ATOMIC_RELAXED) == 0 && take_slot(d, p, 0)) {
+                d->my_proc = p + 1;
+                d->my_epoch = np_fork_epoch;
+                return 0;
+            }
+        if (attempt == 0 && reclaim(d) <= 0)
+            break;
+    }
+    return NP_ENOSPC_PROC;
+}
+
+static void tcache_put(np_domain *d, uint32_t a, uint32_t tag)
+{
+    int i;
+    /* A free or stale entry, else the least recently used one that waits
+     * nowhere (S4). */
+    for (i = 0; i < NP_TCACHE; i++)
+        if (!np_tc[i].d || np_tc[i].epoch != np_fork_epoch)
+            break;
+    if (i == NP_TCACHE) {
+        pthread_mutex_lock(&np_dom_mu);
+        for (int j = NP_TCACHE - 1; j > 0; j--) {
+            np_tcache *c = &np_tc[j];
+            if (!domain_open(c->d, c->serial)) {
+                memset(c, 0, sizeof *c);    /* closed: nothing to free */
+                break;
+            }
+            np_actor *x = &c->d->actors[c->actor];
+            if (!__atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED)
+                    && np_thread_detach(c->d) == 0)
+                break;                      /* freed; its entry is gone */
+        }
+        pthread_mutex_unlock(&np_dom_mu);
+        for (i = 0; i < NP_TCACHE; i++)
+            if (!np_tc[i].d || np_tc[i].epoch != np_fork_epoch)
+                break;
+        if (i == NP_TCACHE)
+            i = NP_TCACHE - 1;              /* all wait: forget the oldest */
+    }
+    /* Most recent first: the inline fast path only looks at entry 0. */
+    memmove(&np_tc[1], &np_tc[0], sizeof np_tc[0] * (size_t)i);
+    np_tc[0].d = d;
+    np_tc[0].serial = d->serial;
+    np_tc[0].epoch = np_fork_epoch;
+    np_tc[0].actor = a;
+    np_tc[0].tag = tag;
+}
+
+NOINLINE int np_my_actor_slow(np_domain *d, uint32_t *out, uint32_t *tag)
+{
+    int i, rc = 0;
+    for (i = 1; i < NP_TCACHE; i++) {
+        np_tcache *c = &np_tc[i];
+        if (c->d == d && c->serial == d->serial && c->epoch == np_fork_epoch) {
+            np_tcache hit = *c;
+            memmove(&np_tc[1], &np_tc[0], sizeof np_tc[0] * (size_t)i);
+            np_tc[0] = hit;
+            *out = hit.actor;
+            *tag = hit.tag;
+            return 0;
+        }
+    }
+    np_identity_init();
+    pthread_mutex_lock(&reg_mu);
+    np_ensure_self();
+    if (!(d->my_epoch == np_fork_epoch && d->my_proc) && (rc = register_process(d)) < 0)
+        goto out;
+    uint32_t a;
+    if (!claim_actor(d, 0, d->nact, d->my_proc, &a)) {
+        if (reclaim(d) <= 0 || !claim_actor(d, 0, d->nact, d->my_proc, &a)) {
+            rc = NP_ENOSPC_ACT;
+            goto out;
+        }
+    }
+    *out = a;
+    *tag = actor_tag(a, d->actors[a].inc);
+    tcache_put(d, a, *tag);
+    pthread_setspecific(exit_key, (void *)1);   /* run thread_exit */
+out:
+    pthread_mutex_unlock(&reg_mu);
+    return rc;
+}
+
+int64_t np_register(np_domain *d)
+{
+    uint32_t a, t;
+    NP_ENTER(d);
+    int rc = my_actor(d, &a, &t);
+    NP_LEAVE(d);
+    return rc;
+}
+
+/* Forget d in this thread's cache (without freeing anything). */
+void np_tcache_drop(np_domain *d)
+{
+    for (int i = 0; i < NP_TCACHE; i++)
+        if (np_tc[i].d == d) {
+            memmove(&np_tc[i], &np_tc[i + 1], sizeof np_tc[0] * (size_t)(NP_TCACHE - 1 - i));
+            memset(&np_tc[NP_TCACHE - 1], 0, sizeof np_tc[0]);
+            i--;
+        }
+}
+
+int64_t np_thread_detach(np_domain *d)
+{
+    for (int i = 0; i < NP_TCACHE; i++) {
+        np_tcache *c = &np_tc[i];
+        if (c->d == d && c->serial == d->serial && c->epoch == np_fork_epoch) {
+            np_actor *x = &d->actors[c->actor];
+            if (__atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED))
+                np_i_wait_cancel(d);
+            if (__atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED))
+                return NP_EBUSY;
+            uint32_t a = c->actor;
+            np_tcache_drop(d);
+            np_free_actor(d, a);
+            return 0;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,194 @@
+/*
+ * introspect.c — reading the segment from outside the operations: object
+ * and process listings (lock-free, approximate while it changes) and the
+ * consistency check of a quiescent segment (used by every crash test).
+ *
+ * Invariants checked by np_check (all of I1-I4 and A1, Q1, N1 made concrete):
+ * no guard held, no valid intent, every queue well formed and matching its
+ * actors, names and objects in one-to-one correspondence, mutex value and
+ * owner agreeing, no mutex owned by a free or dead slot, no slot left in
+ * recovery or registration by a dead process, the reserve free, no actor of
+ * a free slot.
+ */
+#define _GNU_SOURCE
+#include "core_internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static int64_t obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out)
+{
+    uint32_t i;
+    if (kind == NP_KIND_SEM) {
+        if (index >= d->nsem)
+            return NP_EINVAL;
+        i = index;
+    } else if (kind == NP_KIND_MUTEX) {
+        if (index >= d->nmtx)
+            return NP_EINVAL;
+        i = d->nsem + index;
+    } else {
+        return NP_EINVAL;
+    }
+    np_obj *o = &d->objs[i];
+    if (!__atomic_load_n(&o->used, __ATOMIC_ACQUIRE))
+        return 0;
+    memset(out, 0, sizeof *out);
+    out->index = index;
+    out->kind = kind;
+    out->handle = (uint64_t)make_handle(d, i);
+    out->value = __atomic_load_n(&o->value, __ATOMIC_RELAXED);
+    out->protected_ = (int32_t)o->protected_;
+    uint32_t ow = __atomic_load_n(&o->owner, __ATOMIC_RELAXED);
+    out->owner_pid = ow && ow <= d->nproc ? PW_PID(__atomic_load_n(&d->procs[ow - 1].w, __ATOMIC_RELAXED)) : 0;
+    out->waiters = __atomic_load_n(&o->qlen, __ATOMIC_RELAXED);
+    memcpy(out->name, o->name, NP_NAME_MAX);
+    out->name[NP_NAME_MAX] = 0;
+    return 1;
+}
+
+static int64_t proc_info(np_domain *d, uint32_t index, np_proc_info_t *out)
+{
+    if (index > d->nproc)              /* the reserve is listed too */
+        return NP_EINVAL;
+    np_proc *s = &d->procs[index];
+    uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+    if (!w)
+        return 0;
+    memset(out, 0, sizeof *out);
+    out->index = index;
+    out->pid = PW_PID(w);
+    out->start_time = __atomic_load_n(&s->start_time, __ATOMIC_RELAXED);
+    out->state = PW_STATE(w) == NP_PS_RECOVERING ? 2 : PW_STATE(w) == NP_PS_REGISTERING ? 3 : 1;
+    out->reserved = index == d->rslot;
+    for (uint32_t x = 0; x <= d->nact; x++)
+        if (__atomic_load_n(&d->actors[x].proc, __ATOMIC_RELAXED) == index + 1)
+            out->threads++;
+    return 1;
+}
+
+#define FAIL(...) do { snprintf(buf, len, __VA_ARGS__); return NP_ECORRUPT; } while (0)
+
+static int64_t check(np_domain *d, char *buf, size_t len)
+{
+    uint32_t used = 0, entries = 0, slot;
+    if (buf && len)
+        buf[0] = 0;
+    if (!buf)
+        len = 0;
+    if (d->h->name_guard)
+        FAIL("name guard held (0x%x)", d->h->name_guard);
+    for (uint32_t x = 0; x <= d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        if (ax->intent_valid)
+            FAIL("actor %u has a valid intent (guard %u)", x, ax->intent_guard);
+        if (ax->proc > d->nproc + 1)
+            FAIL("actor %u: bad process slot %u", x, ax->proc);
+        if (ax->proc && d->procs[ax->proc - 1].w == 0)
+            FAIL("actor %u belongs to free process slot %u", x, ax->proc - 1);
+        if (ax->waiting_on > d->nobj)
+            FAIL("actor %u: bad waiting_on %u", x, ax->waiting_on);
+    }
+    for (uint32_t i = 0; i < d->nobj; i++) {
+        np_obj *o = &d->objs[i];
+        int sem = i < d->nsem;
+        const char *what = sem ? "semaphore" : "mutex";
+        uint32_t k = sem ? i : i - d->nsem;
+        if (o->guard)
+            FAIL("%s %u (%.64s) guard held (0x%x)", what, k, o->name, o->guard);
+        if (!o->used) {
+            if (o->qhead || o->qtail || o->qlen)
+                FAIL("free %s %u has a queue", what, k);
+            continue;
+        }
+        used++;
+        if (np_name_find(d, o->name, &slot) != i + 1)
+            FAIL("%s %u (%.64s) not found by name", what, k, o->name);
+        if (sem && o->value < 0)
+            FAIL("semaphore %u (%.64s) value %lld < 0", k, o->name, (long long)o->value);
+        if (!sem) {
+            if (o->value != 0 && o->value != 1)
+                FAIL("mutex %u (%.64s) value %lld", k, o->name, (long long)o->value);
+            if ((o->value == 0) != (o->owner != 0))
+                FAIL("mutex %u (%.64s) value %lld but owner %u", k, o->name,
+                     (long long)o->value, o->owner);
+            if (o->owner && (o->owner > d->nproc || d->procs[o->owner - 1].w == 0))
+                FAIL("mutex %u (%.64s) owned by free process slot %u", k, o->name, o->owner - 1);
+            if (o->owner && np_slot_state(d, o->owner - 1) == NP_DEAD)
+                FAIL("mutex %u (%.64s) owned by dead process slot %u", k, o->name, o->owner - 1);
+        }
+        uint32_t n = 0, cur = o->qhead, last = 0;
+        while (cur) {
+            if (cur > d->nact || n > d->nact)
+                FAIL("%s %u (%.64s) queue broken", what, k, o->name);
+            np_actor *ax = &d->actors[cur - 1];
+            if (ax->waiting_on != i + 1 || ax->wait_gen != o->gen || !ax->proc)
+                FAIL("%s %u (%.64s) queued actor %u not waiting on it", what, k, o->name, cur - 1);
+            last = cur;
+            cur = ax->qnext;
+            n++;
+        }
+        if (n != o->qlen || last != o->qtail)
+            FAIL("%s %u (%.64s) queue length %u / tail %u, walked %u / %u",
+                 what, k, o->name, o->qlen, o->qtail, n, last);
+    }
+    for (uint32_t x = 0; x < d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        uint32_t w = ax->waiting_on;
+        if (w && ax->proc && d->objs[w - 1].used && ax->wait_gen == d->objs[w - 1].gen
+            && np_q_pos(d, &d->objs[w - 1], x) == UINT32_MAX)
+            FAIL("actor %u waits on object %u but is not in its queue", x, w - 1);
+    }
+    for (uint32_t pos = 0; pos < d->name_cap; pos++) {
+        uint32_t e = d->names[pos];
+        if (e == 0 || e == NP_NAME_TOMB)
+            continue;
+        if (e > d->nobj || !d->objs[e - 1].used)
+            FAIL("name entry %u points to free object %u", pos, e - 1);
+        entries++;
+    }
+    if (entries != used)
+        FAIL("%u name entries for %u objects", entries, used);
+    for (uint32_t p = 0; p < d->nproc; p++) {
+        uint64_t w = d->procs[p].w;
+        if (w && PW_STATE(w) == NP_PS_RECOVERING)
+            FAIL("process slot %u (pid %d) left in recovery", p, PW_PID(w));
+        if (w && PW_STATE(w) == NP_PS_REGISTERING && np_slot_state(d, p) == NP_DEAD)
+            FAIL("process slot %u (pid %d) left registering by a dead process", p, PW_PID(w));
+    }
+    if (d->procs[d->rslot].w && np_slot_state(d, d->rslot) == NP_DEAD)
+        FAIL("the reserve slot is held by dead pid %d", PW_PID(d->procs[d->rslot].w));
+    for (uint32_t x = 0; x <= d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        if (ax->waiting_on && ax->proc && ax->cancel_pending == 0 && ax->waiting_on <= d->nobj
+            && d->objs[ax->waiting_on - 1].guard == 0 && !d->objs[ax->waiting_on - 1].used
+            && ax->wait_gen == d->objs[ax->waiting_on - 1].gen)
+            FAIL("actor %u waits on free object %u", x, ax->waiting_on - 1);
+    }
+    return 0;
+}
+
+
+int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out)
+{
+    NP_ENTER(d);
+    int64_t rc = obj_info(d, kind, index, out);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_proc_info(np_domain *d, uint32_t index, np_proc_info_t *out)
+{
+    NP_ENTER(d);
+    int64_t rc = proc_info(d, index, out);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_check(np_domain *d, char *buf, size_t len)
+{
+    NP_ENTER(d);
+    int64_t rc = check(d, buf, len);
+    NP_LEAVE(d);
+    return rc;
+}

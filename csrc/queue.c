@@ -1,0 +1,119 @@
+/*
+ * queue.c — FIFO wait queues and wake-ups.  Every function here runs under
+ * the object's guard and changes shared state only through the caller's
+ * redo log (tx_put), so it is part of the caller's transaction.
+ *
+ * Invariants kept here
+ *  Q1 A queue is a singly linked list of actor index + 1 (qhead, qnext,
+ *     qtail, qlen); an actor is in at most one queue, named by waiting_on
+ *     and the object's generation wait_gen.
+ *  Q2 Counts are never handed to a waiter: they stay in `value', and the
+ *     waiter at position p (0-based) may take one when value > p.  A poster
+ *     wakes the first min(value, qlen) waiters, who re-compete, so a dead or
+ *     departed waiter never swallows a count.
+ *  Q3 A waiter that had to give up without its object's guard (a stopped
+ *     process held it past the caller's deadline) marks itself
+ *     cancel_pending and sets the object's purge hint; the next guard holder
+ *     that sees the hint removes it, so it blocks nobody.
+ *  Q4 No lost wake-up: each actor sleeps on its own wake word, read under the
+ *     guard before releasing it; a waker increments it, then checks whether
+ *     the sleeper may be asleep (Dekker, seq_cst on both sides).
+ */
+#define _GNU_SOURCE
+#include "core_internal.h"
+
+uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a)
+{
+    uint32_t pos = 0, cur = o->qhead;
+    while (cur && pos <= d->nact) {
+        if (cur == a + 1)
+            return pos;
+        cur = d->actors[cur - 1].qnext;
+        pos++;
+    }
+    return UINT32_MAX;
+}
+
+void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim)
+{
+    uint32_t prev = 0, cur = o->qhead, n = 0;
+    while (cur && cur != victim + 1 && n++ <= d->nact) {
+        prev = cur;
+        cur = d->actors[cur - 1].qnext;
+    }
+    np_actor *v = &d->actors[victim];
+    if (cur == victim + 1) {
+        uint32_t next = v->qnext;
+        if (prev)
+            TX32(d, me, d->actors[prev - 1].qnext, next);
+        else
+            TX32(d, me, o->qhead, next);
+        if (o->qtail == victim + 1)
+            TX32(d, me, o->qtail, prev);
+        TX32(d, me, o->qlen, o->qlen - 1);
+    }
+    TX32(d, me, v->waiting_on, 0);
+}
+
+void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx,
+                    int64_t now)
+{
+    TX64(d, me, me->wait_since, now);
+    TX32(d, me, me->qnext, 0);
+    TX32(d, me, me->wait_gen, o->gen);
+    TX32(d, me, me->waiting_on, idx + 1);
+    TX32(d, me, me->cancel_pending, 0);
+    if (o->qtail)
+        TX32(d, me, d->actors[o->qtail - 1].qnext, ai + 1);
+    else
+        TX32(d, me, o->qhead, ai + 1);
+    TX32(d, me, o->qtail, ai + 1);
+    TX32(d, me, o->qlen, o->qlen + 1);
+}
+
+/* The first min(value, qlen) queued actors (capped): those entitled. */
+int np_q_collect(np_domain *d, np_obj *o, uint32_t *out)
+{
+    int64_t v = o->value;
+    int n = 0;
+    uint32_t cur = o->qhead, steps = 0;
+    while (cur && n < v && n < NP_WAKE_BATCH && steps++ <= d->nact) {
+        out[n++] = cur - 1;
+        cur = d->actors[cur - 1].qnext;
+    }
+    return n;
+}
+
+/* Q3: remove the waiters that gave up; one transaction each.  `me' is the
+ * guard holder's actor (its log).  Clears the hint first: a waiter that
+ * gives up after this sets it again. */
+void np_q_purge(np_domain *d, np_actor *me, np_obj *o)
+{
+    uint32_t o_idx = (uint32_t)(o - d->objs);
+    __atomic_store_n(&o->purge, 0, __ATOMIC_SEQ_CST);
+    uint32_t cur = o->qhead, steps = 0;
+    while (cur && steps++ <= d->nact) {
+        np_actor *x = &d->actors[cur - 1];
+        uint32_t next = x->qnext;
+        if (__atomic_load_n(&x->cancel_pending, __ATOMIC_SEQ_CST)) {
+            tx_begin(me, o_idx, 0);
+            np_tx_q_remove(d, me, o, cur - 1);
+            tx_commit(d, me);
+        }
+        cur = next;
+    }
+}
+
+void np_wake_actors(np_domain *d, const uint32_t *who, int n)
+{
+    for (int i = 0; i < n; i++) {
+        np_actor *x = &d->actors[who[i]];
+        /* seq_cst, with the sleeper's store of `sleeping' and load of
+         * `wake' (Q4): either it sees our increment and does not sleep, or
+         * we see its flag and wake it.  Only the first waker after it went to
+         * sleep makes the system call. */
+        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
+            np_futex_wake(&x->wake, 1);
+    }
+}

@@ -1,0 +1,276 @@
+/*
+ * recovery.c — recover(pid): give back what a dead process held.
+ *
+ * A process slot is a small state machine, every transition one CAS of its
+ * word (core_internal.h):
+ *
+ *   FREE -> REGISTERING -> ALIVE                      (identity.c, S1)
+ *   ALIVE/REGISTERING --(process certainly dead)--> RECOVERING(me)
+ *   RECOVERING(r) --(r certainly dead, or r = 0)--> RECOVERING(me)   steal
+ *   RECOVERING(me) --(could not finish by the deadline)--> RECOVERING(0)
+ *   RECOVERING(me) --(body done)--> FREE
+ *
+ * The body, run only by the slot's current claimant:
+ *   1. wait-free: take over every guard an actor of the slot holds, redoing
+ *      the intents that cover it (tx.c, T1), and settle any intent of its
+ *      actors still valid under a guard some dead recoverer took over;
+ *   2. revert its protected deltas of the current generation, clamped to
+ *      [0, NP_VALUE_MAX] (saturating: a value near the maximum is not reset);
+ *   3. unlock the mutexes it owns;
+ *   4. take its actors out of the queues they wait in;
+ *   5. free its actors (incarnation bumped first, I3), then the slot.
+ * Steps 2-4 are ordinary guarded transactions of the claimant, with its own
+ * redo log, so a claimant that dies is like any dead process: its guards are
+ * taken over by whoever needs them (T1) and the slot it claimed is stolen,
+ * because its recoverer id (actor + incarnation, I3) is dead.  Every step is
+ * idempotent, so a stolen body simply runs again.
+ *
+ * Invariants kept here
+ *  V1 No cycle: nothing here waits for another recovery to finish.  Guards of
+ *     the dead are taken over in place; the only waits are for guards held by
+ *     live processes, and they honour the caller's deadline.
+ *  V2 A claimant that cannot finish by its deadline (a guard held by a
+ *     stopped process) unclaims the slot (recoverer 0) and reports
+ *     NP_EAGAIN: anyone may finish it later; nothing is lost meanwhile.
+ *  V3 Only a certainly dead process's slot is claimed (I4); "cannot tell"
+ *     reports NP_EAGAIN.
+ *  V4 Exclusive: one claimant at a time, so step 5 never frees an actor or
+ *     slot that a new process has taken since.
+ */
+#define _GNU_SOURCE
+#include "core_internal.h"
+
+/* value - delta, clamped to [0, NP_VALUE_MAX], without signed overflow */
+static int64_t revert(int64_t value, int64_t delta)
+{
+    int64_t r;
+    if (__builtin_sub_overflow(value, delta, &r))
+        return delta < 0 ? (int64_t)NP_VALUE_MAX : 0;
+    return r < 0 ? 0 : r;
+}
+
+static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline)
+{
+    np_actor *a = &d->actors[me];
+    uint32_t who[NP_WAKE_BATCH];
+    int n, rc;
+
+    /* (1) guards held by the dead process's actors, and their intents */
+    for (uint32_t g = 0; g <= d->nobj; g++) {
+        uint32_t v = __atomic_load_n(guard_word(d, g), __ATOMIC_ACQUIRE);
+        uint32_t x1 = v & NP_TAG_ACTOR;
+        if (!v || x1 == 0 || x1 > d->nact + 1 || (v & NP_GUARD_TAG) == tag)
+            continue;
+        if (__atomic_load_n(&d->actors[x1 - 1].proc, __ATOMIC_ACQUIRE) != p + 1)
+            continue;
+        np_guard_takeover(d, g, v, tag);
+    }
+    for (uint32_t x = 0; x < d->nact; x++)
+        if (x != me && __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) == p + 1
+            && (rc = np_settle_intent(d, x, tag, deadline)) < 0)
+            return rc;
+
+    /* (2) protected deltas */
+    for (uint32_t i = 0; i < d->nsem; i++) {
+        np_delta *e = delta_of(d, p, i);
+        if (__atomic_load_n(&e->delta, __ATOMIC_RELAXED) == 0)
+            continue;
+        np_obj *o = &d->objs[i];
+        if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)
+            return rc;
+        CRASHPOINT();
+        if (o->purge)
+            np_q_purge(d, a, o);
+        n = 0;
+        tx_begin(a, i, 0);
+        if (o->used && e->gen == o->gen && e->delta) {
+            int64_t v = revert(o->value, e->delta);
+            TX64(d, a, o->value, v);
+            if (v > o->value)
+                n = -1;
+        }
+        TX64(d, a, e->delta, 0);
+        tx_commit(d, a);
+        if (n < 0)
+            n = np_q_collect(d, o, who);
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        np_wake_actors(d, who, n);
+    }
+
+    /* (3) mutexes owned by the dead process */
+    for (uint32_t i = d->nsem; i < d->nobj; i++) {
+        np_obj *o = &d->objs[i];
+        if (__atomic_load_n(&o->owner, __ATOMIC_RELAXED) != p + 1)
+            continue;
+        if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)
+            return rc;
+        CRASHPOINT();
+        n = 0;
+        if (o->used && o->owner == p + 1) {
+            tx_begin(a, i, 0);
+            TX64(d, a, o->value, 1);
+            TX32(d, a, o->owner, 0);
+            tx_commit(d, a);
+            n = np_q_collect(d, o, who);
+        }
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        np_wake_actors(d, who, n);
+    }
+
+    /* (4) waits of the dead process */
+    for (uint32_t x = 0; x < d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        if (x == me || __atomic_load_n(&ax->proc, __ATOMIC_ACQUIRE) != p + 1)
+            continue;
+        uint32_t w = __atomic_load_n(&ax->waiting_on, __ATOMIC_RELAXED);
+        if (!w || w > d->nobj)
+            continue;
+        np_obj *o = &d->objs[w - 1];
+        if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)
+            return rc;
+        CRASHPOINT();
+        n = 0;
+        if (ax->waiting_on == w) {
+            tx_begin(a, w - 1, 0);
+            if (o->used && ax->wait_gen == o->gen)
+                np_tx_q_remove(d, a, o, x);
+            else
+                TX32(d, a, ax->waiting_on, 0);
+            tx_commit(d, a);
+            if (o->used && o->value > 0)
+                n = np_q_collect(d, o, who);
+        }
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        np_wake_actors(d, who, n);
+    }
+
+    /* (5) free the actors (ours last when we leave our own slot) */
+    for (uint32_t x = 0; x < d->nact; x++)
+        if (x != me && __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) == p + 1)
+            np_free_actor(d, x);
+    return 0;
+}
+
+static int run_claimed(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t w,
+                       int64_t deadline)
+{
+    CRASHPOINT();
+    int rc = recover_body(d, me, tag, p, deadline);
+    if (rc < 0) {
+        /* V2: leave it for anyone to finish. */
+        uint64_t open = PW_MAKE(PW_PID(w), NP_PS_RECOVERING, 0);
+        __atomic_compare_exchange_n(&d->procs[p].w, &w, open, 0,
+                                    __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+        CRASHPOINT();
+        return NP_EAGAIN;
+    }
+    if (__atomic_load_n(&d->actors[me].proc, __ATOMIC_ACQUIRE) == p + 1)
+        np_free_actor(d, me);           /* leaving our own slot */
+    /* release: everything above precedes the slot's reuse. */
+    __atomic_compare_exchange_n(&d->procs[p].w, &w, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+    CRASHPOINT();
+    return 1;
+}
+
+int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline)
+{
+    np_proc *s = &d->procs[p];
+    uint64_t mine = actor_rec(me, __atomic_load_n(&d->actors[me].inc, __ATOMIC_RELAXED)), w;
+    for (;;) {
+        w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+        int32_t pid = PW_PID(w);
+        int st;
+        if (w == 0)
+            return 0;
+        switch (PW_STATE(w)) {
+        case NP_PS_ALIVE:
+            st = np_proc_state(pid, __atomic_load_n(&s->start_time, __ATOMIC_RELAXED));
+            break;
+        case NP_PS_REGISTERING:
+            st = np_proc_state(pid, 0);
+            break;
+        case NP_PS_RECOVERING:
+            if (PW_REC(w) == mine)
+                return run_claimed(d, me, tag, p, w, deadline);     /* resume */
+            st = np_rec_state(d, PW_REC(w));
+            if (st == NP_ALIVE)
+                return NP_EAGAIN;       /* another live recoverer is at it */
+            break;
+        default:
+            return 0;
+        }
+        if (st == NP_ALIVE)
+            return 0;
+        if (st == NP_UNKNOWN)
+            return NP_EAGAIN;           /* V3 */
+        uint64_t claimed = PW_MAKE(pid, NP_PS_RECOVERING, mine);
+        /* acquire: pairs with the release stores of the slot's last owner. */
+        if (__atomic_compare_exchange_n(&s->w, &w, claimed, 0,
+                                        __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            return run_claimed(d, me, tag, p, claimed, deadline);
+    }
+}
+
+/* The caller's own slot p: give back what it holds and free it (close). */
+int np_leave_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline)
+{
+    np_proc *s = &d->procs[p];
+    uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+    if (PW_STATE(w) != NP_PS_ALIVE || PW_PID(w) != (np_my_pid & (int32_t)NP_PID_MASK))
+        return 0;
+    uint64_t mine = actor_rec(me, __atomic_load_n(&d->actors[me].inc, __ATOMIC_RELAXED));
+    uint64_t claimed = PW_MAKE(PW_PID(w), NP_PS_RECOVERING, mine);
+    if (!__atomic_compare_exchange_n(&s->w, &w, claimed, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return 0;
+    return run_claimed(d, me, tag, p, claimed, deadline);
+}
+
+int np_recover_all_dead(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
+{
+    int n = 0;
+    for (uint32_t p = 0; p < d->nproc; p++)
+        if (__atomic_load_n(&d->procs[p].w, __ATOMIC_RELAXED) != 0
+            && np_recover_slot(d, me, tag, p, deadline) == 1)
+            n++;
+    return n;
+}
+
+int64_t np_recover(np_domain *d, int32_t pid, int64_t deadline)
+{
+    uint32_t me, tag;
+    int rc, incomplete = 0;
+    int64_t count = 0;
+    if (pid <= 0 || pid > (int32_t)NP_PID_MASK)
+        return NP_EINVAL;
+    NP_ENTER(d);
+    if ((rc = my_actor(d, &me, &tag)) < 0) {
+        NP_LEAVE(d);
+        return rc;
+    }
+    for (uint32_t p = 0; p < d->nproc; p++) {
+        uint64_t w = __atomic_load_n(&d->procs[p].w, __ATOMIC_ACQUIRE);
+        if (w && PW_PID(w) == pid) {
+            rc = np_recover_slot(d, me, tag, p, deadline);
+            if (rc < 0)
+                incomplete = 1;
+            else
+                count += rc;
+        }
+    }
+    /* Finish recoveries whose recoverer died or gave up (V2). */
+    for (uint32_t p = 0; p < d->nproc; p++) {
+        uint64_t w = __atomic_load_n(&d->procs[p].w, __ATOMIC_ACQUIRE);
+        if (PW_STATE(w) == NP_PS_RECOVERING) {
+            rc = np_recover_slot(d, me, tag, p, deadline);
+            if (rc < 0 && PW_PID(w) == pid)
+                incomplete = 1;
+            else if (rc > 0)
+                count += rc;
+        }
+    }
+    NP_LEAVE(d);
+    return incomplete ? NP_EAGAIN : count;
+}

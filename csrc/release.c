@@ -1,0 +1,204 @@
+/*
+ * release.c — semaphore increment and mutex unlock (one implementation),
+ * leaving a wait queue, and the lock-free reads (get, deltas).
+ *
+ * Invariants kept here (with A1 of acquire.c and Q1-Q4 of queue.c)
+ *  R1 A release puts one unit back into `value' (a mutex: value 1, owner 0)
+ *     and wakes the waiters then entitled, after releasing the guard; it
+ *     never exceeds NP_VALUE_MAX (NP_EOVERFLOW, nothing changed).
+ *  R2 A protected delta is revised with saturating arithmetic.
+ *  R3 Leaving a queue wakes those who became entitled by it; when the guard
+ *     cannot be had in one slice the caller is marked given up (Q3) and the
+ *     call still succeeds: the caller is no longer waiting.
+ *  R4 get reads value between two reads of the same generation, so it
+ *     belongs to the handle's incarnation.
+ */
+#define _GNU_SOURCE
+#include "core_internal.h"
+
+#include <sched.h>
+
+int64_t np_i_release(np_domain *d, uint64_t handle, int kind)
+{
+    uint32_t idx, ai, tag, who[NP_WAKE_BATCH];
+    int rc, n = 0;
+    if ((rc = handle_obj(d, handle, kind, &idx)) < 0)
+        return rc;
+    if ((rc = my_actor(d, &ai, &tag)) < 0)
+        return rc;
+    np_obj *o = &d->objs[idx];
+    np_actor *a = &d->actors[ai];
+    if (unlikely((rc = guard_lock(d, &o->guard, tag, NP_NOWAIT)) < 0))
+        return rc;
+    CRASHPOINT();
+    if (unlikely(__atomic_load_n(&o->purge, __ATOMIC_RELAXED)))
+        np_q_purge(d, a, o);
+    if (unlikely(!o->used || o->gen != handle_gen(handle))) {
+        guard_unlock(&o->guard);
+        return NP_ESTALE;
+    }
+    int64_t v = o->value;
+    if (kind == NP_KIND_MUTEX && v != 0) {      /* not locked: no-op */
+        guard_unlock(&o->guard);
+        return 0;
+    }
+    if (unlikely(v >= (int64_t)NP_VALUE_MAX)) {
+        guard_unlock(&o->guard);
+        return NP_EOVERFLOW;
+    }
+    tx_begin(a, idx, 0);
+    TX64(d, a, o->value, v + 1);
+    if (kind == NP_KIND_MUTEX) {
+        TX32(d, a, o->owner, 0);
+    } else if (o->protected_) {
+        np_delta *e = delta_of(d, d->my_proc - 1, idx);
+        int64_t cur = e->gen == o->gen ? e->delta : 0;
+        TX32(d, a, e->gen, o->gen);
+        TX64(d, a, e->delta, sat_add(cur, 1));
+    }
+    tx_commit(d, a);
+    if (unlikely(o->qlen))
+        n = np_q_collect(d, o, who);
+    /* relaxed: a hint for spinning waiters, ordered by nothing. */
+    __atomic_store_n(&o->rel_cpu, sched_getcpu(), __ATOMIC_RELAXED);
+    guard_unlock(&o->guard);
+    CRASHPOINT();
+    np_wake_actors(d, who, n);
+    return kind == NP_KIND_MUTEX ? 0 : v + 1;
+}
+
+int64_t np_sem_increment(np_domain *d, uint64_t handle)
+{
+    NP_ENTER(d);
+    int64_t rc = np_i_release(d, handle, NP_KIND_SEM);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_mutex_unlock(np_domain *d, uint64_t handle)
+{
+    NP_ENTER(d);
+    int64_t rc = np_i_release(d, handle, NP_KIND_MUTEX);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_fast_sem_increment(np_domain *d, uint64_t handle)
+{
+    return np_i_release(d, handle, NP_KIND_SEM);
+}
+
+int64_t np_fast_mutex_unlock(np_domain *d, uint64_t handle)
+{
+    return np_i_release(d, handle, NP_KIND_MUTEX);
+}
+
+int64_t np_i_wait_cancel(np_domain *d)
+{
+    uint32_t ai, tag, who[NP_WAKE_BATCH];
+    int rc, n = 0;
+    if ((rc = my_actor(d, &ai, &tag)) < 0)
+        return rc;
+    np_actor *a = &d->actors[ai];
+    uint32_t w = __atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED);
+    if (!w || w > d->nobj)
+        return 0;
+    np_obj *o = &d->objs[w - 1];
+    if (guard_lock(d, &o->guard, tag, NP_NOWAIT) < 0) {
+        /* seq_cst: the flag is visible before the hint (Q3, R3). */
+        __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    CRASHPOINT();
+    if (a->waiting_on == w) {
+        tx_begin(a, w - 1, 0);
+        if (o->used && a->wait_gen == o->gen)
+            np_tx_q_remove(d, a, o, ai);
+        else
+            TX32(d, a, a->waiting_on, 0);
+        tx_commit(d, a);
+        if (o->used && o->value > 0 && o->qlen)
+            n = np_q_collect(d, o, who);   /* we may have been entitled */
+    }
+    guard_unlock(&o->guard);
+    CRASHPOINT();
+    np_wake_actors(d, who, n);
+    return 0;
+}
+
+int64_t np_wait_cancel(np_domain *d)
+{
+    NP_ENTER(d);
+    int64_t rc = np_i_wait_cancel(d);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_fast_wait_cancel(np_domain *d)
+{
+    return np_i_wait_cancel(d);
+}
+
+static int64_t sem_get(np_domain *d, uint64_t handle)
+{
+    uint32_t idx;
+    int rc;
+    if ((rc = handle_obj(d, handle, NP_KIND_SEM, &idx)) < 0)
+        return rc;
+    np_obj *o = &d->objs[idx];
+    /* acquire/acquire: R4. */
+    uint32_t g1 = __atomic_load_n(&o->gen, __ATOMIC_ACQUIRE);
+    int64_t v = __atomic_load_n(&o->value, __ATOMIC_ACQUIRE);
+    uint32_t u = __atomic_load_n(&o->used, __ATOMIC_ACQUIRE);
+    uint32_t g2 = __atomic_load_n(&o->gen, __ATOMIC_RELAXED);
+    if (!u || g1 != g2 || g1 != handle_gen(handle))
+        return NP_ESTALE;
+    return v;
+}
+
+int64_t np_sem_delta(np_domain *d, uint64_t handle, int32_t pid)
+{
+    int64_t v;
+    int64_t rc = np_sem_delta_of(d, handle, pid, &v);
+    return rc < 0 ? rc : v;
+}
+
+static int64_t sem_delta_of(np_domain *d, uint64_t handle, int32_t pid, int64_t *out)
+{
+    uint32_t idx;
+    int rc;
+    if ((rc = handle_obj(d, handle, NP_KIND_SEM, &idx)) < 0)
+        return rc;
+    np_obj *o = &d->objs[idx];
+    uint32_t gen = handle_gen(handle);
+    if (!__atomic_load_n(&o->used, __ATOMIC_ACQUIRE) || o->gen != gen)
+        return NP_ESTALE;
+    int64_t sum = 0;
+    for (uint32_t p = 0; p < d->nproc; p++) {
+        uint64_t w = __atomic_load_n(&d->procs[p].w, __ATOMIC_ACQUIRE);
+        if (w == 0 || PW_PID(w) != pid)
+            continue;
+        np_delta *e = delta_of(d, p, idx);
+        if (__atomic_load_n(&e->gen, __ATOMIC_RELAXED) == gen)
+            sum = sat_add(sum, __atomic_load_n(&e->delta, __ATOMIC_RELAXED));
+    }
+    *out = sum;
+    return 0;
+}
+
+int64_t np_sem_get(np_domain *d, uint64_t handle)
+{
+    NP_ENTER(d);
+    int64_t rc = sem_get(d, handle);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_sem_delta_of(np_domain *d, uint64_t handle, int32_t pid, int64_t *out)
+{
+    NP_ENTER(d);
+    int64_t rc = sem_delta_of(d, handle, pid, out);
+    NP_LEAVE(d);
+    return rc;
+}

@@ -1,0 +1,102 @@
+"""Helpers of the native-core tests: forked children that act on a Domain, die, stop
+or wait, with every wait bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+
+from netplex_native import _native
+
+
+def child(fn, *args, test_mode: bool = True) -> int:
+    """Fork a child that runs fn(*args) and exits 0 (1 if it raised); with
+    test_mode the core's crash points may be armed in it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if test_mode:
+                os.environ["NETPLEX_CORE_TEST"] = "1"
+            fn(*args)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def arm(n: int, sig: int = signal.SIGKILL) -> None:
+    """In a test-mode child: send sig at the n-th crash point from now."""
+    assert _native._lib.np_test_crash_signal(sig) == 0
+    assert _native._lib.np_test_crash_after(n) == 0
+
+
+def reap(pid: int, timeout: float = 20.0) -> int:
+    """Wait for pid (bounded); returns its wait status.  Kills it on timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        p, status = os.waitpid(pid, os.WNOHANG)
+        if p:
+            return status
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} hung")
+
+
+def killed(status: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def exited_ok(status: int) -> bool:
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def kill_and_reap(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    reap(pid)
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until pid is in state T (stopped)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                    return
+        except OSError:
+            raise AssertionError(f"{pid} died instead of stopping")
+        time.sleep(0.002)
+    raise AssertionError(f"{pid} did not stop")
+
+
+def until(cond, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def sem(dom, name):
+    return next((o for o in dom.semaphores() if o["name"] == name), None)
+
+
+def mtx(dom, name):
+    return next((o for o in dom.mutexes() if o["name"] == name), None)
+
+
+def pids(dom) -> list[int]:
+    return sorted(p["pid"] for p in dom.processes())
+
+
+def hold_until_killed(ready_w: int) -> None:
+    """Tell the parent we are ready, then sleep until killed."""
+    os.write(ready_w, b"r")
+    while True:
+        time.sleep(1)
