@@ -264,6 +264,7 @@ void np_identity_init(void);
 extern pthread_mutex_t np_dom_mu;      /* guards np_dom_list */
 extern np_domain *np_dom_list;          /* open domains of this process */
 void np_free_actor(np_domain *d, uint32_t x);
+int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int64_t deadline);
 
 /* ---- liveness.c ---- */
 int np_proc_state(int32_t pid, uint64_t start);            /* NP_DEAD / ALIVE / UNKNOWN */

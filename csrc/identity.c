@@ -182,6 +182,35 @@ void np_free_actor(np_domain *d, uint32_t x)
 
 /* ---- the reserve (S3) ---- */
 
+/* Is the reserve's holder certainly gone?  A reserve being cleaned up by a
+ * live recoverer (RECOVERING) is not. */
+static int reserve_dead(np_domain *d, uint64_t w)
+{
+    if (PW_STATE(w) == NP_PS_RECOVERING)
+        return np_rec_state(d, PW_REC(w)) == NP_DEAD;
+    return np_slot_state(d, d->rslot) == NP_DEAD;
+}
+
+/* End the reserve actor's current incarnation and settle what its old tag
+ * still holds (T2), acting as `tag' (whose guards these become). */
+static int reserve_settle(np_domain *d, uint32_t tag, int64_t deadline)
+{
+    uint32_t A = d->ractor;
+    np_actor *x = &d->actors[A];
+    uint32_t old = actor_tag(A, __atomic_load_n(&x->inc, __ATOMIC_RELAXED));
+    __atomic_add_fetch(&x->inc, 1, __ATOMIC_RELEASE);
+    CRASHPOINT();
+    for (uint32_t g = 0; g <= d->nobj; g++) {
+        uint32_t v = __atomic_load_n(guard_word(d, g), __ATOMIC_ACQUIRE);
+        if (v && (v & NP_GUARD_TAG) == old)
+            np_guard_takeover(d, g, v, tag);
+    }
+    int rc;
+    while ((rc = np_settle_intent(d, A, tag, deadline)) == NP_EINTR)
+        ;
+    return rc;
+}
+
 /* Enter the reserve: its slot and actor become the caller's.  0, or
  * NP_ENOSPC_PROC when another live process keeps it past the deadline. */
 static int reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadline)
@@ -195,7 +224,7 @@ static int reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t d
                 break;
             continue;
         }
-        if (np_slot_state(d, R) == NP_DEAD) {
+        if (reserve_dead(d, w)) {
             if (take_slot(d, R, w))     /* adopt a dead process's reserve */
                 break;
             continue;
@@ -207,24 +236,11 @@ static int reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t d
     }
     np_actor *x = &d->actors[A];
     if (__atomic_load_n(&x->proc, __ATOMIC_ACQUIRE) != 0) {
-        /* A dead predecessor's actor: end its incarnation, settle what its
-         * tag still holds (T2), then its record is ours. */
-        uint32_t old = actor_tag(A, __atomic_load_n(&x->inc, __ATOMIC_RELAXED));
-        __atomic_add_fetch(&x->inc, 1, __ATOMIC_RELEASE);
-        CRASHPOINT();
-        uint32_t mine = actor_tag(A, x->inc);
+        /* A dead predecessor's actor: its record becomes ours once what its
+         * old incarnation holds is settled, under our new incarnation. */
+        uint32_t mine = actor_tag(A, x->inc + 1);
         __atomic_store_n(&x->proc, R + 1, __ATOMIC_RELEASE);
-        for (uint32_t g = 0; g <= d->nobj; g++) {
-            uint32_t v = __atomic_load_n(guard_word(d, g), __ATOMIC_ACQUIRE);
-            if (v && (v & NP_GUARD_TAG) == old)
-                np_guard_takeover(d, g, v, mine);
-        }
-        /* a guard it took over and released may have left its log valid
-         * only if it died between the two: settle it before reuse */
-        int rc;
-        while ((rc = np_settle_intent(d, A, mine, deadline)) == NP_EINTR)
-            ;
-        if (rc < 0)
+        if (reserve_settle(d, mine, deadline) < 0)
             return NP_ENOSPC_PROC;
     } else {
         uint32_t z = 0;
@@ -240,6 +256,37 @@ static int reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t d
     *actor = A;
     *tag = actor_tag(A, x->inc);
     return 0;
+}
+
+/* recover(pid) of a process that died in the reserve: the caller (me, tag)
+ * claims the reserve slot, settles its actor and frees both.  1 done, 0
+ * nothing to do, NP_EAGAIN could not finish now. */
+int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int64_t deadline)
+{
+    np_proc *s = &d->procs[d->rslot];
+    uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+    if (w == 0 || PW_PID(w) != pid)
+        return 0;
+    if (!reserve_dead(d, w))
+        return PW_STATE(w) == NP_PS_RECOVERING ? NP_EAGAIN : 0;
+    uint64_t claimed = PW_MAKE(pid, NP_PS_RECOVERING,
+                               actor_rec(me, __atomic_load_n(&d->actors[me].inc, __ATOMIC_RELAXED)));
+    if (!__atomic_compare_exchange_n(&s->w, &w, claimed, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return NP_EAGAIN;
+    CRASHPOINT();
+    if (__atomic_load_n(&d->actors[d->ractor].proc, __ATOMIC_ACQUIRE) != 0) {
+        if (reserve_settle(d, tag, deadline) < 0) {
+            uint64_t open = PW_MAKE(pid, NP_PS_RECOVERING, 0);
+            __atomic_compare_exchange_n(&s->w, &claimed, open, 0, __ATOMIC_RELEASE,
+                                        __ATOMIC_RELAXED);
+            return NP_EAGAIN;
+        }
+        np_free_actor(d, d->ractor);
+    }
+    /* release: everything above precedes the reserve's reuse. */
+    __atomic_compare_exchange_n(&s->w, &claimed, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+    CRASHPOINT();
+    return 1;
 }
 
 static void reserve_leave(np_domain *d)

@@ -260,6 +260,12 @@ int64_t np_recover(np_domain *d, int32_t pid, int64_t deadline)
                 count += rc;
         }
     }
+    /* A process that died while reclaiming a full table (identity.c, S3). */
+    rc = np_reserve_recover(d, me, tag, pid, deadline);
+    if (rc < 0)
+        incomplete = 1;
+    else
+        count += rc;
     /* Finish recoveries whose recoverer died or gave up (V2). */
     for (uint32_t p = 0; p < d->nproc; p++) {
         uint64_t w = __atomic_load_n(&d->procs[p].w, __ATOMIC_ACQUIRE);

@@ -1,0 +1,163 @@
+"""Crash at every crash point inside recovery.
+
+A victim V dies holding a guard (with its redo log in each of its states), a
+protected count, a mutex and a queued wait.  A recoverer R, which has a stake in
+the very object whose guard V holds, is SIGKILLed at the n-th crash point of
+recover(V), for n = 1, 2, ... until it completes; in the chain variant a second
+recoverer R2 is killed inside its own recovery of what R left.  Then the parent
+(the supervisor) recovers everyone with a bounded recover, and every value,
+delta, owner, queue and slot is exactly as it must be."""
+
+import os
+import threading
+
+import pytest
+
+from netplex_native import _native
+
+from native_helpers import (arm, child, hold_until_killed, kill_and_reap, killed, mtx, pids,
+                            reap, sem, until)
+
+MAX_STEPS = 400
+STEPS = {}
+
+
+def scene(dom, victim_crash):
+    """V: takes s (protected), locks m, a thread queues on q, then dies at crash
+    point victim_crash of increment(t) (holding t's guard).  R: took one unit of
+    t (protected) first, and waits for the go.  Returns (V, R, go_fd)."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def recoverer():
+        dom.sem_decrement("t")
+        os.write(w, b"r")
+        n, victim_pid = map(int, os.read(go_r, 64).decode().split())
+        arm(n)
+        dom.recover(victim_pid)
+        os.write(w, b"d")
+
+    def victim():
+        dom.sem_decrement("s")
+        dom.mutex_lock("m")
+        threading.Thread(target=lambda: dom.sem_decrement("q", wait=True), daemon=True).start()
+        until(lambda: sem(dom, "q")["waiters"] == 1, what="queued")
+        arm(victim_crash)
+        dom.sem_increment("t")
+        raise AssertionError("not reached")
+
+    rpid = child(recoverer)
+    os.read(r, 1)
+    v_pid = child(victim)
+    assert killed(reap(v_pid))
+    return v_pid, rpid, go_w, r
+
+
+def check_exact(dom):
+    assert dom.sem_get("s") == 3
+    assert dom.sem_get("t") == 5
+    q = sem(dom, "q")
+    assert q["value"] == 0 and q["waiters"] == 0, q
+    info = mtx(dom, "m")
+    assert info["locked"] is False and info["waiters"] == 0
+    for name in ("s", "t"):
+        assert sem(dom, name)["holders"] == {}, sem(dom, name)
+    assert pids(dom) == [os.getpid()]
+    dom.check()
+
+
+@pytest.fixture
+def rdom():
+    d = _native.Domain.create(semaphores=8, mutexes=8, processes=16)
+    d.sem_create("s", 3, protected=True)
+    d.sem_create("t", 5, protected=True)
+    d.sem_create("q", 0, protected=True)
+    d.mutex_unlock("m")
+    yield d
+    d.unlink()
+    d.close()
+
+
+def enumerate_recoverer_crashes(dom, chain_points=()):
+    for n in range(1, MAX_STEPS):
+        v_pid, rpid, go_w, r = scene(dom, victim_crash=1 + n % 3)
+        os.write(go_w, f"{n} {v_pid}".encode())
+        status = reap(rpid)
+        finished = not killed(status)
+        if finished:
+            assert os.read(r, 1) == b"d"
+        others = []
+        for c in (chain_points if not finished else ()):
+            # R2 steals what R left and is killed at its c-th crash point
+            r2 = child(lambda: (arm(c), dom.recover(v_pid)))
+            st2 = reap(r2)
+            assert killed(st2) or os.WIFEXITED(st2)
+            others.append(r2)
+        order = [v_pid, rpid, *others] if n % 2 else [*others, rpid, v_pid]
+        for pid in order:
+            assert dom.recover(pid, timeout=10) >= 0, (n, pid)
+        check_exact(dom)
+        os.close(go_w)
+        os.close(r)
+        if finished:
+            return n - 1
+    raise AssertionError("recovery still crashing after %d steps" % MAX_STEPS)
+
+
+@pytest.mark.timeout(170)
+def test_recovery_killed_at_every_crash_point_is_finished_exactly(rdom):
+    steps = enumerate_recoverer_crashes(rdom)
+    STEPS["recover"] = steps
+    assert steps >= 20
+
+
+@pytest.mark.timeout(170)
+def test_a_chain_of_dead_recoverers_is_finished_exactly(rdom):
+    steps = enumerate_recoverer_crashes(rdom, chain_points=(1, 4, 9))
+    assert steps >= 20
+
+
+@pytest.mark.timeout(120)
+def test_reclaiming_a_full_table_killed_at_every_crash_point_is_finished_exactly():
+    """A process that reclaims a full table of dead processes (from the reserve) is
+    killed at every crash point; the next one still registers, and all is exact."""
+    dom = _native.Domain.create(semaphores=4, mutexes=4, processes=4)
+    try:
+        dom.sem_create("s", 10, protected=True)
+        for n in range(1, MAX_STEPS):
+            dead = []
+            while len(dom.processes()) < 4:
+                r, w = os.pipe()
+                pid = child(lambda: (dom.sem_decrement("s"), dom.mutex_lock("m%d" % len(dead)),
+                                     hold_until_killed(w)))
+                os.read(r, 1)
+                kill_and_reap(pid)
+                dead.append(pid)
+                os.close(r)
+                os.close(w)
+            x = child(lambda: (arm(n), dom.sem_decrement("s")))
+            st = reap(x)
+            finished = not killed(st)
+            y = child(lambda: dom.sem_get("s") >= 0 and dom.mutex_trylock("m0") and
+                      dom.mutex_unlock("m0"))
+            st_y = reap(y)
+            assert os.WIFEXITED(st_y) and os.WEXITSTATUS(st_y) == 0, n
+            for pid in [x, y, *dead]:
+                assert dom.recover(pid, timeout=10) >= 0
+            assert dom.sem_get("s") == 10, n
+            assert [m["locked"] for m in dom.mutexes()] == [False] * len(dom.mutexes())
+            assert pids(dom) == [os.getpid()]
+            dom.check()
+            if finished:
+                STEPS["reclaim"] = n - 1
+                assert n - 1 >= 10
+                return
+        raise AssertionError("reclaim still crashing")
+    finally:
+        dom.unlink()
+        dom.close()
+
+
+def test_zz_report_recovery_crash_steps():
+    """Prints the number of crash points enumerated (run with -s)."""
+    print("\nrecovery crash points:", STEPS)
