@@ -73,7 +73,7 @@ def _make_ns(events, cont) -> dict:
         return os.getpid()
 
     return {"semaphore": semaphore, "mutex": mutex, "sharedvar": sharedvar, "cenv": cenv,
-            "netplex": netplex, "os": os, "signal": signal, "time": time, "asyncio": asyncio,
+            "netplex": netplex, "os": os, "signal": signal, "time": time, "asyncio": asyncio, "math": __import__("math"),
             "events": events, "emit": events.emit, "store": {}, "bad": bad, "finish": finish,
             "wire": wire, "ctx": ctx, "cont": cont}
 
@@ -988,3 +988,23 @@ def test_bad_arguments_in_the_controller_raise_before_anything_is_taken(events, 
         assert got["value"] == 2, "a failed decrement in the controller took a count"
         assert got["free"] is True, "a failed lock in the controller locked the mutex"
         assert c["a"].call("semaphore.get(CS)", CS=CTRL_S) == 2
+
+
+@pytest.mark.parametrize("timeout", ["math.inf", "1e300", "2**70", "9.3e9"])
+def test_huge_and_infinite_timeouts_wait_like_none(events, backend, timeout):
+    """Timeouts: None or any non-negative number, math.inf included: a huge one waits
+    (it is never an OverflowError), for every blocking call and its awaitable form."""
+    S, M = uniq("sem"), uniq("mtx")
+    with cluster(events, backend, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("semaphore.create(S, 2)", S=S) is True
+        assert a.call(f"result = semaphore.decrement(S, wait=True, timeout={timeout})",
+                      S=S) == 1
+        assert a.call(f"result = await semaphore.decrement_async(S, wait=True, "
+                      f"timeout={timeout})", S=S) == 0
+        assert a.call(f"result = mutex.access(M).lock(timeout={timeout})", M=M) is True
+        pending = b.start(f"result = await mutex.access(M).lock_async(timeout={timeout})",
+                          M=M)
+        c.wait_waiters(M, 1)
+        a.call("mutex.access(M).unlock()", M=M)
+        assert pending.result(10) is True
