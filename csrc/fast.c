@@ -8,7 +8,7 @@
  * increment, mutex trylock, unlock — are served here, by methods of a Binder
  * that look the name up in the Domain's own handle caches and call the core.
  *
- * One core: the Binder does not link netplex_core.c.  It calls the functions
+ * One core: the Binder does not link the core's files.  It calls the functions
  * of the cffi module through pointers handed over by _native.py
  * (ffi.addressof), so there is one copy of the core and of its per-process
  * state (registration, thread cache, crash points).

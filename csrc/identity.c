@@ -48,11 +48,14 @@ pthread_mutex_t np_dom_mu = PTHREAD_MUTEX_INITIALIZER;
 np_domain *np_dom_list;
 static pthread_key_t exit_key;
 
+/* Under np_dom_mu: d is mapped and not being closed (np_domain_close sets
+ * `closing' under the same mutex, so a thread freeing its cached actor of d
+ * never races with close freeing it too). */
 static int domain_open(np_domain *d, uint64_t serial)
 {
     for (np_domain *x = np_dom_list; x; x = x->next)
         if (x == d && x->serial == serial)
-            return 1;
+            return !__atomic_load_n(&x->closing, __ATOMIC_RELAXED);
     return 0;
 }
 

@@ -210,8 +210,11 @@ void np_domain_close(np_domain *d)
 {
     if (!d || __atomic_load_n(&d->closing, __ATOMIC_SEQ_CST))
         return;
-    /* seq_cst: pairs with NP_ENTER (a call either sees closing or is counted). */
+    /* seq_cst: pairs with NP_ENTER (a call either sees closing or is counted);
+     * under np_dom_mu: see domain_open (identity.c). */
+    pthread_mutex_lock(&np_dom_mu);
     __atomic_store_n(&d->closing, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&np_dom_mu);
     for (int round = 0; __atomic_load_n(&d->inside, __ATOMIC_SEQ_CST) > 0; round++) {
         /* wake this process's sleepers: they see `closing' and leave */
         if (d->my_epoch == np_fork_epoch && d->my_proc)

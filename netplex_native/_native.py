@@ -1,4 +1,4 @@
-"""Python face of the native core (``netplex_native._core``, csrc/netplex_core.c).
+"""Python face of the native core (``netplex_native._core``, built from csrc/*.c; csrc/core_internal.h maps the files).
 
 A :class:`Domain` is one shared-memory segment holding semaphores, mutexes and the
 process/thread tables that make them crash-safe.  Names are looked up once per process
