@@ -19,6 +19,7 @@ life, top to bottom:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import selectors
@@ -466,6 +467,7 @@ class Controller:
         self._out_total = 0          # unsent bytes over all container channels
         self.dropped_messages = 0    # broadcast messages dropped (receivers over the limits)
         self.pid = os.getpid()
+        atexit.register(self._at_exit)
         if ctx.role != "container":
             ctx.reset()
             ctx.role = "controller"
@@ -684,6 +686,14 @@ class Controller:
         await self._done
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+    def _at_exit(self) -> None:
+        """The program ends without having run this controller (Ctrl-C
+        before run(), an exception): remove what its plugins made (the
+        native segment)."""
+        if os.getpid() == self.pid and self._state == "new":
+            self._state = "stopped"
+            self._unplug_all()
 
     def _abort_startup(self) -> None:
         """Start-up failed before any container was forked: remove what was made."""
