@@ -72,7 +72,14 @@ class AdminServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:    # EMFILE: the connection waits in the backlog
-                log.warning("admin: accept failed: %s", e)
+                log.warning("admin: accept failed: %s; retrying in 0.5 s", e)
+                fd = self._sock.fileno()
+                self._loop.remove_reader(fd)     # level-triggered: no busy loop meanwhile
+
+                def again(sock=self._sock):
+                    if self._sock is sock:
+                        self._loop.add_reader(fd, self._on_accept)
+                self._loop.call_later(0.5, again)
                 return
             conn.setblocking(False)
             task = self._loop.create_task(self._serve(conn))
