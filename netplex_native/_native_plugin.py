@@ -175,6 +175,7 @@ class _NativeMutex:
     def __init__(self, dom, role):
         self._dom = dom
         self.unlock = dom.mutex_unlock
+        self.destroy = dom.mutex_destroy
         if role == "container":
             self.lock = dom.mutex_lock
 

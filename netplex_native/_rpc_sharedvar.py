@@ -1,11 +1,21 @@
 """Shared variables: values live in the controller process.
 
 Plain variables hold ``str``; ``enc=True`` ones hold any picklable object,
-stored as the pickle the setting container made (the controller only ever
-pickles a str for an enc variable; it never unpickles).  ``own``: the
-creating service owns the variable, which goes when that service's last
-container ends; ``ro``: only the owner sets it (``ro`` implies ``own``);
-``timeout``: deleted after that many seconds without a get or set.
+stored as the pickle the setting container made.  ``own``: the creating
+service owns the variable, which goes when that service's last container
+ends; ``ro``: only the owner sets it (``ro`` implies ``own``); ``timeout``:
+deleted after that many seconds without a get or set.
+
+Invariants:
+- The controller never unpickles what a container stored: it keeps and
+  passes on the bytes; only containers decode them.  It unpickles only a
+  pickle it made itself (a value set in the controller process).
+- A value is checked (type, size <= wire.MAX_VALUE, encodable) before
+  anything changes: a refused ``set`` leaves the value and its waiters as
+  they were.  A plain value is encoded once, when set; every answer that
+  carries it shares those bytes.
+- Every ``get``/``wait`` is answered (or gets an error); expiry timers of
+  variables created before the controller's loop runs are armed when it starts.
 """
 
 from __future__ import annotations
@@ -15,14 +25,20 @@ import time
 
 from .errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_bool,
                      check_name, check_timeout)
+from . import wire
 from .plugin import Plugin
 
 CONTROLLER = ""   # the owner name of variables created in the controller process
+#: Characters of a plain value shown by ``admin inspect``.
+INSPECT_PREVIEW = 200
+
+
+_EMPTY_JSON = wire.json_value("")
 
 
 class _Var:
     __slots__ = ("name", "enc", "owner", "ro", "timeout", "value", "ever_set",
-                 "waiters", "last_access", "expiry")
+                 "waiters", "last_access", "expiry", "raw", "mine")
 
     def __init__(self, name, enc, owner, ro, timeout):
         self.name = name
@@ -31,6 +47,8 @@ class _Var:
         self.ro = ro
         self.timeout = timeout
         self.value = None if enc else ""    # str, or pickled bytes for enc
+        self.raw = None if enc else _EMPTY_JSON   # a plain value as JSON (wire.RawJSON)
+        self.mine = False           # enc: the pickle was made by the controller itself
         self.ever_set = False
         self.waiters = []           # (reply, timer) pairs
         self.last_access = time.monotonic()
@@ -41,6 +59,7 @@ class VarState:
     def __init__(self, loop_getter):
         self._loop = loop_getter
         self.vars: dict[str, _Var] = {}
+        self._unarmed: list[_Var] = []   # expiries to arm once the loop runs
 
     def create(self, service, name, own, ro, enc, timeout) -> bool:
         if name in self.vars:
@@ -55,7 +74,18 @@ class VarState:
             return
         v.last_access = time.monotonic()
         if v.expiry is None:
-            v.expiry = self._loop().call_later(v.timeout, self._expire, v)
+            loop = self._loop()
+            if loop is None:            # created before run(): armed in start()
+                self._unarmed.append(v)
+            else:
+                v.expiry = loop.call_later(v.timeout, self._expire, v)
+
+    def start(self) -> None:
+        """The controller's loop runs: arm what was created before."""
+        unarmed, self._unarmed = self._unarmed, []
+        for v in unarmed:
+            if self.vars.get(v.name) is v and v.expiry is None:
+                v.expiry = self._loop().call_later(v.timeout, self._expire, v)
 
     def _expire(self, v: _Var) -> None:
         v.expiry = None
@@ -72,21 +102,39 @@ class VarState:
             v.last_access = time.monotonic()
 
     def set(self, service, name, value, blob) -> bool:
-        """value: a str (plain JSON) or None with the pickle in blob."""
+        """value: a str (plain JSON) or None with the pickle in blob.
+        Everything is checked before anything changes."""
         v = self.vars.get(name)
         if v is None:
             return False
         if v.ro and service != v.owner and service != CONTROLLER:
             raise SharedVarPermissionError(
                 f"shared variable {name!r} is read-only: only service {v.owner!r} may set it")
+        raw = None
         if v.enc:
-            stored = blob if blob is not None else pickle.dumps(value)
+            if blob is None:
+                if type(value) is not str:
+                    raise SharedVarTypeError(f"shared variable {name!r}: a value without a pickle must be a str")
+                blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            stored = blob
+            size = len(blob)
         else:
-            if blob is not None or not isinstance(value, str):
+            if blob is not None or type(value) is not str:
                 raise SharedVarTypeError(
                     f"shared variable {name!r} holds str values; create it with enc=True for other types")
+            try:
+                raw = wire.json_value(value)
+            except UnicodeEncodeError as e:
+                raise ValueError(f"shared variable {name!r}: the value is not valid Unicode text "
+                                 f"(a lone surrogate at position {e.start})") from None
             stored = value
+            size = len(raw)
+        if size > wire.MAX_VALUE:
+            raise ValueError(f"shared variable {name!r}: a value of {size} bytes "
+                             f"exceeds the limit of {wire.MAX_VALUE} bytes")
         v.value = stored
+        v.raw = raw
+        v.mine = v.enc and service == CONTROLLER
         v.ever_set = True
         self._touch(v)
         waiters, v.waiters = v.waiters, []
@@ -100,7 +148,7 @@ class VarState:
         if v.enc:
             reply.ok(None if v.value is None else True, blob=v.value)
         else:
-            reply.ok(v.value)
+            reply.ok(v.raw)
 
     def get(self, name, reply) -> None:
         v = self.vars.get(name)
@@ -169,11 +217,19 @@ class VarState:
             self._delete(v)
 
     def inspect(self) -> dict:
-        return {"sharedvars": [
-            {"name": v.name, "enc": v.enc, "owner": v.owner, "ro": v.ro, "timeout": v.timeout,
-             "set": v.ever_set, "waiters": len(v.waiters),
-             "value": (v.value if not v.enc else (f"<{len(v.value)} bytes pickled>" if v.value else None))}
-            for v in self.vars.values()]}
+        """Values shown as previews (at most INSPECT_PREVIEW characters, and
+        their size), so the answer stays small whatever is stored."""
+        out = []
+        for v in self.vars.values():
+            if v.enc:
+                value = f"<{len(v.value)} bytes pickled>" if v.value else None
+                size = len(v.value) if v.value else 0
+            else:
+                value = v.value if len(v.value) <= INSPECT_PREVIEW else v.value[:INSPECT_PREVIEW] + "..."
+                size = len(v.raw) - 2
+            out.append({"name": v.name, "enc": v.enc, "owner": v.owner, "ro": v.ro, "timeout": v.timeout,
+                        "set": v.ever_set, "waiters": len(v.waiters), "value": value, "size": size})
+        return {"sharedvars": out}
 
 
 def _check_create(name, own, ro, enc, timeout):
@@ -215,6 +271,9 @@ class SharedVarPlugin(Plugin):
         else:
             raise ValueError(f"sharedvar: no procedure {proc!r}")
 
+    def ctrl_started(self, ctrl) -> None:
+        ctrl.plugin_data(self).start()
+
     def ctrl_container_finished(self, ctrl, container_id, is_last) -> None:
         if is_last:
             ctrl.plugin_data(self).service_gone(container_id.rpartition(".")[0])
@@ -239,9 +298,26 @@ def _encode_value(value):
         raise SharedVarTypeError(f"value of type {type(value).__name__} cannot be pickled: {e}") from None
 
 
-def _decode(result, blob):
+def _check_size(name, jv, blob) -> None:
+    """Refuse a value too large to be stored, before anything is sent."""
     if blob is not None:
-        return pickle.loads(blob)  # made by a container of this same program
+        size = len(blob)
+    else:
+        try:
+            size = len(wire.json_value(jv))
+        except UnicodeEncodeError as e:
+            raise ValueError(f"shared variable {name!r}: the value is not valid Unicode text "
+                             f"(a lone surrogate at position {e.start})") from None
+    if size > wire.MAX_VALUE:
+        raise ValueError(f"shared variable {name!r}: a value of {size} bytes "
+                         f"exceeds the limit of {wire.MAX_VALUE} bytes")
+
+
+def _decode(result, blob):
+    """In a container: the value of an answer (peers' pickles are trusted:
+    containers of one service run the same program)."""
+    if blob is not None:
+        return pickle.loads(blob)
     return result if result is not True else None
 
 
@@ -255,6 +331,7 @@ class _VarClient:
     def set_value(self, name, value):
         name = check_name(name)
         jv, blob = _encode_value(value)
+        _check_size(name, jv, blob)
         return self._ch.call("var.set", [name, jv], blob)[0]
 
     def get_value(self, name):
@@ -270,21 +347,10 @@ class _VarClient:
         return _decode(*await self._ch.acall("var.wait", [check_name(name), check_timeout(timeout)]))
 
 
-class _Now:
-    """A reply object for direct calls in the controller process."""
-
-    def __init__(self):
-        self.result = None
-        self.blob = None
-        self.done = False
-        self.on_cancel = None
-        self.alive = True
-
-    def ok(self, result=None, blob=None, undo=None):
-        self.result, self.blob, self.done = result, blob, True
-
-
 class _VarLocal:
+    """In the controller process: direct, never blocking, never unpickling
+    what a container stored."""
+
     def __init__(self, st: VarState):
         self._st = st
 
@@ -297,10 +363,23 @@ class _VarLocal:
         jv, blob = _encode_value(value)
         return self._st.set(CONTROLLER, name, jv, blob)
 
+    def _value(self, v: _Var):
+        if not v.enc:
+            return v.value
+        if v.value is None:
+            return None
+        if not v.mine:
+            raise SharedVarPermissionError(
+                f"shared variable {v.name!r} holds a pickle made by a container; the controller never "
+                f"unpickles container data (read it in a container, or use a plain str variable)")
+        return pickle.loads(v.value)   # made by this process
+
     def get_value(self, name):
-        r = _Now()
-        self._st.get(check_name(name), r)
-        return _decode(r.result, r.blob)
+        v = self._st.vars.get(check_name(name))
+        if v is None:
+            return None
+        self._st._touch(v)
+        return self._value(v)
 
     def delete_var(self, name):
         return self._st.delete(CONTROLLER, check_name(name))
@@ -309,11 +388,14 @@ class _VarLocal:
         name = check_name(name)
         timeout = check_timeout(timeout)
         v = self._st.vars.get(name)
-        if v is not None and not v.ever_set and timeout != 0:
-            raise WouldBlockError("wait_for_value on a variable never set would block the controller's loop")
-        r = _Now()
-        self._st.wait(name, 0, r)
-        return _decode(r.result, r.blob)
+        if v is None:
+            return None
+        if not v.ever_set:
+            if timeout != 0:
+                raise WouldBlockError("wait_for_value on a variable never set would block the controller's loop")
+            return None
+        self._st._touch(v)
+        return self._value(v)
 
     async def wait_for_value_async(self, name, timeout=None):
         return self.wait_for_value(name, timeout)

@@ -16,17 +16,27 @@ Semantics (reference, defects fixed):
   goes to the next live waiter; a dead waiter is dropped, never handed the
   lock (defect 3);
 - ``destroy`` removes the semaphore (a later ``create`` returns True) and
-  answers every waiter with -1, each answer on its own (defect 4).
+  answers every waiter with -1, each answer on its own (defect 4); a
+  mutex's ``destroy`` answers its waiters False (as a timeout would) and a
+  later use creates it again, unlocked;
+- a wait whose answer nobody would read (call id 0) is dropped at once by
+  the controller, and a grant is never handed to such a waiter: giving
+  back an undeliverable grant never recurses through a queue;
+- one object's failure while a dead container is recovered never stops the
+  recovery of the others.
 Semaphores and mutexes share one namespace.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from .errors import (WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, VALUE_MAX)
 from .plugin import Plugin
+
+log = logging.getLogger("netplex_native")
 
 
 class _Waiter:
@@ -229,6 +239,22 @@ class SyncState:
                 reply.ok(False)
             w.timer = self._loop().call_later(timeout, expire)
 
+    def mutex_destroy(self, name) -> None:
+        m = self.mutexes.get(name)
+        if m is None:
+            if name in self.sems:
+                raise _kind_error(name, "mutex", "semaphore")
+            return
+        del self.mutexes[name]
+        waiters, m.waiters = m.waiters, deque()
+        for w in waiters:
+            if w.timer is not None:
+                w.timer.cancel()
+            try:
+                w.reply.ok(False)
+            except Exception:  # one broken waiter must not leave the others unanswered
+                pass
+
     def mutex_unlock(self, name) -> None:
         m = self.mutexes.get(name)
         if m is None:
@@ -256,17 +282,23 @@ class SyncState:
     # ---- a container's end ----
     def container_reaped(self, cid: str) -> None:
         for s in list(self.sems.values()):
-            if s.waiters:
-                s.waiters = deque(w for w in s.waiters if w.rec.id != cid)
-            d = s.deltas.pop(cid, 0)
-            if d:
-                s.value = max(0, s.value - d)
-                self._serve(s)
+            try:
+                if s.waiters:
+                    s.waiters = deque(w for w in s.waiters if w.rec.id != cid)
+                d = s.deltas.pop(cid, 0)
+                if d:
+                    s.value = max(0, s.value - d)
+                    self._serve(s)
+            except Exception:
+                log.exception("recovering semaphore %r for container %s failed", s.name, cid)
         for m in list(self.mutexes.values()):
-            if m.waiters:
-                m.waiters = deque(w for w in m.waiters if w.rec.id != cid)
-            if m.owner == cid:
-                self._release(m)
+            try:
+                if m.waiters:
+                    m.waiters = deque(w for w in m.waiters if w.rec.id != cid)
+                if m.owner == cid:
+                    self._release(m)
+            except Exception:
+                log.exception("recovering mutex %r for container %s failed", m.name, cid)
 
     def inspect(self) -> dict:
         return {
@@ -360,6 +392,9 @@ class MutexPlugin(Plugin):
             st.mutex_lock(rec, rec.id, check_name(name), check_timeout(timeout), reply)
         elif proc == "unlock":
             st.mutex_unlock(check_name(_args(args, 1, proc)[0]))
+            reply.ok(None)
+        elif proc == "destroy":
+            st.mutex_destroy(check_name(_args(args, 1, proc)[0]))
             reply.ok(None)
         else:
             raise ValueError(f"mutex: no procedure {proc!r}")
@@ -467,6 +502,9 @@ class _MutexClient:
     def unlock(self, name):
         self._ch.call("mutex.unlock", [name])
 
+    def destroy(self, name):
+        self._ch.call("mutex.destroy", [check_name(name)])
+
 
 class _MutexLocal:
     def __init__(self, state: SyncState):
@@ -487,3 +525,6 @@ class _MutexLocal:
 
     def unlock(self, name):
         self._st.mutex_unlock(name)
+
+    def destroy(self, name):
+        self._st.mutex_destroy(check_name(name))

@@ -23,6 +23,10 @@ from .errors import NetplexError, ProtocolError, check_message
 log = logging.getLogger("netplex_native")
 
 MAX_ADMIN_FRAME = 1 << 20
+#: Most admin connections open at once; more are answered with an error and closed.
+MAX_ADMIN_CONNECTIONS = 32
+#: Seconds to write an answer to a client that does not read.
+WRITE_TIMEOUT = 10.0
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -31,11 +35,16 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class AdminServer:
-    def __init__(self, ctrl, path: str):
+    """Accepts on the admin socket itself, so that it owns every connection
+    (closed in forked containers, timed out when idle, capped in number)."""
+
+    def __init__(self, ctrl, path: str, idle_timeout: float = 60.0):
         self._ctrl = ctrl
         self.path = path
-        self._server = None
+        self.idle_timeout = idle_timeout
         self._sock = None
+        self._loop = None
+        self._conns: dict[socket.socket, asyncio.Task] = {}
 
     async def start(self) -> None:
         from .service import _remove_stale_unix_socket
@@ -44,66 +53,119 @@ class AdminServer:
         old = os.umask(0o077)
         try:
             s.bind(self.path)
+        except BaseException:
+            s.close()
+            raise
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
         s.listen(64)
         s.setblocking(False)
         self._sock = s
-        self._server = await asyncio.start_unix_server(self._serve, sock=s)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(s.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        for _ in range(16):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:    # EMFILE: the connection waits in the backlog
+                log.warning("admin: accept failed: %s; retrying in 0.5 s", e)
+                fd = self._sock.fileno()
+                self._loop.remove_reader(fd)     # level-triggered: no busy loop meanwhile
+
+                def again(sock=self._sock):
+                    if self._sock is sock:
+                        self._loop.add_reader(fd, self._on_accept)
+                self._loop.call_later(0.5, again)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn))
+            self._conns[conn] = task
 
     def close_in_child(self) -> None:
+        """In a forked container: close the listening socket and every
+        admin connection (their clients must see EOF when the controller
+        closes them)."""
         if self._sock is not None:
             self._sock.close()
+        for conn in list(self._conns):
+            conn.close()
+        self._conns.clear()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for conn, task in list(self._conns.items()):
+            task.cancel()
+            conn.close()
+        self._conns.clear()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _send(self, conn, data: bytes) -> None:
+        await asyncio.wait_for(self._loop.sock_sendall(conn, data), WRITE_TIMEOUT)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = self._loop
         try:
-            sock = writer.get_extra_info("socket")
-            uid = peer_uid(sock)
+            uid = peer_uid(conn)
             if uid != os.getuid():
                 log.warning("admin: refused a peer of uid %d", uid)
-                writer.write(wire.encode({"ok": False, "error": "permission denied: wrong uid"}))
-                await writer.drain()
+                await self._send(conn, wire.encode({"ok": False, "error": "permission denied: wrong uid"}))
                 # read (and ignore) what it sent, so closing does not reset
                 # the connection before the answer is read
                 try:
-                    await asyncio.wait_for(reader.read(MAX_ADMIN_FRAME), 0.2)
+                    await asyncio.wait_for(loop.sock_recv(conn, MAX_ADMIN_FRAME), 0.2)
                 except asyncio.TimeoutError:
                     pass
                 return
+            if len(self._conns) > MAX_ADMIN_CONNECTIONS:
+                await self._send(conn, wire.encode(
+                    {"ok": False, "error": f"too many admin connections (at most {MAX_ADMIN_CONNECTIONS})"}))
+                return
             dec = wire.Decoder()
             while True:
-                data = await reader.read(65536)
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(conn, 65536), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    log.info("admin: closing a connection idle for %.0f s", self.idle_timeout)
+                    return
                 if not data:
                     return
                 if dec.pending + len(data) > MAX_ADMIN_FRAME:
                     raise ProtocolError(f"admin frame larger than {MAX_ADMIN_FRAME} bytes")
                 for obj, _blob in dec.feed(data):
-                    writer.write(wire.encode(self._handle(obj)))
-                await writer.drain()
+                    await self._send(conn, self._answer(obj))
         except ProtocolError as e:
             try:
-                writer.write(wire.encode({"ok": False, "error": f"protocol error: {e}"}))
+                await self._send(conn, wire.encode({"ok": False, "error": f"protocol error: {e}"}))
             except Exception:
                 pass
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.TimeoutError):
+            pass
+        except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("admin connection failed")
         finally:
-            try:
-                writer.close()
-            except Exception:
-                pass
+            self._conns.pop(conn, None)
+            conn.close()
+
+    def _answer(self, req) -> bytes:
+        """The encoded answer; one too large for a frame becomes an error."""
+        ans = self._handle(req)
+        try:
+            return wire.encode(ans)
+        except (ValueError, TypeError) as e:
+            return wire.encode({"ok": False, "error": f"answer cannot be sent: {wire.safe_text(str(e), 300)}"})
 
     def _handle(self, req) -> dict:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):

@@ -19,6 +19,7 @@ life, top to bottom:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import selectors
@@ -27,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections import deque
 
 from . import wire
 from ._context import ctx
@@ -42,14 +44,30 @@ ADMIN_SOCKET = "admin.sock"
 #: An unclean end this soon after a container became ready counts toward
 #: the crash-loop back-off (failures before ready count toward disabling).
 CRASH_LOOP_WINDOW = 1.0
-#: Most bytes buffered for one container that does not read its channel.
-MAX_WRITE_BUFFER = 64 * 1024 * 1024
+#: Unsent bytes queued for one container above which the controller stops
+#: reading its calls (backpressure: they wait in its socket, so it is slowed,
+#: never dropped) and drops broadcast messages to it (counted, logged).
+#: Replies to calls already read, and deferred answers, are always queued.
+OUTPUT_LIMIT = 32 * 1024 * 1024
+#: The same over all containers: above it, every container with unsent
+#: bytes is treated as if over its own limit.
+TOTAL_OUTPUT_LIMIT = 128 * 1024 * 1024
+#: A paused container is read again once its queue is below this.
+RESUME_BELOW = 4 * 1024 * 1024
+#: Most bytes read from a dead container's socket to serve its last notifications.
+DRAIN_LIMIT = 8 * 1024 * 1024
+#: Seconds between two warnings about dropped messages.
+WARN_EVERY = 5.0
 
 _encode_reply = wire.encode_reply
+_reply_parts = wire.reply_parts
+_RawJSON = wire.RawJSON
 
 
 class _Reply:
-    """The answer to one call; plugins call ``ok`` or ``error`` now or later."""
+    """The answer to one call; plugins call ``ok`` or ``error`` now or later.
+    It is marked done only once its frame is encoded and handed to the
+    connection: a result that cannot be sent becomes an error answer."""
 
     __slots__ = ("_rec", "id", "done", "deferred", "on_cancel", "cancel_value")
 
@@ -62,8 +80,8 @@ class _Reply:
         self.cancel_value = None    # the answer when the system ends the wait
 
     def end_wait(self) -> None:
-        """The system ends this deferred wait (shutdown): leave the queue and
-        answer as a timeout would."""
+        """The system ends this deferred wait (shutdown, or nobody will read
+        the answer): leave the queue and answer as a timeout would."""
         if self.done:
             return
         if self.on_cancel is not None:
@@ -73,26 +91,48 @@ class _Reply:
     @property
     def alive(self) -> bool:
         """The caller is still there to receive the answer."""
-        return self._rec.alive
+        return self._rec.alive and self.id > 0
 
     def ok(self, result=None, blob=None, undo=None) -> None:
         """Answer; *undo* reverses the grant if the caller dies before it
-        acknowledged a deferred answer."""
+        acknowledged a deferred answer (or if the answer cannot be sent)."""
         if self.done:
             return
-        self.done = True
         rec = self._rec
         rid = self.id
         deferred = self.deferred
+        if rid <= 0 or not rec.alive:
+            self.done = True
+            if deferred:
+                rec.pending.pop(rid, None)
+                if undo is not None:
+                    undo()
+            return
+        try:
+            if blob is None and type(result) is not _RawJSON:
+                parts = None
+                data = _encode_reply(rid, result, deferred)
+            else:
+                parts = _reply_parts(rid, result, deferred, blob)
+        except (ValueError, TypeError, OverflowError) as e:   # too large, not encodable
+            log.warning("container %s (pid %d): answer to call %d cannot be sent: %s",
+                        rec.id, rec.pid, rid, wire.safe_text(str(e), 200))
+            self.done = True
+            if deferred:
+                rec.pending.pop(rid, None)
+                if undo is not None:
+                    undo()
+            rec.conn.send(wire.error_frame(rid, e))
+            return
+        self.done = True
         if deferred:                # only a deferred reply is in pending
             rec.pending.pop(rid, None)
-        if rid <= 0 or not rec.alive:
-            if undo is not None and deferred:
-                undo()
-            return
-        if deferred and undo is not None:
-            rec.unacked[rid] = undo
-        rec.conn.send(_encode_reply(rid, result, deferred, blob))
+            if undo is not None:
+                rec.unacked[rid] = undo
+        if parts is None:
+            rec.conn.send(data)
+        else:
+            rec.conn.send_parts(parts)
 
     def error(self, exc: BaseException) -> None:
         if self.done:
@@ -102,12 +142,17 @@ class _Reply:
         if self.deferred:
             rec.pending.pop(self.id, None)
         if self.id > 0 and rec.alive:
-            rec.conn.send(wire.encode(["r", self.id, False, [type(exc).__name__, str(exc)], False]))
+            rec.conn.send(wire.error_frame(self.id, exc))
 
 
 class _Conn:
     """The controller's end of one container's socketpair: non-blocking,
-    frames in, frames out, dropped on a malformed frame."""
+    frames in, frames out, dropped on a malformed frame.
+
+    Output is a queue of buffers (a value sent to many waiters is one shared
+    object).  Bounds: see OUTPUT_LIMIT / TOTAL_OUTPUT_LIMIT: over them the
+    container's calls stay unread (in its socket, then in ``_backlog``, at
+    most one read's worth) and broadcast messages to it are dropped."""
 
     def __init__(self, ctrl, rec, sock: socket.socket):
         self._ctrl = ctrl
@@ -115,8 +160,16 @@ class _Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self._decoder = wire.Decoder(binary=True)
-        self._wbuf = bytearray()
+        self._out: deque = deque()  # buffers not yet (entirely) sent
+        self._off = 0               # bytes of _out[0] already sent
+        self.queued = 0             # unsent bytes
+        self._backlog: deque = deque()   # calls read but not served (paused)
+        self.paused = False
+        self.dropped = 0            # broadcast messages dropped
+        self._dropped_warned = 0
+        self._warned_at = 0.0
         self.closed = False
+        self.draining = False
         sock.setblocking(False)
         self._recv = sock.recv          # bound once: the reader's hot path
         self._send = sock.send
@@ -124,6 +177,7 @@ class _Conn:
         self._on_call = ctrl._on_call
         ctrl._loop.add_reader(self.fd, self._on_readable)
 
+    # ---- input ----
     def _on_readable(self) -> None:
         try:
             data = self._recv(1 << 18)
@@ -138,22 +192,98 @@ class _Conn:
         try:
             frames = self._feed(data)
         except ProtocolError as e:
-            log.warning("container %s (pid %d): %s; dropping its channel", self._rec.id, self._rec.pid, e)
+            log.warning("container %s (pid %d): %s; dropping its channel", self._rec.id, self._rec.pid,
+                        wire.safe_text(str(e), 300))
             self.close()
             return
+        self._serve(frames, 0)
+
+    def _serve(self, frames, i: int) -> None:
+        """Serve frames[i:]; stop (and keep the rest) when over the limits."""
         on_call = self._on_call
         rec = self._rec
-        for obj, blob in frames:
+        n = len(frames)
+        while i < n:
             if self.closed:
                 return
-            on_call(rec, obj, blob)
+            if self.queued and self._congested():
+                self._backlog.extend(frames[i:] if i else frames)
+                self._pause()
+                return
+            obj, blob = frames[i]
+            i += 1
+            try:
+                on_call(rec, obj, blob)
+            except Exception:   # one bad call never costs the rest of the batch
+                log.exception("container %s (pid %d): serving a call failed", rec.id, rec.pid)
 
-    def send(self, data: bytes) -> None:
+    def _congested(self) -> bool:
+        return self.queued > OUTPUT_LIMIT or self._ctrl._out_total > TOTAL_OUTPUT_LIMIT
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._ctrl._loop.remove_reader(self.fd)
+            log.info("container %s (pid %d) does not read its answers (%d bytes queued); "
+                     "its calls wait", self._rec.id, self._rec.pid, self.queued)
+
+    def _maybe_resume(self) -> None:
+        if not self.paused or self.closed:
+            return
+        if self.queued and (self.queued > RESUME_BELOW or self._ctrl._out_total > TOTAL_OUTPUT_LIMIT):
+            return
+        backlog = self._backlog
+        while backlog:
+            if self.closed:
+                return
+            if self.queued and self._congested():
+                return
+            obj, blob = backlog.popleft()
+            try:
+                self._on_call(self._rec, obj, blob)
+            except Exception:
+                log.exception("container %s (pid %d): serving a call failed", self._rec.id, self._rec.pid)
+        if self.closed or (self.queued and self._congested()):
+            return
+        self.paused = False
+        self._ctrl._loop.add_reader(self.fd, self._on_readable)
+
+    def drain_dead(self) -> None:
+        """Its process is gone: serve the notifications (calls that want no
+        answer: acknowledgements, messages, give-backs) it sent before it
+        ended and that are still unread; calls that wanted an answer are not
+        served (nobody is there to learn their outcome)."""
         if self.closed:
             return
-        if self._wbuf:
-            self._wbuf += data
-        else:
+        self.draining = True        # nothing more is sent to it
+        frames = list(self._backlog)
+        self._backlog.clear()
+        got = 0
+        while got < DRAIN_LIMIT:
+            try:
+                data = self._recv(1 << 18)
+            except (BlockingIOError, InterruptedError, OSError):
+                break
+            if not data:
+                break
+            got += len(data)
+            try:
+                frames += self._feed(data)
+            except ProtocolError:
+                break
+        rec = self._rec
+        for obj, blob in frames:
+            if type(obj) is list and obj and obj[0] == 0:
+                try:
+                    self._on_call(rec, obj, blob)
+                except Exception:
+                    log.exception("container %s (pid %d): serving a last notification failed", rec.id, rec.pid)
+
+    # ---- output ----
+    def send(self, data: bytes) -> None:
+        if self.closed or self.draining:
+            return
+        if not self.queued:
             try:
                 n = self._send(data)
             except (BlockingIOError, InterruptedError):
@@ -163,23 +293,86 @@ class _Conn:
                 return
             if n == len(data):
                 return
-            self._wbuf += data[n:]
+            data = memoryview(data)[n:] if n else data
+        self._queue((data,))
+
+    def send_parts(self, parts) -> None:
+        if self.closed or self.draining:
+            return
+        if not self.queued:
+            try:
+                n = self.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self.close()
+                return
+            if n:
+                rest = []
+                for p in parts:
+                    if n >= len(p):
+                        n -= len(p)
+                    else:
+                        rest.append(memoryview(p)[n:] if n else p)
+                        n = 0
+                parts = rest
+            if not parts:
+                return
+        self._queue(parts)
+
+    def offer_message(self, frame: bytes) -> bool:
+        """Queue a broadcast message, unless this container is over the
+        limits: then it is dropped and counted.  False if dropped."""
+        if self.queued and self._congested():
+            self.dropped += 1
+            self._ctrl.dropped_messages += 1
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_EVERY:
+                log.warning("container %s (pid %d) does not keep up with its channel (%d bytes queued): "
+                            "%d broadcast messages to it dropped so far", self._rec.id, self._rec.pid,
+                            self.queued, self.dropped)
+                self._warned_at = now
+            return False
+        self.send(frame)
+        return True
+
+    def _queue(self, parts) -> None:
+        n = 0
+        for p in parts:
+            n += len(p)
+        if not self.queued:
             self._ctrl._loop.add_writer(self.fd, self._on_writable)
-        if len(self._wbuf) > MAX_WRITE_BUFFER:
-            log.warning("container %s (pid %d) does not read its channel; dropping it", self._rec.id, self._rec.pid)
-            self.close()
+        self._out.extend(parts)
+        self.queued += n
+        self._ctrl._out_total += n
 
     def _on_writable(self) -> None:
-        try:
-            n = self.sock.send(self._wbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        del self._wbuf[:n]
-        if not self._wbuf:
+        out = self._out
+        while out:
+            bufs = [out[i] for i in range(min(len(out), 64))]
+            if self._off:
+                bufs[0] = memoryview(bufs[0])[self._off:]
+            try:
+                n = self.sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            self.queued -= n
+            self._ctrl._out_total -= n
+            while n:
+                left = len(out[0]) - self._off
+                if n >= left:
+                    out.popleft()
+                    n -= left
+                    self._off = 0
+                else:
+                    self._off += n
+                    n = 0
+        if not out:
             self._ctrl._loop.remove_writer(self.fd)
+        self._maybe_resume()
 
     def close(self) -> None:
         if self.closed:
@@ -187,10 +380,15 @@ class _Conn:
         self.closed = True
         self._rec.alive = False
         loop = self._ctrl._loop
-        loop.remove_reader(self.fd)
-        if self._wbuf:
+        if not self.paused:
+            loop.remove_reader(self.fd)
+        if self._out:
             loop.remove_writer(self.fd)
-            self._wbuf.clear()
+            self._out.clear()
+        self._ctrl._out_total -= self.queued
+        self.queued = 0
+        self._off = 0
+        self._backlog.clear()
         self.sock.close()
 
 
@@ -213,9 +411,11 @@ class _ContainerRecord:
         self.container = Container(cid, 0, service.name)
 
     def info(self) -> dict:
+        conn = self.conn
         return {"id": self.id, "pid": self.pid, "service": self.service.name,
                 "started": self.started, "uptime": round(time.monotonic() - self.started_mono, 3),
-                "ready": self.ready}
+                "ready": self.ready, "queued_bytes": conn.queued if conn else 0,
+                "dropped_messages": conn.dropped if conn else 0}
 
 
 class _ServiceState:
@@ -227,6 +427,7 @@ class _ServiceState:
         self.seq = 0
         self.start_failures = 0      # consecutive, before ready: disables the service
         self.crash_streak = 0        # consecutive quick unclean ends after ready: back-off
+        self.spawn_errors = 0        # consecutive failed socketpair()/fork(): back-off, retried
         self.restarts = 0
         self.disabled = False
         self.restart_handle: asyncio.TimerHandle | None = None
@@ -241,7 +442,7 @@ class Controller:
 
     def __init__(self, socket_dir: str | None = None, *, max_start_failures: int = 10,
                  backoff: tuple[float, float] = (0.1, 5.0), shutdown_timeout: float = 5.0,
-                 native_config: dict | None = None):
+                 native_config: dict | None = None, admin_idle_timeout: float = 60.0):
         self._socket_dir_arg = socket_dir
         self._socket_dir: str | None = None
         self._own_socket_dir = False
@@ -249,6 +450,8 @@ class Controller:
         self.backoff = backoff
         self.shutdown_timeout = shutdown_timeout
         self.native_config = dict(native_config or {})
+        #: Seconds an admin connection may stay without a complete request.
+        self.admin_idle_timeout = admin_idle_timeout
         self._services: dict[str, _ServiceState] = {}
         self._plugins: list[Plugin] = []
         self._plugin_data: dict[Plugin, object] = {}
@@ -261,7 +464,10 @@ class Controller:
         self._shutdown_task = None
         self._done: asyncio.Future | None = None
         self._reaped_event: asyncio.Event | None = None
+        self._out_total = 0          # unsent bytes over all container channels
+        self.dropped_messages = 0    # broadcast messages dropped (receivers over the limits)
         self.pid = os.getpid()
+        atexit.register(self._at_exit)
         if ctx.role != "container":
             ctx.reset()
             ctx.role = "controller"
@@ -348,6 +554,8 @@ class Controller:
             "state": self._state,
             "socket_dir": self._socket_dir,
             "plugins": [p.name for p in self._plugins],
+            "queued_bytes": self._out_total,
+            "dropped_messages": self.dropped_messages,
             "services": [
                 {"name": st.service.name,
                  "address": str(st.bound) if st.bound else None,
@@ -388,33 +596,49 @@ class Controller:
         return self._broadcast("a", pattern, name, args)
 
     def _broadcast(self, kind: str, pattern: str, name: str, args: list) -> int:
-        frame = wire.encode([kind, name, args])
+        """Send one frame (encoded once, shared by every queue) to the
+        matching containers; the count of those it was queued for (a
+        receiver over the output limits misses it: counted, logged)."""
+        frame = wire.encode([kind, name, args])   # too large / not encodable: raises, nothing sent
         n = 0
         for st in self._services.values():
             if not _match(pattern, st.service.name):
                 continue
             for rec in st.records.values():
-                if rec.alive and rec.conn is not None:
-                    rec.conn.send(frame)
+                if rec.alive and rec.conn is not None and rec.conn.offer_message(frame):
                     n += 1
         return n
 
     # ---- running ----
     def run(self) -> None:
         """Run until shutdown (SIGTERM, SIGINT, ``shutdown()``, or
-        ``cenv.system_shutdown()`` in a container)."""
+        ``cenv.system_shutdown()`` in a container).  A failed start-up
+        removes what it made (socket directory, admin socket, segment) and
+        raises; SIGINT/SIGTERM during start-up wait until it is done, then
+        shut down in order."""
         if self._state != "new":
             raise NetplexError(f"controller already {self._state}")
-        self._selector = selectors.DefaultSelector()
-        loop = asyncio.SelectorEventLoop(self._selector)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._selector = selectors.DefaultSelector()
+            loop = asyncio.SelectorEventLoop(self._selector)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            self._abort_startup()
+            raise
         self._loop = loop
         ctx.reset()
         ctx.role = "controller"
         ctx.controller = self
         self._install_backends("controller")
         try:
-            loop.run_until_complete(self._main())
+            loop.run_until_complete(self._main(old_mask))
+        except BaseException:
+            if self._state != "stopped":
+                self._emergency_stop()
+            raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
@@ -431,34 +655,75 @@ class Controller:
         self._state = "stopping"
         self._shutdown_task = self._loop.create_task(self._shutdown())
 
-    async def _main(self) -> None:
+    async def _main(self, old_mask) -> None:
         loop = self._loop
         self._done = loop.create_future()
         self._reaped_event = asyncio.Event()
-        self._prepare_socket_dir()
         from .admin import AdminServer
         try:
+            self._prepare_socket_dir()
             for st in self._services.values():
                 self._bind(st)
-            admin = AdminServer(self, os.path.join(self._socket_dir, ADMIN_SOCKET))
+            admin = AdminServer(self, os.path.join(self._socket_dir, ADMIN_SOCKET),
+                                idle_timeout=self.admin_idle_timeout)
             await admin.start()
+            self._admin = admin
+            loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
+            loop.add_signal_handler(signal.SIGTERM, self.shutdown)
+            loop.add_signal_handler(signal.SIGINT, self.shutdown)
+            self._state = "running"
         except BaseException:
-            self._close_sockets()
-            if self._own_socket_dir:  # a given dir may hold another controller's admin.sock
-                self._remove_socket_dir()
-            self._unplug_all()
+            self._abort_startup()
             raise
-        self._admin = admin
-        loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
-        loop.add_signal_handler(signal.SIGTERM, self.shutdown)
-        loop.add_signal_handler(signal.SIGINT, self.shutdown)
-        self._state = "running"
+        finally:
+            # a SIGINT/SIGTERM that came meanwhile is delivered now, to shutdown()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for plugin in self._plugins:
+            _safely(lambda: plugin.ctrl_started(self), f"{plugin.name}: started")
         log.info("controller started (pid %d, socket dir %s)", os.getpid(), self._socket_dir)
         for st in self._services.values():
             self._manage(st)
         await self._done
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+    def _at_exit(self) -> None:
+        """The program ends without having run this controller (Ctrl-C
+        before run(), an exception): remove what its plugins made (the
+        native segment)."""
+        if os.getpid() == self.pid and self._state == "new":
+            self._state = "stopped"
+            self._unplug_all()
+
+    def _abort_startup(self) -> None:
+        """Start-up failed before any container was forked: remove what was made."""
+        self._state = "stopped"
+        self._close_sockets()
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        if self._own_socket_dir:  # a given dir may hold another controller's admin.sock
+            self._remove_socket_dir()
+        self._unplug_all()
+
+    def _emergency_stop(self) -> None:
+        """The loop failed while running (a bug): kill and reap the
+        containers, then remove everything, so nothing is left behind."""
+        log.error("controller loop failed; killing %d containers", len(self._by_pid))
+        for pid in list(self._by_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid, rec in list(self._by_pid.items()):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            for plugin in self._plugins:
+                _safely(lambda: plugin.ctrl_container_reaped(self, rec), f"{plugin.name}: container_reaped")
+        self._by_pid.clear()
+        self._abort_startup()
 
     def _prepare_socket_dir(self) -> None:
         if self._socket_dir_arg is None:
@@ -507,15 +772,30 @@ class Controller:
             self._schedule_restart(st)  # retry with back-off (or stay disabled)
             return False
         rec = _ContainerRecord(cid, service)
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for h in logging.getLogger().handlers + log.handlers:
             try:
                 h.flush()
             except Exception:
                 pass
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        parent_sock = child_sock = None
+        try:
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+        except OSError as e:
+            # EMFILE, ENFILE, EAGAIN, ENOMEM: the system's trouble, not the
+            # service's; retried with back-off, never counted toward disabling
+            for s_ in (parent_sock, child_sock):
+                if s_ is not None:
+                    s_.close()
+            st.spawn_errors += 1
+            log.error("service %s: cannot start container %s: %s; retrying", service.name, cid, e)
+            self._schedule_restart(st)
+            return False
         if pid == 0:  # the container; never returns
             code = 70
             try:
@@ -530,6 +810,7 @@ class Controller:
             finally:
                 os._exit(code)
         child_sock.close()
+        st.spawn_errors = 0
         rec.pid = pid
         rec.container = Container(cid, pid, service.name)
         rec.conn = _Conn(self, rec, parent_sock)
@@ -571,7 +852,7 @@ class Controller:
     def _schedule_restart(self, st: _ServiceState) -> None:
         if st.disabled or self._state != "running":
             return
-        failures = max(st.start_failures, st.crash_streak)
+        failures = max(st.start_failures, st.crash_streak, st.spawn_errors)
         if failures == 0:
             self._manage(st)
             return
@@ -579,8 +860,9 @@ class Controller:
             return
         base, cap = self.backoff
         delay = min(cap, base * 2.0 ** min(failures - 1, 30))
-        log.warning("service %s: %d consecutive %s; next start in %.2f s", st.service.name, failures,
-                    "start failures" if st.start_failures >= st.crash_streak else "quick crashes", delay)
+        what = ("failed forks" if st.spawn_errors == failures else
+                "start failures" if st.start_failures == failures else "quick crashes")
+        log.warning("service %s: %d consecutive %s; next start in %.2f s", st.service.name, failures, what, delay)
 
         def fire():
             st.restart_handle = None
@@ -613,9 +895,9 @@ class Controller:
             reply.error(e)
         if not reply.done:
             reply.deferred = True
-            if self._state == "stopping":
-                reply.end_wait()   # no new waits once shutdown began
-            elif rid > 0:
+            if rid <= 0 or self._state == "stopping" or not rec.alive:
+                reply.end_wait()   # nobody would read the answer; no new waits once shutdown began
+            else:
                 rec.pending[rid] = reply
 
     def _ctl_call(self, rec, proc: str, args: list, reply: _Reply) -> None:
@@ -663,9 +945,11 @@ class Controller:
         st = self._services[rec.service.name]
         del self._by_pid[rec.pid]
         del st.records[rec.id]
-        rec.alive = False
         if rec.conn is not None:
+            _safely(rec.conn.drain_dead, "serving a dead container's last notifications")
+            rec.alive = False
             rec.conn.close()
+        rec.alive = False
         if os.WIFSIGNALED(status):
             how = f"killed by signal {os.WTERMSIG(status)}"
             clean = False

@@ -14,6 +14,12 @@ Two services under one controller:
   (kill -> new owner running, CLOCK_MONOTONIC across processes).
 
 Ctrl-C or the end of ``--duration`` stops everything with a summary.
+
+Runs for days: nothing grows with restarts.  A container's ``served``
+semaphore is destroyed by the controller when it ends (``post_finish_hook``);
+the member list (a plain JSON variable, so the controller could read it
+safely) is pruned of dead pids by every container that joins; the monitor
+keeps running totals and the last few events only.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 
 from . import cenv, mutex, semaphore, sharedvar
 from .controller import Controller
@@ -41,6 +48,13 @@ HELP = "commands: PING, WHO, JOBS, OWNER, HELP, QUIT"
 
 def _served(cid: str) -> str:
     return f"demo.served.{cid}"
+
+
+def _members() -> list:
+    try:
+        return json.loads(sharedvar.get_value(MEMBERS_VAR) or "[]")
+    except ValueError:
+        return []
 
 
 def _add_plugins(ctrl, backend: str) -> None:
@@ -67,14 +81,18 @@ class DemoHooks(ProcessorHooks):
     def post_start_hook(self, cont):
         semaphore.create(JOB_SEM, 1, protected=True)
         semaphore.create(JOBS_DONE, 0)
-        semaphore.create(_served(cont.id), 0)
         sharedvar.create_var(OWNER_VAR)
-        sharedvar.create_var(MEMBERS_VAR, enc=True)
+        sharedvar.create_var(MEMBERS_VAR)
         with mutex.access(MEMBERS_LOCK):
-            members = sharedvar.get_value(MEMBERS_VAR) or []
+            members = [m for m in _members() if _alive(m[1])]   # prune the dead
             members.append([cont.id, cont.pid])
-            sharedvar.set_value(MEMBERS_VAR, members)
+            sharedvar.set_value(MEMBERS_VAR, json.dumps(members))
+        semaphore.create(_served(cont.id), 0)
         self.waiter = asyncio.get_running_loop().create_task(self.compete(cont))
+
+    def post_finish_hook(self, service, ctrl, container_id):
+        """In the controller: the container is gone; so is its counter."""
+        semaphore.destroy(_served(container_id))
 
     async def compete(self, cont):
         """Wait for the job; a dead owner's count comes back by itself."""
@@ -142,8 +160,9 @@ class MonitorHooks(ProcessorHooks):
         self.requests = 0
         self.errors = 0
         self.by_container: dict[str, int] = {}
-        self.takeovers: list[float] = []
-        self.events: list[str] = []
+        self.n_takeovers = 0
+        self.worst_takeover = 0.0
+        self.events: deque[str] = deque(maxlen=20)
         self.tasks = []
         self.port = None
         self.summary_printed = False
@@ -183,6 +202,9 @@ class MonitorHooks(ProcessorHooks):
                 cid = line.decode().split(" ", 1)[0]
                 if cid:
                     self.requests += 1
+                    if cid not in self.by_container and len(self.by_container) > 64:
+                        live = {m[0] for m in _members()}
+                        self.by_container = {k: v for k, v in self.by_container.items() if k in live}
                     self.by_container[cid] = self.by_container.get(cid, 0) + 1
             except (OSError, asyncio.TimeoutError):
                 self.errors += 1
@@ -216,13 +238,14 @@ class MonitorHooks(ProcessorHooks):
                     break
             if new and new["pid"] != victim["pid"]:
                 dt = max(0.0, new["since"] - t_kill)
-                self.takeovers.append(dt)
+                self.n_takeovers += 1
+                self.worst_takeover = max(self.worst_takeover, dt)
                 self.say(f"chaos: SIGKILLed owner {victim['id']} (pid {victim['pid']}); "
                          f"{new['id']} took over in {dt * 1000:.1f} ms")
 
     def render(self, timer):
         owner = self.owner()
-        members = sharedvar.get_value(MEMBERS_VAR) or []
+        members = _members()
         elapsed = time.monotonic() - self.started
         rows = []
         for cid, pid in members:
@@ -231,7 +254,7 @@ class MonitorHooks(ProcessorHooks):
             mark = "OWNER" if owner and owner["id"] == cid else ""
             rows.append((cid, pid, "up" if alive else "dead", served, self.by_container.get(cid, 0), mark))
         jobs = semaphore.get(JOBS_DONE)
-        worst = max(self.takeovers) * 1000 if self.takeovers else 0.0
+        worst = self.worst_takeover * 1000
         if self.tty:
             lines = [f"netplex-native demo  {elapsed:6.1f}s  backend={self.backend}  port={self.port}"
                      f"  (Ctrl-C to stop)", "",
@@ -240,8 +263,8 @@ class MonitorHooks(ProcessorHooks):
                 if state == "up" or mark:
                     lines.append(f"{cid:<12}{pid:>8}  {state:<6}{served:>8}{mine:>9}  {mark}")
             lines += ["", f"jobs run: {jobs}   requests: {self.requests} (errors {self.errors})"
-                          f"   takeovers: {len(self.takeovers)}   worst takeover: {worst:.1f} ms", ""]
-            lines += self.events[-6:]
+                          f"   takeovers: {self.n_takeovers}   worst takeover: {worst:.1f} ms", ""]
+            lines += list(self.events)[-6:]
             self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
             self.out.flush()
         else:
@@ -257,9 +280,9 @@ class MonitorHooks(ProcessorHooks):
         cenv.cancel_all_timers()
         for t in self.tasks:
             t.cancel()
-        worst = f"{max(self.takeovers) * 1000:.1f} ms" if self.takeovers else "-"
+        worst = f"{self.worst_takeover * 1000:.1f} ms" if self.n_takeovers else "-"
         print(f"\nsummary: {self.requests} requests served ({self.errors} errors), "
-              f"jobs run {semaphore.get(JOBS_DONE)}, takeovers {len(self.takeovers)}, "
+              f"jobs run {semaphore.get(JOBS_DONE)}, takeovers {self.n_takeovers}, "
               f"worst takeover {worst}", file=self.out, flush=True)
 
 

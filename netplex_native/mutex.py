@@ -75,3 +75,10 @@ class Mutex(_MutexBase):
 def access(name: str) -> Mutex:
     """The mutex *name* (created unlocked on first use)."""
     return Mutex(name)
+
+
+def destroy(name: str) -> None:
+    """Remove the mutex *name* (its table entry on the native backend):
+    waiting ``lock`` calls return False; a later use creates it again,
+    unlocked.  A no-op when it does not exist."""
+    ctx.mutex.destroy(check_name(name))

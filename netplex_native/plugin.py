@@ -23,6 +23,9 @@ class Plugin:
     def ctrl_added(self, ctrl) -> None:
         """Added to *ctrl* (before any container is forked)."""
 
+    def ctrl_started(self, ctrl) -> None:
+        """The controller's loop runs (before the first container is forked)."""
+
     def ctrl_unplugged(self, ctrl) -> None:
         """The controller shuts down; release everything."""
 

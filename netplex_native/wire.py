@@ -40,24 +40,91 @@ import struct
 from .errors import ProtocolError
 
 HEADER = struct.Struct("!II")
-#: Largest frame accepted (a shared variable's value must fit).
+#: Largest frame accepted, in either direction.  Checked by the sender before
+#: anything is sent or stored, and by the decoder before anything is buffered.
 MAX_FRAME = 16 * 1024 * 1024
+#: Largest shared-variable value (its JSON text, or its pickle): whatever is
+#: stored must fit in the reply that carries it, with room for the envelope.
+MAX_VALUE = MAX_FRAME - 4096
+#: Longest error message sent in a reply (longer ones are cut).
+MAX_ERROR_TEXT = 2000
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
 _unpack_header = HEADER.unpack_from
 
 
+class FrameTooLargeError(ValueError):
+    """A frame (or a value that must travel in one) exceeds MAX_FRAME."""
+
+
 def encode(obj, blob: bytes | None = None) -> bytes:
-    """One frame for *obj* (JSON-serialisable) and an optional blob."""
+    """One frame for *obj* (JSON-serialisable) and an optional blob.  Raises
+    FrameTooLargeError (a ValueError) or UnicodeEncodeError (a lone surrogate)
+    before anything is sent."""
     body = _dumps(obj).encode("utf-8")
     blen = len(blob) if blob else 0
     total = 4 + len(body) + blen
     if total > MAX_FRAME:
-        raise ValueError(f"frame of {total} bytes exceeds the limit of {MAX_FRAME} bytes")
+        raise FrameTooLargeError(f"frame of {total} bytes exceeds the limit of {MAX_FRAME} bytes")
     if blob:
         return b"".join((HEADER.pack(total, len(body)), body, blob))
     return HEADER.pack(total, len(body)) + body
+
+
+class RawJSON(bytes):
+    """A JSON value already encoded (UTF-8), spliced into a reply as it is:
+    a shared variable's value is encoded once when set, and every reply that
+    carries it shares the same bytes (no copy per waiter)."""
+
+    __slots__ = ()
+
+
+def json_value(value) -> RawJSON:
+    """*value* as RawJSON; UnicodeEncodeError for a lone surrogate."""
+    return RawJSON(_dumps(value).encode("utf-8"))
+
+
+def reply_parts(rid: int, result, deferred: bool = False, blob: bytes | None = None) -> tuple:
+    """The frame of a successful answer as a tuple of buffers, sharing
+    *blob* and a RawJSON *result* instead of copying them.  Raises
+    FrameTooLargeError before anything is sent."""
+    if type(result) is RawJSON:
+        head = b'["r",%d,true,' % rid
+        tail = b",true]" if deferred else b",false]"
+        jlen = len(head) + len(result) + len(tail)
+        total = 4 + jlen + (len(blob) if blob else 0)
+        if total > MAX_FRAME:
+            raise FrameTooLargeError(f"reply of {total} bytes exceeds the limit of {MAX_FRAME} bytes")
+        parts = (HEADER.pack(total, jlen) + head, result, tail)
+        return parts + (blob,) if blob else parts
+    if blob:
+        body = _dumps(["r", rid, True, result, bool(deferred)]).encode("utf-8")
+        total = 4 + len(body) + len(blob)
+        if total > MAX_FRAME:
+            raise FrameTooLargeError(f"reply of {total} bytes exceeds the limit of {MAX_FRAME} bytes")
+        return (HEADER.pack(total, len(body)) + body, blob)
+    return (encode_reply(rid, result, deferred),)
+
+
+def safe_text(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """*text* cut to *limit* characters, lone surrogates escaped: always
+    encodable, always small."""
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text) - limit} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_frame(rid: int, exc: BaseException) -> bytes:
+    """The frame of a failed answer, named by the nearest class the
+    container knows; never raises, never exceeds a few KB."""
+    from .errors import REMOTE_ERRORS
+    name = "RemoteError"
+    for cls in type(exc).__mro__:
+        if REMOTE_ERRORS.get(cls.__name__) is cls:
+            name = cls.__name__
+            break
+    return encode(["r", rid, False, [name, safe_text(str(exc))], False])
 
 
 # ---- binary frames ----

@@ -7,6 +7,11 @@ its own for a longer storm::
 
     python3 tests/stress.py --backend native --seconds 120
 
+and the soak of issue 13 (flood + kills + stopped containers + huge values +
+admin clients; the controller's RSS and fds must stay flat)::
+
+    python3 tests/stress.py --soak --backend rpc --seconds 600
+
 How overlap is detected without trusting the primitives under test
 -------------------------------------------------------------------
 Every process appends fixed-size 32-byte records to one file opened with
@@ -43,7 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import netplex_native as netplex  # noqa: E402
-from netplex_native import admin, cenv, mutex, semaphore  # noqa: E402
+from netplex_native import admin, cenv, mutex, semaphore, sharedvar  # noqa: E402
 from harness import Events, run_controller, plugins_for, wait_until  # noqa: E402
 import harness  # noqa: E402
 
@@ -353,6 +358,218 @@ def run_storm(backend: str, seconds: float, workdir: str, *, kill_interval: floa
     return result
 
 
+# ---------------------------------------------------------------- the soak (issue 13)
+
+class _SoakFlood(netplex.ProcessorHooks):
+    """Floods broadcasts (from the loop and from a thread) and makes calls."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def post_add_hook(self, service, ctrl):
+        for p in plugins_for(self.backend):
+            ctrl.add_plugin(p)
+        ctrl.add_plugin(sharedvar.plugin)
+
+    def post_start_hook(self, cont):
+        import threading
+        semaphore.create("soak.s", 2, protected=True)
+        self.arg = "f" * 1024
+        cenv.create_timer(self.tick, 0.01)
+        threading.Thread(target=self.thread_flood, daemon=True).start()
+
+    def thread_flood(self):
+        while True:
+            try:
+                for _ in range(50):
+                    cenv.send_message("sink", "t", [self.arg])
+                semaphore.get("soak.s")
+            except netplex.NetplexError:
+                return
+            time.sleep(0.01)
+
+    def tick(self, timer):
+        for _ in range(100):
+            cenv.send_message("sink", "m", [self.arg])
+        if semaphore.decrement("soak.s", wait=True, timeout=1) >= 0:
+            with mutex.access("soak.m"):
+                pass
+            semaphore.increment("soak.s")
+        return True
+
+
+class _SoakSink(_SoakFlood):
+    """Receives the flood; sometimes blocked in a synchronous wait meanwhile."""
+
+    def post_start_hook(self, cont):
+        sharedvar.create_var("soak.never")
+        self.n = 0
+        cenv.create_timer(self.block, 0.2)
+
+    def receive_message(self, cont, name, args):
+        self.n += 1
+
+    def block(self, timer):
+        sharedvar.wait_for_value("soak.never", timeout=0.3)
+        return True
+
+
+class _SoakHuge(_SoakFlood):
+    """Huge values: sets 8 MB values, three coroutines wait for them."""
+
+    def post_start_hook(self, cont):
+        import asyncio
+        sharedvar.create_var("soak.big")
+        sharedvar.create_var("soak.enc", enc=True)
+        self.i = 0
+        cenv.create_timer(self.tick, 0.5)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            loop.create_task(self.wait())
+
+    async def wait(self):
+        while True:
+            await sharedvar.wait_for_value_async("soak.big", 2)
+
+    def tick(self, timer):
+        self.i += 1
+        sharedvar.set_value("soak.big", chr(97 + self.i % 26) * (8 << 20))
+        sharedvar.set_value("soak.enc", bytes(4 << 20))
+        assert len(sharedvar.get_value("soak.enc")) == 4 << 20
+        return True
+
+
+def _proc_figures(pid: int) -> tuple[float, int]:
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def run_soak(seconds: float, workdir: str, *, backend: str = "rpc", seed: int | None = None,
+             out=print) -> dict:
+    """Flood + kills + stopped containers + huge values + admin clients for
+    *seconds*; the controller's RSS and fds sampled every 10 s must be flat
+    (last third vs the first sample after a warm-up of a sixth of the run)."""
+    import socket as _socket
+    seed = random.randrange(1 << 30) if seed is None else seed
+    rng = random.Random(seed)
+    sdir = os.path.join(workdir, "sock")
+
+    def build():
+        ctrl = netplex.Controller(socket_dir=sdir, max_start_failures=10**9, backoff=(0.05, 0.5),
+                                  admin_idle_timeout=5.0)
+        ctrl.add_service(netplex.Service("flood", hooks=_SoakFlood(backend), workers=2))
+        ctrl.add_service(netplex.Service("sink", hooks=_SoakSink(backend), workers=4))
+        ctrl.add_service(netplex.Service("huge", hooks=_SoakHuge(backend), workers=1))
+        return ctrl
+
+    r = {"backend": backend, "seed": seed, "seconds": seconds, "kills": 0, "stops": 0,
+         "admin_requests": 0, "idle_admin_connections": 0, "samples": [], "problems": []}
+    t0 = time.monotonic()
+    with run_controller(build) as proc:
+        if not wait_until(lambda: os.path.exists(os.path.join(sdir, "admin.sock")), 20):
+            r["problems"].append("the controller did not start")
+            return r
+        time.sleep(1.0)
+        idle = []
+        stopped: dict[int, float] = {}
+        t_end = t0 + seconds
+        next_sample = time.monotonic()
+        next_kill = next_stop = next_idle = time.monotonic()
+        while time.monotonic() < t_end:
+            time.sleep(0.05)
+            now = time.monotonic()
+            if not proc.alive():
+                r["problems"].append(f"the controller died after {now - t0:.0f} s")
+                break
+            try:
+                st = admin.request(sdir, {"cmd": "list"}, timeout=10)
+                admin.request(sdir, {"cmd": "inspect"}, timeout=10)
+                r["admin_requests"] += 2
+            except Exception as e:
+                r["problems"].append(f"admin request failed at {now - t0:.0f} s: {e}")
+                continue
+            pids = {c["service"]: [] for c in []}
+            conts = [(c["service"], c["pid"]) for s_ in st["services"] for c in s_["containers"]]
+            for pid, until in list(stopped.items()):
+                if now >= until:
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+                    del stopped[pid]
+            if now >= next_kill and conts:
+                next_kill = now + 0.5
+                _, victim = rng.choice(conts)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    r["kills"] += 1
+                except ProcessLookupError:
+                    pass
+                stopped.pop(victim, None)
+            if now >= next_stop:
+                next_stop = now + 5.0
+                sinks = [p for s_, p in conts if s_ in ("sink", "flood") and p not in stopped]
+                if sinks:
+                    victim = rng.choice(sinks)
+                    try:
+                        os.kill(victim, signal.SIGSTOP)
+                        stopped[victim] = now + 3.0
+                        r["stops"] += 1
+                    except ProcessLookupError:
+                        pass
+            if now >= next_idle:
+                next_idle = now + 2.0
+                for c in idle:
+                    c.close()
+                idle = []
+                for _ in range(5):
+                    c = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                    c.connect(os.path.join(sdir, "admin.sock"))
+                    idle.append(c)
+                    r["idle_admin_connections"] += 1
+            if now >= next_sample:
+                next_sample = now + 10.0
+                rss, fds = _proc_figures(proc.pid)
+                r["samples"].append([round(now - t0), round(rss, 1), fds, st["queued_bytes"],
+                                     st["dropped_messages"], sum(len(s_["containers"]) for s_ in st["services"])])
+        for c in idle:
+            c.close()
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        r["controller_alive"] = proc.alive()
+        r["exit_code"] = proc.stop(30)
+        if r["exit_code"] != 0:
+            r["problems"].append(f"the controller exited with {r['exit_code']} on SIGTERM")
+    left = [n for n in os.listdir(sdir)] if os.path.isdir(sdir) else []
+    if left:
+        r["problems"].append(f"left in the socket directory: {left}")
+    samples = r["samples"]
+    warm = [x for x in samples if x[0] >= seconds / 6] or samples
+    last = [x for x in samples if x[0] >= seconds * 2 / 3] or samples[-1:]
+    if warm and last:
+        r["rss_warm_mb"], r["fds_warm"] = warm[0][1], warm[0][2]
+        r["rss_last_mb"] = max(x[1] for x in last)
+        r["rss_max_mb"] = max(x[1] for x in samples)
+        r["fds_last"] = max(x[2] for x in last)
+        r["fds_max"] = max(x[2] for x in samples)
+        if r["rss_last_mb"] - r["rss_warm_mb"] > 64:
+            r["problems"].append(f"controller RSS grew from {r['rss_warm_mb']} to {r['rss_last_mb']} MB")
+        if r["fds_last"] - r["fds_warm"] > 16:
+            r["problems"].append(f"controller fds grew from {r['fds_warm']} to {r['fds_last']}")
+    out(f"soak [{backend}] seed={seed}: {seconds:.0f} s, {r['kills']} kills, {r['stops']} SIGSTOPs, "
+        f"{r['admin_requests']} admin requests, {r['idle_admin_connections']} idle admin connections; "
+        f"controller RSS {r.get('rss_warm_mb')} MB after warm-up, {r.get('rss_last_mb')} MB at the end "
+        f"(max {r.get('rss_max_mb')}), fds {r.get('fds_warm')} -> {r.get('fds_last')} (max {r.get('fds_max')}); "
+        f"{len(r['problems'])} problems")
+    for p_ in r["problems"][:20]:
+        out("  PROBLEM: " + p_)
+    return r
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=["rpc", "native", "both"], default="both")
@@ -361,7 +578,19 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    p.add_argument("--soak", action="store_true",
+                   help="instead of the kill storm: flood + kills + stopped containers + huge values + "
+                        "admin clients for --seconds (600 is the reference run); RSS and fds must stay flat")
     a = p.parse_args(argv)
+    if a.soak:
+        bad = 0
+        for backend in (["rpc", "native"] if a.backend == "both" else [a.backend]):
+            with tempfile.TemporaryDirectory(prefix="npsoak-") as d:
+                r = run_soak(a.seconds, d, backend=backend, seed=a.seed)
+            if a.json:
+                print(json.dumps(r))
+            bad += bool(r["problems"])
+        return 1 if bad else 0
     bad = 0
     for backend in (["rpc", "native"] if a.backend == "both" else [a.backend]):
         with tempfile.TemporaryDirectory(prefix="npstress-") as d:

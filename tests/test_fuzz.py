@@ -534,3 +534,125 @@ def test_fuzzed_admin_socket(events, tmp_path):
         print(f"admin fuzz: {len(cases)} connections, {answered} answers ({errors} errors), "
               f"{closed} closed without an answer; controller up")
         assert proc.stop() == 0
+
+
+# ---------------------------------------------------------------- well-formed hostile frames
+
+def _raw_exchange(sock, data: bytes, rids, timeout=20.0):
+    """Send raw frames on a container's channel socket and read until every
+    call id in *rids* is answered; {rid: (ok, result)}.  Loop thread only
+    (nothing else reads meanwhile)."""
+    import select
+    import time
+    _send_all(sock, data)
+    dec = wire.Decoder(binary=True)
+    out = {}
+    deadline = time.monotonic() + timeout
+    while set(rids) - set(out):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if not select.select([sock], [], [], min(left, 0.2))[0]:
+            continue
+        try:
+            chunk = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        for obj, _blob in dec.feed(chunk):
+            if obj[0] == "r":
+                out[obj[1]] = (obj[2], obj[3])
+    return out
+
+
+class _Hostile(netplex.ProcessorHooks):
+    """Container 1 sends well-formed hostile frames; container 2 is an
+    honest waiter on the mutex the hostile one floods."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def post_add_hook(self, service, ctrl):
+        ctrl.add_plugin(semaphore.plugin)
+        ctrl.add_plugin(mutex.plugin)
+        ctrl.add_plugin(sharedvar.plugin)
+
+    def post_start_hook(self, cont):
+        sharedvar.create_var("hz.go")
+        if cont.id.endswith(".1"):
+            cenv.create_timer(self.attack, 0.2)
+        else:
+            import asyncio
+            asyncio.get_running_loop().create_task(self.honest())
+
+    async def honest(self):
+        await sharedvar.wait_for_value_async("hz.go", 20)
+        self.events.emit("honest_waiting")
+        got = await mutex.access("hz.m").lock_async(timeout=10)
+        self.events.emit("honest", got=got)
+        if got:
+            mutex.access("hz.m").unlock()
+
+    def attack(self, timer):
+        import time
+        from netplex_native._context import ctx
+        sock = ctx.channel.sock
+        res = {}
+        sharedvar.create_var("hz.v")
+        sharedvar.set_value("hz.v", "honest")
+        # a lone surrogate in a value, in a message argument
+        r = _raw_exchange(sock, frame([101, "var.set", ["hz.v", "\ud800"]])
+                          + frame([102, "ctl.send_message", ["hz", "n", ["\udfff"]]])
+                          + frame([103, "var.get", ["hz.v"]]), [101, 102, 103])
+        res["surrogate"] = [r.get(101, (None,))[0], r.get(102, (None,))[0], r.get(103)]
+        # a value over the limit in a frame under it
+        r = _raw_exchange(sock, frame([104, "var.set", ["hz.v", "z" * (wire.MAX_VALUE + 100)]])
+                          + frame([105, "var.get", ["hz.v"]]), [104, 105])
+        res["oversized"] = [r.get(104, (None,))[0], r.get(105)]
+        # a procedure name whose error message would exceed a frame, then an honest call in the same write
+        body = json.dumps([106, "\u200b" * 5_000_000, []], ensure_ascii=False).encode()   # 15 MB
+        r = _raw_exchange(sock, HDR.pack(4 + len(body), len(body)) + body + frame([107, "var.get", ["hz.v"]]),
+                          [106, 107])
+        res["huge_proc"] = [r.get(106, (None,))[0], len(json.dumps(r.get(106, (0, ""))[1])), r.get(107)]
+        # 3000 waits on a held mutex with call id 0 (nobody reads their answers)
+        assert mutex.access("hz.m").lock(timeout=1)
+        _send_all(sock, b"".join(frame([0, "mutex.lock", ["hz.m", None]]) for _ in range(3000)))
+        sharedvar.set_value("hz.go", "go")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ins = admin.request(ctx.controller.socket_dir, {"cmd": "inspect"})
+            m = [m for m in ins["plugins"]["sync"]["mutexes"] if m["name"] == "hz.m"]
+            if m and m[0]["waiters"] >= 1:
+                break
+            time.sleep(0.02)
+        res["waiters"] = m[0]["waiters"] if m else None
+        mutex.access("hz.m").unlock()
+        ins = admin.request(ctx.controller.socket_dir, {"cmd": "inspect"})
+        res["inspect"] = ins["ok"]
+        self.events.emit("attacked", **res)
+        return False
+
+
+@pytest.mark.timeout(90)
+def test_well_formed_hostile_frames_get_errors_and_harm_no_one(events):
+    """RPC backend: the frames are plugin calls of the RPC plugins."""
+    def build():
+        ctrl = netplex.Controller()
+        ctrl.add_service(netplex.Service("hz", hooks=_Hostile(events), workers=2))
+        return ctrl
+
+    with run_controller(build) as proc:
+        a = events.wait("attacked", timeout=60)[0]
+        ok, err, val = a["surrogate"]
+        assert ok is False and err is False, a            # refused, with an error answer
+        assert val == [True, "honest"], a                 # unchanged, and every get answered
+        assert a["oversized"] == [False, [True, "honest"]], a
+        assert a["huge_proc"][0] is False and a["huge_proc"][1] < 10_000, a
+        assert a["huge_proc"][2] == [True, "honest"], a   # the rest of the batch was served
+        assert a["waiters"] == 1, a                       # the 3000 unanswerable waits were not queued
+        assert a["inspect"] is True
+        h = events.wait("honest", timeout=20)[0]
+        assert h["got"] is True, "the honest waiter never got the mutex"
+        assert proc.alive()
+        assert proc.stop() == 0
