@@ -289,7 +289,7 @@ def place(placement: str, me_second: bool, others=()) -> None:
 
 def _native_dom():
     from netplex_native._context import ctx
-    from netplex_native._native_plugin import domain_plugin
+    from netplex_native.native.plugins import domain_plugin
     return ctx.controller.plugin_data(domain_plugin)
 
 
@@ -352,7 +352,7 @@ def job_uncontended(jc: JobCtx):
         return loop, None
 
     if jc.backend == "native":
-        from netplex_native._native import _lib
+        from netplex_native.native.domain import _lib
 
         def c_floor():
             f = _lib.np_noop
@@ -937,7 +937,7 @@ def pss_kb(pid):
 
 
 def bench_memory(q, results):
-    from netplex_native import _native
+    from netplex_native.native import domain as _native
     d = _native.Domain.create()
     size, cfg = d.size, d.config
     d.unlink()
@@ -1202,7 +1202,7 @@ def main(argv=None) -> int:
         if s not in SECTIONS:
             ap.error(f"unknown section {s!r}")
     try:
-        from netplex_native import _native
+        from netplex_native.native import domain as _native
         if not _native.available():
             raise ImportError("netplex_native._core missing")
         import posix_ipc, sysv_ipc  # noqa: F401

@@ -9,7 +9,7 @@
  * that look the name up in the Domain's own handle caches and call the core.
  *
  * One core: the Binder does not link the core's files.  It calls the functions
- * of the cffi module through pointers handed over by _native.py
+ * of the cffi module through pointers handed over by netplex_native/native/domain.py
  * (ffi.addressof), so there is one copy of the core and of its per-process
  * state (registration, thread cache, crash points).
  *

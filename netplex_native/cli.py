@@ -40,7 +40,7 @@ def _native_or_rpc(backend: str) -> str:
     if backend != "native":
         return backend
     try:
-        from . import _native
+        from .native import domain as _native
         if _native.available():
             return "native"
     except ImportError:

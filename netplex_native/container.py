@@ -284,7 +284,7 @@ def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
     ctx.runtime = rt
     cont._rt = rt
     ctrl._install_backends("container")
-    from ._native_plugin import domain_plugin
+    from .native.plugins import domain_plugin
     dom = ctrl.plugin_data(domain_plugin)
     if dom is not None:
         dom.interrupt_check = rt.shutdown_pending

@@ -8,8 +8,8 @@ order; a mutex whose holder ends (even by SIGKILL) is unlocked.
 from __future__ import annotations
 
 from ._context import ctx
-from ._rpc_sync import MutexPlugin
-from ._native_plugin import NativeMutexPlugin
+from .rpc.sync import MutexPlugin
+from .native.plugins import NativeMutexPlugin
 from .errors import check_name
 
 plugin = MutexPlugin()

@@ -12,8 +12,8 @@ however it ends, and waiters are woken.
 from __future__ import annotations
 
 from ._context import ctx, forward
-from ._rpc_sync import SemaphorePlugin
-from ._native_plugin import NativeSemaphorePlugin
+from .rpc.sync import SemaphorePlugin
+from .native.plugins import NativeSemaphorePlugin
 
 plugin = SemaphorePlugin()
 native_plugin = NativeSemaphorePlugin()

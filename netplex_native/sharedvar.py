@@ -6,7 +6,7 @@ Plain variables hold ``str``; ``enc=True`` ones any picklable object.
 from __future__ import annotations
 
 from ._context import ctx
-from ._rpc_sharedvar import SharedVarPlugin
+from .rpc.sharedvar import SharedVarPlugin
 
 plugin = SharedVarPlugin()
 

@@ -33,7 +33,7 @@ def dom(request, monkeypatch):
     the C accelerator of the uncontended operations (_fast) and once with the
     pure-Python entry points it replaces.  A core that is not built fails the
     test: a broken build must never look green."""
-    from netplex_native import _native
+    from netplex_native.native import domain as _native
     assert _native.available(), "the native core (netplex_native._core) is not built"
     if request.param == "closures":
         monkeypatch.setattr(_native, "_fast", None)

@@ -223,7 +223,7 @@ def shm_entries(prefix: str = "netplex-") -> set[str]:
 def need_backend(backend: str) -> None:
     """Native tests require the compiled core; failing (not skipping) keeps CI honest."""
     if backend == "native":
-        from netplex_native import _native  # noqa: F401  (ImportError = a broken build)
+        from netplex_native.native import domain as _native  # (ImportError = a broken build)
         assert _native.available(), "the native core is not built"
 
 

@@ -8,7 +8,7 @@ import signal
 import time
 import traceback
 
-from netplex_native import _native
+from netplex_native.native import domain as _native
 
 
 def child(fn, *args, test_mode: bool = True) -> int:

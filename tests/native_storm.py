@@ -15,7 +15,7 @@ Checked exactly, from the record file and the segment:
     every mutex free, no queue, no process left, check() clean.
 
 Used by tests/test_native_storm.py (a few seeds, seconds each) and by
-``python3 tests/stress.py --native-storm SECONDS`` (minutes)."""
+``python3 tests/stress.py --native-storm --seconds N`` (minutes)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 
-from netplex_native import _native
+from netplex_native.native import domain as _native
 
 SEMS = {"s0": 2, "s1": 1}
 MUTEXES = ["m0", "m1"]

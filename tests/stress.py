@@ -327,7 +327,7 @@ def run_storm(backend: str, seconds: float, workdir: str, *, kill_interval: floa
             sems, mtxs, raw = primitives_state(sdir)
             extra += quiet_violations(sems, mtxs)
             if backend == "native":
-                from netplex_native import _native
+                from netplex_native.native import domain as _native
                 seg = raw["plugins"]["native"]["segment"]
                 dom = _native.Domain.attach(seg)
                 try:
@@ -581,7 +581,18 @@ def main(argv=None) -> int:
     p.add_argument("--soak", action="store_true",
                    help="instead of the kill storm: flood + kills + stopped containers + huge values + "
                         "admin clients for --seconds (600 is the reference run); RSS and fds must stay flat")
+    p.add_argument("--native-storm", action="store_true",
+                   help="instead of the kill storm: the native core's storm (tests/native_storm.py: "
+                        "threads, crash points inside operations and recovery, concurrent recoverers) "
+                        "for --seconds")
     a = p.parse_args(argv)
+    if a.native_storm:
+        import native_storm
+        with tempfile.TemporaryDirectory(prefix="npnstorm-") as d:
+            r = native_storm.run_storm(d, a.seconds, a.seed or 1, workers=a.workers)
+        r["violations"] = 0                  # run_storm raises on any violation
+        print(json.dumps(r))
+        return 0
     if a.soak:
         bad = 0
         for backend in (["rpc", "native"] if a.backend == "both" else [a.backend]):

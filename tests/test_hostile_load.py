@@ -568,7 +568,7 @@ def test_sigint_at_any_moment_of_start_up_leaves_nothing_behind(tmp_path):
                 tempfile.tempdir = None
                 ctrl = netplex.Controller()
                 ctrl.add_service(netplex.Service("su", hooks=_Base(None, "native"), workers=1))
-                from netplex_native._native_plugin import domain_plugin
+                from netplex_native.native.plugins import domain_plugin
                 os.write(w, (ctrl.plugin_data(domain_plugin).name + "\n").encode())
                 ctrl.run()
                 code = 0

@@ -9,7 +9,8 @@ import time
 import pytest
 
 import netplex_native as netplex
-from netplex_native import _native, admin, cenv, semaphore
+from netplex_native.native import domain as _native
+from netplex_native import admin, cenv, semaphore
 
 from harness import plugins_for, run_controller, wait_until
 

@@ -1,4 +1,4 @@
-"""Semantics of the native core (netplex_native._native), with real processes."""
+"""Semantics of the native core (netplex_native.native.domain), with real processes."""
 
 import os
 import shutil
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from netplex_native import _native, errors
+from netplex_native.native import domain as _native
+from netplex_native import errors
 
 
 
@@ -320,7 +321,7 @@ def test_threads_of_one_process_wait_and_are_woken_independently(dom):
 
 STRACE_CHILD = r"""
 import os, sys
-from netplex_native import _native
+from netplex_native.native import domain as _native
 d = _native.Domain.attach(sys.argv[1])
 d.sem_create("u", 1); d.sem_increment("u"); d.sem_decrement("u")
 d.mutex_lock("um"); d.mutex_unlock("um")

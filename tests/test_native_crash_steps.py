@@ -9,7 +9,7 @@ import traceback
 
 import pytest
 
-from netplex_native import _native
+from netplex_native.native import domain as _native
 
 
 MAX_STEPS = 200

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from netplex_native import _native
+from netplex_native.native import domain as _native
 
 from native_helpers import (arm, child, hold_until_killed, kill_and_reap, killed, mtx, pids,
                             reap, sem, until)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from netplex_native import _native
+from netplex_native.native import domain as _native
 from netplex_native.errors import SegmentError
 
 from native_helpers import (arm, child, exited_ok, hold_until_killed, kill_and_reap, killed,

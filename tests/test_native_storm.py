@@ -1,5 +1,5 @@
 """The native core's storm in CI: a few seeds, seconds each (tests/native_storm.py
-says what is checked; ``python3 tests/stress.py --native-storm SECONDS`` runs it
+says what is checked; ``python3 tests/stress.py --native-storm --seconds N`` runs it
 for minutes)."""
 
 import pytest

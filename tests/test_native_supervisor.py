@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from netplex_native import _native
+from netplex_native.native import domain as _native
 
 
 

@@ -367,13 +367,26 @@ def _assert_reference_shutdown_order(events, services: dict) -> None:
     assert min(rm) > max(_idx(events, "post_finish")), "post_rm_hook ran before every post_finish_hook"
 
 
-def _leftover_shm(before: set) -> set:
-    """New netplex-* shm entries (others' tests may hold some briefly: wait a little)."""
+def _leftover_shm(before: set, creator: int | None = None) -> set:
+    """New netplex-* shm entries (others' tests may hold some briefly: wait a little);
+    with creator, only the segments that process created (other processes on the
+    machine may create segments meanwhile)."""
+    from netplex_native.native import domain as _native
     left = set()
+
+    def created_by(entry):
+        try:
+            d = _native.Domain.attach(entry)
+        except Exception:
+            return False                     # gone meanwhile, or not ours
+        try:
+            return _native._lib.np_domain_creator_pid(d._d) == creator
+        finally:
+            d.close()
 
     def check():
         nonlocal left
-        left = shm_entries() - before
+        left = {e for e in shm_entries() - before if creator is None or created_by(e)}
         return not left
     wait_until(check, 2.0, 0.05)
     return left
@@ -408,7 +421,7 @@ def test_signal_shuts_down_in_reference_order_and_exits_0(events, sig, socket_di
         assert not os.path.exists(sdir), "the private socket dir was left behind"
     else:
         assert sdir == os.path.abspath(socket_dir) and os.path.isdir(sdir)
-    assert _leftover_shm(shm_before) == set()
+    assert _leftover_shm(shm_before, proc.pid) == set()
     assert all(not pid_alive(e["cpid"]) for e in events.all("started"))
 
 

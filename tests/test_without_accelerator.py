@@ -13,7 +13,8 @@ SCRIPT = r'''
 import sys
 sys.modules["netplex_native._fast"] = None          # make the import fail
 import netplex_native as netplex
-from netplex_native import semaphore, mutex, cenv, _native
+from netplex_native import semaphore, mutex, cenv
+from netplex_native.native import domain as _native
 from harness import plugins_for
 
 assert _native._fast is None and type(semaphore.decrement).__name__ == "function"

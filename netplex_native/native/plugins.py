@@ -19,8 +19,8 @@ import logging
 import os
 import threading
 
-from .errors import NativeUnavailableError, WouldBlockError, check_timeout
-from .plugin import Plugin
+from ..errors import NativeUnavailableError, WouldBlockError, check_timeout
+from ..plugin import Plugin
 
 log = logging.getLogger("netplex_native")
 
@@ -63,7 +63,7 @@ class NativeDomainPlugin(Plugin):
         if ctrl.plugin_data(self) is not None:
             return
         try:
-            from . import _native
+            from . import domain as _native
         except ImportError as e:
             raise NativeUnavailableError(
                 f"the native core is not built ({e}); reinstall with a C compiler, "

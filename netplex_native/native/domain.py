@@ -27,10 +27,10 @@ import os
 import secrets
 import time
 
-from . import errors
+from .. import errors
 
 try:
-    from ._core import ffi as _ffi, lib as _lib
+    from .._core import ffi as _ffi, lib as _lib
 except ImportError as _e:  # pragma: no cover - exercised only without a build
     _ffi = _lib = None
     _import_error = _e
@@ -38,7 +38,7 @@ else:
     _import_error = None
 
 try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
-    from . import _fast
+    from .. import _fast
 except ImportError:  # pragma: no cover - a build without it uses closures
     _fast = None
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from .errors import (WouldBlockError, check_bool, check_int, check_name,
+from ..errors import (WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, VALUE_MAX)
-from .plugin import Plugin
+from ..plugin import Plugin
 
 log = logging.getLogger("netplex_native")
 
@@ -374,7 +374,7 @@ class SemaphorePlugin(Plugin):
 
     def backend(self, ctrl, role):
         if role == "container":
-            from ._context import ctx
+            from .._context import ctx
             return _SemClient(ctx.channel)
         return _SemLocal(_state(ctrl))
 
@@ -401,7 +401,7 @@ class MutexPlugin(Plugin):
 
     def backend(self, ctrl, role):
         if role == "container":
-            from ._context import ctx
+            from .._context import ctx
             return _MutexClient(ctx.channel)
         return _MutexLocal(_state(ctrl))
 

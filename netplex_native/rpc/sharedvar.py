@@ -23,10 +23,10 @@ from __future__ import annotations
 import pickle
 import time
 
-from .errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_bool,
+from ..errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_bool,
                      check_name, check_timeout)
-from . import wire
-from .plugin import Plugin
+from .. import wire
+from ..plugin import Plugin
 
 CONTROLLER = ""   # the owner name of variables created in the controller process
 #: Characters of a plain value shown by ``admin inspect``.
@@ -283,7 +283,7 @@ class SharedVarPlugin(Plugin):
 
     def backend(self, ctrl, role):
         if role == "container":
-            from ._context import ctx
+            from .._context import ctx
             return _VarClient(ctx.channel)
         return _VarLocal(ctrl.plugin_data(self))
 
