@@ -69,8 +69,9 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     int spun = 0;
 
     for (;;) {
-        if (unlikely((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)) {
-            if (rc != NP_EINTR)
+        rc = guard_lock(d, &o->guard, tag, deadline == NP_NOWAIT ? NP_GUARD_TRY : deadline);
+        if (unlikely(rc < 0)) {
+            if (rc != NP_EINTR && rc != NP_EAGAIN)
                 give_up(o, a, idx);
             return rc;
         }
@@ -99,12 +100,18 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         }
         if (unlikely(a->waiting_on && !queued)) {
             guard_unlock(&o->guard);
-            if (a->cancel_pending) {
-                np_i_wait_cancel(d);   /* the other queue: try to leave it */
-                if (!__atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED))
-                    continue;
+            if (!a->cancel_pending)
+                return NP_EBUSY;        /* a wait of this thread is in progress */
+            np_i_wait_cancel(d);        /* a given-up wait: try to leave it */
+            if (__atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED)) {
+                /* still stuck behind a stopped process: Q5, go on with a
+                 * fresh actor */
+                np_abandon_actor(d, ai);
+                if ((rc = my_actor(d, &ai, &tag)) < 0)
+                    return rc;
+                a = &d->actors[ai];
             }
-            return NP_EBUSY;
+            continue;
         }
         int64_t v = o->value;
         int entitled;

@@ -63,14 +63,18 @@
 #define NP_NAME_TOMB      0xffffffffu
 
 /* ---- process slot word (64 bits), every transition one CAS:
- * pid (bits 0-21: Linux pids are < 2^22) | state (22-23) | recoverer (24-63).
- * Recoverer = (actor index + 1) | (actor incarnation & 0xfffff) << 20, only
- * in NP_PS_RECOVERING; 0 there means "unclaimed: anyone may finish it". */
+ * pid (bits 0-21: Linux pids are < 2^22) | state (22-23) | bits 24-63:
+ *  - REGISTERING / ALIVE: the slot's generation, new at every registration,
+ *    so a word read before a slot was freed and taken again never matches
+ *    (no ABA when the same pid comes back into the same slot);
+ *  - RECOVERING: the recoverer = (actor index + 1) | (actor incarnation &
+ *    0xfffff) << 20; 0 means "unclaimed: anyone may finish it". */
 #define NP_PS_FREE        0u
 #define NP_PS_REGISTERING 1u
 #define NP_PS_ALIVE       2u
 #define NP_PS_RECOVERING  3u
 #define NP_PID_MASK       0x3fffffu
+#define NP_SLOT_GEN_MASK  0xffffffffffULL
 #define NP_REC_INC_MASK   0xfffffu
 #define PW_PID(w)   ((int32_t)(uint32_t)((w) & NP_PID_MASK))
 #define PW_STATE(w) ((uint32_t)(((w) >> 22) & 0x3u))
@@ -92,6 +96,10 @@
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
 #define NP_RECLAIM_NS     1000000000LL    /* a full table's reclaim: at most 1 s */
+/* Internal deadline of a non-blocking acquire's guard wait: give up (EAGAIN)
+ * after NP_GUARD_SLEEP_NS instead of waiting a slice: a guard is held for a
+ * few instructions, unless its holder is stopped. */
+#define NP_GUARD_TRY      (-2LL)
 
 /* liveness verdicts (liveness.c) */
 enum { NP_DEAD = 0, NP_ALIVE = 1, NP_UNKNOWN = 2 };
@@ -108,6 +116,7 @@ typedef struct {
     int32_t  creator_pid;
     uint32_t pad0;
     uint64_t creator_start;
+    uint64_t creator_pidns;
 } np_hdr;
 
 /* Semaphores are objects [0, S), mutexes [S, S + M): one array, two tables. */
@@ -130,6 +139,8 @@ typedef struct {
 typedef struct {
     uint64_t w;                 /* PW_* word */
     uint64_t start_time;        /* valid once state is ALIVE */
+    uint64_t pidns;             /* inode of its pid namespace (0 unknown) */
+    uint64_t gen;               /* generation of the last registration */
 } np_proc;
 
 typedef struct {
@@ -146,6 +157,7 @@ typedef struct {
     uint32_t wake;              /* futex word this actor sleeps on */
     uint32_t sleeping;          /* 1 while it may be in futex_wait on `wake' */
     uint32_t cancel_pending;    /* 1: gave up a wait it could not leave (owner-written) */
+    uint32_t orphan;            /* 1: its thread left it in a queue (Q5); 2: being freed */
     uint32_t qnext;             /* next in the wait queue (actor + 1) */
     uint32_t waiting_on;        /* object index + 1 of the queue it is in */
     uint32_t wait_gen;          /* generation of that object when queued */
@@ -153,7 +165,6 @@ typedef struct {
     uint32_t intent_n;
     uint32_t intent_guard;      /* guard id + 1 the log belongs to */
     uint32_t intent_guard2;     /* second guard id + 1 (create/destroy), or 0 */
-    uint32_t pad;
     int64_t  wait_since;        /* CLOCK_MONOTONIC ns when it was queued */
     np_redo  intent[NP_INTENT_MAX];
 } np_actor;
@@ -258,6 +269,12 @@ static inline int my_actor(np_domain *d, uint32_t *actor, uint32_t *tag)
 void np_ensure_self(void);
 extern int32_t  np_my_pid;
 extern uint64_t np_my_start;
+extern uint64_t np_my_pidns;
+int  np_reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadline);
+void np_reserve_leave(np_domain *d);
+void np_abandon_actor(np_domain *d, uint32_t x);
+void np_release_orphan(np_domain *d, uint32_t x);
+int  np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline);
 void np_tcache_drop(np_domain *d);
 void np_identity_init(void);
 #include <pthread.h>
@@ -267,7 +284,7 @@ void np_free_actor(np_domain *d, uint32_t x);
 int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int64_t deadline);
 
 /* ---- liveness.c ---- */
-int np_proc_state(int32_t pid, uint64_t start);            /* NP_DEAD / ALIVE / UNKNOWN */
+int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns);   /* NP_DEAD / ALIVE / UNKNOWN */
 int np_slot_state(np_domain *d, uint32_t p);
 int np_tag_state(np_domain *d, uint32_t tag);               /* guard owner */
 int np_rec_state(np_domain *d, uint64_t rec);               /* slot recoverer */
@@ -278,8 +295,8 @@ void np_guard_takeover(np_domain *d, uint32_t g, uint32_t seen, uint32_t tag);
 int  np_settle_intent(np_domain *d, uint32_t x, uint32_t tag, int64_t deadline);
 
 /* 0, or NP_EINTR (a slice passed: call again), NP_ETIMEDOUT (deadline),
- * NP_ECLOSED.  deadline as for the operations: NP_NOWAIT and NP_FOREVER
- * both mean "one slice at a time". */
+ * NP_EAGAIN (NP_GUARD_TRY: busy for NP_GUARD_SLEEP_NS), NP_ECLOSED.
+ * NP_NOWAIT and NP_FOREVER both mean "one slice at a time". */
 static inline int guard_lock(np_domain *d, uint32_t *g, uint32_t tag, int64_t deadline)
 {
     uint32_t z = 0;

@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +41,7 @@ uint64_t np_fork_epoch = 1;
 static uint64_t self_epoch;            /* epoch np_my_pid/np_my_start belong to */
 int32_t  np_my_pid;
 uint64_t np_my_start;
+uint64_t np_my_pidns;
 __thread np_tcache np_tc[NP_TCACHE];
 
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -119,29 +121,46 @@ static uint64_t read_my_start(void)
     return s;
 }
 
+/* The pid namespace: pids (and start times) compare only within one. */
+static uint64_t read_my_pidns(void)
+{
+    struct stat st;
+    return stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
 void np_ensure_self(void)
 {
     if (self_epoch != np_fork_epoch) {
         np_my_pid = getpid();
         np_my_start = read_my_start();
+        np_my_pidns = read_my_pidns();
         self_epoch = np_fork_epoch;
     }
 }
 
 /* Register in slot p (free, or dead and adopted by the caller: `expect').
- * S1. */
+ * S1; the word carries a new generation (no ABA on the slot). */
 static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
 {
     np_proc *s = &d->procs[p];
+    uint64_t g = (__atomic_load_n(&s->gen, __ATOMIC_RELAXED) + 1) & NP_SLOT_GEN_MASK;
+    if (g == 0)
+        g = 1;
+    uint64_t reg = PW_MAKE(np_my_pid, NP_PS_REGISTERING, g);
     /* acquire: we now own the slot; whoever freed it is done with it. */
-    if (!__atomic_compare_exchange_n(&s->w, &expect, PW_MAKE(np_my_pid, NP_PS_REGISTERING, 0),
-                                     0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+    if (!__atomic_compare_exchange_n(&s->w, &expect, reg, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
         return 0;
     CRASHPOINT();
+    __atomic_store_n(&s->gen, g, __ATOMIC_RELAXED);
     __atomic_store_n(&s->start_time, np_my_start, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->pidns, np_my_pidns, __ATOMIC_RELAXED);
     CRASHPOINT();
-    /* release: start_time is visible to whoever sees ALIVE. */
-    __atomic_store_n(&s->w, PW_MAKE(np_my_pid, NP_PS_ALIVE, 0), __ATOMIC_RELEASE);
+    /* release: start_time and pidns are visible to whoever sees ALIVE.  A CAS:
+     * a registrant taken for dead meanwhile (judged by pid alone while
+     * REGISTERING) lost the slot and registers again elsewhere. */
+    if (!__atomic_compare_exchange_n(&s->w, &reg, PW_MAKE(np_my_pid, NP_PS_ALIVE, g), 0,
+                                     __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+        return 0;
     CRASHPOINT();
     return 1;
 }
@@ -162,6 +181,7 @@ static int claim_actor(np_domain *d, uint32_t lo, uint32_t hi, uint32_t mp, uint
         x->qnext = 0;
         x->waiting_on = 0;
         x->cancel_pending = 0;
+        x->orphan = 0;
         x->intent_n = 0;
         __atomic_store_n(&x->intent_valid, 0, __ATOMIC_RELAXED);
         CRASHPOINT();
@@ -176,6 +196,7 @@ void np_free_actor(np_domain *d, uint32_t x)
     np_actor *ax = &d->actors[x];
     ax->waiting_on = 0;
     ax->cancel_pending = 0;
+    ax->orphan = 0;
     /* release: the incarnation ends before the actor can be claimed again. */
     __atomic_add_fetch(&ax->inc, 1, __ATOMIC_RELEASE);
     CRASHPOINT();
@@ -216,7 +237,7 @@ static int reserve_settle(np_domain *d, uint32_t tag, int64_t deadline)
 
 /* Enter the reserve: its slot and actor become the caller's.  0, or
  * NP_ENOSPC_PROC when another live process keeps it past the deadline. */
-static int reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadline)
+int np_reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadline)
 {
     uint32_t R = d->rslot, A = d->ractor;
     np_proc *s = &d->procs[R];
@@ -292,7 +313,7 @@ int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int
     return 1;
 }
 
-static void reserve_leave(np_domain *d)
+void np_reserve_leave(np_domain *d)
 {
     uint32_t R = d->rslot;
     np_free_actor(d, d->ractor);
@@ -308,11 +329,12 @@ static int reclaim(np_domain *d)
 {
     uint32_t a, tag;
     int64_t deadline = np_now() + NP_RECLAIM_NS;
-    int rc = reserve_enter(d, &a, &tag, deadline);
+    int rc = np_reserve_enter(d, &a, &tag, deadline);
     if (rc < 0)
         return rc;
     int n = np_recover_all_dead(d, a, tag, deadline);
-    reserve_leave(d);
+    n += np_purge_orphans(d, a, tag, deadline);
+    np_reserve_leave(d);
     return n;
 }
 
@@ -429,15 +451,46 @@ int64_t np_thread_detach(np_domain *d)
         np_tcache *c = &np_tc[i];
         if (c->d == d && c->serial == d->serial && c->epoch == np_fork_epoch) {
             np_actor *x = &d->actors[c->actor];
+            uint32_t a = c->actor;
             if (__atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED))
                 np_i_wait_cancel(d);
-            if (__atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED))
-                return NP_EBUSY;
-            uint32_t a = c->actor;
+            if (__atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED)) {
+                np_abandon_actor(d, a);     /* Q5: freed by whoever purges it */
+                return 0;
+            }
             np_tcache_drop(d);
             np_free_actor(d, a);
             return 0;
         }
     }
     return 0;
+}
+
+/* Q5 (queue.c): the calling thread leaves actor x, still queued and marked
+ * cancel_pending, to whoever purges it; the thread forgets it, so its next
+ * call claims a fresh actor. */
+void np_abandon_actor(np_domain *d, uint32_t x)
+{
+    np_actor *ax = &d->actors[x];
+    for (int i = 0; i < NP_TCACHE; i++)
+        if (np_tc[i].d == d && np_tc[i].actor == x) {
+            memmove(&np_tc[i], &np_tc[i + 1], sizeof np_tc[0] * (size_t)(NP_TCACHE - 1 - i));
+            memset(&np_tc[NP_TCACHE - 1], 0, sizeof np_tc[0]);
+            break;
+        }
+    /* seq_cst: against the purge (np_release_orphan) */
+    __atomic_store_n(&ax->orphan, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&ax->waiting_on, __ATOMIC_SEQ_CST))
+        np_release_orphan(d, x);        /* purged meanwhile: free it ourselves */
+}
+
+/* Free actor x if it is an orphan no longer queued; exactly once. */
+void np_release_orphan(np_domain *d, uint32_t x)
+{
+    np_actor *ax = &d->actors[x];
+    uint32_t one = 1;
+    if (__atomic_load_n(&ax->waiting_on, __ATOMIC_SEQ_CST) == 0
+        && __atomic_compare_exchange_n(&ax->orphan, &one, 2, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_RELAXED))
+        np_free_actor(d, x);
 }

@@ -11,6 +11,11 @@
  *   - state Z/X with at most one thread: an exited, unreaped process.  A
  *     thread-group leader that called pthread_exit() shows Z too, but its
  *     other threads run (num_threads, field 20, > 1): alive.
+ * All of it only within one pid namespace: a process registered from another
+ * (its slot records the namespace's inode) is NP_UNKNOWN to us, whatever its
+ * pid looks like here.  A slot still REGISTERING has no namespace yet; it is
+ * judged as if in ours, and a registrant wrongly judged so only loses the slot
+ * it had not finished taking (identity.c).
  * Anything else that prevents reading (EMFILE, ENFILE, ENOMEM, EACCES, a
  * short or unparsable read) is NP_UNKNOWN, which every caller treats as
  * alive: the work is retried later, never done on a live process's behalf.
@@ -67,11 +72,14 @@ static int read_stat(pid_t pid, char *state, long *threads, uint64_t *start)
     return NP_ALIVE;
 }
 
-int np_proc_state(int32_t pid, uint64_t start)
+int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns)
 {
     char st;
     long threads = 0;
     uint64_t s;
+    np_ensure_self();
+    if (pidns != np_my_pidns)
+        return NP_UNKNOWN;              /* another pid namespace: cannot tell */
     if (pid <= 0)
         return NP_DEAD;
     if (kill(pid, 0) < 0 && errno == ESRCH)
@@ -88,7 +96,8 @@ int np_proc_state(int32_t pid, uint64_t start)
 
 int np_process_alive(int32_t pid, uint64_t start_time)
 {
-    return np_proc_state(pid, start_time) != NP_DEAD;
+    np_ensure_self();
+    return np_proc_state(pid, start_time, np_my_pidns) != NP_DEAD;
 }
 
 int np_slot_state(np_domain *d, uint32_t p)
@@ -98,10 +107,11 @@ int np_slot_state(np_domain *d, uint32_t p)
     uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
     switch (PW_STATE(w)) {
     case NP_PS_ALIVE:
-        return w == 0 ? NP_DEAD
-                      : np_proc_state(PW_PID(w), __atomic_load_n(&s->start_time, __ATOMIC_RELAXED));
+        return np_proc_state(PW_PID(w), __atomic_load_n(&s->start_time, __ATOMIC_RELAXED),
+                             __atomic_load_n(&s->pidns, __ATOMIC_RELAXED));
     case NP_PS_REGISTERING:
-        return np_proc_state(PW_PID(w), 0);
+        np_ensure_self();
+        return np_proc_state(PW_PID(w), 0, np_my_pidns);
     default:                            /* free, or claimed for recovery: gone */
         return NP_DEAD;
     }

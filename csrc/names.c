@@ -57,7 +57,8 @@ uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot)
     return 0;
 }
 
-static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial)
+static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial,
+                      int64_t deadline)
 {
     uint32_t ai, tag, slot;
     int rc;
@@ -71,7 +72,7 @@ static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flag
     np_actor *a = &d->actors[ai];
     uint32_t ng = d->nobj;
     uint32_t *ngw = &d->h->name_guard;
-    if ((rc = guard_lock(d, ngw, tag, NP_NOWAIT)) < 0)
+    if ((rc = guard_lock(d, ngw, tag, deadline)) < 0)
         return rc;
     CRASHPOINT();
     uint32_t e = np_name_find(d, name, &slot);
@@ -102,7 +103,7 @@ static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flag
         return kind == NP_KIND_SEM ? NP_ENOSPC_SEM : NP_ENOSPC_MTX;
     }
     np_obj *o = &d->objs[i];
-    if ((rc = guard_lock(d, &o->guard, tag, NP_NOWAIT)) < 0) {
+    if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0) {
         guard_unlock(ngw);
         return rc;
     }
@@ -124,10 +125,13 @@ static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flag
     return res;
 }
 
-int64_t np_lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial)
+int64_t np_lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial,
+                  int64_t deadline)
 {
+    if (deadline == NP_TRY)
+        deadline = NP_GUARD_TRY;
     NP_ENTER(d);
-    int64_t rc = lookup(d, kind, name, flags, initial);
+    int64_t rc = lookup(d, kind, name, flags, initial, deadline);
     NP_LEAVE(d);
     return rc;
 }

@@ -70,6 +70,7 @@ enum {
 
 #define NP_NAME_MAX 255
 #define NP_NOWAIT -1
+#define NP_TRY -2
 #define NP_FOREVER 9223372036854775807
 #define NP_VALUE_MAX 9223372036854775807
 
@@ -119,6 +120,9 @@ int np_domain_config(const np_domain *d, np_config *out);
 /* pid and start time of the creating process (stale-segment detection). */
 int32_t np_domain_creator_pid(const np_domain *d);
 uint64_t np_domain_creator_start(const np_domain *d);
+/* 0 only when the creator is certainly gone (as np_process_alive, and within
+ * the creator's pid namespace only). */
+int np_domain_creator_alive(const np_domain *d);
 /* 0 only when the process pid with that start time is certainly gone (no
  * such pid, another start time, or a zombie with no live thread); 1 when it
  * is alive or when that cannot be told (EMFILE, ENOMEM, unreadable /proc). */
@@ -126,14 +130,21 @@ int np_process_alive(int32_t pid, uint64_t start_time);
 
 /* ---- names ---- */
 /* Find (or create, per flags) the object `name` of `kind`.  Returns a handle
- * (>= 0) or NP_ENOENT / NP_EEXIST / NP_EKIND / NP_ENOSPC_* / NP_EINVAL. */
-int64_t np_lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial);
+ * (>= 0) or NP_ENOENT / NP_EEXIST / NP_EKIND / NP_ENOSPC_* / NP_EINVAL.
+ * deadline bounds the wait for the name table's internal guard (held by a
+ * stopped process, say): NP_NOWAIT or NP_FOREVER: NP_EINTR after a slice
+ * (call again); an absolute deadline: NP_ETIMEDOUT; NP_TRY: NP_EAGAIN after
+ * a few milliseconds (for the lookup of a non-blocking call). */
+int64_t np_lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, int64_t initial,
+                  int64_t deadline);
 
 /* ---- semaphores ---- */
 /* +1; returns the new value. */
 int64_t np_sem_increment(np_domain *d, uint64_t handle);
 /* -1 when positive; returns the new value.  deadline NP_NOWAIT: NP_EAGAIN at
- * 0.  Otherwise waits (FIFO, starvation-free) until the deadline. */
+ * 0 (or when the object's internal guard stays busy a few milliseconds: its
+ * holder is stopped).  Otherwise waits (FIFO, starvation-free) until the
+ * deadline. */
 int64_t np_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline);
 int64_t np_sem_get(np_domain *d, uint64_t handle);
 /* Remove the semaphore; waiters get NP_EDESTROYED. */

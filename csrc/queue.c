@@ -15,6 +15,10 @@
  *     process held it past the caller's deadline) marks itself
  *     cancel_pending and sets the object's purge hint; the next guard holder
  *     that sees the hint removes it, so it blocks nobody.
+ *  Q5 A thread that cannot leave such a queue (its object's guard still held)
+ *     abandons its actor (orphan) and takes a fresh one, so it can go on with
+ *     other objects; the purge that removes the orphan also frees it (once:
+ *     orphan 1 -> 2 by CAS, against the thread freeing it itself).
  *  Q4 No lost wake-up: each actor sleeps on its own wake word, read under the
  *     guard before releasing it; a waker increments it, then checks whether
  *     the sleeper may be asleep (Dekker, seq_cst on both sides).
@@ -99,6 +103,7 @@ void np_q_purge(np_domain *d, np_actor *me, np_obj *o)
             tx_begin(me, o_idx, 0);
             np_tx_q_remove(d, me, o, cur - 1);
             tx_commit(d, me);
+            np_release_orphan(d, cur - 1);     /* Q5 */
         }
         cur = next;
     }
@@ -116,4 +121,26 @@ void np_wake_actors(np_domain *d, const uint32_t *who, int n)
         if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
             np_futex_wake(&x->wake, 1);
     }
+}
+
+/* Purge every object whose hint says a waiter gave up (Q3, Q5): the
+ * supervisor's recover and a full table's reclaim call this, so an orphan
+ * on an object nobody touches any more is still freed.  Returns the number
+ * of objects purged. */
+int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < d->nobj; i++) {
+        np_obj *o = &d->objs[i];
+        if (!__atomic_load_n(&o->purge, __ATOMIC_RELAXED))
+            continue;
+        if (guard_lock(d, &o->guard, tag, deadline) < 0)
+            continue;
+        CRASHPOINT();
+        np_q_purge(d, &d->actors[me], o);
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        n++;
+    }
+    return n;
 }

@@ -35,7 +35,10 @@
  *  V3 Only a certainly dead process's slot is claimed (I4); "cannot tell"
  *     reports NP_EAGAIN.
  *  V4 Exclusive: one claimant at a time, so step 5 never frees an actor or
- *     slot that a new process has taken since.
+ *     slot that a new process has taken since.  The claim is a CAS from the
+ *     exact word whose process was judged dead; that word carries the slot's
+ *     generation, so a slot freed and taken again meanwhile (even by the same
+ *     pid) is never claimed on the strength of the old judgement.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -186,11 +189,12 @@ int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t
         if (w == 0)
             return 0;
         switch (PW_STATE(w)) {
-        case NP_PS_ALIVE:
-            st = np_proc_state(pid, __atomic_load_n(&s->start_time, __ATOMIC_RELAXED));
+        case NP_PS_ALIVE:           /* the fields belong to w's generation, or the CAS fails */
+            st = np_proc_state(pid, __atomic_load_n(&s->start_time, __ATOMIC_RELAXED),
+                               __atomic_load_n(&s->pidns, __ATOMIC_RELAXED));
             break;
         case NP_PS_REGISTERING:
-            st = np_proc_state(pid, 0);
+            st = np_proc_state(pid, 0, np_my_pidns);
             break;
         case NP_PS_RECOVERING:
             if (PW_REC(w) == mine)
@@ -207,6 +211,7 @@ int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t
         if (st == NP_UNKNOWN)
             return NP_EAGAIN;           /* V3 */
         uint64_t claimed = PW_MAKE(pid, NP_PS_RECOVERING, mine);
+        CRASHPOINT();                   /* judged dead, not claimed yet */
         /* acquire: pairs with the release stores of the slot's last owner. */
         if (__atomic_compare_exchange_n(&s->w, &w, claimed, 0,
                                         __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
@@ -260,6 +265,8 @@ int64_t np_recover(np_domain *d, int32_t pid, int64_t deadline)
                 count += rc;
         }
     }
+    /* Waiters that gave up behind a stopped process, and orphans (queue.c). */
+    np_purge_orphans(d, me, tag, deadline);
     /* A process that died while reclaiming a full table (identity.c, S3). */
     rc = np_reserve_recover(d, me, tag, pid, deadline);
     if (rc < 0)

@@ -142,6 +142,7 @@ int np_domain_create(const char *name, const np_config *cfg, np_domain **out)
     np_ensure_self();
     h->creator_pid = np_my_pid;
     h->creator_start = np_my_start;
+    h->creator_pidns = np_my_pidns;
     /* release: G1. */
     __atomic_store_n(&h->magic, NP_MAGIC, __ATOMIC_RELEASE);
     int rc = map_domain(base, tmp.size, out);
@@ -206,6 +207,22 @@ int np_domain_attach(const char *name, np_domain **out)
     return rc;
 }
 
+/* An idle actor of this process (no other thread is inside: G3), to give
+ * back what the process holds when the calling thread has none of its own. */
+static int borrow_actor(np_domain *d, uint32_t *me, uint32_t *tag)
+{
+    for (uint32_t x = 0; x < d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        if (__atomic_load_n(&ax->proc, __ATOMIC_ACQUIRE) == d->my_proc && !ax->waiting_on
+            && !ax->intent_valid && !ax->orphan) {
+            *me = x;
+            *tag = actor_tag(x, ax->inc);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 void np_domain_close(np_domain *d)
 {
     if (!d || __atomic_load_n(&d->closing, __ATOMIC_SEQ_CST))
@@ -231,14 +248,23 @@ void np_domain_close(np_domain *d)
     /* G3: give back what this process held through d, free its slot. */
     if (d->my_epoch == np_fork_epoch && d->my_proc) {
         uint32_t me, tag;
-        if (my_actor(d, &me, &tag) == 0) {
-            int64_t deadline = np_now() + NP_RECLAIM_NS;
-            /* new calls stay refused; guard waits may now run again */
-            __atomic_store_n(&d->closing, 2, __ATOMIC_SEQ_CST);
+        int reserve = 0;
+        int64_t deadline = np_now() + NP_RECLAIM_NS;
+        /* new calls stay refused; guard waits may now run again */
+        __atomic_store_n(&d->closing, 2, __ATOMIC_SEQ_CST);
+        if (my_actor(d, &me, &tag) == 0)
             np_i_wait_cancel(d);
-            np_leave_slot(d, me, tag, d->my_proc - 1, deadline);
-        }
+        else if (borrow_actor(d, &me, &tag))
+            ;                           /* no actor of our own: the table is full */
+        else if (np_reserve_enter(d, &me, &tag, deadline) == 0)
+            reserve = 1;
+        else
+            goto unmap;                 /* the supervisor's recover(pid) will do it */
+        np_leave_slot(d, me, tag, d->my_proc - 1, deadline);
+        if (reserve)
+            np_reserve_leave(d);
     }
+unmap:
     unmap_domain(d);
 }
 
@@ -259,3 +285,8 @@ int np_domain_config(const np_domain *d, np_config *out)
 
 int32_t np_domain_creator_pid(const np_domain *d) { return d->h->creator_pid; }
 uint64_t np_domain_creator_start(const np_domain *d) { return d->h->creator_start; }
+
+int np_domain_creator_alive(const np_domain *d)
+{
+    return np_proc_state(d->h->creator_pid, d->h->creator_start, d->h->creator_pidns) != NP_DEAD;
+}

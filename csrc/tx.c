@@ -25,7 +25,8 @@
  *     dead) tag and the intent still valid: the next one redoes it.
  *  T3 Every wait for a guard is bounded: it returns NP_EINTR after one slice
  *     (signals run, the caller calls again), NP_ETIMEDOUT at the caller's
- *     deadline, NP_ECLOSED when the domain is being closed.  A dead owner is
+ *     deadline, NP_EAGAIN after NP_GUARD_SLEEP_NS for a non-blocking acquire
+ *     (NP_GUARD_TRY), NP_ECLOSED when the domain is being closed.  A dead owner is
  *     taken over within one NP_GUARD_SLEEP_NS of being found dead.
  */
 #define _GNU_SOURCE
@@ -166,9 +167,12 @@ NOINLINE int np_guard_lock_slow(np_domain *d, uint32_t *g, uint32_t tag, int64_t
         cpu_relax();
     }
     int64_t now = np_now(), end = now + NP_SLICE_NS;
-    int real_deadline = deadline != NP_NOWAIT && deadline != NP_FOREVER;
+    int try_only = deadline == NP_GUARD_TRY;
+    int real_deadline = deadline != NP_NOWAIT && deadline != NP_FOREVER && !try_only;
     if (real_deadline && deadline < end)
         end = deadline;
+    if (try_only)
+        end = now + NP_GUARD_SLEEP_NS;
     for (;;) {
         v = __atomic_load_n(g, __ATOMIC_RELAXED);
         if (v == 0) {
@@ -187,7 +191,8 @@ NOINLINE int np_guard_lock_slow(np_domain *d, uint32_t *g, uint32_t tag, int64_t
         }
         now = np_now();
         if (now >= end)
-            return real_deadline && now >= deadline ? NP_ETIMEDOUT : NP_EINTR;
+            return try_only ? NP_EAGAIN
+                 : real_deadline && now >= deadline ? NP_ETIMEDOUT : NP_EINTR;
         int64_t ns = end - now < NP_GUARD_SLEEP_NS ? end - now : NP_GUARD_SLEEP_NS;
         if (np_futex_wait(g, v, ns) == ETIMEDOUT) {
             if (closing(d))

@@ -46,6 +46,7 @@ __all__ = ["available", "Domain"]
 
 if _lib is not None:
     _NOWAIT = _lib.NP_NOWAIT
+    _TRY = _lib.NP_TRY
     _FOREVER = _lib.NP_FOREVER
     _EAGAIN = _lib.NP_EAGAIN
     _ETIMEDOUT = _lib.NP_ETIMEDOUT
@@ -85,6 +86,10 @@ def _require():
         raise errors.NativeUnavailableError(
             f"the native core netplex_native._core is not built ({_import_error}); "
             "reinstall with a C compiler and the Python headers (e.g. apt-get install gcc python3-dev)")
+
+
+class _Busy(Exception):
+    """An internal guard stayed held (by a stopped process) past the call's deadline."""
 
 
 def _check(rc: int, dom: "Domain | None" = None, name: str | None = None, kind: int = 0) -> int:
@@ -270,8 +275,7 @@ class Domain:
                 continue                      # not ours, or not readable by us
             d = out[0]
             try:
-                dead = not _lib.np_process_alive(_lib.np_domain_creator_pid(d),
-                                                 _lib.np_domain_creator_start(d))
+                dead = not _lib.np_domain_creator_alive(d)
             finally:
                 _lib.np_domain_close(d)
             if dead and _lib.np_domain_unlink(name.encode()) == 0:
@@ -345,9 +349,11 @@ class Domain:
 
     # ---- handles ---------------------------------------------------------
 
-    def _handle(self, kind, name, create=True):
+    def _handle(self, kind, name, create=True, deadline=None):
         """Handle of name (cached), created as the implicit semantics say.
-        None when missing and create is False."""
+        None when missing and create is False.  The lookup waits for the name
+        table's internal guard (held by a stopped process, say) in slices until
+        ``deadline`` (None: forever; _TRY: a few ms) and then raises _Busy."""
         cache = self._sems if kind == _SEM else self._mtxs
         h = cache.get(name)
         if h is not None:
@@ -355,21 +361,25 @@ class Domain:
         name = errors.check_name(name)
         flags = (_CREATE | _PROTECTED) if create else 0
         bname = name.encode()
-        rc = _lib.np_lookup(self._dom(), kind, bname, flags, 0)
+        dl = _NOWAIT if deadline is None or deadline == _FOREVER else deadline
+        rc = _lib.np_lookup(self._dom(), kind, bname, flags, 0, dl)
         while rc == _EINTR:                # the name guard's holder is stopped
-            rc = _lib.np_lookup(self._dom(), kind, bname, flags, 0)
+            rc = _lib.np_lookup(self._dom(), kind, bname, flags, 0, dl)
+        if rc in (_ETIMEDOUT, _EAGAIN):
+            raise _Busy()
         if rc == _ENOENT and not create:
             return None
         _check(rc, self, name, kind)
         cache[name] = rc
         return rc
 
-    def _call(self, kind, name, fn, *args, create=True):
+    def _call(self, kind, name, fn, *args, create=True, lookup=None):
         """fn(d, handle, *args), looking the name up again after NP_ESTALE.
-        Returns None when the name is missing and create is False."""
+        Returns None when the name is missing and create is False.  NP_EINTR
+        (an internal guard's holder is stopped) means call again."""
         cache = self._sems if kind == _SEM else self._mtxs
         while True:
-            h = self._handle(kind, name, create)
+            h = self._handle(kind, name, create, lookup)
             if h is None:
                 return None
             rc = fn(self._dom(), h, *args)
@@ -396,7 +406,10 @@ class Domain:
         d = self._dom()
         try:
             while True:
-                h = self._handle(kind, name)
+                try:
+                    h = self._handle(kind, name, True, deadline)
+                except _Busy:
+                    return _ETIMEDOUT
                 rc = fn(d, h, deadline)
                 while rc == _EINTR:
                     if (cancel is not None and cancel.is_set()) or (
@@ -419,9 +432,9 @@ class Domain:
         initial = errors.check_int(initial, "initial")
         protected = errors.check_bool(protected, "protected")
         flags = _CREATE | _EXCL | (_PROTECTED if protected else 0)
-        rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial)
+        rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial, _NOWAIT)
         while rc == _EINTR:
-            rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial)
+            rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial, _NOWAIT)
         if rc == _EEXIST:
             return False
         self._sems[name] = _check(rc, self, name, _SEM)
@@ -448,7 +461,10 @@ class Domain:
                     return rc
                 if rc == _EAGAIN:
                     return -1
-            rc = self._call(_SEM, name, _lib.np_sem_decrement, _NOWAIT)
+            try:
+                rc = self._call(_SEM, name, _lib.np_sem_decrement, _NOWAIT, lookup=_TRY)
+            except _Busy:
+                return -1
         else:
             errors.check_bool(wait, "wait")
             rc = self._wait(_SEM, name, _lib.np_sem_decrement, self._deadline(timeout), cancel)
@@ -510,7 +526,10 @@ class Domain:
                 return True
             if rc == _EAGAIN:
                 return False
-        rc = self._call(_MTX, name, _lib.np_mutex_lock, _NOWAIT)
+        try:
+            rc = self._call(_MTX, name, _lib.np_mutex_lock, _NOWAIT, lookup=_TRY)
+        except _Busy:
+            return False
         if rc == _EAGAIN:
             return False
         _check(rc, self, name, _MTX)

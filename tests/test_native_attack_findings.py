@@ -1,0 +1,240 @@
+"""Regression tests for what an independent attack on the native core found after
+the rewrite of recovery (each failed before its fix): a slot freed and taken again
+by the same pid was claimed on the strength of an old judgement; a process in
+another pid namespace was judged by a pid that means something else there; a
+thread that gave up a wait behind a stopped process leaked its entry and could
+not use other objects; non-blocking calls and timed lookups waited on a stopped
+process; close() gave nothing back when the table of threads was full."""
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from netplex_native.native import domain as _native
+
+from native_helpers import (arm, child, exited_ok, hold_until_killed, kill_and_reap, mtx, pids,
+                            reap, sem, until, wait_stopped)
+
+
+def _fork_with_pid(want: int, fn) -> int:
+    """Fork fn in a child whose pid is `want` (root: /proc/sys/kernel/ns_last_pid)."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(want - 1))
+        pid = child(fn)
+        if pid == want:
+            return pid
+        kill_and_reap(pid)
+    raise AssertionError(f"could not get pid {want} back")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="recycling a chosen pid needs root (ns_last_pid)")
+def test_a_slot_taken_again_by_the_same_pid_is_not_claimed_on_an_old_judgement(dom):
+    """R judges P dead and is stopped before its claim; P's slot is recovered and taken
+    by a new process that has P's pid and holds a mutex; R resumes: it must not claim."""
+    r, w = os.pipe()
+    p = child(lambda: (dom.register(), hold_until_killed(w)))
+    os.read(r, 1)
+    kill_and_reap(p)
+
+    def recoverer():
+        dom.register()
+        arm(1, signal.SIGSTOP)              # the first crash point: judged dead, not claimed
+        dom.recover(p)
+    rpid = child(recoverer)
+    wait_stopped(rpid)
+    assert dom.recover(p) == 1
+    again = _fork_with_pid(p, lambda: (dom.mutex_lock("m"), hold_until_killed(w)))
+    os.read(r, 1)
+    try:
+        os.kill(rpid, signal.SIGCONT)
+        assert exited_ok(reap(rpid))
+        assert p in pids(dom), "the live process's slot was recovered under it"
+        assert mtx(dom, "m")["owner_pid"] == again
+        assert dom.mutex_trylock("m") is False
+    finally:
+        kill_and_reap(again)
+    dom.recover(rpid)
+    assert dom.recover(again) == 1
+    dom.check()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="a new pid namespace needs root")
+def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead(dom):
+    """Its pid (1 there) means another process here: we cannot tell, so it keeps
+    its mutex for as long as we wait."""
+    r, w = os.pipe()
+
+    def in_new_namespace():
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
+        pid = os.fork()                                              # pid 1 there
+        if pid == 0:
+            dom.mutex_lock("m")
+            os.write(w, b"r")
+            time.sleep(30)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    outer = child(in_new_namespace)
+    os.read(r, 1)
+    try:
+        assert mtx(dom, "m")["owner_pid"] == 1
+        assert dom.mutex_lock("m", timeout=0.5) is False      # several liveness checks
+        assert mtx(dom, "m")["locked"]
+    finally:
+        kill_and_reap(outer)                                   # its child dies with it (pid 1)
+
+
+def _stop_inside_guard_of(dom, name):
+    """A child stopped (SIGSTOP) inside increment(name), holding name's guard."""
+    def body():
+        dom.register()
+        dom.sem_get(name)
+        arm(1, signal.SIGSTOP)
+        dom.sem_increment(name)
+    pid = child(body)
+    wait_stopped(pid)
+    return pid
+
+
+@pytest.mark.timeout(60)
+def test_threads_that_gave_up_behind_a_stopped_process_leave_no_entry_behind():
+    dom = _native.Domain.create(semaphores=8, mutexes=8, processes=8, actors=16)
+    try:
+        dom.sem_create("s", 0)
+        stopped = _stop_inside_guard_of(dom, "s")
+        out = []
+        ts = [threading.Thread(target=lambda: out.append(dom.sem_decrement("s", True, 0.3)))
+              for _ in range(10)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert out == [-1] * 10
+        os.kill(stopped, signal.SIGCONT)
+        assert exited_ok(reap(stopped))
+        dom.recover(stopped)
+        mine = [p["threads"] for p in dom.processes() if p["pid"] == os.getpid()]
+        assert mine == [1], mine
+        got = []
+        ts = [threading.Thread(target=lambda: got.append(dom.sem_increment("t"))) for _ in range(15)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert sorted(got) == list(range(1, 16))   # 15 threads found an entry each
+        dom.check()
+    finally:
+        dom.unlink()
+        dom.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_that_gave_up_a_wait_uses_other_objects_at_once(dom):
+    dom.sem_create("x", 0)
+    dom.sem_create("y", 1)
+    stopped = _stop_inside_guard_of(dom, "x")
+    try:
+        assert dom.sem_decrement("x", wait=True, timeout=0.3) == -1
+        t0 = time.monotonic()
+        assert dom.sem_decrement("y") == 0
+        assert dom.mutex_trylock("m") is True
+        dom.mutex_unlock("m")
+        assert dom.mutex_lock("m", timeout=0.5) is True
+        dom.mutex_unlock("m")
+        assert time.monotonic() - t0 < 1
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        assert exited_ok(reap(stopped))
+    dom.recover(stopped)
+    dom.sem_increment("y")
+    assert sem(dom, "x")["waiters"] == 0
+    assert [p["threads"] for p in dom.processes() if p["pid"] == os.getpid()] == [1]
+    dom.check()
+
+
+@pytest.mark.timeout(60)
+def test_non_blocking_calls_and_timed_lookups_do_not_wait_for_a_stopped_process(dom):
+    """Stopped inside the guard of s: decrement(s) and trylock answer 'not now' at
+    once; stopped inside the name table's guard: lookups of new names honour the
+    call's timeout, and non-blocking ones answer at once."""
+    dom.sem_create("s", 1)
+    dom.mutex_unlock("m")
+    stopped = _stop_inside_guard_of(dom, "s")
+    try:
+        t0 = time.monotonic()
+        assert dom.sem_decrement("s") == -1
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        assert exited_ok(reap(stopped))
+    dom.recover(stopped)
+
+    def stop_in_name_guard():
+        dom.register()
+        arm(1, signal.SIGSTOP)
+        dom.sem_create("new-name", 1)       # first crash point: name guard held
+    stopped = child(stop_in_name_guard)
+    wait_stopped(stopped)
+    try:
+        for call, expect in [(lambda: dom.sem_decrement("fresh1", wait=True, timeout=0.3), -1),
+                             (lambda: dom.mutex_lock("fresh2", timeout=0.3), False),
+                             (lambda: dom.mutex_trylock("fresh3"), False),
+                             (lambda: dom.sem_decrement("fresh4"), -1)]:
+            t0 = time.monotonic()
+            assert call() == expect
+            assert time.monotonic() - t0 < 1.3
+        assert dom.sem_decrement("s") >= 0          # cached names are not affected
+        dom.sem_increment("s")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        assert exited_ok(reap(stopped))
+    dom.recover(stopped)
+    dom.check()
+
+
+@pytest.mark.timeout(60)
+def test_close_gives_back_what_the_process_held_even_when_its_thread_has_no_entry():
+    """actors=2, both taken by live threads of the child; its main thread (no entry)
+    closes: the mutex and the protected count come back, the slot is freed."""
+    dom = _native.Domain.create(semaphores=4, mutexes=4, processes=4, actors=2)
+    try:
+        dom.sem_create("s", 1, protected=True)
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+
+        def body():
+            e = _native.Domain.attach(dom.name)
+            done = threading.Event()
+
+            def holder():
+                e.mutex_lock("m")
+                e.sem_decrement("s")
+                done.set()
+                os.read(go_r, 1)
+            t = threading.Thread(target=holder)
+            t.start()
+            done.wait(5)
+            os.write(w, b"r")
+            os.read(go_r, 1)
+            e.close()                       # the main thread has no entry: table full
+            os.write(w, b"c")
+            t.join(5)
+        pid = child(body)
+        os.read(r, 1)
+        assert sum(p["threads"] for p in dom.processes()) == 2
+        os.write(go_w, b"gg")
+        assert os.read(r, 1) == b"c"
+        assert mtx(dom, "m")["locked"] is False and dom.sem_get("s") == 1
+        assert exited_ok(reap(pid))
+        assert pids(dom) == [os.getpid()]
+        dom.check()
+    finally:
+        dom.unlink()
+        dom.close()
