@@ -78,9 +78,11 @@ def rdom():
     d.close()
 
 
-def enumerate_recoverer_crashes(dom, chain_points=()):
+def enumerate_recoverer_crashes(dom, victim_crash, chain_points=()):
+    """For one state of the victim's transaction, the recoverer killed at each of
+    its crash points in turn; returns how many there were."""
     for n in range(1, MAX_STEPS):
-        v_pid, rpid, go_w, r = scene(dom, victim_crash=1 + n % 3)
+        v_pid, rpid, go_w, r = scene(dom, victim_crash)
         os.write(go_w, f"{n} {v_pid}".encode())
         status = reap(rpid)
         finished = not killed(status)
@@ -96,7 +98,11 @@ def enumerate_recoverer_crashes(dom, chain_points=()):
         order = [v_pid, rpid, *others] if n % 2 else [*others, rpid, v_pid]
         for pid in order:
             assert dom.recover(pid, timeout=10) >= 0, (n, pid)
-        check_exact(dom)
+        try:
+            check_exact(dom)
+        except AssertionError as e:
+            raise AssertionError(f"recoverer killed at crash point {n} (victim at "
+                                 f"{victim_crash}, chain {chain_points}): {e}") from None
         os.close(go_w)
         os.close(r)
         if finished:
@@ -104,16 +110,24 @@ def enumerate_recoverer_crashes(dom, chain_points=()):
     raise AssertionError("recovery still crashing after %d steps" % MAX_STEPS)
 
 
+# The victim dies inside increment(t): 1 holding t's guard only, 2 with its redo
+# log written but not valid, 3 valid and nothing applied, 4 valid and the first
+# write applied (the recoverer must redo the rest, and may die doing it).
+VICTIM_STATES = (1, 2, 3, 4)
+
+
 @pytest.mark.timeout(170)
-def test_recovery_killed_at_every_crash_point_is_finished_exactly(rdom):
-    steps = enumerate_recoverer_crashes(rdom)
-    STEPS["recover"] = steps
+@pytest.mark.parametrize("victim_crash", VICTIM_STATES)
+def test_recovery_killed_at_every_crash_point_is_finished_exactly(rdom, victim_crash):
+    steps = enumerate_recoverer_crashes(rdom, victim_crash)
+    STEPS[f"recover (victim at {victim_crash})"] = steps
     assert steps >= 20
 
 
 @pytest.mark.timeout(170)
-def test_a_chain_of_dead_recoverers_is_finished_exactly(rdom):
-    steps = enumerate_recoverer_crashes(rdom, chain_points=(1, 4, 9))
+@pytest.mark.parametrize("victim_crash", VICTIM_STATES)
+def test_a_chain_of_dead_recoverers_is_finished_exactly(rdom, victim_crash):
+    steps = enumerate_recoverer_crashes(rdom, victim_crash, chain_points=(1, 3, 5, 9))
     assert steps >= 20
 
 
