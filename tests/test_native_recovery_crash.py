@@ -22,7 +22,7 @@ MAX_STEPS = 400
 STEPS = {}
 
 
-def scene(dom, victim_crash):
+def scene(dom, victim_crash, victim_op="increment"):
     """V: takes s (protected), locks m, a thread queues on q, then dies at crash
     point victim_crash of increment(t) (holding t's guard).  R: took one unit of
     t (protected) first, and waits for the go.  Returns (V, R, go_fd)."""
@@ -43,7 +43,10 @@ def scene(dom, victim_crash):
         threading.Thread(target=lambda: dom.sem_decrement("q", wait=True), daemon=True).start()
         until(lambda: sem(dom, "q")["waiters"] == 1, what="queued")
         arm(victim_crash)
-        dom.sem_increment("t")
+        if victim_op == "increment":
+            dom.sem_increment("t")
+        else:
+            dom.sem_create("x", 7)          # holds the name guard and x's guard
         raise AssertionError("not reached")
 
     rpid = child(recoverer)
@@ -54,6 +57,10 @@ def scene(dom, victim_crash):
 
 
 def check_exact(dom):
+    x = sem(dom, "x")                       # created entirely or not at all
+    assert x is None or (x["value"] == 7 and x["waiters"] == 0), x
+    if x is not None:
+        dom.sem_destroy("x")
     assert dom.sem_get("s") == 3
     assert dom.sem_get("t") == 5
     q = sem(dom, "q")
@@ -78,11 +85,11 @@ def rdom():
     d.close()
 
 
-def enumerate_recoverer_crashes(dom, victim_crash, chain_points=()):
+def enumerate_recoverer_crashes(dom, victim_crash, chain_points=(), victim_op="increment"):
     """For one state of the victim's transaction, the recoverer killed at each of
     its crash points in turn; returns how many there were."""
     for n in range(1, MAX_STEPS):
-        v_pid, rpid, go_w, r = scene(dom, victim_crash)
+        v_pid, rpid, go_w, r = scene(dom, victim_crash, victim_op)
         os.write(go_w, f"{n} {v_pid}".encode())
         status = reap(rpid)
         finished = not killed(status)
@@ -101,7 +108,7 @@ def enumerate_recoverer_crashes(dom, victim_crash, chain_points=()):
         try:
             check_exact(dom)
         except AssertionError as e:
-            raise AssertionError(f"recoverer killed at crash point {n} (victim at "
+            raise AssertionError(f"recoverer killed at crash point {n} (victim {victim_op} at "
                                  f"{victim_crash}, chain {chain_points}): {e}") from None
         os.close(go_w)
         os.close(r)
@@ -121,6 +128,16 @@ VICTIM_STATES = (1, 2, 3, 4)
 def test_recovery_killed_at_every_crash_point_is_finished_exactly(rdom, victim_crash):
     steps = enumerate_recoverer_crashes(rdom, victim_crash)
     STEPS[f"recover (victim at {victim_crash})"] = steps
+    assert steps >= 20
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.parametrize("victim_crash", (2, 5, 7))
+def test_recovery_of_a_victim_dead_inside_create_holding_two_guards_is_exact(rdom, victim_crash):
+    """The victim dies inside sem_create (the name table's guard and the object's
+    guard held: 2 before its log, 5 log valid, 7 two writes applied)."""
+    steps = enumerate_recoverer_crashes(rdom, victim_crash, victim_op="create")
+    STEPS[f"recover (victim in create at {victim_crash})"] = steps
     assert steps >= 20
 
 
