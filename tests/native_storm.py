@@ -10,7 +10,8 @@ Checked exactly, from the record file and the segment:
   - a mutex never has two live holders, a semaphore never more than its count (a
     holder that writes nothing after a later acquire is dead by then: dead means
     dead, so it cannot be a live holder);
-  - no wait lasts longer than its timeout + 1 s;
+  - no wait lasts longer than its timeout + 1 s (processes are also SIGSTOPped
+    for up to 0.4 s at random moments, inside guards included);
   - once quiet and everyone recovered: every semaphore back at its initial value,
     every mutex free, no queue, no process left, check() clean.
 
@@ -116,7 +117,7 @@ def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate) -> int:
 
 def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, threads: int = 2,
               kill_every: float = 0.05, crash_rate: float = 0.002,
-              recover_delay: float = 0.2) -> dict:
+              recover_delay: float = 0.2, stop_rate: float = 0.25) -> dict:
     """Run the storm in this process (the supervisor); returns figures, raises
     AssertionError on any violation."""
     rnd = random.Random(seed)
@@ -126,7 +127,8 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
     open(dead_path, "w").close()
     rec = _Recorder(rec_path)
     stats = {"kills": 0, "crash_point_deaths": 0, "clean_exits": 0, "recovered_late": 0,
-             "recover_incomplete": 0}
+             "recover_incomplete": 0, "stops": 0}
+    stopped: dict[int, float] = {}              # pid -> when to SIGCONT it
     killed_by_us: set[int] = set()
     try:
         for name, v in SEMS.items():
@@ -168,6 +170,20 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                 live.add(_spawn(dom, rec_path, dead_path, seed * 7919 + seq, threads,
                                 crash_rate))
             time.sleep(rnd.uniform(0, 2 * kill_every))
+            now = _now()
+            for pid, when in list(stopped.items()):
+                if when <= now or pid not in live:
+                    if pid in live:
+                        os.kill(pid, signal.SIGCONT)
+                    del stopped[pid]
+            if live and rnd.random() < stop_rate:
+                # a live process stopped anywhere (inside a guard, holding a
+                # mutex, queued) for up to 0.4 s: it holds what it holds
+                pid = rnd.choice(sorted(live))
+                if pid not in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped[pid] = now + rnd.uniform(0.05, 0.4)
+                    stats["stops"] += 1
             if live:
                 victim = rnd.choice(sorted(live))
                 os.kill(victim, signal.SIGKILL)
