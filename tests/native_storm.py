@@ -128,7 +128,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
     rec = _Recorder(rec_path)
     stats = {"kills": 0, "crash_point_deaths": 0, "clean_exits": 0, "recovered_late": 0,
              "recover_incomplete": 0, "stops": 0}
-    stopped: dict[int, float] = {}              # pid -> when to SIGCONT it
+    stopped: dict[int, tuple[float, float]] = {}    # pid -> (stopped at, SIGCONT at)
     killed_by_us: set[int] = set()
     try:
         for name, v in SEMS.items():
@@ -171,10 +171,13 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                                 crash_rate))
             time.sleep(rnd.uniform(0, 2 * kill_every))
             now = _now()
-            for pid, when in list(stopped.items()):
+            for pid, (since, when) in list(stopped.items()):
                 if when <= now or pid not in live:
                     if pid in live:
                         os.kill(pid, signal.SIGCONT)
+                    # its own waits were stretched by this much: the checker
+                    # does not count it against their timeouts
+                    rec.write("S", pid, 0, "-", since, _now(), 0)
                     del stopped[pid]
             if live and rnd.random() < stop_rate:
                 # a live process stopped anywhere (inside a guard, holding a
@@ -182,7 +185,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                 pid = rnd.choice(sorted(live))
                 if pid not in stopped:
                     os.kill(pid, signal.SIGSTOP)
-                    stopped[pid] = now + rnd.uniform(0.05, 0.4)
+                    stopped[pid] = (_now(), now + rnd.uniform(0.05, 0.4))
                     stats["stops"] += 1
             if live:
                 victim = rnd.choice(sorted(live))
@@ -231,18 +234,28 @@ def check_record(path: str) -> dict:
         lines = [ln.split() for ln in f if ln.strip()]
     last_line_of: dict[int, int] = {}
     for i, (kind, pid, *_rest) in enumerate(lines):
-        if kind != "D":
+        if kind not in ("D", "S"):         # written by the supervisor
             last_line_of[int(pid)] = i
     capacity = dict(SEMS, **{m: 1 for m in MUTEXES})
+    stops: dict[int, list[tuple[float, float]]] = {}
+    for kind, pid, _tid, _obj, t0, t1, _timeout in lines:
+        if kind == "S":
+            stops.setdefault(int(pid), []).append((float(t0), float(t1)))
+
+    def stopped_during(pid, a, b):
+        return sum(max(0.0, min(b, y) - max(a, x)) for x, y in stops.get(pid, ()))
     holders: dict[str, list[tuple[int, int]]] = {name: [] for name in capacity}
     ops = timeouts = 0
     longest = 0.0
     for i, (kind, pid, tid, obj, t0, t1, timeout) in enumerate(lines):
         pid, tid = int(pid), int(tid)
         if kind in ("A", "T"):
-            waited = float(t1) - float(t0)
+            # a waiter that was itself stopped meanwhile waited that much longer
+            waited = float(t1) - float(t0) - stopped_during(pid, float(t0), float(t1))
             longest = max(longest, waited)
-            assert waited <= float(timeout) + 1.0, f"line {i}: waited {waited:.3f} s > timeout {timeout} + 1"
+            assert waited <= float(timeout) + 1.0, (
+                f"line {i}: {kind} {obj} by {pid}/{tid} waited {waited:.3f} s (not counting its "
+                f"own stops) > timeout {timeout} + 1; from {float(t0):.3f}")
         if kind == "A":
             ops += 1
             hs = holders[obj]
@@ -257,6 +270,8 @@ def check_record(path: str) -> dict:
             hs.remove((pid, tid))
         elif kind == "T":
             timeouts += 1
+        elif kind == "S":
+            continue
     return {"operations": ops, "timeouts": timeouts, "longest_wait_s": round(longest, 4),
             "records": len(lines)}
 
