@@ -64,9 +64,11 @@
 
 /* ---- process slot word (64 bits), every transition one CAS:
  * pid (bits 0-21: Linux pids are < 2^22) | state (22-23) | bits 24-63:
- *  - REGISTERING / ALIVE: the slot's generation, new at every registration,
- *    so a word read before a slot was freed and taken again never matches
- *    (no ABA when the same pid comes back into the same slot);
+ *  - ALIVE: the slot's generation, new at every registration, so a word read
+ *    before a slot was freed and taken again never matches (no ABA when the
+ *    same pid comes back into the same slot);
+ *  - REGISTERING: the registrant's pid namespace (inode, low 40 bits), so
+ *    that it is judged only by a process of its namespace (I4);
  *  - RECOVERING: the recoverer = (actor index + 1) | (actor incarnation &
  *    0xfffff) << 20; 0 means "unclaimed: anyone may finish it". */
 #define NP_PS_FREE        0u
@@ -151,8 +153,13 @@ typedef struct {
 } np_redo;
 
 typedef struct {
-    uint32_t proc;              /* process slot + 1 that owns it; 0 free */
-    uint32_t inc;               /* incarnation: bumped before it is freed */
+    union {
+        struct {
+            uint32_t proc;      /* process slot + 1 that owns it; 0 free */
+            uint32_t inc;       /* incarnation: bumped when it is freed */
+        };
+        uint64_t own;           /* both: claimed and freed by one CAS (S2) */
+    };
     int32_t  tid;
     uint32_t wake;              /* futex word this actor sleeps on */
     uint32_t sleeping;          /* 1 while it may be in futex_wait on `wake' */
@@ -273,19 +280,23 @@ extern uint64_t np_my_pidns;
 int  np_reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadline);
 void np_reserve_leave(np_domain *d);
 void np_abandon_actor(np_domain *d, uint32_t x);
-void np_release_orphan(np_domain *d, uint32_t x);
+int  np_release_orphan(np_domain *d, uint32_t x);
 int  np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline);
 void np_tcache_drop(np_domain *d);
 void np_identity_init(void);
 #include <pthread.h>
 extern pthread_mutex_t np_dom_mu;      /* guards np_dom_list */
 extern np_domain *np_dom_list;          /* open domains of this process */
-void np_free_actor(np_domain *d, uint32_t x);
+/* Free actor x if it is still the incarnation `own' (a snapshot of its own
+ * word): one CAS own -> (0, inc + 1), so it is freed exactly once even when
+ * several processes try (recovery, a purge, its thread).  1 if we freed it. */
+int  np_free_actor(np_domain *d, uint32_t x, uint64_t own);
 int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int64_t deadline);
 
 /* ---- liveness.c ---- */
 int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns);   /* NP_DEAD / ALIVE / UNKNOWN */
 int np_slot_state(np_domain *d, uint32_t p);
+int np_registering_state(uint64_t w);
 int np_tag_state(np_domain *d, uint32_t tag);               /* guard owner */
 int np_rec_state(np_domain *d, uint64_t rec);               /* slot recoverer */
 

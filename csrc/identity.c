@@ -11,10 +11,12 @@
  *  S1 A slot goes FREE -> REGISTERING -> ALIVE by its own process, with one
  *     CAS and two stores; start_time is stored before ALIVE is published.  A
  *     process dead in REGISTERING owns no actor yet.
- *  S2 (I3) An actor is claimed by one CAS on `proc' (0 -> slot + 1) and freed
- *     by bumping `inc' first, then storing proc = 0 (release): its tags and
- *     recoverer ids name that incarnation only.  A freed actor holds no guard,
- *     has no valid intent and is in no queue.
+ *  S2 (I3) An actor is claimed by one CAS of its 64-bit word (slot + 1,
+ *     incarnation) from (0, i) to (slot + 1, i) and freed by one CAS from
+ *     (slot + 1, i) to (0, i + 1): its tags and recoverer ids name that
+ *     incarnation only, and whoever frees it (its thread, recovery, a purge)
+ *     does so exactly once.  A freed actor holds no guard, has no valid
+ *     intent and is in no queue; the claimant initialises its fields.
  *  S3 Recovery never needs a free entry: the creator is registered at
  *     create; a process that finds the process or actor table full enters the
  *     reserve (slot `processes', actor `actors'), recovers every dead slot
@@ -146,7 +148,7 @@ static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
     uint64_t g = (__atomic_load_n(&s->gen, __ATOMIC_RELAXED) + 1) & NP_SLOT_GEN_MASK;
     if (g == 0)
         g = 1;
-    uint64_t reg = PW_MAKE(np_my_pid, NP_PS_REGISTERING, g);
+    uint64_t reg = PW_MAKE(np_my_pid, NP_PS_REGISTERING, np_my_pidns & NP_SLOT_GEN_MASK);
     /* acquire: we now own the slot; whoever freed it is done with it. */
     if (!__atomic_compare_exchange_n(&s->w, &expect, reg, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
         return 0;
@@ -155,9 +157,9 @@ static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
     __atomic_store_n(&s->start_time, np_my_start, __ATOMIC_RELAXED);
     __atomic_store_n(&s->pidns, np_my_pidns, __ATOMIC_RELAXED);
     CRASHPOINT();
-    /* release: start_time and pidns are visible to whoever sees ALIVE.  A CAS:
-     * a registrant taken for dead meanwhile (judged by pid alone while
-     * REGISTERING) lost the slot and registers again elsewhere. */
+    /* release: start_time and pidns are visible to whoever sees ALIVE.  A
+     * REGISTERING slot is judged only within its namespace, and by its pid,
+     * which exists while we live: nobody takes it from us meanwhile. */
     if (!__atomic_compare_exchange_n(&s->w, &reg, PW_MAKE(np_my_pid, NP_PS_ALIVE, g), 0,
                                      __ATOMIC_RELEASE, __ATOMIC_RELAXED))
         return 0;
@@ -169,12 +171,13 @@ static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
 static int claim_actor(np_domain *d, uint32_t lo, uint32_t hi, uint32_t mp, uint32_t *out)
 {
     for (uint32_t a = lo; a < hi; a++) {
-        uint32_t z = 0;
         np_actor *x = &d->actors[a];
-        if (__atomic_load_n(&x->proc, __ATOMIC_RELAXED) != 0)
+        uint64_t o = __atomic_load_n(&x->own, __ATOMIC_RELAXED);
+        if ((uint32_t)o != 0)
             continue;
         /* acquire: the previous owner's (or recovery's) stores are visible. */
-        if (!__atomic_compare_exchange_n(&x->proc, &z, mp, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        if (!__atomic_compare_exchange_n(&x->own, &o, o | mp, 0, __ATOMIC_ACQUIRE,
+                                         __ATOMIC_RELAXED))
             continue;
         CRASHPOINT();
         x->tid = (int32_t)syscall(SYS_gettid);
@@ -191,17 +194,19 @@ static int claim_actor(np_domain *d, uint32_t lo, uint32_t hi, uint32_t mp, uint
     return 0;
 }
 
-void np_free_actor(np_domain *d, uint32_t x)
+int np_free_actor(np_domain *d, uint32_t x, uint64_t own)
 {
     np_actor *ax = &d->actors[x];
-    ax->waiting_on = 0;
-    ax->cancel_pending = 0;
-    ax->orphan = 0;
-    /* release: the incarnation ends before the actor can be claimed again. */
-    __atomic_add_fetch(&ax->inc, 1, __ATOMIC_RELEASE);
+    if ((uint32_t)own == 0)
+        return 0;
+    uint64_t freed = (own >> 32) + 1 == 0 ? 0 : ((own >> 32) + 1) << 32;
+    /* release: our last writes precede the actor's reuse; the incarnation
+     * ends in the same CAS (I3, S2). */
+    if (!__atomic_compare_exchange_n(&ax->own, &own, freed, 0, __ATOMIC_RELEASE,
+                                     __ATOMIC_RELAXED))
+        return 0;
     CRASHPOINT();
-    __atomic_store_n(&ax->proc, 0, __ATOMIC_RELEASE);
-    CRASHPOINT();
+    return 1;
 }
 
 /* ---- the reserve (S3) ---- */
@@ -217,12 +222,17 @@ static int reserve_dead(np_domain *d, uint64_t w)
 
 /* End the reserve actor's current incarnation and settle what its old tag
  * still holds (T2), acting as `tag' (whose guards these become). */
-static int reserve_settle(np_domain *d, uint32_t tag, int64_t deadline)
+static int reserve_settle(np_domain *d, uint32_t tag, int64_t deadline, uint64_t *own)
 {
     uint32_t A = d->ractor;
     np_actor *x = &d->actors[A];
-    uint32_t old = actor_tag(A, __atomic_load_n(&x->inc, __ATOMIC_RELAXED));
-    __atomic_add_fetch(&x->inc, 1, __ATOMIC_RELEASE);
+    uint64_t o = __atomic_load_n(&x->own, __ATOMIC_ACQUIRE), next;
+    do {                                /* end the old incarnation: (R+1, i) -> (R+1, i+1) */
+        next = (uint32_t)o | ((uint64_t)((uint32_t)(o >> 32) + 1) << 32);
+    } while (!__atomic_compare_exchange_n(&x->own, &o, next, 0, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    *own = next;
+    uint32_t old = actor_tag(A, (uint32_t)(o >> 32));
     CRASHPOINT();
     for (uint32_t g = 0; g <= d->nobj; g++) {
         uint32_t v = __atomic_load_n(guard_word(d, g), __ATOMIC_ACQUIRE);
@@ -259,16 +269,16 @@ int np_reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t deadl
         nanosleep(&ts, NULL);
     }
     np_actor *x = &d->actors[A];
-    if (__atomic_load_n(&x->proc, __ATOMIC_ACQUIRE) != 0) {
-        /* A dead predecessor's actor: its record becomes ours once what its
-         * old incarnation holds is settled, under our new incarnation. */
-        uint32_t mine = actor_tag(A, x->inc + 1);
-        __atomic_store_n(&x->proc, R + 1, __ATOMIC_RELEASE);
-        if (reserve_settle(d, mine, deadline) < 0)
+    uint64_t o = __atomic_load_n(&x->own, __ATOMIC_ACQUIRE), mine_own;
+    if ((uint32_t)o != 0) {
+        /* A dead predecessor's actor (it belongs to the reserve slot, which
+         * we now hold): its record becomes ours once what its old
+         * incarnation holds is settled, under our new incarnation. */
+        uint32_t mine = actor_tag(A, (uint32_t)(o >> 32) + 1);
+        if (reserve_settle(d, mine, deadline, &mine_own) < 0)
             return NP_ENOSPC_PROC;
     } else {
-        uint32_t z = 0;
-        if (!__atomic_compare_exchange_n(&x->proc, &z, R + 1, 0, __ATOMIC_ACQUIRE,
+        if (!__atomic_compare_exchange_n(&x->own, &o, o | (R + 1), 0, __ATOMIC_ACQUIRE,
                                          __ATOMIC_RELAXED))
             return NP_ENOSPC_PROC;      /* cannot happen: the slot is ours */
         CRASHPOINT();
@@ -299,13 +309,14 @@ int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int
         return NP_EAGAIN;
     CRASHPOINT();
     if (__atomic_load_n(&d->actors[d->ractor].proc, __ATOMIC_ACQUIRE) != 0) {
-        if (reserve_settle(d, tag, deadline) < 0) {
+        uint64_t own;
+        if (reserve_settle(d, tag, deadline, &own) < 0) {
             uint64_t open = PW_MAKE(pid, NP_PS_RECOVERING, 0);
             __atomic_compare_exchange_n(&s->w, &claimed, open, 0, __ATOMIC_RELEASE,
                                         __ATOMIC_RELAXED);
             return NP_EAGAIN;
         }
-        np_free_actor(d, d->ractor);
+        np_free_actor(d, d->ractor, own);
     }
     /* release: everything above precedes the reserve's reuse. */
     __atomic_compare_exchange_n(&s->w, &claimed, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
@@ -316,7 +327,7 @@ int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int
 void np_reserve_leave(np_domain *d)
 {
     uint32_t R = d->rslot;
-    np_free_actor(d, d->ractor);
+    np_free_actor(d, d->ractor, __atomic_load_n(&d->actors[d->ractor].own, __ATOMIC_ACQUIRE));
     uint64_t w = __atomic_load_n(&d->procs[R].w, __ATOMIC_RELAXED);
     /* release: everything done from the reserve precedes its reuse. */
     __atomic_compare_exchange_n(&d->procs[R].w, &w, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
@@ -459,7 +470,7 @@ int64_t np_thread_detach(np_domain *d)
                 return 0;
             }
             np_tcache_drop(d);
-            np_free_actor(d, a);
+            np_free_actor(d, a, __atomic_load_n(&x->own, __ATOMIC_ACQUIRE));
             return 0;
         }
     }
@@ -480,17 +491,18 @@ void np_abandon_actor(np_domain *d, uint32_t x)
         }
     /* seq_cst: against the purge (np_release_orphan) */
     __atomic_store_n(&ax->orphan, 1, __ATOMIC_SEQ_CST);
-    if (!__atomic_load_n(&ax->waiting_on, __ATOMIC_SEQ_CST))
-        np_release_orphan(d, x);        /* purged meanwhile: free it ourselves */
+    np_release_orphan(d, x);            /* purged meanwhile: free it ourselves */
 }
 
-/* Free actor x if it is an orphan no longer queued; exactly once. */
-void np_release_orphan(np_domain *d, uint32_t x)
+/* Free actor x if it is an orphan no longer queued.  Several may try (its
+ * thread, a purge, the supervisor); the CAS of np_free_actor lets exactly
+ * one succeed, and a recovery that freed it first makes the others fail. */
+int np_release_orphan(np_domain *d, uint32_t x)
 {
     np_actor *ax = &d->actors[x];
-    uint32_t one = 1;
-    if (__atomic_load_n(&ax->waiting_on, __ATOMIC_SEQ_CST) == 0
-        && __atomic_compare_exchange_n(&ax->orphan, &one, 2, 0, __ATOMIC_SEQ_CST,
-                                       __ATOMIC_RELAXED))
-        np_free_actor(d, x);
+    uint64_t own = __atomic_load_n(&ax->own, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&ax->orphan, __ATOMIC_SEQ_CST) == 0
+        || __atomic_load_n(&ax->waiting_on, __ATOMIC_SEQ_CST) != 0)
+        return 0;
+    return np_free_actor(d, x, own);
 }

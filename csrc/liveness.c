@@ -12,10 +12,8 @@
  *     thread-group leader that called pthread_exit() shows Z too, but its
  *     other threads run (num_threads, field 20, > 1): alive.
  * All of it only within one pid namespace: a process registered from another
- * (its slot records the namespace's inode) is NP_UNKNOWN to us, whatever its
- * pid looks like here.  A slot still REGISTERING has no namespace yet; it is
- * judged as if in ours, and a registrant wrongly judged so only loses the slot
- * it had not finished taking (identity.c).
+ * (its slot records the namespace's inode, in its word while REGISTERING) is
+ * NP_UNKNOWN to us, whatever its pid looks like here.
  * Anything else that prevents reading (EMFILE, ENFILE, ENOMEM, EACCES, a
  * short or unparsable read) is NP_UNKNOWN, which every caller treats as
  * alive: the work is retried later, never done on a live process's behalf.
@@ -100,6 +98,15 @@ int np_process_alive(int32_t pid, uint64_t start_time)
     return np_proc_state(pid, start_time, np_my_pidns) != NP_DEAD;
 }
 
+/* A slot word in REGISTERING: its namespace is in the word (identity.c). */
+int np_registering_state(uint64_t w)
+{
+    np_ensure_self();
+    if (PW_REC(w) != (np_my_pidns & NP_SLOT_GEN_MASK))
+        return NP_UNKNOWN;
+    return np_proc_state(PW_PID(w), 0, np_my_pidns);
+}
+
 int np_slot_state(np_domain *d, uint32_t p)
 {
     np_proc *s = &d->procs[p];
@@ -110,8 +117,7 @@ int np_slot_state(np_domain *d, uint32_t p)
         return np_proc_state(PW_PID(w), __atomic_load_n(&s->start_time, __ATOMIC_RELAXED),
                              __atomic_load_n(&s->pidns, __ATOMIC_RELAXED));
     case NP_PS_REGISTERING:
-        np_ensure_self();
-        return np_proc_state(PW_PID(w), 0, np_my_pidns);
+        return np_registering_state(w);
     default:                            /* free, or claimed for recovery: gone */
         return NP_DEAD;
     }

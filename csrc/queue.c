@@ -123,13 +123,44 @@ void np_wake_actors(np_domain *d, const uint32_t *who, int n)
     }
 }
 
-/* Purge every object whose hint says a waiter gave up (Q3, Q5): the
- * supervisor's recover and a full table's reclaim call this, so an orphan
- * on an object nobody touches any more is still freed.  Returns the number
- * of objects purged. */
+/* Purge every object whose hint says a waiter gave up (Q3, Q5), and free
+ * every orphan: those still queued (their object's guard taken), those
+ * whose purger died before freeing them, those left waiting on a destroyed
+ * object.  The supervisor's recover and a full table's reclaim call this, so
+ * an orphan on an object nobody touches any more is still freed.  Returns
+ * the number of objects purged and orphans freed. */
 int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
 {
     int n = 0;
+    np_actor *a = &d->actors[me];
+    for (uint32_t x = 0; x < d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        if (!__atomic_load_n(&ax->orphan, __ATOMIC_ACQUIRE) || !ax->proc)
+            continue;
+        uint32_t w = __atomic_load_n(&ax->waiting_on, __ATOMIC_ACQUIRE);
+        if (w && w <= d->nobj) {
+            np_obj *o = &d->objs[w - 1];
+            if (guard_lock(d, &o->guard, tag, deadline) < 0)
+                continue;
+            CRASHPOINT();
+            uint32_t who[NP_WAKE_BATCH];
+            int k = 0;
+            if (ax->orphan && ax->waiting_on == w) {
+                tx_begin(a, w - 1, 0);
+                if (o->used && ax->wait_gen == o->gen)
+                    np_tx_q_remove(d, a, o, x);
+                else
+                    TX32(d, a, ax->waiting_on, 0);   /* its object was destroyed */
+                tx_commit(d, a);
+                if (o->used && o->value > 0 && o->qlen)
+                    k = np_q_collect(d, o, who);     /* those now entitled */
+            }
+            guard_unlock(&o->guard);
+            CRASHPOINT();
+            np_wake_actors(d, who, k);
+        }
+        n += np_release_orphan(d, x);
+    }
     for (uint32_t i = 0; i < d->nobj; i++) {
         np_obj *o = &d->objs[i];
         if (!__atomic_load_n(&o->purge, __ATOMIC_RELAXED))

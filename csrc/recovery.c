@@ -150,10 +150,13 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         np_wake_actors(d, who, n);
     }
 
-    /* (5) free the actors (ours last when we leave our own slot) */
-    for (uint32_t x = 0; x < d->nact; x++)
-        if (x != me && __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) == p + 1)
-            np_free_actor(d, x);
+    /* (5) free the actors (ours last when we leave our own slot); a purge
+     * freeing an orphan of ours at the same time: one CAS wins (S2) */
+    for (uint32_t x = 0; x < d->nact; x++) {
+        uint64_t own = __atomic_load_n(&d->actors[x].own, __ATOMIC_ACQUIRE);
+        if (x != me && (uint32_t)own == p + 1)
+            np_free_actor(d, x, own);
+    }
     return 0;
 }
 
@@ -170,8 +173,9 @@ static int run_claimed(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint
         CRASHPOINT();
         return NP_EAGAIN;
     }
-    if (__atomic_load_n(&d->actors[me].proc, __ATOMIC_ACQUIRE) == p + 1)
-        np_free_actor(d, me);           /* leaving our own slot */
+    uint64_t own = __atomic_load_n(&d->actors[me].own, __ATOMIC_ACQUIRE);
+    if ((uint32_t)own == p + 1)
+        np_free_actor(d, me, own);      /* leaving our own slot */
     /* release: everything above precedes the slot's reuse. */
     __atomic_compare_exchange_n(&d->procs[p].w, &w, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
     CRASHPOINT();
@@ -194,7 +198,7 @@ int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t
                                __atomic_load_n(&s->pidns, __ATOMIC_RELAXED));
             break;
         case NP_PS_REGISTERING:
-            st = np_proc_state(pid, 0, np_my_pidns);
+            st = np_registering_state(w);
             break;
         case NP_PS_RECOVERING:
             if (PW_REC(w) == mine)
