@@ -152,8 +152,8 @@ def load(path: str) -> tuple[dict, list[Service]]:
             except (TypeError, ValueError) as e:
                 raise err(f"{where}.address", str(e)) from None
         workers = sd.get("workers", 1)
-        if type(workers) is not int or not 0 <= workers <= 4096:
-            raise err(f"{where}.workers", f"expected an integer between 0 and 4096, got {workers!r}")
+        if type(workers) is not int or not 1 <= workers <= 4096:
+            raise err(f"{where}.workers", f"expected an integer between 1 and 4096, got {workers!r}")
         plugins = sd.get("plugins", "native")
         if plugins not in PLUGIN_CHOICES:
             raise err(f"{where}.plugins", f"expected one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")

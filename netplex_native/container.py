@@ -3,6 +3,10 @@
 the service's handler for each accepted connection, timers, messages from the
 controller, and the container's hooks.
 
+A ``post_start_hook`` that raises is a failed start (gunicorn's "failed to
+boot"): the container exits with BOOT_FAILED without ever being ready, and
+the controller counts it toward disabling the service.
+
 Its end:
 - regular (the controller asked, or a hook returned False from
   ``global_exception_handler``): stop accepting, let handlers finish (a few
@@ -25,7 +29,7 @@ from ._context import ctx
 from .channel import Channel
 from .errors import check_message, ControllerGoneError
 
-log = logging.getLogger("netplex_native")
+log = logging.getLogger("netplex_native.container")
 
 #: Seconds a regular end waits for running handlers before cancelling them.
 HANDLER_GRACE = 3.0
@@ -33,6 +37,8 @@ HANDLER_GRACE = 3.0
 HARD_EXIT_AFTER = 1.5
 
 _PR_SET_PDEATHSIG = 1
+#: Exit code of a container whose post_start_hook raised (gunicorn's WORKER_BOOT_ERROR).
+BOOT_FAILED = 3
 
 
 class Container:
@@ -143,6 +149,8 @@ class _Runtime:
         self.server = None
         self.stop_reason: asyncio.Future | None = None
         self.stopping = False       # a shutdown message was handled
+        self.shutdown_seen = False
+        self.accepting = True       # False once the controller disabled the service
         self.loop_thread = threading.get_ident()
 
     # -- exceptions and stop --
@@ -184,8 +192,15 @@ class _Runtime:
                 except ControllerGoneError:
                     pass
             elif obj[1] == "shutdown":
-                self.hook("shutdown")
+                if not self.shutdown_seen:     # a retiring container may hear it twice
+                    self.shutdown_seen = True
+                    self.hook("shutdown")
                 self.stop("regular")
+            elif obj[1] == "disable":   # stop accepting; running connections go on
+                self.accepting = False
+                if self.server is not None:
+                    self.server.close()
+                    self.server = None
 
     def shutdown_pending(self) -> bool:
         """For blocking waits (any thread): has the system begun to stop?
@@ -232,14 +247,22 @@ class _Runtime:
             loop.call_soon_threadsafe(self.abort)
         signal.signal(signal.SIGTERM, on_sigterm)
         self.channel.attach(loop, self.on_message, self.on_controller_gone)
-        self.hook("post_start_hook", self.cont)
+        try:
+            self.hooks.post_start_hook(self.cont)
+        except Exception as e:
+            log.error("container %s (pid %d) failed to boot: post_start_hook raised %r",
+                      self.cont.id, self.cont.pid, e, exc_info=e)
+            return BOOT_FAILED
         if not self.stop_reason.done():
             try:
                 self.channel.notify("ctl.ready", [])
             except ControllerGoneError:
                 self.abort()
-        if self.listen_sock is not None and not self.stop_reason.done():
+        if self.listen_sock is not None and not self.stop_reason.done() and self.accepting:
             self.server = await asyncio.start_server(self._client_connected, sock=self.listen_sock)
+            if not self.accepting:      # disabled meanwhile
+                self.server.close()
+                self.server = None
         reason = await self.stop_reason
         if self.server is not None:
             self.server.close()

@@ -131,8 +131,8 @@ class Service:
             raise TypeError(f"hooks must be a ProcessorHooks instance, not {type(hooks).__name__}")
         if type(workers) is bool or not isinstance(workers, int):
             raise TypeError(f"workers must be an int, not {type(workers).__name__}")
-        if not 0 <= workers <= 4096:
-            raise ValueError(f"workers must be between 0 and 4096, got {workers}")
+        if not 1 <= workers <= 4096:
+            raise ValueError(f"workers must be between 1 and 4096, got {workers}")
         self.handler = handler
         self.hooks = hooks
         self.address = parse_address(address) if address is not None else None
