@@ -77,6 +77,9 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 
 
+_STOPS = ("system_shutdown", "shutdown")
+
+
 class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -412,7 +415,8 @@ class Channel:
 
     def control_pending(self) -> bool:
         """Read what has arrived (without running any hook) and tell whether
-        a lifecycle message (``["ctl", ...]``) is waiting to be handled.
+        a lifecycle message that ends the container (``["ctl",
+        "system_shutdown"]``, ``["ctl", "shutdown"]``) is waiting to be handled.
         Loop thread only."""
         if self.closed:
             return True
@@ -424,7 +428,7 @@ class Channel:
                 return True
             finally:
                 self._release_reader()
-        return any(item[0][0] == "ctl" for item in list(self._inbox))
+        return any(item[0][0] == "ctl" and item[0][1] in _STOPS for item in list(self._inbox))
 
     def _on_readable(self) -> None:
         if self.closed:

@@ -64,8 +64,23 @@ def cmd_run(args) -> int:
     from .controller import Controller
     opts, services = config.load(args.config)
     socket_dir = args.socket_dir or opts.get("socket_dir") or default_socket_dir()
+    backend = config.backend(services)
+    log = logging.getLogger("netplex_native.cli")
+
+    def reread():
+        """SIGHUP: the file again, validated before anything changes."""
+        new_opts, new_services = config.load(args.config, reload_modules=True)
+        if config.backend(new_services) != backend:
+            raise ValueError(f"{args.config}: plugins changed from {backend} to "
+                             f"{config.backend(new_services)}; that needs a restart")
+        if new_opts.get("socket_dir", opts.get("socket_dir")) != opts.get("socket_dir"):
+            log.warning("%s: controller.socket_dir changed; it takes effect at the next start", args.config)
+        ctrl.max_start_failures = new_opts.get("max_start_failures", 10)
+        ctrl.shutdown_timeout = new_opts.get("shutdown_timeout", 5.0)
+        return new_services
+
     ctrl = Controller(socket_dir, max_start_failures=opts.get("max_start_failures", 10),
-                      shutdown_timeout=opts.get("shutdown_timeout", 5.0))
+                      shutdown_timeout=opts.get("shutdown_timeout", 5.0), config_source=reread)
     for s in services:
         ctrl.add_service(s)
     ctrl.run()
@@ -77,11 +92,12 @@ def _print_list(r: dict) -> None:
     print(f"plugins: {', '.join(r['plugins']) or '-'}")
     for s in r["services"]:
         flag = "  DISABLED" if s["disabled"] else ""
+        flag += "" if s.get("accepting", True) else "  NOT ACCEPTING"
         print(f"\nservice {s['name']}  address {s['address'] or '-'}  workers {s['workers']}"
               f"  restarts {s['restarts']}{flag}")
         for c in s["containers"]:
             print(f"  {c['id']:<16} pid {c['pid']:<8} up {c['uptime']:>9.1f}s"
-                  f"{'' if c['ready'] else '  (starting)'}")
+                  f"{'' if c['ready'] else '  (starting)'}{'  (retiring)' if c.get('retiring') else ''}")
 
 
 def _print_inspect(r: dict) -> None:
@@ -105,29 +121,39 @@ def _print_inspect(r: dict) -> None:
                   f"{' ro' if v['ro'] else ''} value {v['value']!r}")
 
 
+_USAGE = {"message": "PATTERN NAME [ARGS...]", "restart": "SERVICE", "enable": "SERVICE",
+          "disable": "SERVICE", "scale": "SERVICE WORKERS", "log-level": "LEVEL"}
+
+
 def cmd_admin(args) -> int:
     from . import admin
     socket_dir = args.socket_dir or default_socket_dir()
     c = args.command
-    if c == "list":
-        req = {"cmd": "list"}
-    elif c == "inspect":
-        req = {"cmd": "inspect"}
-    elif c == "message":
-        if len(args.args) < 2:
-            print("usage: netplex-native admin message PATTERN NAME [ARGS...]", file=sys.stderr)
-            return 2
-        req = {"cmd": "message", "pattern": args.args[0], "name": args.args[1], "args": args.args[2:]}
-    elif c == "restart":
-        if len(args.args) != 1:
-            print("usage: netplex-native admin restart SERVICE", file=sys.stderr)
-            return 2
-        req = {"cmd": "restart", "service": args.args[0]}
-    else:
-        req = {"cmd": "shutdown"}
-    if c in ("list", "inspect", "shutdown") and args.args:
-        print(f"admin {c} takes no arguments", file=sys.stderr)
+    a = args.args
+    nargs = {"message": (2, None), "restart": (1, 1), "enable": (1, 1), "disable": (1, 1),
+             "scale": (2, 2), "log-level": (1, 1)}.get(c, (0, 0))
+    if len(a) < nargs[0] or (nargs[1] is not None and len(a) > nargs[1]):
+        if nargs == (0, 0):
+            print(f"admin {c} takes no arguments", file=sys.stderr)
+        else:
+            print(f"usage: netplex-native admin {c} {_USAGE[c]}", file=sys.stderr)
         return 2
+    if c == "message":
+        req = {"cmd": "message", "pattern": a[0], "name": a[1], "args": a[2:]}
+    elif c in ("restart", "enable", "disable"):
+        req = {"cmd": c, "service": a[0]}
+    elif c == "scale":
+        try:
+            workers = int(a[1], 10)
+        except ValueError:
+            print(f"error: admin scale: WORKERS must be an integer between 1 and 4096, got {a[1]!r}",
+                  file=sys.stderr)
+            return 2
+        req = {"cmd": "scale", "service": a[0], "workers": workers}
+    elif c == "log-level":
+        req = {"cmd": "log-level", "level": a[0].lower()}
+    else:
+        req = {"cmd": c}
     r = admin.request(socket_dir, req)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -140,9 +166,21 @@ def cmd_admin(args) -> int:
     elif c == "message":
         print(f"delivered to {r['delivered']} container(s)")
     elif c == "restart":
-        print(f"restarting {r['restarted']} container(s) of {args.args[0]}")
+        print(f"restarting {r['restarted']} container(s) of {a[0]}")
+    elif c == "restart-all":
+        print(f"restarting {r['restarted']} container(s)")
+    elif c in ("enable", "disable"):
+        print(f"service {a[0]} {c}d" + ("" if r["changed"] else f" (already {c}d)"))
+    elif c == "scale":
+        print(f"service {a[0]}: workers {r['previous']} -> {req['workers']}")
+    elif c == "reload":
+        print("reload requested")
+    elif c == "log-level":
+        print(f"log level set to {a[0].lower()}")
     else:
         print("shutdown requested")
+    if c == "message" and r.get("ok") and not r["delivered"]:
+        r = {"ok": False, "error": f"no running container of a service matching {a[0]!r}"}
     if not r.get("ok"):
         print(f"error: {r.get('error')}", file=sys.stderr)
         return 1
@@ -190,7 +228,8 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("admin", parents=[common], help="administer a running controller")
     a.add_argument("--socket-dir", default=None)
     a.add_argument("--json", action="store_true", help="machine-readable output")
-    a.add_argument("command", choices=["list", "inspect", "message", "restart", "shutdown"])
+    a.add_argument("command", choices=["list", "inspect", "message", "restart", "restart-all", "enable",
+                                       "disable", "scale", "reload", "log-level", "shutdown"])
     a.add_argument("args", nargs="*")
     a.set_defaults(func=cmd_admin)
 

@@ -43,12 +43,19 @@ class _Err:
         return ServiceConfigError(f"{self.path}: {where}: {msg}")
 
 
-def _resolve(ref, where, err):
+def _resolve(ref, where, err, fresh=None):
+    """*fresh*: a set of module names already reloaded by this load (a
+    reload imports the application's modules anew, once each)."""
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise err(where, f"expected \"module:name\", got {ref!r}")
     mod_name, _, attr = ref.partition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        if (fresh is not None and mod_name not in fresh and mod_name in sys.modules
+                and mod_name.partition(".")[0] != "netplex_native"):
+            fresh.add(mod_name)
+            mod = importlib.reload(sys.modules[mod_name])
+        else:
+            mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise err(where, f"cannot import module {mod_name!r}: {e}") from None
     except Exception as e:
@@ -87,9 +94,17 @@ class _PluginHooks(ProcessorHooks):
         return getattr(object.__getattribute__(self, "_inner"), name)
 
 
-def load(path: str) -> tuple[dict, list[Service]]:
-    """Parse and validate *path*; returns (controller options, services)."""
+def backend(services) -> str:
+    """The plugins of services made by ``load``: native, rpc or none."""
+    chosen = {getattr(s.hooks, "_plugins", "none") for s in services} - {"none"}
+    return chosen.pop() if chosen else "none"
+
+
+def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
+    """Parse and validate *path*; returns (controller options, services).
+    *reload_modules*: import the handler and hooks modules anew (SIGHUP)."""
     err = _Err(path)
+    fresh = set() if reload_modules else None
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -135,10 +150,10 @@ def load(path: str) -> tuple[dict, list[Service]]:
         names.add(name)
         handler = None
         if "handler" in sd:
-            handler = _resolve(sd["handler"], f"{where}.handler", err)
+            handler = _resolve(sd["handler"], f"{where}.handler", err, fresh)
         hooks = ProcessorHooks()
         if "hooks" in sd:
-            cls = _resolve(sd["hooks"], f"{where}.hooks", err)
+            cls = _resolve(sd["hooks"], f"{where}.hooks", err, fresh)
             if not (isinstance(cls, type) and issubclass(cls, ProcessorHooks)):
                 raise err(f"{where}.hooks", "expected a ProcessorHooks subclass")
             try:

@@ -196,6 +196,9 @@ class _Runtime:
                     self.shutdown_seen = True
                     self.hook("shutdown")
                 self.stop("regular")
+            elif obj[1] == "log_level" and len(obj) > 2 and type(obj[2]) is int:
+                logging.getLogger().setLevel(obj[2])
+                logging.getLogger("netplex_native").setLevel(obj[2])
             elif obj[1] == "disable":   # stop accepting; running connections go on
                 self.accepting = False
                 if self.server is not None:

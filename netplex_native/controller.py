@@ -835,6 +835,20 @@ class Controller:
                 rec.kill_handle = self._loop.call_later(2.0, escalate, signal.SIGKILL)
         rec.kill_handle = self._loop.call_later(self.shutdown_timeout, escalate)
 
+    def set_log_level(self, level: str) -> None:
+        """Change the logging level (``debug`` ... ``critical``) of the
+        controller and of every running container (new ones inherit it)."""
+        value = logging.getLevelName(str(level).upper())
+        if type(value) is not int:
+            raise ValueError(f"unknown log level {level!r}")
+        logging.getLogger().setLevel(value)
+        logging.getLogger("netplex_native").setLevel(value)
+        frame = wire.encode(["ctl", "log_level", value])
+        for rec in self._records():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
+        log.warning("log level set to %s", logging.getLevelName(value))
+
     def reopen_logs(self) -> int:
         """Reopen every log file of the logging module (after a rotation:
         SIGUSR1).  Returns how many."""
@@ -895,7 +909,12 @@ class Controller:
         return self._broadcast("m", pattern, name, args)
 
     def send_admin_message(self, pattern: str, name: str, args=()) -> int:
+        """As ``send_message``, to ``receive_admin_message``; ValueError when
+        the pattern matches no service."""
         pattern, name, args = check_message(pattern, name, args)
+        if not any(_match(pattern, n) for n, st in self._services.items() if not st.removing):
+            raise ValueError(f"no service matches {pattern!r}; services: "
+                             f"{', '.join(self._services) or 'none'}")
         return self._broadcast("a", pattern, name, args)
 
     def _broadcast(self, kind: str, pattern: str, name: str, args: list) -> int:

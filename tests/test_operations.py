@@ -1,0 +1,307 @@
+"""Operating a controller as gunicorn's and Netplex's operators do: signals
+and admin verbs, end to end through ``netplex-native run`` subprocesses."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from harness import free_port, pid_alive, request, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "netplex_native"]
+
+APP = '''
+import asyncio, os
+import netplex_native as netplex
+from netplex_native import cenv
+
+VERSION = "{version}"
+
+async def handle(reader, writer):
+    line = await reader.readline()
+    c = cenv.self_cont()
+    writer.write(f"{{c.id}} {{os.getpid()}} {{VERSION}}\\n".encode())
+    await writer.drain()
+    if line.strip() == b"HOLD":           # stay until the client closes
+        await reader.read()
+
+class FailBoot(netplex.ProcessorHooks):
+    def post_start_hook(self, cont):
+        raise RuntimeError("boom at boot")
+'''
+
+
+def service(name, port, workers=1, hooks=None):
+    extra = f'hooks = "ops_app:{hooks}"\n' if hooks else ""
+    return (f'[[service]]\nname = "{name}"\nhandler = "ops_app:handle"\n{extra}'
+            f'address = "tcp://127.0.0.1:{port}"\nworkers = {workers}\nplugins = "none"\n')
+
+
+CONTROLLER = "[controller]\nshutdown_timeout = 2.0\nmax_start_failures = 2\n"
+
+
+class Running:
+    """A ``netplex-native run`` process; its stderr in a file."""
+
+    def __init__(self, tmp_path, config_text, version="v1", name="ops"):
+        self.tmp = tmp_path
+        self.cfg = tmp_path / f"{name}.toml"
+        self.sock = str(tmp_path / "sock")
+        self.write(config_text, version)
+        self.err_path = tmp_path / "stderr.log"
+        self.err = open(self.err_path, "w")
+        self.p = subprocess.Popen(CLI + ["run", str(self.cfg), "--socket-dir", self.sock],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err)
+        assert wait_until(lambda: os.path.exists(os.path.join(self.sock, "admin.sock")), 15), self.log()
+
+    def write(self, config_text, version=None):
+        if version is not None:
+            (self.tmp / "ops_app.py").write_text(APP.format(version=version))
+        tmp = self.cfg.with_suffix(".new")
+        tmp.write_text(config_text)
+        os.replace(tmp, self.cfg)
+
+    def log(self) -> str:
+        return self.err_path.read_text()
+
+    def admin(self, *args, timeout=20):
+        return subprocess.run(CLI + ["admin", "--socket-dir", self.sock] + list(args), cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict:
+        r = self.admin("--json", "list")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def services(self) -> dict:
+        return {s["name"]: s for s in self.status()["services"]}
+
+    def pids(self, name, include_retiring=False) -> set:
+        s = self.services().get(name)
+        if s is None:
+            return set()
+        return {c["pid"] for c in s["containers"] if include_retiring or not c["retiring"]}
+
+    def ready(self, name, n) -> bool:
+        s = self.services().get(name)
+        return (s is not None and len(s["containers"]) == n
+                and all(c["ready"] and not c["retiring"] for c in s["containers"]))
+
+    def signal(self, sig):
+        self.p.send_signal(sig)
+
+    def stop(self):
+        try:
+            if self.p.poll() is None:
+                self.p.send_signal(signal.SIGTERM)
+                try:
+                    self.p.wait(20)
+                except subprocess.TimeoutExpired:
+                    self.p.kill()
+                    self.p.wait()
+        finally:
+            self.err.close()
+
+
+@pytest.fixture
+def running(tmp_path):
+    made = []
+
+    def start(config_text, **kw):
+        r = Running(tmp_path, config_text, **kw)
+        made.append(r)
+        return r
+    yield start
+    for r in made:
+        r.stop()
+
+
+def answer(port):
+    try:
+        return request(port, "hi", timeout=3)
+    except OSError:
+        return None
+
+
+def refused(port) -> bool:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", port))
+    except ConnectionRefusedError:
+        return True
+    finally:
+        s.close()
+    return False
+
+
+@pytest.mark.timeout(90)
+def test_sighup_reload_adds_removes_and_resizes_services_and_reimports_the_app(running):
+    pa, pb, pc = free_port(), free_port(), free_port()
+    r = running(CONTROLLER + service("a", pa, 2) + service("b", pb, 1))
+    assert wait_until(lambda: r.ready("a", 2) and r.ready("b", 1), 15), r.log()
+    old_a, old_b = r.pids("a"), r.pids("b")
+    assert answer(pa).endswith(" v1")
+
+    r.write(CONTROLLER + service("a", pa, 3) + service("c", pc, 1), version="v2")
+    r.signal(signal.SIGHUP)
+    assert wait_until(lambda: set(r.services()) == {"a", "c"} and r.ready("a", 3) and r.ready("c", 1)
+                      and not r.pids("a") & old_a, 30), r.log()
+    assert wait_until(lambda: not any(pid_alive(p) for p in old_a | old_b), 10)
+    assert answer(pa).endswith(" v2") and answer(pc).endswith(" v2")
+    assert refused(pb)
+    assert r.services()["a"]["workers"] == 3
+    assert r.p.poll() is None
+    assert "reload done" in r.log()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broken, expect", [
+    ("[[service]\n", "not valid TOML"),
+    (CONTROLLER + service("a", 1, 1).replace("ops_app:handle", "ops_app:nope"), "has no attribute 'nope'"),
+    (CONTROLLER + service("a", 1, 0), "expected an integer between 1 and 4096"),
+    (CONTROLLER + service("a", 1, 1).replace('plugins = "none"', 'plugins = "rpc"'),
+     "plugins changed from none to rpc"),
+])
+def test_sighup_with_a_broken_config_logs_it_and_keeps_the_old_one_running(running, broken, expect):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 2))
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    before = r.pids("a")
+    r.write(broken)
+    r.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload failed" in r.log(), 10), r.log()
+    assert expect in r.log()
+    assert r.p.poll() is None
+    assert r.pids("a") == before and all(pid_alive(p) for p in before)
+    assert answer(pa).endswith(" v1")
+    # the admin verb says so too, and changes nothing
+    res = r.admin("reload")
+    assert res.returncode == 1 and "reload failed" in res.stderr
+    assert r.pids("a") == before
+
+
+@pytest.mark.timeout(90)
+def test_sigttin_adds_and_sigttou_removes_a_worker_never_below_one(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    first = r.pids("a")
+    r.signal(signal.SIGTTIN)
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    r.signal(signal.SIGTTIN)
+    assert wait_until(lambda: r.ready("a", 3), 15), r.log()
+    r.signal(signal.SIGTTOU)
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    assert not first & r.pids("a")                # the oldest goes first (as gunicorn)
+    r.signal(signal.SIGTTOU)
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    r.signal(signal.SIGTTOU)
+    assert wait_until(lambda: "stays at 1 workers" in r.log(), 10), r.log()
+    assert r.ready("a", 1) and r.services()["a"]["workers"] == 1
+    assert r.p.poll() is None
+
+
+@pytest.mark.timeout(90)
+def test_disable_refuses_connections_while_containers_live_then_enable_serves_again(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 2))
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    before = r.pids("a")
+    held = socket.create_connection(("127.0.0.1", pa), timeout=5)
+    try:
+        held.sendall(b"HOLD\n")
+        held_by = int(held.makefile().readline().split()[1])
+        res = r.admin("disable", "a")
+        assert res.returncode == 0 and "service a disabled" in res.stdout, res.stderr
+        assert wait_until(lambda: refused(pa), 10)
+        assert r.pids("a") == before and all(pid_alive(p) for p in before)
+        assert r.services()["a"]["accepting"] is False
+        assert "NOT ACCEPTING" in r.admin("list").stdout
+        assert r.admin("disable", "a").stdout.strip() == "service a disabled (already disabled)"
+        assert pid_alive(held_by)            # the connection it serves goes on
+    finally:
+        held.close()
+    res = r.admin("enable", "a")
+    assert res.returncode == 0 and "service a enabled" in res.stdout, res.stderr
+    assert wait_until(lambda: answer(pa) is not None, 10), r.log()
+    assert wait_until(lambda: r.ready("a", 2) and not r.pids("a") & before, 20), r.log()
+    assert r.services()["a"]["accepting"] is True
+
+
+@pytest.mark.timeout(90)
+def test_scale_restart_all_and_bad_input_to_every_verb(running):
+    pa, pb = free_port(), free_port()
+    r = running(CONTROLLER + service("a", pa, 1) + service("b", pb, 1))
+    assert wait_until(lambda: r.ready("a", 1) and r.ready("b", 1), 15), r.log()
+    res = r.admin("scale", "a", "3")
+    assert res.returncode == 0 and "workers 1 -> 3" in res.stdout, res.stderr
+    assert wait_until(lambda: r.ready("a", 3), 15), r.log()
+    before = r.status()
+    for args, code, err in [
+        (("scale", "a", "0"), 1, "workers must be an integer between 1 and 4096, got 0"),
+        (("scale", "a", "5000"), 1, "workers must be an integer between 1 and 4096, got 5000"),
+        (("scale", "a", "x"), 2, "WORKERS must be an integer between 1 and 4096, got 'x'"),
+        (("scale", "nope", "2"), 1, "no service named 'nope'; services: a, b"),
+        (("scale", "a"), 2, "usage: netplex-native admin scale SERVICE WORKERS"),
+        (("enable", "nope"), 1, "no service named 'nope'"),
+        (("disable", "nope"), 1, "no service named 'nope'"),
+        (("disable",), 2, "usage: netplex-native admin disable SERVICE"),
+        (("restart", "nope"), 1, "no service named 'nope'"),
+        (("restart-all", "x"), 2, "admin restart-all takes no arguments"),
+        (("message", "zz*", "hello"), 1, "no service matches 'zz*'; services: a, b"),
+        (("log-level", "loud"), 1, "level must be one of debug, info, warning, error, critical, got 'loud'"),
+        (("reload", "now"), 2, "admin reload takes no arguments"),
+    ]:
+        res = r.admin(*args)
+        assert res.returncode == code, (args, res.stdout, res.stderr)
+        assert err in res.stderr, (args, res.stderr)
+    after = r.status()
+    assert [(s["name"], s["workers"], s["accepting"], sorted(c["pid"] for c in s["containers"]))
+            for s in after["services"]] == \
+        [(s["name"], s["workers"], s["accepting"], sorted(c["pid"] for c in s["containers"]))
+         for s in before["services"]]
+    assert r.p.poll() is None
+
+    old = r.pids("a") | r.pids("b")
+    res = r.admin("restart-all")
+    assert res.returncode == 0 and "restarting 4 container(s)" in res.stdout, res.stderr
+    assert wait_until(lambda: r.ready("a", 3) and r.ready("b", 1)
+                      and not (r.pids("a") | r.pids("b")) & old, 20), r.log()
+    res = r.admin("log-level", "debug")
+    assert res.returncode == 0 and "log level set to debug" in res.stdout
+    assert wait_until(lambda: "log level set to DEBUG" in r.log(), 5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGTERM])
+def test_stop_signals_end_the_controller_cleanly_and_others_are_ignored(running, sig):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 2))
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    pids = r.pids("a")
+    for ignored in (signal.SIGUSR2, signal.SIGALRM, signal.SIGPWR, signal.SIGVTALRM, signal.SIGPROF):
+        r.signal(ignored)
+        assert wait_until(lambda: f"{ignored.name} ignored" in r.log(), 5), r.log()
+    assert r.p.poll() is None and r.pids("a") == pids
+    r.signal(sig)
+    assert r.p.wait(20) == 0
+    assert not any(pid_alive(p) for p in pids)
+    assert not os.path.exists(os.path.join(r.sock, "admin.sock"))
+    assert ("quick" in r.log()) == (sig != signal.SIGTERM)
+
+
+@pytest.mark.timeout(60)
+def test_a_raising_post_start_hook_is_a_failed_start(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("bad", pa, 1, hooks="FailBoot"))
+    assert wait_until(lambda: r.services()["bad"]["disabled"], 20), r.log()
+    assert "failed to boot: post_start_hook raised RuntimeError('boom at boot')" in r.log()
+    assert r.services()["bad"]["containers"] == []
+    assert r.p.poll() is None
