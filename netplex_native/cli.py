@@ -1,12 +1,18 @@
 """The ``netplex-native`` command (also ``python -m netplex_native``).
 
     netplex-native demo [--duration S] [--chaos] [--workers N] [--backend native|rpc]
-    netplex-native run CONFIG.toml
-    netplex-native admin [--socket-dir DIR] [--json] list|inspect|message|restart|shutdown
+    netplex-native run CONFIG.toml [--name NAME] [--socket-dir DIR] [--pid FILE]
+    netplex-native admin [--name NAME | --socket-dir DIR] [--json] VERB [ARGS...]
     netplex-native bench [--quick] ...
+    netplex-native --version
 
 ``--log-level`` on every command; logs go to stderr, one line per event,
 with the process id.
+
+Where a controller's admin socket is: ``--socket-dir``, else the directory
+of its NAME under ``controller.runtime_dir()`` (``run``: the config file's
+name without ``.toml``; a script's ``Controller()``: the script's name and
+pid).  ``admin`` without either finds the one controller running there.
 """
 
 from __future__ import annotations
@@ -20,12 +26,69 @@ import sys
 from .errors import NetplexError
 
 
-def default_socket_dir() -> str:
-    """Per-user directory of the CLI's controller (0700)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        return os.path.join(base, "netplex-native")
-    return os.path.join("/tmp", f"netplex-native-{os.getuid()}")
+def running_controllers() -> list[str]:
+    """Names of the controllers whose admin socket answers under runtime_dir()."""
+    from .controller import _admin_socket_live, runtime_dir
+    base = runtime_dir()
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    return [n for n in names if _admin_socket_live(os.path.join(base, n))]
+
+
+def _admin_socket_dir(args) -> str:
+    from .controller import check_controller_name, default_socket_dir, runtime_dir
+    if args.socket_dir:
+        return args.socket_dir
+    if args.name:
+        try:
+            return default_socket_dir(check_controller_name(args.name))
+        except ValueError as e:
+            raise NetplexError(f"--name: {e}") from None
+    names = running_controllers()
+    if len(names) == 1:
+        return default_socket_dir(names[0])
+    if not names:
+        raise NetplexError(f"no controller is running under {runtime_dir()}; "
+                           "pass --socket-dir DIR for one started with a socket directory")
+    raise NetplexError(f"{len(names)} controllers are running ({', '.join(names)}); pick one with --name NAME")
+
+
+def _write_pid_file(path: str) -> None:
+    """gunicorn's --pid: refused while the pid it names is alive."""
+    try:
+        with open(path) as f:
+            old = int(f.read().strip() or 0)
+    except FileNotFoundError:
+        old = 0
+    except (OSError, ValueError) as e:
+        raise NetplexError(f"--pid {path}: cannot read the existing file: {e}") from None
+    if old and old != os.getpid():
+        try:
+            os.kill(old, 0)
+            raise NetplexError(f"--pid {path}: already running as pid {old}")
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise NetplexError(f"--pid {path}: already running as pid {old}") from None
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise NetplexError(f"--pid {path}: {e.strerror or e}") from None
+
+
+def _remove_pid_file(path: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
 
 
 def _setup_logging(level: str) -> None:
@@ -63,7 +126,8 @@ def cmd_run(args) -> int:
     from . import config
     from .controller import Controller
     opts, services = config.load(args.config)
-    socket_dir = args.socket_dir or opts.get("socket_dir") or default_socket_dir()
+    socket_dir = args.socket_dir or opts.get("socket_dir")
+    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     backend = config.backend(services)
     log = logging.getLogger("netplex_native.cli")
 
@@ -77,13 +141,26 @@ def cmd_run(args) -> int:
             log.warning("%s: controller.socket_dir changed; it takes effect at the next start", args.config)
         ctrl.max_start_failures = new_opts.get("max_start_failures", 10)
         ctrl.shutdown_timeout = new_opts.get("shutdown_timeout", 5.0)
+        ctrl.startup_timeout = new_opts.get("startup_timeout")
         return new_services
 
+    from .controller import check_controller_name
+    try:
+        check_controller_name(name)
+    except ValueError as e:
+        raise NetplexError(f"--name: {e}") from None
     ctrl = Controller(socket_dir, max_start_failures=opts.get("max_start_failures", 10),
-                      shutdown_timeout=opts.get("shutdown_timeout", 5.0), config_source=reread)
+                      shutdown_timeout=opts.get("shutdown_timeout", 5.0), config_source=reread,
+                      name=name, startup_timeout=opts.get("startup_timeout"))
     for s in services:
         ctrl.add_service(s)
-    ctrl.run()
+    if args.pid:
+        _write_pid_file(args.pid)
+    try:
+        ctrl.run()
+    finally:
+        if args.pid:
+            _remove_pid_file(args.pid)
     return 0
 
 
@@ -127,7 +204,6 @@ _USAGE = {"message": "PATTERN NAME [ARGS...]", "restart": "SERVICE", "enable": "
 
 def cmd_admin(args) -> int:
     from . import admin
-    socket_dir = args.socket_dir or default_socket_dir()
     c = args.command
     a = args.args
     nargs = {"message": (2, None), "restart": (1, 1), "enable": (1, 1), "disable": (1, 1),
@@ -154,7 +230,7 @@ def cmd_admin(args) -> int:
         req = {"cmd": "log-level", "level": a[0].lower()}
     else:
         req = {"cmd": c}
-    r = admin.request(socket_dir, req)
+    r = admin.request(_admin_socket_dir(args), req)
     if args.json:
         print(json.dumps(r, indent=2))
     elif not r.get("ok"):
@@ -200,6 +276,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("netplex_native")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info",
@@ -207,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
                         help="logging level (default: info)")
     p = argparse.ArgumentParser(prog="netplex-native", parents=[common],
                                 description="Multi-process services with crash-safe primitives.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", parents=[common], help="run the demo service")
@@ -222,11 +307,15 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", parents=[common], help="run the services of a TOML file")
     r.add_argument("config")
-    r.add_argument("--socket-dir", default=None)
+    r.add_argument("--socket-dir", default=None, help="admin socket directory (default: NAME's, see admin)")
+    r.add_argument("--name", default=None, help="controller name (default: the config file's name)")
+    r.add_argument("--pid", default=None, metavar="FILE", help="write the controller's pid to FILE")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("admin", parents=[common], help="administer a running controller")
     a.add_argument("--socket-dir", default=None)
+    a.add_argument("--name", default=None,
+                   help="the controller's name (default: the only one running for this user)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("command", choices=["list", "inspect", "message", "restart", "restart-all", "enable",
                                        "disable", "scale", "reload", "log-level", "shutdown"])

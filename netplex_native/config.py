@@ -31,7 +31,7 @@ from .hooks import ProcessorHooks
 from .service import Service, parse_address
 
 SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins"}
-CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout"}
+CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout"}
 PLUGIN_CHOICES = ("native", "rpc", "none")
 
 
@@ -129,6 +129,9 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
     if "shutdown_timeout" in ctrl_opts and (type(ctrl_opts["shutdown_timeout"]) not in (int, float)
                                             or ctrl_opts["shutdown_timeout"] <= 0):
         raise err("controller.shutdown_timeout", "expected a number of seconds > 0")
+    if "startup_timeout" in ctrl_opts and (type(ctrl_opts["startup_timeout"]) not in (int, float)
+                                           or not ctrl_opts["startup_timeout"] > 0):
+        raise err("controller.startup_timeout", "expected a number of seconds > 0")
     services_doc = doc.get("service")
     if not isinstance(services_doc, list) or not services_doc:
         raise err("service", "expected at least one [[service]] table")

@@ -430,6 +430,7 @@ class _ContainerRecord:
         self.unacked: dict[int, object] = {}      # call id -> undo of a deferred grant
         self.system_shutdown_done = False
         self.retiring = False       # asked to finish; replaced or not needed any more
+        self.start_handle: asyncio.TimerHandle | None = None   # startup_timeout
         self.kill_handle: asyncio.TimerHandle | None = None
         self.container = Container(cid, 0, service.name)
 
@@ -466,8 +467,12 @@ class _ServiceState:
 class Controller:
     """The master process: forks and supervises the containers of its services.
 
-    ``socket_dir``: where the admin socket lives (created 0700); None: a
-    private temporary directory removed at shutdown.
+    ``socket_dir``: where the admin socket lives (created 0700); None:
+    ``default_socket_dir(name)`` (see ``runtime_dir``), removed at shutdown.
+    ``name``: default the script's name and the pid (``myapp.1234``).
+    ``startup_timeout``: seconds a container may take to be ready (its
+    ``post_start_hook`` done); a slower one is killed and counts as a start
+    failure.  None: no limit.
     ``config_source``: a callable returning the list of services to run;
     ``reload()`` (SIGHUP) calls it (``netplex-native run`` re-reads its
     file).  Without it a reload replaces every container, services unchanged.
@@ -476,7 +481,19 @@ class Controller:
     def __init__(self, socket_dir: str | None = None, *, max_start_failures: int = 10,
                  backoff: tuple[float, float] = (0.1, 5.0), shutdown_timeout: float = 5.0,
                  native_config: dict | None = None, admin_idle_timeout: float = 60.0,
-                 config_source=None):
+                 config_source=None, name: str | None = None, startup_timeout: float | None = None):
+        if name is None:
+            script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+            stem = os.path.splitext(os.path.basename(script))[0]
+            if stem == "__main__":      # python -m PACKAGE
+                stem = os.path.basename(os.path.dirname(os.path.abspath(script)))
+            name = f"{stem or 'python'}.{os.getpid()}"
+            if name.startswith("."):
+                name = "python" + name
+        self.name = check_controller_name(name)
+        if startup_timeout is not None and (type(startup_timeout) not in (int, float) or not startup_timeout > 0):
+            raise ValueError(f"startup_timeout must be a number of seconds > 0 or None, got {startup_timeout!r}")
+        self.startup_timeout = startup_timeout
         if config_source is not None and not callable(config_source):
             raise TypeError("config_source must be a callable returning a list of Service")
         self.config_source = config_source
@@ -599,6 +616,7 @@ class Controller:
         """A JSON-serialisable snapshot (admin ``list``)."""
         return {
             "pid": os.getpid(),
+            "name": self.name,
             "state": self._state,
             "socket_dir": self._socket_dir,
             "plugins": [p.name for p in self._plugins],
@@ -1002,7 +1020,11 @@ class Controller:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for plugin in self._plugins:
             _safely(lambda: plugin.ctrl_started(self), f"{plugin.name}: started")
-        log.info("controller started (pid %d, socket dir %s)", os.getpid(), self._socket_dir)
+        where = f"controller {self.name} started (pid {os.getpid()}, socket dir {self._socket_dir})"
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", where)
+        else:                       # the operator must learn where to find it
+            print(f"netplex-native: {where}", file=sys.stderr, flush=True)
         for st in self._services.values():
             self._manage(st)
         await self._done
@@ -1049,18 +1071,18 @@ class Controller:
 
     def _prepare_socket_dir(self) -> None:
         if self._socket_dir_arg is None:
-            self._socket_dir = tempfile.mkdtemp(prefix="netplex-")
+            base = runtime_dir()
+            _private_dir(base)
+            d = os.path.join(base, self.name)
+            if _admin_socket_live(d):
+                raise ServiceConfigError(f"a controller named {self.name!r} is already running "
+                                         f"(socket directory {d}); give this one another name")
+            _private_dir(d)
             self._own_socket_dir = True
         else:
             d = os.path.abspath(self._socket_dir_arg)
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            st = os.stat(d)
-            if st.st_uid != os.getuid():
-                raise ServiceConfigError(f"socket directory {d} belongs to uid {st.st_uid}, not to us")
-            if st.st_mode & 0o077:
-                os.chmod(d, 0o700)
-            self._socket_dir = d
-        os.chmod(self._socket_dir, 0o700)
+            _private_dir(d)
+        self._socket_dir = d
 
     def _bind(self, st: _ServiceState, addr=None) -> None:
         addr = addr or st.service.address
@@ -1148,7 +1170,21 @@ class Controller:
         st.records[cid] = rec
         self._by_pid[pid] = rec
         log.info("container %s (pid %d) started", cid, pid)
+        if self.startup_timeout is not None:
+            rec.start_handle = self._loop.call_later(self.startup_timeout, self._too_slow, rec)
         return True
+
+    def _too_slow(self, rec: _ContainerRecord) -> None:
+        """startup_timeout: a container not ready in time is killed (a start failure)."""
+        rec.start_handle = None
+        if rec.ready or self._by_pid.get(rec.pid) is not rec:
+            return
+        log.error("container %s (pid %d) not ready within %g s (startup_timeout); killing it",
+                  rec.id, rec.pid, self.startup_timeout)
+        try:
+            os.kill(rec.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _close_in_child(self, st: _ServiceState) -> None:
         """In a fresh container: drop what belongs to the controller (through
@@ -1244,6 +1280,9 @@ class Controller:
                         pending.on_cancel()
                     pending.error(NetplexError("cancelled"))
         elif proc == "ready":
+            if rec.start_handle is not None:
+                rec.start_handle.cancel()
+                rec.start_handle = None
             rec.ready = True
             rec.ready_mono = time.monotonic()
             self._services[rec.service.name].start_failures = 0
@@ -1277,9 +1316,10 @@ class Controller:
         st = self._services[rec.service.name]
         del self._by_pid[rec.pid]
         del st.records[rec.id]
-        if rec.kill_handle is not None:
-            rec.kill_handle.cancel()
-            rec.kill_handle = None
+        for h in (rec.kill_handle, rec.start_handle):
+            if h is not None:
+                h.cancel()
+        rec.kill_handle = rec.start_handle = None
         if rec.conn is not None:
             _safely(rec.conn.drain_dead, "serving a dead container's last notifications")
             rec.alive = False
@@ -1425,18 +1465,65 @@ class Controller:
             _safely(lambda: plugin.ctrl_unplugged(self), f"{plugin.name}: unplugged")
 
     def _remove_socket_dir(self) -> None:
-        d = self._socket_dir
+        d = self._socket_dir        # its admin.sock was removed by AdminServer.close
         if not d:
             return
-        try:
-            os.unlink(os.path.join(d, ADMIN_SOCKET))
-        except FileNotFoundError:
-            pass
         if self._own_socket_dir:
             try:
                 os.rmdir(d)
             except OSError as e:
                 log.warning("could not remove socket directory %s: %s", d, e)
+
+
+def runtime_dir() -> str:
+    """The one rule, shared by ``Controller()`` and the CLI, for where
+    socket directories live: ``$XDG_RUNTIME_DIR/netplex-native``, else
+    ``/run/user/UID/netplex-native``, else ``netplex-native-UID`` in the
+    temporary directory.  A controller's own directory is NAME below it."""
+    uid = os.getuid()
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+        if base and os.path.isabs(base):
+            try:
+                st = os.stat(base)
+            except OSError:
+                continue
+            if st.st_uid == uid and os.path.isdir(base):
+                return os.path.join(base, "netplex-native")
+    return os.path.join(tempfile.gettempdir(), f"netplex-native-{uid}")
+
+
+def default_socket_dir(name: str) -> str:
+    """The socket directory of the controller named *name*."""
+    return os.path.join(runtime_dir(), name)
+
+
+def check_controller_name(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"controller name must be a str, not {type(name).__name__}")
+    if not name or name.startswith(".") or "/" in name or "\x00" in name or len(name) > 64:
+        raise ValueError(f"controller name must be 1..64 characters, no '/', not starting with '.': {name!r}")
+    return name
+
+
+def _private_dir(d: str) -> None:
+    """Create *d* (0700) or check that an existing one is ours; made private."""
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.stat(d)
+    if st.st_uid != os.getuid():
+        raise ServiceConfigError(f"socket directory {d} belongs to uid {st.st_uid}, not to us")
+    if st.st_mode & 0o077:
+        os.chmod(d, 0o700)
+
+
+def _admin_socket_live(d: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(os.path.join(d, ADMIN_SOCKET))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _match(pattern: str, name: str) -> bool:

@@ -148,6 +148,8 @@ def _try(fn):
     (lambda s: s.replace('plugins = "native"', 'plugins = "fast"'),
      r"service 'echo'\.plugins: expected one of native, rpc, none"),
     (lambda s: s + "\n[oops]\n", r"oops: unknown top-level key"),
+    (lambda s: s.replace("max_start_failures = 10", "startup_timeout = -1"),
+     r"controller\.startup_timeout: expected a number of seconds > 0"),
     (lambda s: s.replace("[[service]]", "[[service]\n"), r"not valid TOML"),
 ])
 def test_run_reports_config_errors_with_file_and_key_before_forking(echo_config, mutate, expect):

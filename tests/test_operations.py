@@ -2,6 +2,7 @@
 and admin verbs, end to end through ``netplex-native run`` subprocesses."""
 
 import json
+import re
 import os
 import signal
 import socket
@@ -305,3 +306,134 @@ def test_a_raising_post_start_hook_is_a_failed_start(running):
     assert "failed to boot: post_start_hook raised RuntimeError('boom at boot')" in r.log()
     assert r.services()["bad"]["containers"] == []
     assert r.p.poll() is None
+
+
+SCRIPT = '''
+import sys
+sys.path.insert(0, {here!r})
+import netplex_native as netplex
+import ops_app
+ctrl = netplex.Controller()
+ctrl.add_service(netplex.Service("s", ops_app.handle, address="tcp://127.0.0.1:{port}", workers=1))
+ctrl.run()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_admin_finds_a_script_started_controller_with_no_flags(tmp_path):
+    """Controller() and the CLI share one rule for the socket directory."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    (tmp_path / "ops_app.py").write_text(APP.format(version="v1"))
+    script = tmp_path / "myapp.py"
+    script.write_text(SCRIPT.format(here=str(tmp_path), port=free_port()))
+    err = open(tmp_path / "err.log", "w")
+    p = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                         stdout=subprocess.DEVNULL, stderr=err)
+    second = None
+    try:
+        sdir = xdg / "netplex-native" / f"myapp.{p.pid}"
+        assert wait_until(lambda: (sdir / "admin.sock").exists(), 15), (tmp_path / "err.log").read_text()
+        # printed at start, even though the script configured no logging
+        assert wait_until(lambda: f"controller myapp.{p.pid} started" in (tmp_path / "err.log").read_text()
+                          and str(sdir) in (tmp_path / "err.log").read_text(), 5)
+
+        def admin(*args):
+            return subprocess.run(CLI + ["admin"] + list(args), cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=20)
+        r = admin("--json", "list")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["pid"] == p.pid and json.loads(r.stdout)["name"] == f"myapp.{p.pid}"
+        # a second controller (the CLI, named after its config): admin asks which
+        cfg = tmp_path / "other.toml"
+        cfg.write_text(service("o", free_port()))
+        second = subprocess.Popen(CLI + ["run", str(cfg)], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: (xdg / "netplex-native" / "other" / "admin.sock").exists(), 15)
+        r = admin("list")
+        assert r.returncode == 1
+        assert f"2 controllers are running (myapp.{p.pid}, other); pick one with --name NAME" in r.stderr
+        r = admin("--name", "other", "--json", "list")
+        assert r.returncode == 0 and json.loads(r.stdout)["pid"] == second.pid
+        # the same name twice is refused, naming it; the first keeps running
+        r = subprocess.run(CLI + ["run", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=20)
+        assert r.returncode == 1
+        assert "a controller named 'other' is already running" in r.stderr
+        assert admin("--name", "other", "list").returncode == 0
+        r = admin("--name", "../x", "list")
+        assert r.returncode == 1 and "--name: controller name must be" in r.stderr
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+        assert not (xdg / "netplex-native" / "other").exists()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        assert not sdir.exists()
+        r = admin("list")
+        assert r.returncode == 1 and "no controller is running under" in r.stderr
+    finally:
+        for q in (p, second):
+            if q is not None and q.poll() is None:
+                q.kill()
+                q.wait()
+        err.close()
+
+
+def test_runtime_dir_rule():
+    from netplex_native.controller import runtime_dir
+    uid = os.getuid()
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    try:
+        os.environ["XDG_RUNTIME_DIR"] = "/nonexistent-xdg"
+        run_user = f"/run/user/{uid}"
+        if os.path.isdir(run_user) and os.stat(run_user).st_uid == uid:
+            assert runtime_dir() == f"{run_user}/netplex-native"
+        else:
+            import tempfile
+            assert runtime_dir() == os.path.join(tempfile.gettempdir(), f"netplex-native-{uid}")
+    finally:
+        if old is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = old
+
+
+@pytest.mark.timeout(60)
+def test_pid_file_version_and_startup_timeout(tmp_path):
+    r = subprocess.run(CLI + ["--version"], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0 and re.fullmatch(r"netplex-native \d+\.\d+\.\d+\S*\n", r.stdout), r.stdout
+    (tmp_path / "ops_app.py").write_text(APP.format(version="v1") + SLOW_BOOT)
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text("[controller]\nstartup_timeout = 0.5\nmax_start_failures = 2\n"
+                   + service("slow", free_port(), 1, hooks="SlowBoot"))
+    pidf = tmp_path / "ctl.pid"
+    err = open(tmp_path / "err.log", "w")
+    sock = str(tmp_path / "sock")
+    p = subprocess.Popen(CLI + ["run", str(cfg), "--socket-dir", sock, "--pid", str(pidf)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        assert wait_until(lambda: pidf.exists() and pidf.read_text() == f"{p.pid}\n", 15)
+        # a second one with the same pid file is refused
+        r = subprocess.run(CLI + ["run", str(cfg), "--socket-dir", str(tmp_path / "s2"), "--pid", str(pidf)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and f"already running as pid {p.pid}" in r.stderr
+        log = lambda: (tmp_path / "err.log").read_text()
+        assert wait_until(lambda: "disabled after 2 consecutive start failures" in log(), 20), log()
+        assert log().count("not ready within 0.5 s (startup_timeout); killing it") == 2
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        assert not pidf.exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        err.close()
+
+
+SLOW_BOOT = '''
+import time
+class SlowBoot(netplex.ProcessorHooks):
+    def post_start_hook(self, cont):
+        time.sleep(30)
+'''
