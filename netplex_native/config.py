@@ -30,7 +30,8 @@ from .errors import ServiceConfigError
 from .hooks import ProcessorHooks
 from .service import Service, parse_address
 
-SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins"}
+SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins", "max_connections",
+                "max_connections_jitter"}
 CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout"}
 PLUGIN_CHOICES = ("native", "rpc", "none")
 
@@ -175,8 +176,17 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
         plugins = sd.get("plugins", "native")
         if plugins not in PLUGIN_CHOICES:
             raise err(f"{where}.plugins", f"expected one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
+        limits = {}
+        for k, low in (("max_connections", 1), ("max_connections_jitter", 0)):
+            if k in sd:
+                if type(sd[k]) is not int or not low <= sd[k] <= 2 ** 31:
+                    raise err(f"{where}.{k}", f"expected an integer between {low} and {2 ** 31}, got {sd[k]!r}")
+                limits[k] = sd[k]
+        if "max_connections_jitter" in limits and "max_connections" not in limits:
+            raise err(f"{where}.max_connections_jitter", "needs max_connections")
         try:
-            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers)
+            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers,
+                          **limits)
         except (TypeError, ValueError) as e:
             raise err(where, str(e)) from None
         services.append(svc)

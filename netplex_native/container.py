@@ -151,6 +151,12 @@ class _Runtime:
         self.stopping = False       # a shutdown message was handled
         self.shutdown_seen = False
         self.accepting = True       # False once the controller disabled the service
+        self.connections = 0        # accepted so far
+        self.max_connections = None
+        if service.max_connections is not None:
+            import secrets          # not random: its state is the same in every forked container
+            self.max_connections = service.max_connections + secrets.randbelow(
+                service.max_connections_jitter + 1)
         self.loop_thread = threading.get_ident()
 
     # -- exceptions and stop --
@@ -228,6 +234,9 @@ class _Runtime:
     async def _client_connected(self, reader, writer) -> None:
         task = asyncio.current_task()
         self.handlers.add(task)
+        self.connections += 1
+        if self.max_connections is not None and self.connections == self.max_connections:
+            self._recycle()
         try:
             await self.service.handler(reader, writer)
         except asyncio.CancelledError:
@@ -240,6 +249,25 @@ class _Runtime:
                 writer.close()
             except Exception:
                 pass
+
+    def _recycle(self) -> None:
+        """max_connections reached: accept no more, finish the connections
+        being served, then end regularly (the controller starts a new one)."""
+        log.info("container %s (pid %d): %d connections served (max_connections); recycling",
+                 self.cont.id, self.cont.pid, self.connections)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        try:                        # a new container takes its place at once
+            self.channel.notify("ctl.recycle", [])
+        except ControllerGoneError:
+            pass
+
+        async def when_idle():
+            while self.handlers:
+                await asyncio.wait(list(self.handlers))
+            self.stop("regular")
+        self._recycling = self.loop.create_task(when_idle())
 
     async def main(self) -> int:
         loop = self.loop = asyncio.get_running_loop()

@@ -1072,12 +1072,18 @@ class Controller:
     def _prepare_socket_dir(self) -> None:
         if self._socket_dir_arg is None:
             base = runtime_dir()
-            _private_dir(base)
             d = os.path.join(base, self.name)
-            if _admin_socket_live(d):
-                raise ServiceConfigError(f"a controller named {self.name!r} is already running "
-                                         f"(socket directory {d}); give this one another name")
-            _private_dir(d)
+            for attempt in range(10):   # another controller may remove an empty base meanwhile
+                _private_dir(base, parents=False)
+                if _admin_socket_live(d):
+                    raise ServiceConfigError(f"a controller named {self.name!r} is already running "
+                                             f"(socket directory {d}); give this one another name")
+                try:
+                    _private_dir(d, parents=False)
+                    break
+                except FileNotFoundError:
+                    if attempt == 9:
+                        raise
             self._own_socket_dir = True
         else:
             d = os.path.abspath(self._socket_dir_arg)
@@ -1286,6 +1292,10 @@ class Controller:
             rec.ready = True
             rec.ready_mono = time.monotonic()
             self._services[rec.service.name].start_failures = 0
+        elif proc == "recycle":    # max_connections: it ends once idle; a new one starts now
+            if not rec.retiring:
+                rec.retiring = True
+                self._manage(self._services[rec.service.name])
         elif proc == "send_message":
             pattern, name, margs = check_message(*args)
             reply.ok(self.send_message(pattern, name, margs))
@@ -1473,6 +1483,11 @@ class Controller:
                 os.rmdir(d)
             except OSError as e:
                 log.warning("could not remove socket directory %s: %s", d, e)
+            if self._socket_dir_arg is None:
+                try:
+                    os.rmdir(os.path.dirname(d))    # the shared base, when no one else uses it
+                except OSError:
+                    pass
 
 
 def runtime_dir() -> str:
@@ -1505,9 +1520,16 @@ def check_controller_name(name) -> str:
     return name
 
 
-def _private_dir(d: str) -> None:
-    """Create *d* (0700) or check that an existing one is ours; made private."""
-    os.makedirs(d, mode=0o700, exist_ok=True)
+def _private_dir(d: str, parents: bool = True) -> None:
+    """Create *d* (0700) or check that an existing one is ours; made private.
+    Without *parents*, FileNotFoundError if its parent is missing."""
+    if parents:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    else:
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
     st = os.stat(d)
     if st.st_uid != os.getuid():
         raise ServiceConfigError(f"socket directory {d} belongs to uid {st.st_uid}, not to us")

@@ -113,9 +113,16 @@ def _remove_stale_unix_socket(path: str) -> None:
 class Service:
     """A service: ``workers`` containers that each run ``handler`` for the
     connections accepted on ``address`` (or none, for a worker pool without a
-    socket), with ``hooks`` called at every point of their life."""
+    socket), with ``hooks`` called at every point of their life.
 
-    def __init__(self, name, handler=None, *, hooks=None, address=None, workers=1):
+    ``max_connections``: a container stops accepting after this many
+    connections (plus a random 0..``max_connections_jitter``, drawn per
+    container, so that they do not all recycle at once), finishes the ones it
+    serves and ends; a new one takes its place (gunicorn's max_requests,
+    Netplex's conn_limit).  None: no limit."""
+
+    def __init__(self, name, handler=None, *, hooks=None, address=None, workers=1,
+                 max_connections=None, max_connections_jitter=0):
         self.name = check_name(name, "service name")
         if any(c in self.name for c in "*/"):
             raise ValueError(f"service name must not contain '*' or '/': {name!r}")
@@ -139,6 +146,16 @@ class Service:
         if self.address is not None and handler is None:
             raise ValueError(f"service {self.name!r} has an address but no handler")
         self.workers = workers
+        for what, v, low in (("max_connections", max_connections, 1),
+                             ("max_connections_jitter", max_connections_jitter, 0)):
+            if v is None and what == "max_connections":
+                continue
+            if type(v) is not int or not low <= v <= 2 ** 31:
+                raise ValueError(f"{what} must be an integer between {low} and {2 ** 31}, got {v!r}")
+        if max_connections_jitter and max_connections is None:
+            raise ValueError("max_connections_jitter needs max_connections")
+        self.max_connections = max_connections
+        self.max_connections_jitter = max_connections_jitter
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, address={str(self.address) if self.address else None!r}, workers={self.workers})"

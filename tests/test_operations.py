@@ -437,3 +437,45 @@ class SlowBoot(netplex.ProcessorHooks):
     def post_start_hook(self, cont):
         time.sleep(30)
 '''
+
+
+@pytest.mark.timeout(60)
+def test_a_container_is_recycled_after_max_connections_while_serving(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1) + "max_connections = 3\n")
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    first = r.pids("a").pop()
+    ids = [answer(pa).split()[0] for _ in range(2)]
+    held = socket.create_connection(("127.0.0.1", pa), timeout=5)      # its 3rd: the last one
+    f = held.makefile()
+    try:
+        held.sendall(b"HOLD\n")
+        assert f.readline().split()[:2] == [ids[0], str(first)]
+        # it stops accepting and a new container takes the next connections,
+        # while the old one still serves the connection it holds
+        nxt = answer(pa)
+        assert nxt is not None and nxt.split()[1] != str(first), r.log()
+        assert pid_alive(first)
+        assert "(max_connections); recycling" in r.log()
+    finally:
+        f.close()
+        held.close()
+    assert wait_until(lambda: not pid_alive(first), 10), r.log()
+    assert ids == [ids[0]] * 2
+    assert f"container {ids[0]} (pid {first}) exited with code 0" in r.log()
+    assert r.p.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_max_connections_jitter_keeps_each_limit_in_its_range(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1) + "max_connections = 2\nmax_connections_jitter = 3\n")
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    served = []
+    for _ in range(16):
+        a = answer(pa)
+        assert a is not None, r.log()
+        served.append(a.split()[0])
+    counts = [served.count(c) for c in dict.fromkeys(served)]
+    assert len(counts) >= 3
+    assert all(2 <= n <= 5 for n in counts[:-1]) and counts[-1] <= 5, counts
