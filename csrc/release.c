@@ -8,8 +8,8 @@
  *     never exceeds NP_VALUE_MAX (NP_EOVERFLOW, nothing changed).
  *  R2 A protected delta is revised with saturating arithmetic.
  *  R3 Leaving a queue wakes those who became entitled by it; when the guard
- *     cannot be had in one slice the caller is marked given up (Q3) and the
- *     call still succeeds: the caller is no longer waiting.
+ *     cannot be had within NP_GUARD_SLEEP_NS the caller is marked given up
+ *     (Q3) and the call still succeeds: the caller is no longer waiting.
  *  R4 get reads value between two reads of the same generation, so it
  *     belongs to the handle's incarnation.
  */
@@ -104,7 +104,7 @@ int64_t np_i_wait_cancel(np_domain *d)
     if (!w || w > d->nobj)
         return 0;
     np_obj *o = &d->objs[w - 1];
-    if (guard_lock(d, &o->guard, tag, NP_NOWAIT) < 0) {
+    if (guard_lock(d, &o->guard, tag, NP_GUARD_TRY) < 0) {
         /* seq_cst: the flag is visible before the hint (Q3, R3). */
         __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
         __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);

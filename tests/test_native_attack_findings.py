@@ -105,15 +105,18 @@ def _stop_inside_guard_of(dom, name):
 
 @pytest.mark.timeout(60)
 def test_threads_that_gave_up_behind_a_stopped_process_leave_no_entry_behind():
+    """Ten threads queue on s; then a process stops inside s's guard; their waits time
+    out (they cannot leave the queue) and the threads end: no entry is left behind."""
     dom = _native.Domain.create(semaphores=8, mutexes=8, processes=8, actors=16)
     try:
         dom.sem_create("s", 0)
-        stopped = _stop_inside_guard_of(dom, "s")
         out = []
-        ts = [threading.Thread(target=lambda: out.append(dom.sem_decrement("s", True, 0.3)))
+        ts = [threading.Thread(target=lambda: out.append(dom.sem_decrement("s", True, 1.0)))
               for _ in range(10)]
         for t in ts:
             t.start()
+        until(lambda: sem(dom, "s")["waiters"] == 10, what="10 queued")
+        stopped = _stop_inside_guard_of(dom, "s")
         for t in ts:
             t.join(10)
         assert out == [-1] * 10
@@ -129,6 +132,7 @@ def test_threads_that_gave_up_behind_a_stopped_process_leave_no_entry_behind():
         for t in ts:
             t.join(10)
         assert sorted(got) == list(range(1, 16))   # 15 threads found an entry each
+        assert sem(dom, "s")["waiters"] == 0
         dom.check()
     finally:
         dom.unlink()
@@ -137,11 +141,21 @@ def test_threads_that_gave_up_behind_a_stopped_process_leave_no_entry_behind():
 
 @pytest.mark.timeout(60)
 def test_a_thread_that_gave_up_a_wait_uses_other_objects_at_once(dom):
+    """Queued on x, then a process stops inside x's guard: the wait times out and
+    the same thread uses other objects at once."""
     dom.sem_create("x", 0)
     dom.sem_create("y", 1)
-    stopped = _stop_inside_guard_of(dom, "x")
+    result = []
+    stopped = []
+
+    def stop_later():
+        until(lambda: sem(dom, "x")["waiters"] == 1, what="queued")
+        stopped.append(_stop_inside_guard_of(dom, "x"))
+    t = threading.Thread(target=stop_later)
+    t.start()
     try:
-        assert dom.sem_decrement("x", wait=True, timeout=0.3) == -1
+        assert dom.sem_decrement("x", wait=True, timeout=1.0) == -1
+        t.join(10)
         t0 = time.monotonic()
         assert dom.sem_decrement("y") == 0
         assert dom.mutex_trylock("m") is True
@@ -150,9 +164,11 @@ def test_a_thread_that_gave_up_a_wait_uses_other_objects_at_once(dom):
         dom.mutex_unlock("m")
         assert time.monotonic() - t0 < 1
     finally:
-        os.kill(stopped, signal.SIGCONT)
-        assert exited_ok(reap(stopped))
-    dom.recover(stopped)
+        t.join(10)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+            assert exited_ok(reap(pid))
+            dom.recover(pid)
     dom.sem_increment("y")
     assert sem(dom, "x")["waiters"] == 0
     assert [p["threads"] for p in dom.processes() if p["pid"] == os.getpid()] == [1]
@@ -208,16 +224,17 @@ def test_close_gives_back_what_the_process_held_even_when_its_thread_has_no_entr
         dom.sem_create("s", 1, protected=True)
         r, w = os.pipe()
         go_r, go_w = os.pipe()
+        end_r, end_w = os.pipe()
 
         def body():
             e = _native.Domain.attach(dom.name)
             done = threading.Event()
 
-            def holder():
+            def holder():                   # keeps its entry until the parent has looked
                 e.mutex_lock("m")
                 e.sem_decrement("s")
                 done.set()
-                os.read(go_r, 1)
+                os.read(end_r, 1)
             t = threading.Thread(target=holder)
             t.start()
             done.wait(5)
@@ -229,9 +246,11 @@ def test_close_gives_back_what_the_process_held_even_when_its_thread_has_no_entr
         pid = child(body)
         os.read(r, 1)
         assert sum(p["threads"] for p in dom.processes()) == 2
-        os.write(go_w, b"gg")
+        os.write(go_w, b"g")
         assert os.read(r, 1) == b"c"
         assert mtx(dom, "m")["locked"] is False and dom.sem_get("s") == 1
+        assert pid not in pids(dom)
+        os.write(end_w, b"e")
         assert exited_ok(reap(pid))
         assert pids(dom) == [os.getpid()]
         dom.check()

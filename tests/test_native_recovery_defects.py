@@ -42,7 +42,7 @@ def test_1_recoverer_dying_after_its_claim_with_a_stake_in_the_guarded_object_do
         dom.sem_decrement("m")              # R's stake in m: delta -1
         os.write(w, b"r")
         os.read(r2, 1)
-        arm(1)                              # the first crash point: right after the claim
+        arm(2)                              # 1: judged dead; 2: right after the claim
         dom.recover(d_pid)
 
     r2, w2 = os.pipe()
@@ -71,7 +71,7 @@ def test_2_a_new_process_on_a_dead_recoverers_actor_does_not_keep_the_recovery_c
 
     def recoverer_body():
         dom.mutex_lock("r")
-        arm(1)
+        arm(2)                              # right after its claim of D's slot
         dom.recover(d_pid)
     rpid = child(recoverer_body)
     assert killed(reap(rpid))
