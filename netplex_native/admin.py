@@ -22,8 +22,9 @@ import struct
 
 from . import wire
 from .errors import NetplexError, ProtocolError, check_message
+from .logs import get_logger
 
-log = logging.getLogger("netplex_native.admin")
+log = get_logger("netplex_native.admin")
 
 COMMANDS = ("list", "inspect", "message", "restart", "restart-all", "enable", "disable", "scale",
             "reload", "log-level", "shutdown")

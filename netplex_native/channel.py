@@ -51,8 +51,9 @@ from collections import deque
 
 from . import wire
 from .errors import REMOTE_ERRORS, ControllerGoneError, RemoteError, ProtocolError
+from .logs import get_logger
 
-log = logging.getLogger("netplex_native")
+log = get_logger("netplex_native.channel")
 
 # A plain binary reply (wire.encode_reply): header (length 22, no JSON), 0x80.
 _REPLY_HEAD = wire._REPLY.pack(wire._REPLY_LEN, 0, wire.OP_REPLY, 0, 0, 0)[:9]

@@ -6,8 +6,9 @@
     netplex-native bench [--quick] ...
     netplex-native --version
 
-``--log-level`` on every command; logs go to stderr, one line per event,
-with the process id.
+``--log-level`` on every command; logs go to stderr (``run --log-file``:
+to a file, reopened on SIGUSR1), one line per event with the logger, the
+process id, the service and the container id (``-`` in the controller).
 
 Where a controller's admin socket is: ``--socket-dir``, else the directory
 of its NAME under ``controller.runtime_dir()`` (``run``: the config file's
@@ -91,12 +92,9 @@ def _remove_pid_file(path: str) -> None:
         pass
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s [pid %(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_file: str | None = None) -> None:
+    from .logs import setup
+    setup(level, log_file)
 
 
 def _native_or_rpc(backend: str) -> str:
@@ -310,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--socket-dir", default=None, help="admin socket directory (default: NAME's, see admin)")
     r.add_argument("--name", default=None, help="controller name (default: the config file's name)")
     r.add_argument("--pid", default=None, metavar="FILE", help="write the controller's pid to FILE")
+    r.add_argument("--log-file", default=None, metavar="FILE",
+                   help="append the log to FILE instead of stderr (reopened on SIGUSR1)")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("admin", parents=[common], help="administer a running controller")
@@ -334,7 +334,11 @@ def main(argv=None) -> int:
         args.bench_args = extra          # bench/run.py parses its own options
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging(args.log_level)
+    try:
+        _setup_logging(args.log_level, getattr(args, "log_file", None))
+    except OSError as e:
+        print(f"error: --log-file {args.log_file}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if args.cmd == "demo" and args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2

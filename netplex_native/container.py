@@ -28,8 +28,9 @@ import threading
 from ._context import ctx
 from .channel import Channel
 from .errors import check_message, ControllerGoneError
+from .logs import get_logger, reopen_log_files
 
-log = logging.getLogger("netplex_native.container")
+log = get_logger("netplex_native.container")
 
 #: Seconds a regular end waits for running handlers before cancelling them.
 HANDLER_GRACE = 3.0
@@ -205,6 +206,8 @@ class _Runtime:
             elif obj[1] == "log_level" and len(obj) > 2 and type(obj[2]) is int:
                 logging.getLogger().setLevel(obj[2])
                 logging.getLogger("netplex_native").setLevel(obj[2])
+            elif obj[1] == "reopen_logs":
+                reopen_log_files()
             elif obj[1] == "disable":   # stop accepting; running connections go on
                 self.accepting = False
                 if self.server is not None:

@@ -49,12 +49,13 @@ from collections import deque
 from . import wire
 from ._context import ctx
 from .container import Container, run_container
+from .logs import get_logger, reopen_log_files
 from .errors import (NetplexError, PluginNotAddedError, ProtocolError, ServiceConfigError,
                      check_message)
 from .plugin import Plugin
 from .service import Service, bind, bound_address
 
-log = logging.getLogger("netplex_native.controller")
+log = get_logger("netplex_native.controller")
 
 ADMIN_SOCKET = "admin.sock"
 #: An unclean end this soon after a container became ready counts toward
@@ -868,27 +869,13 @@ class Controller:
         log.warning("log level set to %s", logging.getLevelName(value))
 
     def reopen_logs(self) -> int:
-        """Reopen every log file of the logging module (after a rotation:
-        SIGUSR1).  Returns how many."""
-        n = 0
-        seen = set()
-        loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()
-                                           if isinstance(l, logging.Logger)]
-        for lg in loggers:
-            for h in lg.handlers:
-                if isinstance(h, logging.FileHandler) and id(h) not in seen:
-                    seen.add(id(h))
-                    h.acquire()
-                    try:
-                        if h.stream is not None:
-                            h.stream.close()
-                        h.stream = h._open()
-                        n += 1
-                    except OSError as e:
-                        h.stream = None
-                        log.error("cannot reopen log file %s: %s", h.baseFilename, e)
-                    finally:
-                        h.release()
+        """Reopen every log file of the logging module, here and in every
+        container (after a rotation: SIGUSR1).  Returns how many here."""
+        n = reopen_log_files()
+        frame = wire.encode(["ctl", "reopen_logs"])
+        for rec in self._records():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
         log.info("log files reopened (%d)", n)
         return n
 

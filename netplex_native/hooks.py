@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("netplex_native")
+from .logs import get_logger
+
+log = get_logger("netplex_native.hooks")
 
 
 class ProcessorHooks:

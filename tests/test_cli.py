@@ -120,7 +120,8 @@ def test_run_example_config_and_administer_it(echo_config, tmp_path):
             p.kill()
             p.wait()
     err = p.stderr.read()
-    assert re.search(r"\[pid \d+\] container echo\.\d+ \(pid \d+\) started", err), err
+    assert re.search(r"netplex_native\.controller \[pid \d+\] \[- -\] container echo\.\d+ \(pid \d+\) started",
+                     err), err
     assert not os.path.exists(os.path.join(sock, "admin.sock"))
 
 

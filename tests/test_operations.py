@@ -479,3 +479,44 @@ def test_max_connections_jitter_keeps_each_limit_in_its_range(running):
     counts = [served.count(c) for c in dict.fromkeys(served)]
     assert len(counts) >= 3
     assert all(2 <= n <= 5 for n in counts[:-1]) and counts[-1] <= 5, counts
+
+
+@pytest.mark.timeout(60)
+def test_log_file_reopened_on_sigusr1_by_controller_and_containers(tmp_path):
+    """After a rename (logrotate), SIGUSR1: new records go to a new file; records
+    carry logger, service and container id; admin log-level applies to containers."""
+    (tmp_path / "ops_app.py").write_text(APP.format(version="v1"))
+    pa = free_port()
+    cfg = tmp_path / "logs.toml"
+    cfg.write_text(CONTROLLER + service("a", pa, 1) + "max_connections = 1\n")
+    logf, sock = tmp_path / "ctl.log", str(tmp_path / "sock")
+    p = subprocess.Popen(CLI + ["run", str(cfg), "--socket-dir", sock, "--log-file", str(logf)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: logf.exists() and "container a.1" in logf.read_text(), 15)
+        assert answer(pa) is not None
+        assert wait_until(lambda: re.search(r"INFO netplex_native\.container \[pid \d+\] \[a a\.1\] container a\.1 "
+                                            r"\(pid \d+\): 1 connections served", logf.read_text()), 10)
+        assert re.search(r"INFO netplex_native\.controller \[pid \d+\] \[- -\] container a\.1 \(pid \d+\) started",
+                         logf.read_text())
+        assert wait_until(lambda: "container a.2" in logf.read_text(), 10)
+        os.rename(logf, tmp_path / "ctl.log.1")
+        p.send_signal(signal.SIGUSR1)
+        assert wait_until(lambda: logf.exists() and "log files reopened (1)" in logf.read_text(), 10)
+        assert wait_until(lambda: answer(pa) is not None, 10)      # a.2 serves, logs, recycles
+        assert wait_until(lambda: "[a a.2] container a.2" in logf.read_text(), 10), logf.read_text()
+        assert "[a a.2]" not in (tmp_path / "ctl.log.1").read_text()
+        r = subprocess.run(CLI + ["admin", "--socket-dir", sock, "log-level", "warning"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        assert wait_until(lambda: "log level set to WARNING" in logf.read_text(), 5)
+        size = len(logf.read_text())
+        assert wait_until(lambda: answer(pa) is not None, 10)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        assert "connections served" not in logf.read_text()[size:]
+        assert p.stderr.read() == ""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
