@@ -520,3 +520,29 @@ def test_log_file_reopened_on_sigusr1_by_controller_and_containers(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.mark.timeout(60)
+def test_containers_forked_while_admin_connections_are_open_print_no_traceback(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 2))
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    idle = []
+    for _ in range(3):                      # open, idle admin connections
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(os.path.join(r.sock, "admin.sock"))
+        idle.append(s)
+    try:
+        old = r.pids("a")
+        assert r.admin("restart", "a").returncode == 0
+        assert wait_until(lambda: r.ready("a", 2) and not r.pids("a") & old, 15), r.log()
+        r.signal(signal.SIGTTIN)
+        assert wait_until(lambda: r.ready("a", 3), 15), r.log()
+    finally:
+        for s in idle:
+            s.close()
+    r.signal(signal.SIGTERM)
+    assert r.p.wait(20) == 0
+    log = r.log()
+    for bad in ("Traceback", "Selector is closed", "Task was destroyed", "Exception ignored", "ResourceWarning"):
+        assert bad not in log, log
