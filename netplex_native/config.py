@@ -31,7 +31,8 @@ from .hooks import ProcessorHooks
 from .service import Service, parse_address
 
 SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins", "max_connections",
-                "max_connections_jitter"}
+                "max_connections_jitter", "connections_per_container", "min_free_connections",
+                "max_free_connections"}
 CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout"}
 PLUGIN_CHOICES = ("native", "rpc", "none")
 
@@ -171,8 +172,25 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
             except (TypeError, ValueError) as e:
                 raise err(f"{where}.address", str(e)) from None
         workers = sd.get("workers", 1)
-        if type(workers) is not int or not 1 <= workers <= 4096:
-            raise err(f"{where}.workers", f"expected an integer between 1 and 4096, got {workers!r}")
+        dynamic = {}
+        if isinstance(workers, dict):       # workers = { min = 1, max = 8 }: dynamic workload
+            if set(workers) != {"min", "max"} or any(type(v) is not int for v in workers.values()) \
+                    or not 1 <= workers["min"] <= workers["max"] <= 4096:
+                raise err(f"{where}.workers", "expected { min = N, max = M } with integers "
+                          f"1 <= N <= M <= 4096, got {workers!r}")
+            workers, dynamic["max_workers"] = workers["min"], workers["max"]
+            if address is None:
+                raise err(f"{where}.workers", "a dynamic workload { min, max } needs an address")
+        elif type(workers) is not int or not 1 <= workers <= 4096:
+            raise err(f"{where}.workers", f"expected an integer between 1 and 4096 or {{ min = N, max = M }}, "
+                      f"got {workers!r}")
+        for k in ("connections_per_container", "min_free_connections", "max_free_connections"):
+            if k in sd:
+                if not dynamic:
+                    raise err(f"{where}.{k}", "only for a dynamic workload (workers = { min = N, max = M })")
+                if type(sd[k]) is not int or not 0 <= sd[k] <= 2 ** 31:
+                    raise err(f"{where}.{k}", f"expected an integer between 0 and {2 ** 31}, got {sd[k]!r}")
+                dynamic[k] = sd[k]
         plugins = sd.get("plugins", "native")
         if plugins not in PLUGIN_CHOICES:
             raise err(f"{where}.plugins", f"expected one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
@@ -186,7 +204,7 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
             raise err(f"{where}.max_connections_jitter", "needs max_connections")
         try:
             svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers,
-                          **limits)
+                          **limits, **dynamic)
         except (TypeError, ValueError) as e:
             raise err(where, str(e)) from None
         services.append(svc)

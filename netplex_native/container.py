@@ -153,6 +153,7 @@ class _Runtime:
         self.shutdown_seen = False
         self.accepting = True       # False once the controller disabled the service
         self.connections = 0        # accepted so far
+        self.report_load = service.max_workers is not None   # dynamic workload: tell the controller
         self.max_connections = None
         if service.max_connections is not None:
             import secrets          # not random: its state is the same in every forked container
@@ -238,6 +239,8 @@ class _Runtime:
         task = asyncio.current_task()
         self.handlers.add(task)
         self.connections += 1
+        if self.report_load:
+            self._load()
         if self.max_connections is not None and self.connections == self.max_connections:
             self._recycle()
         try:
@@ -252,6 +255,14 @@ class _Runtime:
                 writer.close()
             except Exception:
                 pass
+            if self.report_load:
+                self._load()
+
+    def _load(self) -> None:
+        try:
+            self.channel.notify("ctl.load", [len(self.handlers)])
+        except ControllerGoneError:
+            pass
 
     def _recycle(self) -> None:
         """max_connections reached: accept no more, finish the connections

@@ -24,6 +24,8 @@ Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
 ``reload``            new services added, removed ones retired (``_remove``),
                       the others replaced one service at a time (``_replace``:
                       new containers first, then the old ones are retired)
+``_adjust``           dynamic workload: a service's target follows the load its
+                      containers report (``ctl.load``), within min..max
 ``scale``, ``disable``, ``enable``: change a service's target or accepting state;
                       ``_manage`` then starts or ``_retire``s containers
 
@@ -432,6 +434,7 @@ class _ContainerRecord:
         self.system_shutdown_done = False
         self.retiring = False       # asked to finish; replaced or not needed any more
         self.start_handle: asyncio.TimerHandle | None = None   # startup_timeout
+        self.load = 0               # connections it serves (dynamic workload only)
         self.kill_handle: asyncio.TimerHandle | None = None
         self.container = Container(cid, 0, service.name)
 
@@ -439,7 +442,7 @@ class _ContainerRecord:
         conn = self.conn
         return {"id": self.id, "pid": self.pid, "service": self.service.name,
                 "started": self.started, "uptime": round(time.monotonic() - self.started_mono, 3),
-                "ready": self.ready, "retiring": self.retiring, "queued_bytes": conn.queued if conn else 0,
+                "ready": self.ready, "retiring": self.retiring, "connections": self.load, "queued_bytes": conn.queued if conn else 0,
                 "dropped_messages": conn.dropped if conn else 0}
 
 
@@ -459,6 +462,7 @@ class _ServiceState:
         self.removing = False        # dropped by a reload: its containers are retiring
         self.workers = service.workers   # the target (``scale``, SIGTTIN/SIGTTOU change it)
         self.restart_handle: asyncio.TimerHandle | None = None
+        self.shrink_handle: asyncio.TimerHandle | None = None   # dynamic workload
 
     def active(self) -> list:
         """Its containers that count toward ``workers`` (not retiring)."""
@@ -1106,6 +1110,45 @@ class Controller:
             if not self._spawn(st):
                 break
 
+    #: Seconds the free capacity of a dynamic service must stay above its
+    #: max_free_connections before an idle container is retired.
+    SHRINK_AFTER = 1.0
+
+    def _adjust(self, st: _ServiceState) -> None:
+        """Dynamic workload: one container more when fewer than
+        min_free_connections are free; one idle container less when more than
+        max_free_connections have been free for SHRINK_AFTER seconds."""
+        svc = st.service
+        if (svc.max_workers is None or self._state != "running" or st.removing or st.disabled
+                or not st.accepting):
+            return
+        active = st.active()
+        free = svc.connections_per_container * len(active) - sum(r.load for r in active)
+        if free < svc.min_free_connections and st.workers < svc.max_workers and len(active) >= st.workers:
+            st.workers += 1
+            log.info("service %s: %d connections free; workers -> %d", svc.name, free, st.workers)
+            self._manage(st)
+        elif free > svc.max_free_connections and st.workers > svc.workers:
+            if st.shrink_handle is None:
+                st.shrink_handle = self._loop.call_later(self.SHRINK_AFTER, self._shrink, st)
+        elif st.shrink_handle is not None:
+            st.shrink_handle.cancel()
+            st.shrink_handle = None
+
+    def _shrink(self, st: _ServiceState) -> None:
+        st.shrink_handle = None
+        svc = st.service
+        if self._services.get(svc.name) is not st or self._state != "running" or svc.max_workers is None:
+            return
+        active = st.active()
+        free = svc.connections_per_container * len(active) - sum(r.load for r in active)
+        idle = [r for r in active if r.load == 0 and r.ready]
+        if free > svc.max_free_connections and st.workers > svc.workers and idle:
+            st.workers -= 1
+            log.info("service %s: %d connections free; workers -> %d", svc.name, free, st.workers)
+            self._retire(max(idle, key=lambda r: r.started_mono))
+        self._adjust(st)
+
     def _spawn(self, st: _ServiceState) -> bool:
         service = st.service
         st.seq += 1
@@ -1279,6 +1322,10 @@ class Controller:
             rec.ready = True
             rec.ready_mono = time.monotonic()
             self._services[rec.service.name].start_failures = 0
+        elif proc == "load":
+            if args and type(args[0]) is int and args[0] >= 0:
+                rec.load = args[0]
+                self._adjust(self._services[rec.service.name])
         elif proc == "recycle":    # max_connections: it ends once idle; a new one starts now
             if not rec.retiring:
                 rec.retiring = True

@@ -546,3 +546,49 @@ def test_containers_forked_while_admin_connections_are_open_print_no_traceback(r
     log = r.log()
     for bad in ("Traceback", "Selector is closed", "Task was destroyed", "Exception ignored", "ResourceWarning"):
         assert bad not in log, log
+
+
+@pytest.mark.timeout(90)
+def test_dynamic_workload_grows_under_concurrent_connections_and_shrinks_when_idle(running):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1).replace("workers = 1", "workers = { min = 1, max = 3 }"))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    held = []
+    try:
+        for n in (2, 3):            # each held connection leaves one free slot fewer
+            s = socket.create_connection(("127.0.0.1", pa), timeout=5)
+            held.append(s)
+            s.sendall(b"HOLD\n")
+            assert s.recv(100)
+            assert wait_until(lambda: r.ready("a", n), 15), r.log()
+        s = socket.create_connection(("127.0.0.1", pa), timeout=5)
+        held.append(s)
+        s.sendall(b"HOLD\n")
+        assert s.recv(100)
+        assert wait_until(lambda: sum(c["connections"] for c in r.services()["a"]["containers"]) == 3, 10)
+        assert r.services()["a"]["workers"] == 3 and len(r.services()["a"]["containers"]) == 3   # max
+    finally:
+        for s in held:
+            s.close()
+    assert wait_until(lambda: r.ready("a", 1), 20), r.log()
+    assert r.services()["a"]["workers"] == 1
+    assert "workers -> 2" in r.log() and "workers -> 3" in r.log()
+    assert answer(pa) is not None
+    assert r.p.poll() is None
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(workers=0), "workers must be between 1 and 4096, got 0"),
+    (dict(max_connections=0), "max_connections must be an integer between 1 and"),
+    (dict(max_connections_jitter=3), "max_connections_jitter needs max_connections"),
+    (dict(workers=2, max_workers=1), r"max_workers must be an integer between workers \(2\) and 4096, got 1"),
+    (dict(max_workers=2, connections_per_container=0), "connections_per_container must be an integer between 1"),
+])
+def test_service_rejects_bad_operations_settings_naming_them(kw, expect):
+    import netplex_native as netplex
+    with pytest.raises(ValueError, match=expect):
+        netplex.Service("s", APP_HANDLER, address="tcp://127.0.0.1:1", **kw)
+
+
+async def APP_HANDLER(reader, writer):
+    pass
