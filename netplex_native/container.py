@@ -28,7 +28,7 @@ import threading
 from ._context import ctx
 from .channel import Channel
 from .errors import check_message, ControllerGoneError
-from .logs import get_logger, reopen_log_files
+from .logs import get_logger, reopen_log_files, set_title
 
 log = get_logger("netplex_native.container")
 
@@ -341,6 +341,7 @@ def _set_parent_death_signal(parent_pid: int) -> None:
 def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
     """The container process's main; returns its exit code (the caller _exits)."""
     _set_parent_death_signal(ctrl.pid)
+    set_title(f"container {cid} of {service.name} (controller {ctrl.name})")
     cont = Container(cid, os.getpid(), service.name)
     channel = Channel(chan_sock)
     rt = _Runtime(ctrl, service, cont, channel, listen_sock)

@@ -51,7 +51,7 @@ from collections import deque
 from . import wire
 from ._context import ctx
 from .container import Container, run_container
-from .logs import get_logger, reopen_log_files
+from .logs import get_logger, reopen_log_files, set_title
 from .errors import (NetplexError, PluginNotAddedError, ProtocolError, ServiceConfigError,
                      check_message)
 from .plugin import Plugin
@@ -1011,6 +1011,7 @@ class Controller:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for plugin in self._plugins:
             _safely(lambda: plugin.ctrl_started(self), f"{plugin.name}: started")
+        set_title(f"controller {self.name}")
         where = f"controller {self.name} started (pid {os.getpid()}, socket dir {self._socket_dir})"
         if log.isEnabledFor(logging.INFO):
             log.info("%s", where)

@@ -8,6 +8,9 @@ with ``ContextFilter``, so every record it makes carries ``service`` and
 controller).  The CLI puts the same filter on its handler, so that records
 of the application's own loggers carry them too.
 
+``set_title``: the process title (``netplex-native: controller NAME``,
+``netplex-native: container ID of SERVICE (controller NAME)``).
+
 ``reopen_log_files``: every ``logging.FileHandler`` reopens its file (after
 a rotation: SIGUSR1 to the controller, which forwards it to the containers).
 """
@@ -50,6 +53,15 @@ def setup(level: str, log_file: str | None = None) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+
+
+def set_title(title: str) -> None:
+    """The process title shown by ps and top (setproctitle; nothing without it)."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(f"netplex-native: {title}")
 
 
 def reopen_log_files() -> int:

@@ -160,6 +160,12 @@ def test_sighup_reload_adds_removes_and_resizes_services_and_reimports_the_app(r
     assert r.services()["a"]["workers"] == 3
     assert r.p.poll() is None
     assert "reload done" in r.log()
+    # process titles name the controller, the service and the container
+    with open(f"/proc/{r.p.pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[0] == b"netplex-native: controller ops"
+    cont = r.services()["c"]["containers"][0]
+    with open(f"/proc/{cont['pid']}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[0] == f"netplex-native: container {cont['id']} of c (controller ops)".encode()
 
 
 @pytest.mark.timeout(90)
