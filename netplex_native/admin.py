@@ -184,7 +184,8 @@ class AdminServer:
             if cmd == "list":
                 return {"ok": True, **ctrl.status()}
             if cmd == "inspect":
-                return {"ok": True, "plugins": {p.name: p.inspect(ctrl) for p in ctrl.plugins()}}
+                return {"ok": True, "plugins": {p.name: p.inspect(ctrl) for p in ctrl.plugins()},
+                        "containers": {str(c.pid): c.id for c in ctrl.containers()}}
             if cmd == "message":
                 pattern, name, args = check_message(req.get("pattern"), req.get("name"), req.get("args", []))
                 return {"ok": True, "delivered": ctrl.send_admin_message(pattern, name, args)}

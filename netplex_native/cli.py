@@ -176,6 +176,12 @@ def _print_list(r: dict) -> None:
 
 
 def _print_inspect(r: dict) -> None:
+    ids = r.get("containers", {})
+
+    def who(x) -> str:
+        """A holder: its container id (and pid), whichever the backend gave."""
+        cid = ids.get(str(x))
+        return f"{cid} (pid {x})" if cid else str(x)
     for name, data in r["plugins"].items():
         if not data:
             continue
@@ -183,13 +189,13 @@ def _print_inspect(r: dict) -> None:
         if "segment" in data:
             print(f"  segment {data['segment']} ({data['size']} bytes) capacity {data['config']}")
         for s in data.get("semaphores", []):
-            holders = ", ".join(f"{k}:{v}" for k, v in (s.get("holders") or {}).items()) or "-"
+            holders = ", ".join(f"{who(k)}:{v}" for k, v in (s.get("holders") or {}).items()) or "-"
             print(f"  semaphore {s['name']:<28} value {s['value']:<6} "
                   f"{'protected' if s.get('protected') else 'unprotected':<12} "
                   f"waiters {s.get('waiters', 0):<3} holders {holders}")
         for m in data.get("mutexes", []):
             owner = m.get("owner", m.get("owner_pid"))
-            print(f"  mutex     {m['name']:<28} {'locked by ' + str(owner) if m['locked'] else 'free':<24}"
+            print(f"  mutex     {m['name']:<28} {'locked by ' + who(owner) if m['locked'] else 'free':<24}"
                   f" waiters {m.get('waiters', 0)}")
         for v in data.get("sharedvars", []):
             print(f"  sharedvar {v['name']:<28} {'enc ' if v['enc'] else ''}owner {v['owner'] or '-'}"

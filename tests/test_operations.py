@@ -35,6 +35,14 @@ async def handle(reader, writer):
 class FailBoot(netplex.ProcessorHooks):
     def post_start_hook(self, cont):
         raise RuntimeError("boom at boot")
+
+from netplex_native import semaphore, mutex
+
+class Holder(netplex.ProcessorHooks):
+    def post_start_hook(self, cont):
+        semaphore.create("ops.s", 2, protected=True)
+        semaphore.decrement("ops.s")
+        mutex.access("ops.m").lock()
 '''
 
 
@@ -598,3 +606,20 @@ def test_service_rejects_bad_operations_settings_naming_them(kw, expect):
 
 async def APP_HANDLER(reader, writer):
     pass
+
+
+
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("plugins", ["native", "rpc"])
+def test_inspect_names_holders_by_container_id(running, plugins):
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1, hooks="Holder").replace('"none"', f'"{plugins}"'))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    cont = r.services()["a"]["containers"][0]
+
+    def shown():
+        out = r.admin("inspect").stdout
+        return (f"holders {cont['id']}" in out and f"locked by {cont['id']}" in out), out
+    assert wait_until(lambda: shown()[0], 10), shown()[1]
