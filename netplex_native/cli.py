@@ -270,9 +270,14 @@ def cmd_admin(args) -> int:
 def cmd_bench(args) -> int:
     import runpy
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(here, "bench", "run.py")
-    if not os.path.exists(script):
-        print("error: bench/run.py not found; run the benchmarks from a checkout of the repository",
+    for base in (here, os.getcwd()):    # an editable install, or the current directory
+        script = os.path.join(base, "bench", "run.py")
+        if os.path.exists(script):
+            break
+    else:
+        print("error: the benchmarks (bench/run.py) are not part of the installed package; "
+              "run this command from the top directory of a netplex_native source checkout "
+              "(pip install '.[bench]' there first), or there: python bench/run.py [--quick] ...",
               file=sys.stderr)
         return 1
     sys.argv = [script] + args.bench_args

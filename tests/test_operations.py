@@ -623,3 +623,14 @@ def test_inspect_names_holders_by_container_id(running, plugins):
         out = r.admin("inspect").stdout
         return (f"holders {cont['id']}" in out and f"locked by {cont['id']}" in out), out
     assert wait_until(lambda: shown()[0], 10), shown()[1]
+
+
+@pytest.mark.timeout(60)
+def test_bench_from_an_installed_package_says_what_to_do(tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "netplex_native"), tmp_path / "netplex_native")
+    r = subprocess.run(CLI + ["bench", "--quick"], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=30, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 1
+    assert "error: the benchmarks (bench/run.py) are not part of the installed package; run this command " \
+           "from the top directory of a netplex_native source checkout" in r.stderr
