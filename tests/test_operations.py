@@ -359,6 +359,14 @@ def test_admin_finds_a_script_started_controller_with_no_flags(tmp_path):
         r = admin("--json", "list")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["pid"] == p.pid and json.loads(r.stdout)["name"] == f"myapp.{p.pid}"
+        # SIGHUP without a config source: the same services, every container replaced
+        first = [c["pid"] for c in json.loads(r.stdout)["services"][0]["containers"]]
+
+        def replaced():
+            now = json.loads(admin("--json", "list").stdout)["services"][0]["containers"]
+            return len(now) == 1 and now[0]["ready"] and now[0]["pid"] not in first
+        p.send_signal(signal.SIGHUP)
+        assert wait_until(replaced, 15)
         # a second controller (the CLI, named after its config): admin asks which
         cfg = tmp_path / "other.toml"
         cfg.write_text(service("o", free_port()))
