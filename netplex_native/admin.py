@@ -193,7 +193,8 @@ class AdminServer:
                 service = req.get("service")
                 return {"ok": True, "restarted": ctrl.restart_service(service)}
             if cmd == "restart-all":
-                return {"ok": True, "restarted": sum(ctrl.restart_service(s.name) for s in ctrl.services)}
+                return {"ok": True, "restarted": sum(ctrl.restart_service(s["name"])
+                                                     for s in ctrl.status()["services"] if not s["removing"])}
             if cmd in ("enable", "disable"):
                 changed = getattr(ctrl, cmd)(req.get("service"))
                 return {"ok": True, "changed": changed}

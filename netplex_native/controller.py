@@ -633,6 +633,7 @@ class Controller:
                  "workers": st.workers,
                  "disabled": st.disabled,
                  "accepting": st.accepting,
+                 "removing": st.removing,
                  "restarts": st.restarts,
                  "containers": [r.info() for r in st.records.values() if r.pid]}
                 for st in self._services.values()
@@ -717,7 +718,8 @@ class Controller:
             return False
         try:
             if services is None:
-                services = self.config_source() if self.config_source is not None else self.services
+                services = (self.config_source() if self.config_source is not None else
+                            [st.service for st in self._services.values() if not st.removing])
             services = list(services)
             names = set()
             for s in services:
