@@ -32,7 +32,9 @@ from .logs import get_logger, reopen_log_files, set_title
 
 log = get_logger("netplex_native.container")
 
-#: Seconds a regular end waits for running handlers before cancelling them.
+#: Seconds a regular end waits for running handlers before cancelling them
+#: (a retiring container, replaced or not needed any more, is told its own:
+#: the controller's shutdown_timeout).
 HANDLER_GRACE = 3.0
 #: Hard limit for an exit forced by the controller's death or SIGTERM.
 HARD_EXIT_AFTER = 1.5
@@ -151,6 +153,7 @@ class _Runtime:
         self.stop_reason: asyncio.Future | None = None
         self.stopping = False       # a shutdown message was handled
         self.shutdown_seen = False
+        self.grace = HANDLER_GRACE
         self.accepting = True       # False once the controller disabled the service
         self.connections = 0        # accepted so far
         self.report_load = service.max_workers is not None   # dynamic workload: tell the controller
@@ -200,6 +203,8 @@ class _Runtime:
                 except ControllerGoneError:
                     pass
             elif obj[1] == "shutdown":
+                if len(obj) > 2 and type(obj[2]) in (int, float) and 0 <= obj[2] <= 86400:
+                    self.grace = obj[2]
                 if not self.shutdown_seen:     # a retiring container may hear it twice
                     self.shutdown_seen = True
                     self.hook("shutdown")
@@ -315,7 +320,7 @@ class _Runtime:
             t.cancel()
         if reason == "regular":
             if self.handlers:
-                await asyncio.wait(list(self.handlers), timeout=HANDLER_GRACE)
+                await asyncio.wait(list(self.handlers), timeout=self.grace)
             for t in list(self.handlers):
                 t.cancel()
             self.hook("pre_finish_hook", self.cont)

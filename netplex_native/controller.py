@@ -839,13 +839,14 @@ class Controller:
         log.info("service %s removed", name)
 
     def _retire(self, rec: _ContainerRecord) -> None:
-        """Ask a container to finish; SIGTERM after ``shutdown_timeout``,
-        SIGKILL 2 s later.  It is not restarted."""
+        """Ask a container to finish the connections it serves (for up to
+        ``shutdown_timeout``) and end; SIGTERM 1 s after that, SIGKILL 2 s
+        later.  It is not restarted."""
         rec.retiring = True
         if rec.kill_handle is not None:
             return
         if rec.alive and rec.conn is not None:
-            rec.conn.send(wire.encode(["ctl", "shutdown"]))
+            rec.conn.send(wire.encode(["ctl", "shutdown", self.shutdown_timeout]))
 
         def escalate(sig=signal.SIGTERM):
             rec.kill_handle = None
@@ -858,7 +859,7 @@ class Controller:
                 return
             if sig == signal.SIGTERM:
                 rec.kill_handle = self._loop.call_later(2.0, escalate, signal.SIGKILL)
-        rec.kill_handle = self._loop.call_later(self.shutdown_timeout, escalate)
+        rec.kill_handle = self._loop.call_later(self.shutdown_timeout + 1.0, escalate)
 
     def set_log_level(self, level: str) -> None:
         """Change the logging level (``debug`` ... ``critical``) of the

@@ -167,7 +167,7 @@ def test_sighup_reload_adds_removes_and_resizes_services_and_reimports_the_app(r
     assert refused(pb)
     assert r.services()["a"]["workers"] == 3
     assert r.p.poll() is None
-    assert "reload done" in r.log()
+    assert wait_until(lambda: "reload done" in r.log(), 10), r.log()
     # process titles name the controller, the service and the container
     with open(f"/proc/{r.p.pid}/cmdline", "rb") as f:
         assert f.read().split(b"\0")[0] == b"netplex-native: controller ops"
@@ -484,7 +484,7 @@ def test_a_container_is_recycled_after_max_connections_while_serving(running):
         held.close()
     assert wait_until(lambda: not pid_alive(first), 10), r.log()
     assert ids == [ids[0]] * 2
-    assert f"container {ids[0]} (pid {first}) exited with code 0" in r.log()
+    assert wait_until(lambda: f"container {ids[0]} (pid {first}) exited with code 0" in r.log(), 10), r.log()
     assert r.p.poll() is None
 
 
@@ -642,3 +642,32 @@ def test_bench_from_an_installed_package_says_what_to_do(tmp_path):
     assert r.returncode == 1
     assert "error: the benchmarks (bench/run.py) are not part of the installed package; run this command " \
            "from the top directory of a netplex_native source checkout" in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_reload_lets_an_old_container_finish_the_connection_it_serves(running):
+    pa = free_port()
+    slow = CONTROLLER.replace("shutdown_timeout = 2.0", "shutdown_timeout = 10.0")
+    r = running(slow + service("a", pa, 1))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    old = r.pids("a").pop()
+    held = socket.create_connection(("127.0.0.1", pa), timeout=5)
+    f = held.makefile("rwb")
+    try:
+        held.sendall(b"HOLD\n")
+        assert f.readline().split()[1] == str(old).encode()
+        r.signal(signal.SIGHUP)
+
+        def replaced():
+            cs = r.services()["a"]["containers"]
+            return any(c["ready"] and not c["retiring"] and c["pid"] != old for c in cs)
+        assert wait_until(replaced, 15), r.log()
+        assert old in r.pids("a", include_retiring=True) and old not in r.pids("a")
+        assert pid_alive(old), r.log()     # retiring, still serving the held connection
+        assert answer(pa).split()[1] != str(old)   # new connections go to the new container
+    finally:
+        f.close()
+        held.close()
+    assert wait_until(lambda: not pid_alive(old), 8), r.log()   # before the 10 s escalation
+    assert wait_until(lambda: f"(pid {old}) exited with code 0" in r.log(), 10), r.log()
+    assert "did not finish" not in r.log()
