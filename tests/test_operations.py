@@ -671,3 +671,16 @@ def test_reload_lets_an_old_container_finish_the_connection_it_serves(running):
     assert wait_until(lambda: not pid_alive(old), 8), r.log()   # before the 10 s escalation
     assert wait_until(lambda: f"(pid {old}) exited with code 0" in r.log(), 10), r.log()
     assert "did not finish" not in r.log()
+
+
+@pytest.mark.parametrize("kw, exc, expect", [
+    (dict(name="a/b"), ValueError, "controller name must be 1..64 characters, no '/'"),
+    (dict(name=".hidden"), ValueError, "not starting with '.'"),
+    (dict(name=5), TypeError, "controller name must be a str, not int"),
+    (dict(startup_timeout=0), ValueError, "startup_timeout must be a number of seconds > 0 or None, got 0"),
+    (dict(config_source="services.toml"), TypeError, "config_source must be a callable"),
+])
+def test_controller_rejects_bad_operations_arguments_naming_them(kw, exc, expect):
+    import netplex_native as netplex
+    with pytest.raises(exc, match=re.escape(expect)):
+        netplex.Controller(**kw)
