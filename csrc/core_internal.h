@@ -420,7 +420,7 @@ static inline int closing(np_domain *d)
 
 /* internal (uncounted) operations; the exported functions wrap them */
 int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind);
-int64_t np_i_release(np_domain *d, uint64_t handle, int kind);
+int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline);
 int64_t np_i_wait_cancel(np_domain *d);
 
 #endif

@@ -183,7 +183,10 @@ int64_t np_recover(np_domain *d, int32_t pid, int64_t deadline);
 /* The four uncontended operations and cancel without the in-flight count
  * that np_domain_close waits for: only for a caller that excludes a
  * concurrent np_domain_close by other means (the accelerator, csrc/fast.c,
- * under the GIL).  Same results as the counted functions. */
+ * under the GIL).  Same results as the counted functions, except that they
+ * wait at most a few milliseconds for a busy internal guard (NP_EAGAIN), so
+ * that the GIL is never held for long: the caller then uses the counted
+ * function, which waits with the GIL released. */
 int64_t np_fast_sem_increment(np_domain *d, uint64_t handle);
 int64_t np_fast_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline);
 int64_t np_fast_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);

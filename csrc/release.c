@@ -18,7 +18,10 @@
 
 #include <sched.h>
 
-int64_t np_i_release(np_domain *d, uint64_t handle, int kind)
+/* guard_deadline: NP_NOWAIT (slices: NP_EINTR, call again) or NP_GUARD_TRY
+ * (NP_EAGAIN after a few ms: the accelerator, which holds the GIL, then
+ * retries through the counted entry point with the GIL released). */
+int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline)
 {
     uint32_t idx, ai, tag, who[NP_WAKE_BATCH];
     int rc, n = 0;
@@ -28,7 +31,7 @@ int64_t np_i_release(np_domain *d, uint64_t handle, int kind)
         return rc;
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
-    if (unlikely((rc = guard_lock(d, &o->guard, tag, NP_NOWAIT)) < 0))
+    if (unlikely((rc = guard_lock(d, &o->guard, tag, guard_deadline)) < 0))
         return rc;
     CRASHPOINT();
     if (unlikely(__atomic_load_n(&o->purge, __ATOMIC_RELAXED)))
@@ -70,7 +73,7 @@ int64_t np_i_release(np_domain *d, uint64_t handle, int kind)
 int64_t np_sem_increment(np_domain *d, uint64_t handle)
 {
     NP_ENTER(d);
-    int64_t rc = np_i_release(d, handle, NP_KIND_SEM);
+    int64_t rc = np_i_release(d, handle, NP_KIND_SEM, NP_NOWAIT);
     NP_LEAVE(d);
     return rc;
 }
@@ -78,19 +81,19 @@ int64_t np_sem_increment(np_domain *d, uint64_t handle)
 int64_t np_mutex_unlock(np_domain *d, uint64_t handle)
 {
     NP_ENTER(d);
-    int64_t rc = np_i_release(d, handle, NP_KIND_MUTEX);
+    int64_t rc = np_i_release(d, handle, NP_KIND_MUTEX, NP_NOWAIT);
     NP_LEAVE(d);
     return rc;
 }
 
 int64_t np_fast_sem_increment(np_domain *d, uint64_t handle)
 {
-    return np_i_release(d, handle, NP_KIND_SEM);
+    return np_i_release(d, handle, NP_KIND_SEM, NP_GUARD_TRY);
 }
 
 int64_t np_fast_mutex_unlock(np_domain *d, uint64_t handle)
 {
-    return np_i_release(d, handle, NP_KIND_MUTEX);
+    return np_i_release(d, handle, NP_KIND_MUTEX, NP_GUARD_TRY);
 }
 
 int64_t np_i_wait_cancel(np_domain *d)

@@ -217,10 +217,8 @@ int np_settle_intent(np_domain *d, uint32_t x, uint32_t tag, int64_t deadline)
     if (!__atomic_load_n(&ax->intent_valid, __ATOMIC_ACQUIRE))
         return 0;
     uint32_t g1 = ax->intent_guard, g2 = ax->intent_guard2;
-    if (!g1 || g1 - 1 > d->nobj || g2 - 1 > d->nobj) {
-        __atomic_store_n(&ax->intent_valid, 0, __ATOMIC_RELEASE);   /* garbage */
-        return 0;
-    }
+    if (!g1 || g1 - 1 > d->nobj || (g2 && g2 - 1 > d->nobj))
+        return 0;       /* not a log of this segment's guards: nothing to redo */
     uint32_t *w1 = guard_word(d, g1 - 1), *w2 = g2 ? guard_word(d, g2 - 1) : NULL;
     int rc = guard_lock(d, w1, tag, deadline);
     if (rc < 0)

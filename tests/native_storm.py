@@ -10,7 +10,8 @@ Checked exactly, from the record file and the segment:
   - a mutex never has two live holders, a semaphore never more than its count (a
     holder that writes nothing after a later acquire is dead by then: dead means
     dead, so it cannot be a live holder);
-  - no wait lasts longer than its timeout + 1 s;
+  - no wait lasts longer than its timeout + 1 s (processes are also SIGSTOPped
+    for up to 0.4 s at random moments, inside guards included);
   - once quiet and everyone recovered: every semaphore back at its initial value,
     every mutex free, no queue, no process left, check() clean.
 
@@ -116,7 +117,7 @@ def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate) -> int:
 
 def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, threads: int = 2,
               kill_every: float = 0.05, crash_rate: float = 0.002,
-              recover_delay: float = 0.2) -> dict:
+              recover_delay: float = 0.2, stop_rate: float = 0.25) -> dict:
     """Run the storm in this process (the supervisor); returns figures, raises
     AssertionError on any violation."""
     rnd = random.Random(seed)
@@ -126,7 +127,8 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
     open(dead_path, "w").close()
     rec = _Recorder(rec_path)
     stats = {"kills": 0, "crash_point_deaths": 0, "clean_exits": 0, "recovered_late": 0,
-             "recover_incomplete": 0}
+             "recover_incomplete": 0, "stops": 0}
+    stopped: dict[int, tuple[float, float]] = {}    # pid -> (stopped at, SIGCONT at)
     killed_by_us: set[int] = set()
     try:
         for name, v in SEMS.items():
@@ -168,6 +170,23 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                 live.add(_spawn(dom, rec_path, dead_path, seed * 7919 + seq, threads,
                                 crash_rate))
             time.sleep(rnd.uniform(0, 2 * kill_every))
+            now = _now()
+            for pid, (since, when) in list(stopped.items()):
+                if when <= now or pid not in live:
+                    if pid in live:
+                        os.kill(pid, signal.SIGCONT)
+                    # its own waits were stretched by this much: the checker
+                    # does not count it against their timeouts
+                    rec.write("S", pid, 0, "-", since, _now(), 0)
+                    del stopped[pid]
+            if live and rnd.random() < stop_rate:
+                # a live process stopped anywhere (inside a guard, holding a
+                # mutex, queued) for up to 0.4 s: it holds what it holds
+                pid = rnd.choice(sorted(live))
+                if pid not in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped[pid] = (_now(), now + rnd.uniform(0.05, 0.4))
+                    stats["stops"] += 1
             if live:
                 victim = rnd.choice(sorted(live))
                 os.kill(victim, signal.SIGKILL)
@@ -215,18 +234,28 @@ def check_record(path: str) -> dict:
         lines = [ln.split() for ln in f if ln.strip()]
     last_line_of: dict[int, int] = {}
     for i, (kind, pid, *_rest) in enumerate(lines):
-        if kind != "D":
+        if kind not in ("D", "S"):         # written by the supervisor
             last_line_of[int(pid)] = i
     capacity = dict(SEMS, **{m: 1 for m in MUTEXES})
+    stops: dict[int, list[tuple[float, float]]] = {}
+    for kind, pid, _tid, _obj, t0, t1, _timeout in lines:
+        if kind == "S":
+            stops.setdefault(int(pid), []).append((float(t0), float(t1)))
+
+    def stopped_during(pid, a, b):
+        return sum(max(0.0, min(b, y) - max(a, x)) for x, y in stops.get(pid, ()))
     holders: dict[str, list[tuple[int, int]]] = {name: [] for name in capacity}
     ops = timeouts = 0
     longest = 0.0
     for i, (kind, pid, tid, obj, t0, t1, timeout) in enumerate(lines):
         pid, tid = int(pid), int(tid)
         if kind in ("A", "T"):
-            waited = float(t1) - float(t0)
+            # a waiter that was itself stopped meanwhile waited that much longer
+            waited = float(t1) - float(t0) - stopped_during(pid, float(t0), float(t1))
             longest = max(longest, waited)
-            assert waited <= float(timeout) + 1.0, f"line {i}: waited {waited:.3f} s > timeout {timeout} + 1"
+            assert waited <= float(timeout) + 1.0, (
+                f"line {i}: {kind} {obj} by {pid}/{tid} waited {waited:.3f} s (not counting its "
+                f"own stops) > timeout {timeout} + 1; from {float(t0):.3f}")
         if kind == "A":
             ops += 1
             hs = holders[obj]
@@ -241,6 +270,8 @@ def check_record(path: str) -> dict:
             hs.remove((pid, tid))
         elif kind == "T":
             timeouts += 1
+        elif kind == "S":
+            continue
     return {"operations": ops, "timeouts": timeouts, "longest_wait_s": round(longest, 4),
             "records": len(lines)}
 

@@ -22,7 +22,7 @@ MAX_STEPS = 400
 STEPS = {}
 
 
-def scene(dom, victim_crash):
+def scene(dom, victim_crash, victim_op="increment"):
     """V: takes s (protected), locks m, a thread queues on q, then dies at crash
     point victim_crash of increment(t) (holding t's guard).  R: took one unit of
     t (protected) first, and waits for the go.  Returns (V, R, go_fd)."""
@@ -43,7 +43,10 @@ def scene(dom, victim_crash):
         threading.Thread(target=lambda: dom.sem_decrement("q", wait=True), daemon=True).start()
         until(lambda: sem(dom, "q")["waiters"] == 1, what="queued")
         arm(victim_crash)
-        dom.sem_increment("t")
+        if victim_op == "increment":
+            dom.sem_increment("t")
+        else:
+            dom.sem_create("x", 7)          # holds the name guard and x's guard
         raise AssertionError("not reached")
 
     rpid = child(recoverer)
@@ -54,6 +57,10 @@ def scene(dom, victim_crash):
 
 
 def check_exact(dom):
+    x = sem(dom, "x")                       # created entirely or not at all
+    assert x is None or (x["value"] == 7 and x["waiters"] == 0), x
+    if x is not None:
+        dom.sem_destroy("x")
     assert dom.sem_get("s") == 3
     assert dom.sem_get("t") == 5
     q = sem(dom, "q")
@@ -78,9 +85,11 @@ def rdom():
     d.close()
 
 
-def enumerate_recoverer_crashes(dom, chain_points=()):
+def enumerate_recoverer_crashes(dom, victim_crash, chain_points=(), victim_op="increment"):
+    """For one state of the victim's transaction, the recoverer killed at each of
+    its crash points in turn; returns how many there were."""
     for n in range(1, MAX_STEPS):
-        v_pid, rpid, go_w, r = scene(dom, victim_crash=1 + n % 3)
+        v_pid, rpid, go_w, r = scene(dom, victim_crash, victim_op)
         os.write(go_w, f"{n} {v_pid}".encode())
         status = reap(rpid)
         finished = not killed(status)
@@ -96,7 +105,11 @@ def enumerate_recoverer_crashes(dom, chain_points=()):
         order = [v_pid, rpid, *others] if n % 2 else [*others, rpid, v_pid]
         for pid in order:
             assert dom.recover(pid, timeout=10) >= 0, (n, pid)
-        check_exact(dom)
+        try:
+            check_exact(dom)
+        except AssertionError as e:
+            raise AssertionError(f"recoverer killed at crash point {n} (victim {victim_op} at "
+                                 f"{victim_crash}, chain {chain_points}): {e}") from None
         os.close(go_w)
         os.close(r)
         if finished:
@@ -104,16 +117,34 @@ def enumerate_recoverer_crashes(dom, chain_points=()):
     raise AssertionError("recovery still crashing after %d steps" % MAX_STEPS)
 
 
+# The victim dies inside increment(t): 1 holding t's guard only, 2 with its redo
+# log written but not valid, 3 valid and nothing applied, 4 valid and the first
+# write applied (the recoverer must redo the rest, and may die doing it).
+VICTIM_STATES = (1, 2, 3, 4)
+
+
 @pytest.mark.timeout(170)
-def test_recovery_killed_at_every_crash_point_is_finished_exactly(rdom):
-    steps = enumerate_recoverer_crashes(rdom)
-    STEPS["recover"] = steps
+@pytest.mark.parametrize("victim_crash", VICTIM_STATES)
+def test_recovery_killed_at_every_crash_point_is_finished_exactly(rdom, victim_crash):
+    steps = enumerate_recoverer_crashes(rdom, victim_crash)
+    STEPS[f"recover (victim at {victim_crash})"] = steps
     assert steps >= 20
 
 
 @pytest.mark.timeout(170)
-def test_a_chain_of_dead_recoverers_is_finished_exactly(rdom):
-    steps = enumerate_recoverer_crashes(rdom, chain_points=(1, 4, 9))
+@pytest.mark.parametrize("victim_crash", (2, 5, 7))
+def test_recovery_of_a_victim_dead_inside_create_holding_two_guards_is_exact(rdom, victim_crash):
+    """The victim dies inside sem_create (the name table's guard and the object's
+    guard held: 2 before its log, 5 log valid, 7 two writes applied)."""
+    steps = enumerate_recoverer_crashes(rdom, victim_crash, victim_op="create")
+    STEPS[f"recover (victim in create at {victim_crash})"] = steps
+    assert steps >= 20
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.parametrize("victim_crash", VICTIM_STATES)
+def test_a_chain_of_dead_recoverers_is_finished_exactly(rdom, victim_crash):
+    steps = enumerate_recoverer_crashes(rdom, victim_crash, chain_points=(1, 3, 5, 9))
     assert steps >= 20
 
 
