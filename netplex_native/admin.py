@@ -6,7 +6,10 @@ refused (SO_PEERCRED); a malformed frame gets an error answer and the
 connection is closed; the controller never dies of it.
 
 Commands: ``list``, ``inspect``, ``message`` (pattern, name, args: to
-``receive_admin_message``), ``restart`` (service), ``shutdown``.
+``receive_admin_message``; an error when no service matches), ``restart``
+(service), ``restart-all``, ``enable``/``disable`` (service), ``scale``
+(service, workers), ``reload``, ``log-level`` (level), ``shutdown``.
+Bad input is an error answer naming what was wrong; nothing is changed.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ import struct
 
 from . import wire
 from .errors import NetplexError, ProtocolError, check_message
+from .logs import get_logger
 
-log = logging.getLogger("netplex_native")
+log = get_logger("netplex_native.admin")
+
+COMMANDS = ("list", "inspect", "message", "restart", "restart-all", "enable", "disable", "scale",
+            "reload", "log-level", "shutdown")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 MAX_ADMIN_FRAME = 1 << 20
 #: Most admin connections open at once; more are answered with an error and closed.
@@ -176,17 +184,40 @@ class AdminServer:
             if cmd == "list":
                 return {"ok": True, **ctrl.status()}
             if cmd == "inspect":
-                return {"ok": True, "plugins": {p.name: p.inspect(ctrl) for p in ctrl.plugins()}}
+                return {"ok": True, "plugins": {p.name: p.inspect(ctrl) for p in ctrl.plugins()},
+                        "containers": {str(c.pid): c.id for c in ctrl.containers()}}
             if cmd == "message":
                 pattern, name, args = check_message(req.get("pattern"), req.get("name"), req.get("args", []))
                 return {"ok": True, "delivered": ctrl.send_admin_message(pattern, name, args)}
             if cmd == "restart":
                 service = req.get("service")
                 return {"ok": True, "restarted": ctrl.restart_service(service)}
+            if cmd == "restart-all":
+                return {"ok": True, "restarted": sum(ctrl.restart_service(s["name"])
+                                                     for s in ctrl.status()["services"] if not s["removing"])}
+            if cmd in ("enable", "disable"):
+                changed = getattr(ctrl, cmd)(req.get("service"))
+                return {"ok": True, "changed": changed}
+            if cmd == "scale":
+                workers = req.get("workers")
+                if type(workers) is not int:
+                    raise ValueError(f"workers must be an integer between 1 and 4096, got {workers!r}")
+                return {"ok": True, "previous": ctrl.scale(req.get("service"), workers)}
+            if cmd == "reload":
+                if not ctrl.reload():
+                    return {"ok": False, "error": "reload failed (see the controller's log); "
+                                                  "the running configuration is kept"}
+                return {"ok": True}
+            if cmd == "log-level":
+                level = req.get("level")
+                if level not in LOG_LEVELS:
+                    raise ValueError(f"level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+                ctrl.set_log_level(level)
+                return {"ok": True}
             if cmd == "shutdown":
                 ctrl.shutdown()
                 return {"ok": True}
-            return {"ok": False, "error": f"unknown command {cmd!r}; known: list, inspect, message, restart, shutdown"}
+            return {"ok": False, "error": f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}"}
         except (TypeError, ValueError, NetplexError) as e:
             return {"ok": False, "error": str(e)}
 

@@ -51,8 +51,9 @@ from collections import deque
 
 from . import wire
 from .errors import REMOTE_ERRORS, ControllerGoneError, RemoteError, ProtocolError
+from .logs import get_logger
 
-log = logging.getLogger("netplex_native")
+log = get_logger("netplex_native.channel")
 
 # A plain binary reply (wire.encode_reply): header (length 22, no JSON), 0x80.
 _REPLY_HEAD = wire._REPLY.pack(wire._REPLY_LEN, 0, wire.OP_REPLY, 0, 0, 0)[:9]
@@ -75,6 +76,9 @@ WARN_EVERY = 5.0
 _yield = os.sched_yield
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
+
+
+_STOPS = ("system_shutdown", "shutdown")
 
 
 class Channel:
@@ -412,7 +416,8 @@ class Channel:
 
     def control_pending(self) -> bool:
         """Read what has arrived (without running any hook) and tell whether
-        a lifecycle message (``["ctl", ...]``) is waiting to be handled.
+        a lifecycle message that ends the container (``["ctl",
+        "system_shutdown"]``, ``["ctl", "shutdown"]``) is waiting to be handled.
         Loop thread only."""
         if self.closed:
             return True
@@ -424,7 +429,7 @@ class Channel:
                 return True
             finally:
                 self._release_reader()
-        return any(item[0][0] == "ctl" for item in list(self._inbox))
+        return any(item[0][0] == "ctl" and item[0][1] in _STOPS for item in list(self._inbox))
 
     def _on_readable(self) -> None:
         if self.closed:

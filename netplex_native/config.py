@@ -30,8 +30,10 @@ from .errors import ServiceConfigError
 from .hooks import ProcessorHooks
 from .service import Service, parse_address
 
-SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins"}
-CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout"}
+SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins", "max_connections",
+                "max_connections_jitter", "connections_per_container", "min_free_connections",
+                "max_free_connections"}
+CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout"}
 PLUGIN_CHOICES = ("native", "rpc", "none")
 
 
@@ -43,12 +45,19 @@ class _Err:
         return ServiceConfigError(f"{self.path}: {where}: {msg}")
 
 
-def _resolve(ref, where, err):
+def _resolve(ref, where, err, fresh=None):
+    """*fresh*: a set of module names already reloaded by this load (a
+    reload imports the application's modules anew, once each)."""
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise err(where, f"expected \"module:name\", got {ref!r}")
     mod_name, _, attr = ref.partition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        if (fresh is not None and mod_name not in fresh and mod_name in sys.modules
+                and mod_name.partition(".")[0] != "netplex_native"):
+            fresh.add(mod_name)
+            mod = importlib.reload(sys.modules[mod_name])
+        else:
+            mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise err(where, f"cannot import module {mod_name!r}: {e}") from None
     except Exception as e:
@@ -87,9 +96,17 @@ class _PluginHooks(ProcessorHooks):
         return getattr(object.__getattribute__(self, "_inner"), name)
 
 
-def load(path: str) -> tuple[dict, list[Service]]:
-    """Parse and validate *path*; returns (controller options, services)."""
+def backend(services) -> str:
+    """The plugins of services made by ``load``: native, rpc or none."""
+    chosen = {getattr(s.hooks, "_plugins", "none") for s in services} - {"none"}
+    return chosen.pop() if chosen else "none"
+
+
+def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
+    """Parse and validate *path*; returns (controller options, services).
+    *reload_modules*: import the handler and hooks modules anew (SIGHUP)."""
     err = _Err(path)
+    fresh = set() if reload_modules else None
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -114,6 +131,9 @@ def load(path: str) -> tuple[dict, list[Service]]:
     if "shutdown_timeout" in ctrl_opts and (type(ctrl_opts["shutdown_timeout"]) not in (int, float)
                                             or ctrl_opts["shutdown_timeout"] <= 0):
         raise err("controller.shutdown_timeout", "expected a number of seconds > 0")
+    if "startup_timeout" in ctrl_opts and (type(ctrl_opts["startup_timeout"]) not in (int, float)
+                                           or not ctrl_opts["startup_timeout"] > 0):
+        raise err("controller.startup_timeout", "expected a number of seconds > 0")
     services_doc = doc.get("service")
     if not isinstance(services_doc, list) or not services_doc:
         raise err("service", "expected at least one [[service]] table")
@@ -135,10 +155,10 @@ def load(path: str) -> tuple[dict, list[Service]]:
         names.add(name)
         handler = None
         if "handler" in sd:
-            handler = _resolve(sd["handler"], f"{where}.handler", err)
+            handler = _resolve(sd["handler"], f"{where}.handler", err, fresh)
         hooks = ProcessorHooks()
         if "hooks" in sd:
-            cls = _resolve(sd["hooks"], f"{where}.hooks", err)
+            cls = _resolve(sd["hooks"], f"{where}.hooks", err, fresh)
             if not (isinstance(cls, type) and issubclass(cls, ProcessorHooks)):
                 raise err(f"{where}.hooks", "expected a ProcessorHooks subclass")
             try:
@@ -152,13 +172,39 @@ def load(path: str) -> tuple[dict, list[Service]]:
             except (TypeError, ValueError) as e:
                 raise err(f"{where}.address", str(e)) from None
         workers = sd.get("workers", 1)
-        if type(workers) is not int or not 0 <= workers <= 4096:
-            raise err(f"{where}.workers", f"expected an integer between 0 and 4096, got {workers!r}")
+        dynamic = {}
+        if isinstance(workers, dict):       # workers = { min = 1, max = 8 }: dynamic workload
+            if set(workers) != {"min", "max"} or any(type(v) is not int for v in workers.values()) \
+                    or not 1 <= workers["min"] <= workers["max"] <= 4096:
+                raise err(f"{where}.workers", "expected { min = N, max = M } with integers "
+                          f"1 <= N <= M <= 4096, got {workers!r}")
+            workers, dynamic["max_workers"] = workers["min"], workers["max"]
+            if address is None:
+                raise err(f"{where}.workers", "a dynamic workload { min, max } needs an address")
+        elif type(workers) is not int or not 1 <= workers <= 4096:
+            raise err(f"{where}.workers", f"expected an integer between 1 and 4096 or {{ min = N, max = M }}, "
+                      f"got {workers!r}")
+        for k in ("connections_per_container", "min_free_connections", "max_free_connections"):
+            if k in sd:
+                if not dynamic:
+                    raise err(f"{where}.{k}", "only for a dynamic workload (workers = { min = N, max = M })")
+                if type(sd[k]) is not int or not 0 <= sd[k] <= 2 ** 31:
+                    raise err(f"{where}.{k}", f"expected an integer between 0 and {2 ** 31}, got {sd[k]!r}")
+                dynamic[k] = sd[k]
         plugins = sd.get("plugins", "native")
         if plugins not in PLUGIN_CHOICES:
             raise err(f"{where}.plugins", f"expected one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
+        limits = {}
+        for k, low in (("max_connections", 1), ("max_connections_jitter", 0)):
+            if k in sd:
+                if type(sd[k]) is not int or not low <= sd[k] <= 2 ** 31:
+                    raise err(f"{where}.{k}", f"expected an integer between {low} and {2 ** 31}, got {sd[k]!r}")
+                limits[k] = sd[k]
+        if "max_connections_jitter" in limits and "max_connections" not in limits:
+            raise err(f"{where}.max_connections_jitter", "needs max_connections")
         try:
-            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers)
+            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers,
+                          **limits, **dynamic)
         except (TypeError, ValueError) as e:
             raise err(where, str(e)) from None
         services.append(svc)

@@ -3,6 +3,10 @@
 the service's handler for each accepted connection, timers, messages from the
 controller, and the container's hooks.
 
+A ``post_start_hook`` that raises is a failed start (gunicorn's "failed to
+boot"): the container exits with BOOT_FAILED without ever being ready, and
+the controller counts it toward disabling the service.
+
 Its end:
 - regular (the controller asked, or a hook returned False from
   ``global_exception_handler``): stop accepting, let handlers finish (a few
@@ -24,15 +28,20 @@ import threading
 from ._context import ctx
 from .channel import Channel
 from .errors import check_message, ControllerGoneError
+from .logs import get_logger, reopen_log_files, set_title
 
-log = logging.getLogger("netplex_native")
+log = get_logger("netplex_native.container")
 
-#: Seconds a regular end waits for running handlers before cancelling them.
+#: Seconds a regular end waits for running handlers before cancelling them
+#: (a retiring container, replaced or not needed any more, is told its own:
+#: the controller's shutdown_timeout).
 HANDLER_GRACE = 3.0
 #: Hard limit for an exit forced by the controller's death or SIGTERM.
 HARD_EXIT_AFTER = 1.5
 
 _PR_SET_PDEATHSIG = 1
+#: Exit code of a container whose post_start_hook raised (gunicorn's WORKER_BOOT_ERROR).
+BOOT_FAILED = 3
 
 
 class Container:
@@ -143,6 +152,16 @@ class _Runtime:
         self.server = None
         self.stop_reason: asyncio.Future | None = None
         self.stopping = False       # a shutdown message was handled
+        self.shutdown_seen = False
+        self.grace = HANDLER_GRACE
+        self.accepting = True       # False once the controller disabled the service
+        self.connections = 0        # accepted so far
+        self.report_load = service.max_workers is not None   # dynamic workload: tell the controller
+        self.max_connections = None
+        if service.max_connections is not None:
+            import secrets          # not random: its state is the same in every forked container
+            self.max_connections = service.max_connections + secrets.randbelow(
+                service.max_connections_jitter + 1)
         self.loop_thread = threading.get_ident()
 
     # -- exceptions and stop --
@@ -184,8 +203,22 @@ class _Runtime:
                 except ControllerGoneError:
                     pass
             elif obj[1] == "shutdown":
-                self.hook("shutdown")
+                if len(obj) > 2 and type(obj[2]) in (int, float) and 0 <= obj[2] <= 86400:
+                    self.grace = obj[2]
+                if not self.shutdown_seen:     # a retiring container may hear it twice
+                    self.shutdown_seen = True
+                    self.hook("shutdown")
                 self.stop("regular")
+            elif obj[1] == "log_level" and len(obj) > 2 and type(obj[2]) is int:
+                logging.getLogger().setLevel(obj[2])
+                logging.getLogger("netplex_native").setLevel(obj[2])
+            elif obj[1] == "reopen_logs":
+                reopen_log_files()
+            elif obj[1] == "disable":   # stop accepting; running connections go on
+                self.accepting = False
+                if self.server is not None:
+                    self.server.close()
+                    self.server = None
 
     def shutdown_pending(self) -> bool:
         """For blocking waits (any thread): has the system begun to stop?
@@ -210,6 +243,11 @@ class _Runtime:
     async def _client_connected(self, reader, writer) -> None:
         task = asyncio.current_task()
         self.handlers.add(task)
+        self.connections += 1
+        if self.report_load:
+            self._load()
+        if self.max_connections is not None and self.connections == self.max_connections:
+            self._recycle()
         try:
             await self.service.handler(reader, writer)
         except asyncio.CancelledError:
@@ -222,6 +260,33 @@ class _Runtime:
                 writer.close()
             except Exception:
                 pass
+            if self.report_load:
+                self._load()
+
+    def _load(self) -> None:
+        try:
+            self.channel.notify("ctl.load", [len(self.handlers)])
+        except ControllerGoneError:
+            pass
+
+    def _recycle(self) -> None:
+        """max_connections reached: accept no more, finish the connections
+        being served, then end regularly (the controller starts a new one)."""
+        log.info("container %s (pid %d): %d connections served (max_connections); recycling",
+                 self.cont.id, self.cont.pid, self.connections)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        try:                        # a new container takes its place at once
+            self.channel.notify("ctl.recycle", [])
+        except ControllerGoneError:
+            pass
+
+        async def when_idle():
+            while self.handlers:
+                await asyncio.wait(list(self.handlers))
+            self.stop("regular")
+        self._recycling = self.loop.create_task(when_idle())
 
     async def main(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
@@ -232,14 +297,22 @@ class _Runtime:
             loop.call_soon_threadsafe(self.abort)
         signal.signal(signal.SIGTERM, on_sigterm)
         self.channel.attach(loop, self.on_message, self.on_controller_gone)
-        self.hook("post_start_hook", self.cont)
+        try:
+            self.hooks.post_start_hook(self.cont)
+        except Exception as e:
+            log.error("container %s (pid %d) failed to boot: post_start_hook raised %r",
+                      self.cont.id, self.cont.pid, e, exc_info=e)
+            return BOOT_FAILED
         if not self.stop_reason.done():
             try:
                 self.channel.notify("ctl.ready", [])
             except ControllerGoneError:
                 self.abort()
-        if self.listen_sock is not None and not self.stop_reason.done():
+        if self.listen_sock is not None and not self.stop_reason.done() and self.accepting:
             self.server = await asyncio.start_server(self._client_connected, sock=self.listen_sock)
+            if not self.accepting:      # disabled meanwhile
+                self.server.close()
+                self.server = None
         reason = await self.stop_reason
         if self.server is not None:
             self.server.close()
@@ -247,7 +320,7 @@ class _Runtime:
             t.cancel()
         if reason == "regular":
             if self.handlers:
-                await asyncio.wait(list(self.handlers), timeout=HANDLER_GRACE)
+                await asyncio.wait(list(self.handlers), timeout=self.grace)
             for t in list(self.handlers):
                 t.cancel()
             self.hook("pre_finish_hook", self.cont)
@@ -273,6 +346,7 @@ def _set_parent_death_signal(parent_pid: int) -> None:
 def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
     """The container process's main; returns its exit code (the caller _exits)."""
     _set_parent_death_signal(ctrl.pid)
+    set_title(f"container {cid} of {service.name} (controller {ctrl.name})")
     cont = Container(cid, os.getpid(), service.name)
     channel = Channel(chan_sock)
     rt = _Runtime(ctrl, service, cont, channel, listen_sock)

@@ -14,6 +14,24 @@ life, top to bottom:
                       then restart or finish the shutdown
 ``_shutdown``         system_shutdown -> shutdown -> wait/escalate ->
                       ``post_rm_hook`` -> plugins unplugged -> files removed
+
+Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
+
+``_on_signal``        SIGTERM graceful stop, SIGINT/SIGQUIT quick stop, SIGHUP
+                      ``reload``, SIGTTIN/SIGTTOU one worker more/less per
+                      service, SIGUSR1 reopen log files; every other signal
+                      whose default would end the controller is logged, ignored
+``reload``            new services added, removed ones retired (``_remove``),
+                      the others replaced one service at a time (``_replace``:
+                      new containers first, then the old ones are retired)
+``_adjust``           dynamic workload: a service's target follows the load its
+                      containers report (``ctl.load``), within min..max
+``scale``, ``disable``, ``enable``: change a service's target or accepting state;
+                      ``_manage`` then starts or ``_retire``s containers
+
+A retiring container is asked to finish (``ctl shutdown``) and is SIGTERMed
+after ``shutdown_timeout``; it never counts toward a service's workers, its
+end is never a failure and it is not restarted.
 """
 
 from __future__ import annotations
@@ -33,12 +51,13 @@ from collections import deque
 from . import wire
 from ._context import ctx
 from .container import Container, run_container
+from .logs import get_logger, reopen_log_files, set_title
 from .errors import (NetplexError, PluginNotAddedError, ProtocolError, ServiceConfigError,
                      check_message)
 from .plugin import Plugin
 from .service import Service, bind, bound_address
 
-log = logging.getLogger("netplex_native")
+log = get_logger("netplex_native.controller")
 
 ADMIN_SOCKET = "admin.sock"
 #: An unclean end this soon after a container became ready counts toward
@@ -58,6 +77,11 @@ RESUME_BELOW = 4 * 1024 * 1024
 DRAIN_LIMIT = 8 * 1024 * 1024
 #: Seconds between two warnings about dropped messages.
 WARN_EVERY = 5.0
+#: Signals the controller handles itself (blocked during start-up; back to
+#: their defaults in every container).
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM,
+                   signal.SIGPROF, signal.SIGIO, signal.SIGPWR)
 
 _encode_reply = wire.encode_reply
 _reply_parts = wire.reply_parts
@@ -408,13 +432,17 @@ class _ContainerRecord:
         self.pending: dict[int, _Reply] = {}      # deferred replies by call id
         self.unacked: dict[int, object] = {}      # call id -> undo of a deferred grant
         self.system_shutdown_done = False
+        self.retiring = False       # asked to finish; replaced or not needed any more
+        self.start_handle: asyncio.TimerHandle | None = None   # startup_timeout
+        self.load = 0               # connections it serves (dynamic workload only)
+        self.kill_handle: asyncio.TimerHandle | None = None
         self.container = Container(cid, 0, service.name)
 
     def info(self) -> dict:
         conn = self.conn
         return {"id": self.id, "pid": self.pid, "service": self.service.name,
                 "started": self.started, "uptime": round(time.monotonic() - self.started_mono, 3),
-                "ready": self.ready, "queued_bytes": conn.queued if conn else 0,
+                "ready": self.ready, "retiring": self.retiring, "connections": self.load, "queued_bytes": conn.queued if conn else 0,
                 "dropped_messages": conn.dropped if conn else 0}
 
 
@@ -429,20 +457,51 @@ class _ServiceState:
         self.crash_streak = 0        # consecutive quick unclean ends after ready: back-off
         self.spawn_errors = 0        # consecutive failed socketpair()/fork(): back-off, retried
         self.restarts = 0
-        self.disabled = False
+        self.disabled = False        # after max_start_failures (``enable`` clears it)
+        self.accepting = True        # False after admin ``disable``
+        self.removing = False        # dropped by a reload: its containers are retiring
+        self.workers = service.workers   # the target (``scale``, SIGTTIN/SIGTTOU change it)
         self.restart_handle: asyncio.TimerHandle | None = None
+        self.shrink_handle: asyncio.TimerHandle | None = None   # dynamic workload
+
+    def active(self) -> list:
+        """Its containers that count toward ``workers`` (not retiring)."""
+        return [r for r in self.records.values() if not r.retiring]
 
 
 class Controller:
     """The master process: forks and supervises the containers of its services.
 
-    ``socket_dir``: where the admin socket lives (created 0700); None: a
-    private temporary directory removed at shutdown.
+    ``socket_dir``: where the admin socket lives (created 0700); None:
+    ``default_socket_dir(name)`` (see ``runtime_dir``), removed at shutdown.
+    ``name``: default the script's name and the pid (``myapp.1234``).
+    ``startup_timeout``: seconds a container may take to be ready (its
+    ``post_start_hook`` done); a slower one is killed and counts as a start
+    failure.  None: no limit.
+    ``config_source``: a callable returning the list of services to run;
+    ``reload()`` (SIGHUP) calls it (``netplex-native run`` re-reads its
+    file).  Without it a reload replaces every container, services unchanged.
     """
 
     def __init__(self, socket_dir: str | None = None, *, max_start_failures: int = 10,
                  backoff: tuple[float, float] = (0.1, 5.0), shutdown_timeout: float = 5.0,
-                 native_config: dict | None = None, admin_idle_timeout: float = 60.0):
+                 native_config: dict | None = None, admin_idle_timeout: float = 60.0,
+                 config_source=None, name: str | None = None, startup_timeout: float | None = None):
+        if name is None:
+            script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+            stem = os.path.splitext(os.path.basename(script))[0]
+            if stem == "__main__":      # python -m PACKAGE
+                stem = os.path.basename(os.path.dirname(os.path.abspath(script)))
+            name = f"{stem or 'python'}.{os.getpid()}"
+            if name.startswith("."):
+                name = "python" + name
+        self.name = check_controller_name(name)
+        if startup_timeout is not None and (type(startup_timeout) not in (int, float) or not startup_timeout > 0):
+            raise ValueError(f"startup_timeout must be a number of seconds > 0 or None, got {startup_timeout!r}")
+        self.startup_timeout = startup_timeout
+        if config_source is not None and not callable(config_source):
+            raise TypeError("config_source must be a callable returning a list of Service")
+        self.config_source = config_source
         self._socket_dir_arg = socket_dir
         self._socket_dir: str | None = None
         self._own_socket_dir = False
@@ -462,6 +521,10 @@ class Controller:
         self._admin = None
         self._state = "new"          # new -> running -> stopping -> stopped
         self._shutdown_task = None
+        self._quick = False          # SIGINT/SIGQUIT: a quick shutdown
+        self._reload_task = None
+        self._pending_reload: list | None = None
+        self._tasks: set = set()     # operations running on the loop (enable)
         self._done: asyncio.Future | None = None
         self._reaped_event: asyncio.Event | None = None
         self._out_total = 0          # unsent bytes over all container channels
@@ -491,10 +554,17 @@ class Controller:
         if self._state in ("stopping", "stopped"):
             raise NetplexError("the controller is shutting down")
         st = _ServiceState(service)
-        self._services[service.name] = st
-        service.hooks.post_add_hook(service, self)
         if self._state == "running":
-            self._bind(st)
+            self._bind(st)          # a running controller binds first: a failure adds nothing
+        self._services[service.name] = st
+        try:
+            service.hooks.post_add_hook(service, self)
+        except BaseException:
+            if self._state == "running":
+                del self._services[service.name]
+                self._close_socket(st)
+            raise
+        if self._state == "running":
             self._manage(st)
 
     def add_plugin(self, plugin: Plugin) -> None:
@@ -551,6 +621,7 @@ class Controller:
         """A JSON-serialisable snapshot (admin ``list``)."""
         return {
             "pid": os.getpid(),
+            "name": self.name,
             "state": self._state,
             "socket_dir": self._socket_dir,
             "plugins": [p.name for p in self._plugins],
@@ -559,20 +630,27 @@ class Controller:
             "services": [
                 {"name": st.service.name,
                  "address": str(st.bound) if st.bound else None,
-                 "workers": st.service.workers,
+                 "workers": st.workers,
                  "disabled": st.disabled,
+                 "accepting": st.accepting,
+                 "removing": st.removing,
                  "restarts": st.restarts,
                  "containers": [r.info() for r in st.records.values() if r.pid]}
                 for st in self._services.values()
             ],
         }
 
+    def _service_state(self, name) -> _ServiceState:
+        st = self._services.get(name) if isinstance(name, str) else None
+        if st is None or st.removing:
+            raise ValueError(f"no service named {name!r}; services: "
+                             f"{', '.join(n for n, s in self._services.items() if not s.removing) or 'none'}")
+        return st
+
     def restart_service(self, name: str) -> int:
         """Ask every container of a service to finish; the workload manager
         starts new ones (a disabled service is enabled again).  Returns the count."""
-        st = self._services.get(name) if isinstance(name, str) else None
-        if st is None:
-            raise ValueError(f"no service named {name!r}")
+        st = self._service_state(name)
         st.disabled = False
         st.start_failures = 0
         frame = wire.encode(["ctl", "shutdown"])
@@ -584,6 +662,257 @@ class Controller:
         self._manage(st)
         return n
 
+    # ---- operations: scale, disable/enable, reload ----
+    def scale(self, name: str, workers: int) -> int:
+        """Set the number of containers of a service (1..4096): more are
+        started, the extra ones retired (oldest first).  Returns the old target."""
+        st = self._service_state(name)
+        if type(workers) is not int or not 1 <= workers <= 4096:
+            raise ValueError(f"workers must be an integer between 1 and 4096, got {workers!r}")
+        old, st.workers = st.workers, workers
+        log.info("service %s: workers %d -> %d", name, old, workers)
+        self._manage(st)
+        return old
+
+    def disable(self, name: str) -> bool:
+        """Stop accepting connections for a service (they are refused); its
+        containers keep running (existing connections, timers, messages).
+        False if it was already disabled."""
+        st = self._service_state(name)
+        if not st.accepting:
+            return False
+        st.accepting = False
+        frame = wire.encode(["ctl", "disable"])
+        for rec in st.records.values():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
+        self._close_socket(st)
+        log.info("service %s disabled: not accepting connections", name)
+        return True
+
+    def enable(self, name: str) -> bool:
+        """Accept connections again (the address bound anew, the containers
+        replaced gracefully), or restart a service disabled by start failures.
+        False if it was neither."""
+        st = self._service_state(name)
+        changed = st.disabled
+        st.disabled = False
+        st.start_failures = 0
+        if not st.accepting:
+            if st.service.address is not None:
+                self._bind(st, st.bound or st.service.address)    # raises: nothing changed
+            st.accepting = True
+            changed = True
+            log.info("service %s enabled: accepting connections", name)
+            self._run_task(self._replace(st, st.service))
+        else:
+            self._manage(st)
+        return changed
+
+    def reload(self, services=None) -> bool:
+        """Run *services* (default: ``config_source()``, or the same ones):
+        services added, removed ones retired, the others' containers replaced
+        gracefully, one service at a time.  Anything invalid is logged and
+        the running configuration kept (False)."""
+        if self._state != "running":
+            return False
+        try:
+            if services is None:
+                services = (self.config_source() if self.config_source is not None else
+                            [st.service for st in self._services.values() if not st.removing])
+            services = list(services)
+            names = set()
+            for s in services:
+                if not isinstance(s, Service):
+                    raise TypeError(f"expected Service objects, got {type(s).__name__}")
+                if s.name in names:
+                    raise ValueError(f"duplicate service name {s.name!r}")
+                names.add(s.name)
+            if not services:
+                raise ValueError("no services")
+        except Exception as e:
+            log.error("reload failed: %s; the running configuration is kept", e)
+            return False
+        log.info("reloading: %s", ", ".join(s.name for s in services))
+        self._pending_reload = services
+        if self._reload_task is None:
+            self._reload_task = self._loop.create_task(self._reload_loop())
+        return True
+
+    def _run_task(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_loop(self) -> None:
+        try:
+            while self._pending_reload is not None and self._state == "running":
+                services, self._pending_reload = self._pending_reload, None
+                new = {s.name for s in services}
+                for st in [st for name, st in self._services.items() if name not in new and not st.removing]:
+                    await self._remove(st)
+                for svc in services:
+                    if self._state != "running":
+                        return
+                    st = self._services.get(svc.name)
+                    if st is not None and st.removing:   # removed by a reload, added back by this one
+                        await self._wait_until(lambda: svc.name not in self._services,
+                                               self.shutdown_timeout + 5.0)
+                        st = self._services.get(svc.name)
+                    if st is None:
+                        try:
+                            self.add_service(svc)
+                            log.info("reload: service %s added", svc.name)
+                        except Exception as e:
+                            log.error("reload: service %s not added: %s", svc.name, e)
+                    else:
+                        await self._replace(st, svc)
+                log.info("reload done")
+        except Exception:
+            log.exception("reload failed")
+        finally:
+            self._reload_task = None
+
+    async def _replace(self, st: _ServiceState, svc: Service) -> None:
+        """Start the containers of *svc* in place of the service's current
+        ones; the old ones are retired once the new ones are ready (or could
+        not start within the time limit)."""
+        old_addr = st.service.address
+        if svc is not st.service:
+            if svc.address != old_addr and st.accepting:
+                new_st = _ServiceState(svc)
+                try:
+                    if svc.address is not None:
+                        self._bind(new_st)
+                except ServiceConfigError as e:
+                    log.error("reload: service %s keeps running on %s: %s", svc.name, old_addr, e)
+                    return
+                self._close_socket(st)
+                st.sock, st.bound = new_st.sock, new_st.bound
+            try:
+                svc.hooks.post_add_hook(svc, self)
+            except Exception as e:
+                log.error("reload: service %s: post_add_hook failed: %r; its old containers keep running",
+                          svc.name, e)
+                return
+            st.service = svc
+            st.workers = svc.workers
+        old = st.active()
+        for rec in old:
+            rec.retiring = True
+        if st.restart_handle is not None:
+            st.restart_handle.cancel()
+            st.restart_handle = None
+        st.disabled = False
+        st.start_failures = st.crash_streak = st.spawn_errors = 0
+        self._manage(st)
+        await self._wait_until(lambda: st.disabled or self._state != "running"
+                               or all(r.ready for r in st.active()), max(self.shutdown_timeout, 10.0))
+        for rec in old:
+            if rec.pid in self._by_pid:
+                self._retire(rec)
+        await self._wait_until(lambda: not any(r.pid in self._by_pid for r in old),
+                               self.shutdown_timeout + 3.0)
+        log.info("service %s: %d container(s) replaced", svc.name, len(old))
+
+    async def _remove(self, st: _ServiceState) -> None:
+        """Retire every container of a service; once they are gone the
+        service is removed (``_finish_removal``)."""
+        name = st.service.name
+        log.info("reload: removing service %s", name)
+        st.removing = True
+        if st.restart_handle is not None:
+            st.restart_handle.cancel()
+            st.restart_handle = None
+        self._close_socket(st)        # new connections refused at once
+        for rec in list(st.records.values()):
+            self._retire(rec)
+        if not st.records:
+            self._finish_removal(st)
+        await self._wait_until(lambda: self._services.get(name) is not st, self.shutdown_timeout + 5.0)
+
+    def _finish_removal(self, st: _ServiceState) -> None:
+        name = st.service.name
+        if self._services.get(name) is st:
+            del self._services[name]
+        _safely(lambda: st.service.hooks.post_rm_hook(st.service, self), "post_rm_hook")
+        log.info("service %s removed", name)
+
+    def _retire(self, rec: _ContainerRecord) -> None:
+        """Ask a container to finish the connections it serves (for up to
+        ``shutdown_timeout``) and end; SIGTERM 1 s after that, SIGKILL 2 s
+        later.  It is not restarted."""
+        rec.retiring = True
+        if rec.kill_handle is not None:
+            return
+        if rec.alive and rec.conn is not None:
+            rec.conn.send(wire.encode(["ctl", "shutdown", self.shutdown_timeout]))
+
+        def escalate(sig=signal.SIGTERM):
+            rec.kill_handle = None
+            if self._by_pid.get(rec.pid) is not rec:
+                return
+            log.warning("container %s (pid %d) did not finish; sending %s", rec.id, rec.pid, sig.name)
+            try:
+                os.kill(rec.pid, sig)
+            except ProcessLookupError:
+                return
+            if sig == signal.SIGTERM:
+                rec.kill_handle = self._loop.call_later(2.0, escalate, signal.SIGKILL)
+        rec.kill_handle = self._loop.call_later(self.shutdown_timeout + 1.0, escalate)
+
+    def set_log_level(self, level: str) -> None:
+        """Change the logging level (``debug`` ... ``critical``) of the
+        controller and of every running container (new ones inherit it)."""
+        value = logging.getLevelName(str(level).upper())
+        if type(value) is not int:
+            raise ValueError(f"unknown log level {level!r}")
+        logging.getLogger().setLevel(value)
+        logging.getLogger("netplex_native").setLevel(value)
+        frame = wire.encode(["ctl", "log_level", value])
+        for rec in self._records():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
+        log.warning("log level set to %s", logging.getLevelName(value))
+
+    def reopen_logs(self) -> int:
+        """Reopen every log file of the logging module, here and in every
+        container (after a rotation: SIGUSR1).  Returns how many here."""
+        n = reopen_log_files()
+        frame = wire.encode(["ctl", "reopen_logs"])
+        for rec in self._records():
+            if rec.alive and rec.conn is not None:
+                rec.conn.send(frame)
+        log.info("log files reopened (%d)", n)
+        return n
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if sig == signal.SIGTERM:
+            log.info("%s: graceful shutdown", name)
+            self.shutdown()
+        elif sig in (signal.SIGINT, signal.SIGQUIT):
+            log.info("%s: quick shutdown", name)
+            self._quick = True
+            self.shutdown()
+        elif sig == signal.SIGHUP:
+            log.info("SIGHUP: reload")
+            self.reload()
+        elif sig in (signal.SIGTTIN, signal.SIGTTOU):
+            if self._state != "running":
+                return
+            for st in list(self._services.values()):
+                if not st.removing:
+                    n = st.workers + (1 if sig == signal.SIGTTIN else -1)
+                    if 1 <= n <= 4096:
+                        self.scale(st.service.name, n)
+                    else:
+                        log.warning("%s: service %s stays at %d workers", name, st.service.name, st.workers)
+        elif sig == signal.SIGUSR1:
+            self.reopen_logs()
+        else:
+            log.warning("%s ignored", name)
+
     # ---- messages ----
     def send_message(self, pattern: str, name: str, args=()) -> int:
         """Broadcast to ``receive_message`` of every container whose service
@@ -592,7 +921,12 @@ class Controller:
         return self._broadcast("m", pattern, name, args)
 
     def send_admin_message(self, pattern: str, name: str, args=()) -> int:
+        """As ``send_message``, to ``receive_admin_message``; ValueError when
+        the pattern matches no service."""
         pattern, name, args = check_message(pattern, name, args)
+        if not any(_match(pattern, n) for n, st in self._services.items() if not st.removing):
+            raise ValueError(f"no service matches {pattern!r}; services: "
+                             f"{', '.join(self._services) or 'none'}")
         return self._broadcast("a", pattern, name, args)
 
     def _broadcast(self, kind: str, pattern: str, name: str, args: list) -> int:
@@ -618,7 +952,7 @@ class Controller:
         shut down in order."""
         if self._state != "new":
             raise NetplexError(f"controller already {self._state}")
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED_SIGNALS))
         try:
             self._selector = selectors.DefaultSelector()
             loop = asyncio.SelectorEventLoop(self._selector)
@@ -669,22 +1003,27 @@ class Controller:
             await admin.start()
             self._admin = admin
             loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
-            loop.add_signal_handler(signal.SIGTERM, self.shutdown)
-            loop.add_signal_handler(signal.SIGINT, self.shutdown)
+            for sig in HANDLED_SIGNALS:
+                loop.add_signal_handler(sig, self._on_signal, sig)
             self._state = "running"
         except BaseException:
             self._abort_startup()
             raise
         finally:
-            # a SIGINT/SIGTERM that came meanwhile is delivered now, to shutdown()
+            # a signal that came meanwhile is delivered now, to _on_signal
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for plugin in self._plugins:
             _safely(lambda: plugin.ctrl_started(self), f"{plugin.name}: started")
-        log.info("controller started (pid %d, socket dir %s)", os.getpid(), self._socket_dir)
+        set_title(f"controller {self.name}")
+        where = f"controller {self.name} started (pid {os.getpid()}, socket dir {self._socket_dir})"
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", where)
+        else:                       # the operator must learn where to find it
+            print(f"netplex-native: {where}", file=sys.stderr, flush=True)
         for st in self._services.values():
             self._manage(st)
         await self._done
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGCHLD,) + HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
 
     def _at_exit(self) -> None:
@@ -727,21 +1066,27 @@ class Controller:
 
     def _prepare_socket_dir(self) -> None:
         if self._socket_dir_arg is None:
-            self._socket_dir = tempfile.mkdtemp(prefix="netplex-")
+            base = runtime_dir()
+            d = os.path.join(base, self.name)
+            for attempt in range(10):   # another controller may remove an empty base meanwhile
+                _private_dir(base, parents=False)
+                if _admin_socket_live(d):
+                    raise ServiceConfigError(f"a controller named {self.name!r} is already running "
+                                             f"(socket directory {d}); give this one another name")
+                try:
+                    _private_dir(d, parents=False)
+                    break
+                except FileNotFoundError:
+                    if attempt == 9:
+                        raise
             self._own_socket_dir = True
         else:
             d = os.path.abspath(self._socket_dir_arg)
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            st = os.stat(d)
-            if st.st_uid != os.getuid():
-                raise ServiceConfigError(f"socket directory {d} belongs to uid {st.st_uid}, not to us")
-            if st.st_mode & 0o077:
-                os.chmod(d, 0o700)
-            self._socket_dir = d
-        os.chmod(self._socket_dir, 0o700)
+            _private_dir(d)
+        self._socket_dir = d
 
-    def _bind(self, st: _ServiceState) -> None:
-        addr = st.service.address
+    def _bind(self, st: _ServiceState, addr=None) -> None:
+        addr = addr or st.service.address
         if addr is None or st.sock is not None:
             return
         try:
@@ -753,12 +1098,60 @@ class Controller:
 
     # ---- workload ----
     def _manage(self, st: _ServiceState) -> None:
-        """Start containers until the service has ``workers`` of them."""
-        if self._state != "running" or st.disabled or st.restart_handle is not None:
+        """Keep ``st.workers`` containers that are not retiring: start the
+        missing ones, retire the extra ones (oldest first, as gunicorn)."""
+        if self._state != "running" or st.removing:
             return
-        while len(st.records) < st.service.workers:
+        active = st.active()
+        extra = len(active) - st.workers
+        if extra > 0:
+            for rec in sorted(active, key=lambda r: r.started_mono)[:extra]:
+                self._retire(rec)
+            return
+        if st.disabled or st.restart_handle is not None:
+            return
+        while len(st.active()) < st.workers:
             if not self._spawn(st):
                 break
+
+    #: Seconds the free capacity of a dynamic service must stay above its
+    #: max_free_connections before an idle container is retired.
+    SHRINK_AFTER = 1.0
+
+    def _adjust(self, st: _ServiceState) -> None:
+        """Dynamic workload: one container more when fewer than
+        min_free_connections are free; one idle container less when more than
+        max_free_connections have been free for SHRINK_AFTER seconds."""
+        svc = st.service
+        if (svc.max_workers is None or self._state != "running" or st.removing or st.disabled
+                or not st.accepting):
+            return
+        active = st.active()
+        free = svc.connections_per_container * len(active) - sum(r.load for r in active)
+        if free < svc.min_free_connections and st.workers < svc.max_workers and len(active) >= st.workers:
+            st.workers += 1
+            log.info("service %s: %d connections free; workers -> %d", svc.name, free, st.workers)
+            self._manage(st)
+        elif free > svc.max_free_connections and st.workers > svc.workers:
+            if st.shrink_handle is None:
+                st.shrink_handle = self._loop.call_later(self.SHRINK_AFTER, self._shrink, st)
+        elif st.shrink_handle is not None:
+            st.shrink_handle.cancel()
+            st.shrink_handle = None
+
+    def _shrink(self, st: _ServiceState) -> None:
+        st.shrink_handle = None
+        svc = st.service
+        if self._services.get(svc.name) is not st or self._state != "running" or svc.max_workers is None:
+            return
+        active = st.active()
+        free = svc.connections_per_container * len(active) - sum(r.load for r in active)
+        idle = [r for r in active if r.load == 0 and r.ready]
+        if free > svc.max_free_connections and st.workers > svc.workers and idle:
+            st.workers -= 1
+            log.info("service %s: %d connections free; workers -> %d", svc.name, free, st.workers)
+            self._retire(max(idle, key=lambda r: r.started_mono))
+        self._adjust(st)
 
     def _spawn(self, st: _ServiceState) -> bool:
         service = st.service
@@ -817,7 +1210,21 @@ class Controller:
         st.records[cid] = rec
         self._by_pid[pid] = rec
         log.info("container %s (pid %d) started", cid, pid)
+        if self.startup_timeout is not None:
+            rec.start_handle = self._loop.call_later(self.startup_timeout, self._too_slow, rec)
         return True
+
+    def _too_slow(self, rec: _ContainerRecord) -> None:
+        """startup_timeout: a container not ready in time is killed (a start failure)."""
+        rec.start_handle = None
+        if rec.ready or self._by_pid.get(rec.pid) is not rec:
+            return
+        log.error("container %s (pid %d) not ready within %g s (startup_timeout); killing it",
+                  rec.id, rec.pid, self.startup_timeout)
+        try:
+            os.kill(rec.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _close_in_child(self, st: _ServiceState) -> None:
         """In a fresh container: drop what belongs to the controller (through
@@ -831,9 +1238,10 @@ class Controller:
         if self._admin is not None:
             self._admin.close_in_child()
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        for sig in (signal.SIGCHLD,) + HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
+        for sig in (signal.SIGINT, signal.SIGQUIT):   # Ctrl-C, Ctrl-\ are the controller's to handle
+            signal.signal(sig, signal.SIG_IGN)
         for attr in ("_ssock", "_csock"):  # the parent loop's self-pipe
             s = getattr(self._loop, attr, None)
             if s is not None:
@@ -912,9 +1320,20 @@ class Controller:
                         pending.on_cancel()
                     pending.error(NetplexError("cancelled"))
         elif proc == "ready":
+            if rec.start_handle is not None:
+                rec.start_handle.cancel()
+                rec.start_handle = None
             rec.ready = True
             rec.ready_mono = time.monotonic()
             self._services[rec.service.name].start_failures = 0
+        elif proc == "load":
+            if args and type(args[0]) is int and args[0] >= 0:
+                rec.load = args[0]
+                self._adjust(self._services[rec.service.name])
+        elif proc == "recycle":    # max_connections: it ends once idle; a new one starts now
+            if not rec.retiring:
+                rec.retiring = True
+                self._manage(self._services[rec.service.name])
         elif proc == "send_message":
             pattern, name, margs = check_message(*args)
             reply.ok(self.send_message(pattern, name, margs))
@@ -945,6 +1364,10 @@ class Controller:
         st = self._services[rec.service.name]
         del self._by_pid[rec.pid]
         del st.records[rec.id]
+        for h in (rec.kill_handle, rec.start_handle):
+            if h is not None:
+                h.cancel()
+        rec.kill_handle = rec.start_handle = None
         if rec.conn is not None:
             _safely(rec.conn.drain_dead, "serving a dead container's last notifications")
             rec.alive = False
@@ -977,25 +1400,38 @@ class Controller:
         for plugin in self._plugins:
             _safely(lambda: plugin.ctrl_container_finished(self, rec.id, is_last),
                     f"{plugin.name}: container_finished")
-        # 5. restart, or finish the shutdown
-        if self._state == "running":
-            if not rec.ready:
-                self._start_failed(st)
-            elif not clean and time.monotonic() - rec.ready_mono < CRASH_LOOP_WINDOW:
-                st.crash_streak += 1
+        # 5. restart, or finish a removal or the shutdown
+        if st.removing:
+            if not st.records:
+                self._finish_removal(st)
+        elif self._state == "running":
+            if rec.retiring:        # replaced, scaled down: neither a failure nor restarted
+                self._manage(st)
             else:
-                st.crash_streak = 0
-            st.restarts += 1
-            self._schedule_restart(st)
+                if not rec.ready:
+                    self._start_failed(st)
+                elif not clean and time.monotonic() - rec.ready_mono < CRASH_LOOP_WINDOW:
+                    st.crash_streak += 1
+                else:
+                    st.crash_streak = 0
+                st.restarts += 1
+                self._schedule_restart(st)
         self._reaped_event.set()
 
     # ---- shutdown ----
     async def _shutdown(self) -> None:
-        log.info("shutting down")
+        log.info("shutting down%s", " (quick)" if self._quick else "")
+        for task in [self._reload_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
         for st in self._services.values():
             if st.restart_handle is not None:
                 st.restart_handle.cancel()
                 st.restart_handle = None
+        for rec in self._records():
+            if rec.kill_handle is not None:
+                rec.kill_handle.cancel()
+                rec.kill_handle = None
         # 0. waits end: answered as timeouts, so no container stays blocked
         for rec in list(self._records()):
             for reply in list(rec.pending.values()):
@@ -1003,10 +1439,11 @@ class Controller:
         # 1. every container learns the system goes down, while all are still up
         self._broadcast_ctl("system_shutdown")
         await self._wait_until(lambda: all(r.system_shutdown_done or not r.alive for r in self._records()),
-                               min(2.0, self.shutdown_timeout))
+                               min(0.5 if self._quick else 2.0, self.shutdown_timeout))
         # 2. then each is asked to finish (shutdown hook, pre_finish_hook, exit)
         self._broadcast_ctl("shutdown")
-        await self._wait_until(lambda: not self._by_pid, self.shutdown_timeout)
+        await self._wait_until(lambda: not self._by_pid,
+                               min(1.0, self.shutdown_timeout) if self._quick else self.shutdown_timeout)
         for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
             if not self._by_pid:
                 break
@@ -1056,33 +1493,97 @@ class Controller:
 
     def _close_sockets(self) -> None:
         for st in self._services.values():
-            if st.sock is not None:
-                st.sock.close()
-                st.sock = None
-                addr = st.service.address
-                if addr is not None and addr.scheme == "unix":
-                    try:
-                        os.unlink(addr.path)
-                    except FileNotFoundError:
-                        pass
+            self._close_socket(st)
+
+    def _close_socket(self, st: _ServiceState) -> None:
+        """The controller's copy of a service's listening socket (a unix
+        socket file removed); containers keep theirs until they end."""
+        if st.sock is not None:
+            st.sock.close()
+            st.sock = None
+            addr = st.bound
+            if addr is not None and addr.scheme == "unix":
+                try:
+                    os.unlink(addr.path)
+                except FileNotFoundError:
+                    pass
 
     def _unplug_all(self) -> None:
         for plugin in reversed(self._plugins):
             _safely(lambda: plugin.ctrl_unplugged(self), f"{plugin.name}: unplugged")
 
     def _remove_socket_dir(self) -> None:
-        d = self._socket_dir
+        d = self._socket_dir        # its admin.sock was removed by AdminServer.close
         if not d:
             return
-        try:
-            os.unlink(os.path.join(d, ADMIN_SOCKET))
-        except FileNotFoundError:
-            pass
         if self._own_socket_dir:
             try:
                 os.rmdir(d)
             except OSError as e:
                 log.warning("could not remove socket directory %s: %s", d, e)
+            if self._socket_dir_arg is None:
+                try:
+                    os.rmdir(os.path.dirname(d))    # the shared base, when no one else uses it
+                except OSError:
+                    pass
+
+
+def runtime_dir() -> str:
+    """The one rule, shared by ``Controller()`` and the CLI, for where
+    socket directories live: ``$XDG_RUNTIME_DIR/netplex-native``, else
+    ``/run/user/UID/netplex-native``, else ``netplex-native-UID`` in the
+    temporary directory.  A controller's own directory is NAME below it."""
+    uid = os.getuid()
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+        if base and os.path.isabs(base):
+            try:
+                st = os.stat(base)
+            except OSError:
+                continue
+            if st.st_uid == uid and os.path.isdir(base):
+                return os.path.join(base, "netplex-native")
+    return os.path.join(tempfile.gettempdir(), f"netplex-native-{uid}")
+
+
+def default_socket_dir(name: str) -> str:
+    """The socket directory of the controller named *name*."""
+    return os.path.join(runtime_dir(), name)
+
+
+def check_controller_name(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"controller name must be a str, not {type(name).__name__}")
+    if not name or name.startswith(".") or "/" in name or "\x00" in name or len(name) > 64:
+        raise ValueError(f"controller name must be 1..64 characters, no '/', not starting with '.': {name!r}")
+    return name
+
+
+def _private_dir(d: str, parents: bool = True) -> None:
+    """Create *d* (0700) or check that an existing one is ours; made private.
+    Without *parents*, FileNotFoundError if its parent is missing."""
+    if parents:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    else:
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+    st = os.stat(d)
+    if st.st_uid != os.getuid():
+        raise ServiceConfigError(f"socket directory {d} belongs to uid {st.st_uid}, not to us")
+    if st.st_mode & 0o077:
+        os.chmod(d, 0o700)
+
+
+def _admin_socket_live(d: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(os.path.join(d, ADMIN_SOCKET))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _match(pattern: str, name: str) -> bool:

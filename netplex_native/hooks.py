@@ -6,10 +6,13 @@ hook (as in Netplex):
 =========================  ==========  =====================================
 hook                       process     when
 =========================  ==========  =====================================
-post_add_hook              controller  the service was added (add plugins here)
-post_rm_hook               controller  the service was removed (at shutdown)
-pre_start_hook             controller  just before a container is forked
-post_start_hook            container   the container is up, before it serves
+post_add_hook              controller  the service was added (add plugins here);
+                                       also the new version of a reloaded one
+post_rm_hook               controller  the service was removed (reload, shutdown)
+pre_start_hook             controller  just before a container is forked;
+                                       raising is a failed start
+post_start_hook            container   the container is up, before it serves;
+                                       raising is a failed start (exit code 3)
 pre_finish_hook            container   regular end of the container only
 post_finish_hook           controller  after any end (crash included), after
                                        the container's holdings were reverted
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("netplex_native")
+from .logs import get_logger
+
+log = get_logger("netplex_native.hooks")
 
 
 class ProcessorHooks:

@@ -113,9 +113,26 @@ def _remove_stale_unix_socket(path: str) -> None:
 class Service:
     """A service: ``workers`` containers that each run ``handler`` for the
     connections accepted on ``address`` (or none, for a worker pool without a
-    socket), with ``hooks`` called at every point of their life."""
+    socket), with ``hooks`` called at every point of their life.
 
-    def __init__(self, name, handler=None, *, hooks=None, address=None, workers=1):
+    ``max_connections``: a container stops accepting after this many
+    connections (plus a random 0..``max_connections_jitter``, drawn per
+    container, so that they do not all recycle at once), finishes the ones it
+    serves and ends; a new one takes its place (gunicorn's max_requests,
+    Netplex's conn_limit).  None: no limit.
+
+    Dynamic workload (Netplex's dynamic workload manager), when
+    ``max_workers`` is given: between ``workers`` and ``max_workers``
+    containers, each counted as able to serve ``connections_per_container``
+    connections at once; a container is added when fewer than
+    ``min_free_connections`` are free over the service, and an idle one
+    retired when more than ``max_free_connections`` (default and least:
+    ``min_free_connections + connections_per_container - 1``) have been free
+    for a second."""
+
+    def __init__(self, name, handler=None, *, hooks=None, address=None, workers=1,
+                 max_connections=None, max_connections_jitter=0, max_workers=None,
+                 connections_per_container=1, min_free_connections=1, max_free_connections=None):
         self.name = check_name(name, "service name")
         if any(c in self.name for c in "*/"):
             raise ValueError(f"service name must not contain '*' or '/': {name!r}")
@@ -131,14 +148,44 @@ class Service:
             raise TypeError(f"hooks must be a ProcessorHooks instance, not {type(hooks).__name__}")
         if type(workers) is bool or not isinstance(workers, int):
             raise TypeError(f"workers must be an int, not {type(workers).__name__}")
-        if not 0 <= workers <= 4096:
-            raise ValueError(f"workers must be between 0 and 4096, got {workers}")
+        if not 1 <= workers <= 4096:
+            raise ValueError(f"workers must be between 1 and 4096, got {workers}")
         self.handler = handler
         self.hooks = hooks
         self.address = parse_address(address) if address is not None else None
         if self.address is not None and handler is None:
             raise ValueError(f"service {self.name!r} has an address but no handler")
         self.workers = workers
+        for what, v, low in (("max_connections", max_connections, 1),
+                             ("max_connections_jitter", max_connections_jitter, 0)):
+            if v is None and what == "max_connections":
+                continue
+            if type(v) is not int or not low <= v <= 2 ** 31:
+                raise ValueError(f"{what} must be an integer between {low} and {2 ** 31}, got {v!r}")
+        if max_connections_jitter and max_connections is None:
+            raise ValueError("max_connections_jitter needs max_connections")
+        self.max_connections = max_connections
+        self.max_connections_jitter = max_connections_jitter
+        if max_workers is not None:
+            if type(max_workers) is not int or not workers <= max_workers <= 4096:
+                raise ValueError(f"max_workers must be an integer between workers ({workers}) and 4096, "
+                                 f"got {max_workers!r}")
+            if self.address is None:
+                raise ValueError(f"service {self.name!r}: a dynamic workload (max_workers) needs an address")
+        for what, v, low in (("connections_per_container", connections_per_container, 1),
+                             ("min_free_connections", min_free_connections, 0)):
+            if type(v) is not int or not low <= v <= 2 ** 31:
+                raise ValueError(f"{what} must be an integer between {low} and {2 ** 31}, got {v!r}")
+        least = min_free_connections + connections_per_container - 1   # below it, it would flap
+        if max_free_connections is None:
+            max_free_connections = least
+        if type(max_free_connections) is not int or not least <= max_free_connections <= 2 ** 31:
+            raise ValueError(f"max_free_connections must be an integer of at least min_free_connections + "
+                             f"connections_per_container - 1 ({least}), got {max_free_connections!r}")
+        self.max_workers = max_workers
+        self.connections_per_container = connections_per_container
+        self.min_free_connections = min_free_connections
+        self.max_free_connections = max_free_connections
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, address={str(self.address) if self.address else None!r}, workers={self.workers})"

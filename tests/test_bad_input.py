@@ -129,6 +129,9 @@ class _Bad(netplex.ProcessorHooks):
     def receive_admin_message(self, cont, name, args):
         if name != "run":
             return
+        # the baseline once both containers are up (the owner's post_start_hook
+        # runs concurrently with ours, so the state at bad_ready may predate it)
+        self.events.emit("before", state=self.state())
         for label, call, cls, rx in _cases():
             try:
                 r = call()
@@ -180,6 +183,7 @@ def test_bad_calls_in_a_container(events, backend, tmp_path):
         insp_before = _normalised_inspect(sdir)
         assert admin.request(sdir, {"cmd": "message", "pattern": "bad", "name": "run", "args": []})["delivered"] == 1
         after = events.wait("after", timeout=30)[0]["state"]
+        before = events.all("before")[0]["state"]
         cases = events.all("case")
         n = len(_cases())
         assert len(cases) == n >= 20

@@ -120,7 +120,8 @@ def test_run_example_config_and_administer_it(echo_config, tmp_path):
             p.kill()
             p.wait()
     err = p.stderr.read()
-    assert re.search(r"\[pid \d+\] container echo\.\d+ \(pid \d+\) started", err), err
+    assert re.search(r"netplex_native\.controller \[pid \d+\] \[- -\] container echo\.\d+ \(pid \d+\) started",
+                     err), err
     assert not os.path.exists(os.path.join(sock, "admin.sock"))
 
 
@@ -142,10 +143,26 @@ def _try(fn):
     (lambda s: s.replace('tcp://127.0.0.1', 'http://127.0.0.1'),
      r"service 'echo'\.address: address must start with 'tcp://' or 'unix://'"),
     (lambda s: s.replace('workers = 4', 'workers = "four"'),
-     r"service 'echo'\.workers: expected an integer between 0 and 4096"),
+     r"service 'echo'\.workers: expected an integer between 1 and 4096"),
+    (lambda s: s.replace('workers = 4', 'workers = 0'),
+     r"service 'echo'\.workers: expected an integer between 1 and 4096 or \{ min = N, max = M \}, got 0"),
     (lambda s: s.replace('plugins = "native"', 'plugins = "fast"'),
      r"service 'echo'\.plugins: expected one of native, rpc, none"),
     (lambda s: s + "\n[oops]\n", r"oops: unknown top-level key"),
+    (lambda s: s.replace('workers = 4', 'workers = { min = 3, max = 2 }'),
+     r"service 'echo'\.workers: expected \{ min = N, max = M \} with integers 1 <= N <= M <= 4096"),
+    (lambda s: s.replace('workers = 4', 'workers = 4\nmin_free_connections = 2'),
+     r"service 'echo'\.min_free_connections: only for a dynamic workload"),
+    (lambda s: s.replace('workers = 4', 'workers = { min = 1, max = 4 }\nconnections_per_container = 4\n'
+                                        'max_free_connections = 2'),
+     r"max_free_connections must be an integer of at least min_free_connections \+ "
+     r"connections_per_container - 1 \(4\), got 2"),
+    (lambda s: s.replace('workers = 4', 'workers = 4\nmax_connections = 0'),
+     r"service 'echo'\.max_connections: expected an integer between 1 and 2147483648, got 0"),
+    (lambda s: s.replace('workers = 4', 'workers = 4\nmax_connections_jitter = 5'),
+     r"service 'echo'\.max_connections_jitter: needs max_connections"),
+    (lambda s: s.replace("max_start_failures = 10", "startup_timeout = -1"),
+     r"controller\.startup_timeout: expected a number of seconds > 0"),
     (lambda s: s.replace("[[service]]", "[[service]\n"), r"not valid TOML"),
 ])
 def test_run_reports_config_errors_with_file_and_key_before_forking(echo_config, mutate, expect):

@@ -965,7 +965,7 @@ def test_back_off_stays_bounded_after_thousands_of_quick_crashes():
     loop = asyncio.new_event_loop()
     try:
         ctrl._loop, ctrl._state = loop, "running"
-        st = _ServiceState(netplex.Service("svc", workers=0))
+        st = _ServiceState(netplex.Service("svc", workers=1))
         for streak in (1, 31, 1024, 10**6):
             st.crash_streak = streak
             st.restart_handle = None

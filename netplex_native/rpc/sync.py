@@ -35,8 +35,9 @@ from collections import deque
 from ..errors import (WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, VALUE_MAX)
 from ..plugin import Plugin
+from ..logs import get_logger
 
-log = logging.getLogger("netplex_native")
+log = get_logger("netplex_native.rpc")
 
 
 class _Waiter:
