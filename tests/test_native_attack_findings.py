@@ -261,3 +261,125 @@ def test_close_gives_back_what_the_process_held_even_when_its_thread_has_no_entr
     finally:
         dom.unlink()
         dom.close()
+
+
+# ---- a second attack, on the fixes above ----
+
+def _orphan_on(dom, name, thread_exits=True):
+    """A thread of a child process gives up its wait on `name` behind a process stopped
+    inside name's guard, and cannot leave the queue: its entry becomes an orphan.
+    Returns (child pid, the stopped process's pid, fd to let the child end)."""
+    r, w = os.pipe()
+    end_r, end_w = os.pipe()
+
+    def body():
+        dom.register()
+
+        def waiter():
+            dom.sem_decrement(name, wait=True, timeout=1.0)
+            dom.thread_detach()             # its entry cannot be freed: orphan
+        t = threading.Thread(target=waiter)
+        t.start()
+        until(lambda: sem(dom, name)["waiters"] == 1, what="queued")
+        os.write(w, b"q")
+        t.join(10)
+        os.write(w, b"o")
+        os.read(end_r, 1)
+    pid = child(body)
+    assert os.read(r, 1) == b"q"
+    stopped = _stop_inside_guard_of(dom, name)
+    assert os.read(r, 1) == b"o"
+    return pid, stopped, end_w
+
+
+def _threads_of(dom, pid):
+    return [p["threads"] for p in dom.processes() if p["pid"] == pid]
+
+
+@pytest.mark.timeout(120)
+def test_an_orphan_is_freed_even_when_its_purger_dies_at_any_point():
+    """The process that removes an orphan from its queue is killed at each of its
+    crash points in turn; the orphan's entry is freed all the same (by recover)."""
+    for n in range(1, 40):
+        dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, actors=16)
+        try:
+            dom.sem_create("x", 0)
+            p, stopped, end_w = _orphan_on(dom, "x")
+            kill_and_reap(stopped)          # its guard is taken over by the purger
+            purger = child(lambda: (dom.register(), arm(n), dom.sem_decrement("x")))
+            st = reap(purger)
+            dom.recover(purger)
+            dom.recover(stopped)
+            assert dom.recover(p, timeout=5) == 0          # p is alive: only purged
+            until(lambda: _threads_of(dom, p) == [1], timeout=5,
+                  what=f"the orphan freed (purger killed at {n}): {_threads_of(dom, p)}")
+            assert sem(dom, "x")["waiters"] == 0
+            os.write(end_w, b"e")
+            assert exited_ok(reap(p))
+            dom.recover(p)
+            dom.check()
+        finally:
+            dom.unlink()
+            dom.close()
+        if exited_ok(st):
+            return
+    raise AssertionError("the purger still crashing after 40 points")
+
+
+@pytest.mark.timeout(60)
+def test_an_orphan_on_a_destroyed_object_is_freed():
+    dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, actors=16)
+    try:
+        dom.sem_create("x", 0)
+        p, stopped, end_w = _orphan_on(dom, "x")
+        kill_and_reap(stopped)
+        dom.sem_destroy("x")                # the queue goes, the orphan stays pointed at it
+        dom.recover(stopped)
+        dom.sem_create("x", 3)
+        assert dom.recover(p, timeout=5) == 0
+        until(lambda: _threads_of(dom, p) == [1], timeout=5, what="the orphan freed")
+        os.write(end_w, b"e")
+        assert exited_ok(reap(p))
+        dom.recover(p)
+        dom.check()
+    finally:
+        dom.unlink()
+        dom.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="a new pid namespace needs root")
+def test_a_registrant_from_another_pid_namespace_is_never_taken_for_dead(dom):
+    """Stopped right after its slot became REGISTERING, in a namespace where its pid
+    means nothing here: recover(that pid) must not free the slot under it."""
+    r, w = os.pipe()
+
+    def in_new_namespace():
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
+        pid = os.fork()                     # pid 1 there: signals to itself are ignored
+        if pid == 0:
+            for _ in range(20):             # use up small pids
+                if os.fork() == 0:
+                    os._exit(0)
+                os.wait()
+            if os.fork() != 0:
+                os.wait()
+                os._exit(0)
+            os.write(w, str(os.getpid()).encode())
+            os.environ["NETPLEX_CORE_TEST"] = "1"
+            arm(1, signal.SIGSTOP)          # the first crash point: slot REGISTERING
+            dom.register()
+            dom.mutex_lock("m")
+            time.sleep(30)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    outer = child(in_new_namespace)
+    ns_pid = int(os.read(r, 16).decode())
+    try:
+        until(lambda: [p["state"] for p in dom.processes() if p["pid"] == ns_pid]
+              == ["registering"], what="registering")
+        assert dom.recover(ns_pid, timeout=0.5) <= 0
+        assert [p["state"] for p in dom.processes() if p["pid"] == ns_pid] == ["registering"]
+    finally:
+        kill_and_reap(outer)

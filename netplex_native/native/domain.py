@@ -73,7 +73,7 @@ if _lib is not None:
     }
 
 _KIND_NAMES = {1: "semaphore", 2: "mutex"}
-_PROC_STATES = {0: "free", 1: "alive", 2: "recovering"}
+_PROC_STATES = {0: "free", 1: "alive", 2: "recovering", 3: "registering"}
 
 
 def available() -> bool:
