@@ -22,7 +22,7 @@ from native_helpers import (arm, child, exited_ok, hold_until_killed, kill_and_r
 
 def _fork_with_pid(want: int, fn) -> int:
     """Fork fn in a child whose pid is `want` (root: /proc/sys/kernel/ns_last_pid)."""
-    for _ in range(50):
+    for _ in range(300):                    # other processes may take it first: retry
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write(str(want - 1))
         pid = child(fn)
