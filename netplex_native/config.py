@@ -60,7 +60,7 @@ def _resolve(ref, where, err, fresh=None):
             mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise err(where, f"cannot import module {mod_name!r}: {e}") from None
-    except Exception as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:   # a module's sys.exit() too
         raise err(where, f"importing module {mod_name!r} failed: {type(e).__name__}: {e}") from None
     obj = mod
     for part in attr.split("."):
@@ -163,7 +163,7 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
                 raise err(f"{where}.hooks", "expected a ProcessorHooks subclass")
             try:
                 hooks = cls()
-            except Exception as e:
+            except (Exception, SystemExit, KeyboardInterrupt) as e:
                 raise err(f"{where}.hooks", f"creating {sd['hooks']} failed: {e}") from None
         address = sd.get("address")
         if address is not None:

@@ -730,7 +730,7 @@ class Controller:
                 names.add(s.name)
             if not services:
                 raise ValueError("no services")
-        except Exception as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:   # user code may sys.exit()
             log.error("reload failed: %s; the running configuration is kept", e)
             return False
         log.info("reloading: %s", ", ".join(s.name for s in services))
@@ -778,7 +778,15 @@ class Controller:
         ones; the old ones are retired once the new ones are ready (or could
         not start within the time limit)."""
         old_addr = st.service.address
+        old_service = st.service
         if svc is not st.service:
+            # the hook first: if it fails, nothing (not even the address) has changed
+            try:
+                svc.hooks.post_add_hook(svc, self)
+            except (Exception, SystemExit, KeyboardInterrupt) as e:
+                log.error("reload: service %s: post_add_hook failed: %r; its old containers keep running",
+                          svc.name, e)
+                return
             if svc.address != old_addr and st.accepting:
                 new_st = _ServiceState(svc)
                 try:
@@ -789,12 +797,6 @@ class Controller:
                     return
                 self._close_socket(st)
                 st.sock, st.bound = new_st.sock, new_st.bound
-            try:
-                svc.hooks.post_add_hook(svc, self)
-            except Exception as e:
-                log.error("reload: service %s: post_add_hook failed: %r; its old containers keep running",
-                          svc.name, e)
-                return
             st.service = svc
             st.workers = svc.workers
         old = st.active()
@@ -806,8 +808,29 @@ class Controller:
         st.disabled = False
         st.start_failures = st.crash_streak = st.spawn_errors = 0
         self._manage(st)
+        # ready: at least one new container, and every new one (an empty set of
+        # new containers -- all died, a restart pending -- is not ready)
         await self._wait_until(lambda: st.disabled or self._state != "running"
-                               or all(r.ready for r in st.active()), max(self.shutdown_timeout, 10.0))
+                               or (st.active() and all(r.ready for r in st.active())),
+                               max(self.shutdown_timeout, 10.0))
+        if self._state == "running" and old and (
+                st.disabled or not any(r.ready for r in st.active())):
+            # The new containers did not start: the old ones keep serving (no
+            # outage), with the old configuration; the failed ones are retired.
+            log.error("reload: the new containers of service %s did not start; its old "
+                      "containers keep serving the previous configuration", svc.name)
+            if st.restart_handle is not None:
+                st.restart_handle.cancel()
+                st.restart_handle = None
+            for rec in st.active():
+                self._retire(rec)
+            for rec in old:
+                rec.retiring = False
+            st.service = old_service
+            st.workers = old_service.workers
+            st.disabled = False
+            st.start_failures = st.crash_streak = st.spawn_errors = 0
+            return
         for rec in old:
             if rec.pid in self._by_pid:
                 self._retire(rec)

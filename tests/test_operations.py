@@ -684,3 +684,38 @@ def test_controller_rejects_bad_operations_arguments_naming_them(kw, exc, expect
     import netplex_native as netplex
     with pytest.raises(exc, match=re.escape(expect)):
         netplex.Controller(**kw)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("body", ["import sys\nsys.exit(3)\n", "raise KeyboardInterrupt\n"],
+                         ids=["sys.exit", "KeyboardInterrupt"])
+def test_a_reload_whose_module_exits_at_import_keeps_the_controller_and_old_config(running, body):
+    """A module that calls sys.exit() (or raises KeyboardInterrupt) when imported is a
+    bad file like any other: logged, the controller and its containers go on."""
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 2))
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    before = r.pids("a")
+    (r.tmp / "exit_app.py").write_text(body)
+    r.write(CONTROLLER + service("a", pa, 2).replace("ops_app:handle", "exit_app:handle"))
+    r.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload failed" in r.log(), 10), r.log()
+    assert r.p.poll() is None, r.log()
+    assert r.pids("a") == before and answer(pa).endswith(" v1")
+
+
+@pytest.mark.timeout(90)
+def test_a_reload_whose_new_containers_fail_to_boot_keeps_the_old_ones_serving(running):
+    """The old containers are retired only once new ones are ready: when every new one
+    fails at boot, the old ones keep serving the previous configuration."""
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 2))
+    assert wait_until(lambda: r.ready("a", 2), 15), r.log()
+    before = r.pids("a")
+    r.write(CONTROLLER + service("a", pa, 2, hooks="FailBoot"))
+    r.signal(signal.SIGHUP)
+    assert wait_until(lambda: "did not start" in r.log(), 30), r.log()
+    assert r.p.poll() is None
+    assert r.pids("a") == before and all(pid_alive(p) for p in before)
+    for _ in range(5):
+        assert answer(pa).endswith(" v1")
