@@ -44,15 +44,6 @@ static inline int head_starving(np_domain *d, const np_obj *o)
     return np_now() - head->wait_since >= NP_STARVE_NS;
 }
 
-/* Could not have the guard: leave nothing that blocks others (Q3). */
-static void give_up(np_obj *o, np_actor *a, uint32_t idx)
-{
-    if (__atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED) == idx + 1) {
-        /* seq_cst: the flag is visible before the hint that says look. */
-        __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
-    }
-}
 
 int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
 {
@@ -71,8 +62,9 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     for (;;) {
         rc = guard_lock(d, &o->guard, tag, deadline == NP_NOWAIT ? NP_GUARD_TRY : deadline);
         if (unlikely(rc < 0)) {
-            if (rc != NP_EINTR && rc != NP_EAGAIN)
-                give_up(o, a, idx);
+            if (rc != NP_EINTR && rc != NP_EAGAIN
+                    && __atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED) == idx + 1)
+                np_give_up(o, a);       /* leave nothing that blocks others (Q3) */
             return rc;
         }
         CRASHPOINT();

@@ -296,6 +296,7 @@ int np_reserve_recover(np_domain *d, uint32_t me, uint32_t tag, int32_t pid, int
 /* ---- liveness.c ---- */
 int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns);   /* NP_DEAD / ALIVE / UNKNOWN */
 int np_slot_state(np_domain *d, uint32_t p);
+int np_slot_word_state(np_domain *d, uint32_t p, uint64_t w);
 int np_registering_state(uint64_t w);
 int np_tag_state(np_domain *d, uint32_t tag);               /* guard owner */
 int np_rec_state(np_domain *d, uint64_t rec);               /* slot recoverer */
@@ -380,6 +381,14 @@ void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t
 int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
 void np_q_purge(np_domain *d, np_actor *me, np_obj *o);
 void np_wake_actors(np_domain *d, const uint32_t *who, int n);
+
+/* Q3: a queued actor that could not have its object's guard gives up its
+ * wait; seq_cst: the flag is visible before the hint that says look. */
+static inline void np_give_up(np_obj *o, np_actor *a)
+{
+    __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
+}
 
 /* ---- names.c ---- */
 uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot);

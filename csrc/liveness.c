@@ -109,9 +109,15 @@ int np_registering_state(uint64_t w)
 
 int np_slot_state(np_domain *d, uint32_t p)
 {
-    np_proc *s = &d->procs[p];
     /* acquire: start_time was stored before the slot became ALIVE. */
-    uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+    return np_slot_word_state(d, p, __atomic_load_n(&d->procs[p].w, __ATOMIC_ACQUIRE));
+}
+
+/* The verdict on slot p's process as of word w (read with acquire); the
+ * fields read belong to w's generation, or a CAS expecting w fails. */
+int np_slot_word_state(np_domain *d, uint32_t p, uint64_t w)
+{
+    np_proc *s = &d->procs[p];
     switch (PW_STATE(w)) {
     case NP_PS_ALIVE:
         return np_proc_state(PW_PID(w), __atomic_load_n(&s->start_time, __ATOMIC_RELAXED),

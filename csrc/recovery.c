@@ -193,12 +193,9 @@ int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t
         if (w == 0)
             return 0;
         switch (PW_STATE(w)) {
-        case NP_PS_ALIVE:           /* the fields belong to w's generation, or the CAS fails */
-            st = np_proc_state(pid, __atomic_load_n(&s->start_time, __ATOMIC_RELAXED),
-                               __atomic_load_n(&s->pidns, __ATOMIC_RELAXED));
-            break;
+        case NP_PS_ALIVE:
         case NP_PS_REGISTERING:
-            st = np_registering_state(w);
+            st = np_slot_word_state(d, p, w);
             break;
         case NP_PS_RECOVERING:
             if (PW_REC(w) == mine)

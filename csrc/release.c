@@ -108,9 +108,7 @@ int64_t np_i_wait_cancel(np_domain *d)
         return 0;
     np_obj *o = &d->objs[w - 1];
     if (guard_lock(d, &o->guard, tag, NP_GUARD_TRY) < 0) {
-        /* seq_cst: the flag is visible before the hint (Q3, R3). */
-        __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
+        np_give_up(o, a);               /* R3 */
         return 0;
     }
     CRASHPOINT();

@@ -6,27 +6,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-import traceback
 
 from netplex_native.native import domain as _native
 
+from harness import fork_call, wait_until
 
-def child(fn, *args, test_mode: bool = True) -> int:
-    """Fork a child that runs fn(*args) and exits 0 (1 if it raised); with
-    test_mode the core's crash points may be armed in it."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if test_mode:
-                os.environ["NETPLEX_CORE_TEST"] = "1"
-            fn(*args)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+
+def child(fn, *args) -> int:
+    """harness.fork_call in test mode: the core's crash points may be armed in it."""
+    def run():
+        os.environ["NETPLEX_CORE_TEST"] = "1"
+        fn(*args)
+    return fork_call(run)
 
 
 def arm(n: int, sig: int = signal.SIGKILL) -> None:
@@ -76,11 +67,9 @@ def wait_stopped(pid: int, timeout: float = 10.0) -> None:
 
 
 def until(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+    """harness.wait_until that fails the test on timeout."""
+    if not wait_until(cond, timeout, 0.002):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 def sem(dom, name):

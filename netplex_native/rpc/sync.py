@@ -153,13 +153,18 @@ class SyncState:
         if timeout == 0:
             reply.ok(-1)
             return
+        self._enqueue(s.waiters, rec, reply, timeout, -1)
+
+    def _enqueue(self, queue, rec, reply, timeout, nothing) -> None:
+        """Queue a deferred reply (FIFO); a cancel or the timeout takes it out
+        again, the timeout answering *nothing* (-1 or False)."""
         w = _Waiter(rec, reply)
-        s.waiters.append(w)
-        reply.cancel_value = -1
+        queue.append(w)
+        reply.cancel_value = nothing
 
         def drop():
             try:
-                s.waiters.remove(w)
+                queue.remove(w)
             except ValueError:
                 pass
             if w.timer is not None:
@@ -169,7 +174,7 @@ class SyncState:
             def expire():
                 w.timer = None
                 drop()
-                reply.ok(-1)
+                reply.ok(nothing)
             w.timer = self._loop().call_later(timeout, expire)
 
     def _serve(self, s: _Sem) -> None:
@@ -221,24 +226,7 @@ class SyncState:
         if timeout == 0:
             reply.ok(False)
             return
-        w = _Waiter(rec, reply)
-        m.waiters.append(w)
-        reply.cancel_value = False
-
-        def drop():
-            try:
-                m.waiters.remove(w)
-            except ValueError:
-                pass
-            if w.timer is not None:
-                w.timer.cancel()
-        reply.on_cancel = drop
-        if timeout is not None:
-            def expire():
-                w.timer = None
-                drop()
-                reply.ok(False)
-            w.timer = self._loop().call_later(timeout, expire)
+        self._enqueue(m.waiters, rec, reply, timeout, False)
 
     def mutex_destroy(self, name) -> None:
         m = self.mutexes.get(name)
