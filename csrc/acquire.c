@@ -17,6 +17,9 @@
  *     is dead (recovering it if so: progress never depends on the supervisor
  *     alone).  NP_ETIMEDOUT leaves the queue, or marks the caller given up
  *     when the guard could not be had in time (Q3): nothing was taken.
+ *  A5 A mutex grant bumps its fencing token in the grant's transaction
+ *     (T1): a death at any point either grants with a new token or not at
+ *     all, so no token is handed out twice.
  *  A4 destroy bumps the generation; a queued waiter that finds another
  *     generation returns NP_EDESTROYED and is no longer queued.
  */
@@ -116,6 +119,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             TX64(d, a, o->value, v - 1);
             if (kind == NP_KIND_MUTEX) {
                 TX32(d, a, o->owner, d->my_proc);
+                TX64(d, a, o->token, o->token + 1);     /* T1 */
             } else if (o->protected_) {
                 np_delta *e = delta_of(d, d->my_proc - 1, idx);
                 int64_t cur = e->gen == o->gen ? e->delta : 0;

@@ -31,6 +31,12 @@
  *  I3 A guard word names its owner by actor index AND incarnation, a process
  *     slot names its recoverer the same way: an actor that is freed bumps its
  *     incarnation first, so a name never designates a later owner.
+ *  T1 Fencing: a mutex's `token' is bumped by every grant, in the grant's
+ *     own transaction (acquire.c), and never decreases while the object
+ *     lives: each holder's token is larger than every earlier holder's.
+ *  T2 destroy raises the header's token_hw to the destroyed mutex's token
+ *     and create starts a mutex at token_hw, both in the transaction that
+ *     changes the name (names.c): tokens also grow across destroy/create.
  *  I4 Dead means dead: only certain evidence (ESRCH/ENOENT, another start
  *     time, a zombie with no live thread) lets anyone act on a process's
  *     behalf.  "Cannot tell" is treated as alive.
@@ -48,7 +54,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 4u
+#define NP_LAYOUT_VERSION 5u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -119,6 +125,9 @@ typedef struct {
     uint32_t pad0;
     uint64_t creator_start;
     uint64_t creator_pidns;
+    /* T2: at least the last fencing token of every destroyed mutex; a
+     * created mutex starts from it.  Written under the name guard, logged. */
+    uint64_t token_hw;
 } np_hdr;
 
 /* Semaphores are objects [0, S), mutexes [S, S + M): one array, two tables. */
@@ -133,6 +142,7 @@ typedef struct {
     uint32_t qlen;
     int32_t  rel_cpu;           /* hint: CPU of the last release (not logged) */
     uint32_t purge;             /* hint: a queued actor gave up (not logged) */
+    uint64_t token;             /* mutex: fencing token of the last grant (T1) */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
@@ -441,6 +451,7 @@ static inline int closing(np_domain *d)
 /* internal (uncounted) operations; the exported functions wrap them */
 int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind);
 int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline);
+int64_t np_i_release_mutex(np_domain *d, uint64_t handle, int64_t guard_deadline, int force);
 int64_t np_i_wait_cancel(np_domain *d);
 
 #endif

@@ -53,7 +53,8 @@ enum {
     NP_ESYS       = -16,  /* a system call failed; errno is preserved */
     NP_EBUSY      = -17,  /* a sleep cannot start now (already waiting) */
     NP_EKIND      = -18,  /* name exists as the other kind (semaphore vs mutex) */
-    NP_ECLOSED    = -19   /* np_domain_close() was called in this process */
+    NP_ECLOSED    = -19,  /* np_domain_close() was called in this process */
+    NP_ENOTHOLDER = -20   /* mutex unlock by a process that does not hold it */
 };
 
 enum {
@@ -158,8 +159,18 @@ int64_t np_sem_delta_of(np_domain *d, uint64_t handle, int32_t pid, int64_t *out
 /* ---- mutexes ---- */
 /* 0 when locked by the calling process; NP_EAGAIN (NP_NOWAIT), NP_ETIMEDOUT, NP_EINTR. */
 int64_t np_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);
-/* Unlock (any process may; no-op when not locked). */
+/* Unlock a mutex the calling process holds; NP_ENOTHOLDER (nothing changed)
+ * when another process holds it or nobody does.  The holder is a process:
+ * any thread of it may unlock. */
 int64_t np_mutex_unlock(np_domain *d, uint64_t handle);
+/* Unlock whoever holds it (the reference's any-container unlock); a no-op
+ * when it is free. */
+int64_t np_mutex_force_unlock(np_domain *d, uint64_t handle);
+/* The fencing token of the calling process's hold: 0 and the token (>= 1)
+ * in *out while it holds the mutex, 0 and 0 in *out when it does not.  Every
+ * later holder's token is larger, also across destroy/re-create and across a
+ * holder's death. */
+int64_t np_mutex_token(np_domain *d, uint64_t handle, int64_t *out);
 int64_t np_mutex_destroy(np_domain *d, uint64_t handle);
 
 /* Leave the wait queue the calling thread is in (after NP_EINTR). */

@@ -7,6 +7,7 @@ See README.md.
 """
 
 from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError,
+                     NotHolderError,
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
                      ServiceConfigError, RemoteError)
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Controller", "Service", "ProcessorHooks", "Container", "Timer", "Plugin",
     "semaphore", "mutex", "sharedvar", "cenv",
-    "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError",
+    "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
 ]

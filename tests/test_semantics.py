@@ -596,25 +596,41 @@ def test_mutex_lock_with_timeout_returns_false_when_held(events, backend):
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is True
 
 
-def test_mutex_unlocked_by_another_container_can_be_locked_again(events, backend):
+def test_unlock_by_a_container_that_does_not_hold_it_raises_and_changes_nothing(events, backend):
     M = uniq("mtx")
     with cluster(events, backend, ["a", "b", "c"]) as c:
         assert c["a"].call("mutex.access(M).lock()", M=M) is True
-        assert c["b"].call("mutex.access(M).unlock()", M=M) is None
+        e = c["b"].error("mutex.access(M).unlock()", M=M)
+        assert "NotHolderError" in str(e)
+        assert c["c"].call("mutex.access(M).lock(timeout=0.2)", M=M) is False
+        assert c["b"].call("mutex.access(M).locked()", M=M) is True
+        assert c["a"].call("mutex.access(M).unlock()", M=M) is None
+        assert c["c"].call("mutex.access(M).lock(timeout=1)", M=M) is True
+
+
+def test_force_unlock_frees_a_mutex_held_by_another_container(events, backend):
+    M = uniq("mtx")
+    with cluster(events, backend, ["a", "b", "c"]) as c:
+        assert c["a"].call("mutex.access(M).lock()", M=M) is True
+        assert c["b"].call("mutex.access(M).unlock(force=True)", M=M) is None
         assert c["c"].call("mutex.access(M).lock(timeout=1)", M=M) is True
         assert c["a"].call("mutex.access(M).lock(timeout=0)", M=M) is False
 
 
-def test_unlock_of_an_unlocked_mutex_is_a_no_op(events, backend):
-    """Unlocking a free mutex (twice, and one never used) must not let two holders in."""
+def test_unlock_of_an_unlocked_mutex_raises_and_lets_no_two_holders_in(events, backend):
+    """Unlocking a free mutex (twice, and one never used) raises NotHolderError
+    and must not let two holders in; force on a free mutex is a no-op."""
     M = uniq("mtx")
     with cluster(events, backend, ["a", "b"]) as c:
         a, b = c["a"], c["b"]
-        assert a.call("[mutex.access(M).unlock(), mutex.access(M).unlock()]", M=M) == [None, None]
+        assert "NotHolderError" in str(a.error("mutex.access(M).unlock()", M=M))
+        assert "NotHolderError" in str(a.error("mutex.access(M).release()", M=M))
+        assert a.call("mutex.access(M).unlock(force=True)", M=M) is None
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is True
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is False
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is False   # not recursive
         a.call("mutex.access(M).unlock()", M=M)
+        assert "NotHolderError" in str(a.error("mutex.access(M).unlock()", M=M))
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is True
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is False
 
@@ -775,7 +791,7 @@ def test_lock_granted_to_a_cancelled_task_is_released(events, backend):
         a.call("store.__setitem__('t', asyncio.ensure_future(mutex.access(M).lock_async(timeout=30)))", M=M)
         c.wait_waiters(M, 1)
         assert a.call("""
-            mutex.access(M).unlock()    # any container may unlock: hands it to our waiting task...
+            mutex.access(M).unlock(force=True)   # hands it to our waiting task...
             t = store['t']
             t.cancel()                  # ... which is cancelled before it runs
             r = await asyncio.gather(t, return_exceptions=True)

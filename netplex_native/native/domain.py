@@ -54,6 +54,7 @@ if _lib is not None:
     _EDESTROYED = _lib.NP_EDESTROYED
     _ESTALE = _lib.NP_ESTALE
     _ECLOSED = _lib.NP_ECLOSED
+    _ENOTHOLDER = _lib.NP_ENOTHOLDER
     _ENOENT = _lib.NP_ENOENT
     _EEXIST = _lib.NP_EEXIST
     _SEM = _lib.NP_KIND_SEM
@@ -124,6 +125,10 @@ def _error(rc, dom, name, kind):
         return OverflowError(f"semaphore {name!r} would exceed {errors.VALUE_MAX}")
     if rc == _lib.NP_EBUSY:
         return RuntimeError("this thread is already queued on another semaphore or mutex")
+    if rc == _lib.NP_ENOTHOLDER:
+        return errors.NotHolderError(
+            f"mutex {name!r} is not held by this process (pid {os.getpid()}): nothing was "
+            f"unlocked; unlock(force=True) frees it whoever holds it")
     if rc == _lib.NP_ECLOSED:
         seg = dom.name if dom is not None else "?"
         return errors.SegmentError(f"native segment {seg} is closed")
@@ -222,11 +227,12 @@ class Domain:
                     return True
             return slow_lock(name, timeout, cancel=cancel)
 
-        def mutex_unlock(name):
-            h = mtxs.get(name)
-            if h is not None and c_unlock(d, h) == 0:
-                return None
-            return slow_unlock(name)
+        def mutex_unlock(name, force=False):
+            if force is False:
+                h = mtxs.get(name)
+                if h is not None and c_unlock(d, h) == 0:
+                    return None
+            return slow_unlock(name, force)
 
         self.sem_decrement = sem_decrement
         self.sem_increment = sem_increment
@@ -535,13 +541,48 @@ class Domain:
         _check(rc, self, name, _MTX)
         return True
 
-    def mutex_unlock(self, name) -> None:
-        """Unlock (any process may; a no-op when not locked)."""
-        h = self._mtxs.get(name)
-        if h is not None and self._d is not None and _lib.np_mutex_unlock(self._d, h) == 0:
-            return
-        rc = self._call(_MTX, name, _lib.np_mutex_unlock)
+    def mutex_unlock(self, name, force=False) -> None:
+        """Unlock a mutex this process holds; NotHolderError (nothing changed)
+        when it does not.  ``force=True``: unlock whoever holds it (a no-op
+        when free)."""
+        if force is False:
+            h = self._mtxs.get(name)
+            if h is not None and self._d is not None and _lib.np_mutex_unlock(self._d, h) == 0:
+                return
+            fn = _lib.np_mutex_unlock
+        else:
+            errors.check_bool(force, "force")
+            fn = _lib.np_mutex_force_unlock
+        rc = self._call(_MTX, name, fn, create=False)
+        if rc is None:                       # no such mutex: nobody holds it
+            if force:
+                return
+            errors.check_name(name)
+            rc = _ENOTHOLDER
         _check(rc, self, name, _MTX)
+
+    def mutex_token(self, name) -> int | None:
+        """The fencing token of this process's hold of *name*, or None when
+        it does not hold it."""
+        out = _ffi.new("int64_t *")
+        rc = self._call(_MTX, name, _lib.np_mutex_token, out, create=False)
+        if rc is None:
+            errors.check_name(name)
+            return None
+        _check(rc, self, name, _MTX)
+        return out[0] or None
+
+    def mutex_locked(self, name) -> bool:
+        """True while some process holds *name*."""
+        h = self._call(_MTX, name, lambda d, h: h, create=False)
+        if h is None:
+            errors.check_name(name)
+            return False
+        info = _ffi.new("np_obj_info_t *")
+        idx = h & 0xffffffff
+        if _check(_lib.np_obj_info(self._dom(), _MTX, idx - self.config["semaphores"], info), self) != 1:
+            return False
+        return info.value == 0
 
     def mutex_destroy(self, name) -> None:
         rc = self._call(_MTX, name, _lib.np_mutex_destroy, create=False)

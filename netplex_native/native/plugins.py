@@ -174,7 +174,9 @@ class _NativeSem:
 class _NativeMutex:
     def __init__(self, dom, role):
         self._dom = dom
-        self.unlock = dom.mutex_unlock
+        self.unlock = dom.mutex_unlock          # (name, force=False)
+        self.token = dom.mutex_token
+        self.locked = dom.mutex_locked
         self.destroy = dom.mutex_destroy
         if role == "container":
             self.lock = dom.mutex_lock
