@@ -92,6 +92,7 @@ typedef struct {
     int32_t  protected_;     /* semaphores: protected accounting on */
     int32_t  owner_pid;      /* mutex: pid of the holder, 0 when free */
     uint32_t waiters;        /* threads queued */
+    int64_t  token;          /* mutex: fencing token of the last grant */
     char     name[256];
 } np_obj_info_t;   /* _t: np_obj_info is the function */
 

@@ -171,29 +171,98 @@ def test_sem_destroy_is_atomic_at_every_crash_point(dom):
                       lambda: dom.sem_destroy("s"), verify)
 
 
+def _lock_unlock(dom, name):
+    """Take and give back *name* in the parent: its token, and the mutex free."""
+    assert dom.mutex_trylock(name) is True
+    t = dom.mutex_token(name)
+    dom.mutex_unlock(name)
+    return t
+
+
 @pytest.mark.timeout(120)
 def test_mutex_lock_is_atomic_at_every_crash_point(dom):
-    dom.mutex_unlock("m")                       # implicit creation
-    def verify(_, crashed, n):
+    """A grant and its fencing token are one transaction: whatever step the
+    child dies at, the token was handed out once or not at all, and the next
+    holder's token is larger than every earlier one."""
+    last = [_lock_unlock(dom, "m")]
+    def setup():
+        return mtx(dom, "m")["token"]
+    def verify(before, crashed, n):
         info = mtx(dom, "m")
         assert info["locked"] is False and info["waiters"] == 0, (n, info)
-        assert dom.mutex_trylock("m") is True
-        dom.mutex_unlock("m")
-    enumerate_crashes(dom, "mutex lock", lambda: None, lambda: dom.mutex_unlock("m"),
+        assert info["token"] in (before, before + 1), (n, before, info)
+        t = _lock_unlock(dom, "m")
+        assert t == info["token"] + 1 and t > last[0], (n, t, last)
+        last[0] = t
+    enumerate_crashes(dom, "mutex lock", setup, lambda: dom.mutex_locked("m"),
                       lambda: dom.mutex_lock("m"), verify)
 
 
 @pytest.mark.timeout(120)
 def test_mutex_unlock_is_atomic_at_every_crash_point(dom):
+    """The child holds the mutex and dies unlocking it: after recovery it is
+    free either way, and the next holder's token is larger."""
+    last = [_lock_unlock(dom, "m")]
+    def prepare():
+        assert dom.mutex_trylock("m") is True
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info["waiters"] == 0 and info["locked"] is False, (n, info)
+        t = _lock_unlock(dom, "m")
+        assert t >= last[0] + 2, (n, t, last)         # the child's token came between
+        last[0] = t
+    enumerate_crashes(dom, "mutex unlock", lambda: None, prepare,
+                      lambda: dom.mutex_unlock("m"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_force_unlock_is_atomic_at_every_crash_point(dom):
     def setup():
         assert dom.mutex_trylock("m") is True   # held by the (live) parent
     def verify(_, crashed, n):
         info = mtx(dom, "m")
         assert info["waiters"] == 0
         assert (info["locked"], info["owner_pid"]) in ((True, os.getpid()), (False, None)), (n, info)
-        dom.mutex_unlock("m")
-    enumerate_crashes(dom, "mutex unlock", setup, lambda: dom.sem_get("warm"),
-                      lambda: dom.mutex_unlock("m"), verify)
+        dom.mutex_unlock("m", force=True)
+    enumerate_crashes(dom, "mutex force unlock", setup, lambda: dom.sem_get("warm"),
+                      lambda: dom.mutex_unlock("m", force=True), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_destroy_keeps_tokens_growing_at_every_crash_point(dom):
+    """Destroy raises the domain's token high-water mark in the transaction
+    that removes the name: a re-created mutex never hands out a token at or
+    below one handed out before, whatever step the destroyer died at."""
+    last = [0]
+    def setup():
+        last[0] = max(last[0], _lock_unlock(dom, "m"))
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info is None or (info["locked"] is False and info["token"] == last[0]), (n, info)
+        t = _lock_unlock(dom, "m")
+        assert t > last[0], (n, t, last)
+        last[0] = t
+        dom.mutex_destroy("m")
+    enumerate_crashes(dom, "mutex destroy", setup, lambda: dom.mutex_locked("m"),
+                      lambda: dom.mutex_destroy("m"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_create_and_lock_keeps_tokens_growing_at_every_crash_point(dom):
+    """The child creates a destroyed mutex and locks it (create starts from
+    the high-water mark) and dies at any step: the next token is larger."""
+    last = [0]
+    def setup():
+        last[0] = max(last[0], _lock_unlock(dom, "m"))
+        dom.mutex_destroy("m")
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info is None or (info["locked"] is False and info["token"] >= last[0]), (n, info)
+        t = _lock_unlock(dom, "m")
+        assert t > last[0], (n, t, last)
+        last[0] = t
+    enumerate_crashes(dom, "mutex create + lock", setup, lambda: None,
+                      lambda: dom.mutex_trylock("m"), verify)
 
 
 @pytest.mark.timeout(120)

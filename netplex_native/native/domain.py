@@ -616,7 +616,8 @@ class Domain:
 
     def mutexes(self) -> list[dict]:
         return [{"name": _ffi.string(info.name).decode(), "locked": info.value == 0,
-                 "owner_pid": info.owner_pid or None, "waiters": info.waiters}
+                 "owner_pid": info.owner_pid or None, "waiters": info.waiters,
+                 "token": info.token}
                 for info in self._objects(_MTX, self.config["mutexes"])]
 
     def processes(self) -> list[dict]:
