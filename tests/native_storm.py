@@ -10,6 +10,9 @@ Checked exactly, from the record file and the segment:
   - a mutex never has two live holders, a semaphore never more than its count (a
     holder that writes nothing after a later acquire is dead by then: dead means
     dead, so it cannot be a live holder);
+  - every holder of a mutex has a fencing token larger than every earlier
+    holder's (the record's order is the order of the holds: a live holder
+    writes its acquire before it unlocks, a dead one writes nothing more);
   - no wait lasts longer than its timeout + 1 s (processes are also SIGSTOPped
     for up to 0.4 s at random moments, inside guards included);
   - once quiet and everyone recovered: every semaphore back at its initial value,
@@ -76,7 +79,7 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
                 got = dom.mutex_lock(name, timeout)
                 t1 = _now()
                 if got:
-                    rec.write("A", pid, tid, name, t0, t1, timeout)
+                    rec.write("A", pid, tid, name, t0, t1, timeout, dom.mutex_token(name))
                     time.sleep(rnd.choice([0, 0, 0.0002, 0.001]))
                     rec.write("R", pid, tid, name, _now(), 0, 0)
                     dom.mutex_unlock(name)
@@ -134,7 +137,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
         for name, v in SEMS.items():
             dom.sem_create(name, v, protected=True)
         for name in MUTEXES:
-            dom.mutex_unlock(name)
+            dom.mutex_unlock(name, force=True)     # implicit creation
         live: set[int] = set()
         pending: list[tuple[float, int]] = []       # (when, pid) to recover
         seq = 0
@@ -238,16 +241,17 @@ def check_record(path: str) -> dict:
             last_line_of[int(pid)] = i
     capacity = dict(SEMS, **{m: 1 for m in MUTEXES})
     stops: dict[int, list[tuple[float, float]]] = {}
-    for kind, pid, _tid, _obj, t0, t1, _timeout in lines:
+    for kind, pid, _tid, _obj, t0, t1, _timeout, *_token in lines:
         if kind == "S":
             stops.setdefault(int(pid), []).append((float(t0), float(t1)))
 
     def stopped_during(pid, a, b):
         return sum(max(0.0, min(b, y) - max(a, x)) for x, y in stops.get(pid, ()))
     holders: dict[str, list[tuple[int, int]]] = {name: [] for name in capacity}
-    ops = timeouts = 0
+    ops = timeouts = tokens = 0
     longest = 0.0
-    for i, (kind, pid, tid, obj, t0, t1, timeout) in enumerate(lines):
+    last_token: dict[str, int] = {}
+    for i, (kind, pid, tid, obj, t0, t1, timeout, *token) in enumerate(lines):
         pid, tid = int(pid), int(tid)
         if kind in ("A", "T"):
             # a waiter that was itself stopped meanwhile waited that much longer
@@ -264,6 +268,14 @@ def check_record(path: str) -> dict:
             hs.append((pid, tid))
             assert len(hs) <= capacity[obj], (
                 f"line {i}: {len(hs)} live holders of {obj} (capacity {capacity[obj]}): {hs}")
+            if obj in MUTEXES:
+                assert token and token[0] != "None", f"line {i}: holder of {obj} without a token"
+                t = int(token[0])
+                assert t > last_token.get(obj, 0), (
+                    f"line {i}: token {t} of {obj} not above the previous holder's "
+                    f"{last_token.get(obj)}")
+                last_token[obj] = t
+                tokens += 1
         elif kind == "R":
             hs = holders[obj]
             assert (pid, tid) in hs, f"line {i}: release of {obj} by a non-holder {pid}/{tid}"
@@ -273,7 +285,7 @@ def check_record(path: str) -> dict:
         elif kind == "S":
             continue
     return {"operations": ops, "timeouts": timeouts, "longest_wait_s": round(longest, 4),
-            "records": len(lines)}
+            "records": len(lines), "tokens_checked": tokens}
 
 
 def main(argv=None) -> int:
