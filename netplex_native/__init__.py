@@ -17,12 +17,13 @@ from .container import Container, Timer
 from .controller import Controller
 from .plugin import Plugin
 from . import semaphore, mutex, sharedvar, cenv
+from .domain import Domain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Controller", "Service", "ProcessorHooks", "Container", "Timer", "Plugin",
-    "semaphore", "mutex", "sharedvar", "cenv",
+    "semaphore", "mutex", "sharedvar", "cenv", "Domain",
     "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",

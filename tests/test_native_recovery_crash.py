@@ -79,7 +79,7 @@ def rdom():
     d.sem_create("s", 3, protected=True)
     d.sem_create("t", 5, protected=True)
     d.sem_create("q", 0, protected=True)
-    d.mutex_unlock("m")
+    d.mutex_unlock("m", force=True)      # implicit creation
     yield d
     d.unlink()
     d.close()

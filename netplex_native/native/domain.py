@@ -288,6 +288,10 @@ class Domain:
                 removed.append(name)
         return removed
 
+    def creator_alive(self) -> bool:
+        """False only when the process that created the segment is certainly gone."""
+        return bool(_lib.np_domain_creator_alive(self._dom()))
+
     def close(self) -> None:
         """Leave the domain and unmap it (the segment stays).  Waits in progress in
         other threads end with SegmentError; what this process held through this
@@ -553,10 +557,8 @@ class Domain:
         else:
             errors.check_bool(force, "force")
             fn = _lib.np_mutex_force_unlock
-        rc = self._call(_MTX, name, fn, create=False)
+        rc = self._call(_MTX, name, fn, create=force)   # force: created on first use
         if rc is None:                       # no such mutex: nobody holds it
-            if force:
-                return
             errors.check_name(name)
             rc = _ENOTHOLDER
         _check(rc, self, name, _MTX)
