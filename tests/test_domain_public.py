@@ -1,0 +1,155 @@
+"""netplex_native.Domain, the public face of the native core for any supervisor:
+create (removing segments whose creator is dead), attach in a spawned process
+through NETPLEX_DOMAIN, recover, unlink, close, and the handle classes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import netplex_native as netplex
+from netplex_native import Domain
+from netplex_native.mutex import Mutex
+from netplex_native.semaphore import Semaphore
+from netplex_native.native import domain as _native
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def dom():
+    d = Domain.create(semaphores=16, mutexes=16, processes=16, export=False)
+    yield d
+    d.unlink()
+    d.close()
+
+
+def test_domain_is_public_and_its_handles_are_the_module_handle_classes(dom):
+    assert netplex.Domain is Domain
+    m, s = dom.mutex("m"), dom.semaphore("s", 3)
+    assert isinstance(m, Mutex) and isinstance(s, Semaphore)
+    assert s.get() == 3 and dom.semaphore("s", 9).get() == 3       # existing: initial ignored
+    assert m.acquire() and m.locked() and m.token >= 1
+    m.release()
+    with pytest.raises(netplex.NotHolderError):
+        m.release()
+    assert dom.name.startswith("/netplex-") and dom.config["mutexes"] == 16
+
+
+def test_create_exports_the_name_and_unlink_clears_it():
+    d = Domain.create(semaphores=4, mutexes=4, processes=4)
+    try:
+        assert os.environ["NETPLEX_DOMAIN"] == d.name
+    finally:
+        d.unlink()
+        d.close()
+    assert "NETPLEX_DOMAIN" not in os.environ
+    assert not os.path.exists("/dev/shm" + d.name)
+
+
+def test_a_forked_worker_killed_holding_gives_everything_back_after_recover(dom):
+    m, s = dom.mutex("m"), dom.semaphore("s", 2)
+    t0 = m.acquire() and m.token
+    m.release()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        s.acquire(); s.acquire(); m.acquire()
+        os.write(w, str(m.token).encode())
+        signal.pause()
+    t1 = int(os.read(r, 32))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert s.get() == 0 and m.locked()
+    assert dom.recover(pid) == 1
+    assert s.get() == 2 and not m.locked()
+    assert m.acquire(timeout=1) and m.token > t1 > t0
+    m.release()
+
+
+def test_a_spawned_process_attaches_through_netplex_domain(dom):
+    """A fresh interpreter (spawned, not forked) finds the domain by the name in
+    NETPLEX_DOMAIN and uses the same objects, awaitable forms included."""
+    m = dom.mutex("shared")
+    assert m.acquire()
+    src = textwrap.dedent("""
+        import asyncio, sys
+        from netplex_native import Domain
+        d = Domain.attach()
+        m = d.mutex("shared")
+        async def main():
+            first = await m.acquire_async(timeout=0.2)      # held by the parent
+            got = await m.acquire_async(timeout=20)          # the parent releases it
+            tok = m.token
+            async with d.semaphore("gate", 1):
+                inside = d.semaphore("gate").get()
+            m.release()
+            return first, got, tok, inside
+        print(*asyncio.run(main()))
+    """)
+    env = dict(os.environ, NETPLEX_DOMAIN=dom.name)
+    p = subprocess.Popen([sys.executable, "-c", src], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    import time
+    time.sleep(1.0)
+    t_parent = m.token
+    m.release()
+    out, err = p.communicate(timeout=40)
+    assert p.returncode == 0, err
+    first, got, tok, inside = out.split()
+    assert (first, got, inside) == ("False", "True", "0")
+    assert int(tok) > t_parent
+    assert not m.locked()
+
+
+def test_attach_without_a_name_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("NETPLEX_DOMAIN", raising=False)
+    with pytest.raises(netplex.SegmentError, match="NETPLEX_DOMAIN"):
+        Domain.attach()
+
+
+def test_create_removes_segments_whose_creator_is_dead_whoever_created_them(tmp_path):
+    """A segment made by another kind of supervisor (a process that created it
+    and was SIGKILLed) is removed by the next create; one whose creator lives
+    stays."""
+    src = textwrap.dedent("""
+        import os, signal, sys
+        from netplex_native.native import domain
+        d = domain.Domain.create(semaphores=2, mutexes=2, processes=2)
+        print(d.name, flush=True)
+        signal.pause()
+    """)
+    dead = subprocess.Popen([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True)
+    try:
+        dead_name = dead.stdout.readline().strip()
+        live_name = live.stdout.readline().strip()
+        dead.kill()
+        dead.wait()
+        assert os.path.exists("/dev/shm" + dead_name)
+        d = Domain.create(semaphores=2, mutexes=2, processes=2, export=False)
+        d.unlink()
+        d.close()
+        assert not os.path.exists("/dev/shm" + dead_name)
+        assert os.path.exists("/dev/shm" + live_name)
+    finally:
+        live.kill()
+        live.wait()
+        _native.Domain.remove_stale()
+    assert not os.path.exists("/dev/shm" + live_name)
+
+
+def test_destroy_and_recreate_keeps_tokens_growing(dom):
+    m = dom.mutex("x")
+    assert m.acquire()
+    t = m.token
+    m.release()
+    dom.destroy_mutex("x")
+    assert m.acquire(timeout=1) and m.token > t
+    m.release()
