@@ -5,6 +5,8 @@ Plain variables hold ``str``; ``enc=True`` ones any picklable object.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._context import ctx
 from .rpc.sharedvar import SharedVarPlugin
 
@@ -17,30 +19,31 @@ def create_var(name: str, *, own: bool = False, ro: bool = False, enc: bool = Fa
     *own*: deleted with the last container of the creating service; *ro*:
     only that service may set it; *timeout*: deleted after that many seconds
     without a get or set."""
-    return ctx.var.create_var(name, own, ro, enc, timeout)
+    return bool(ctx.var.create_var(name, own, ro, enc, timeout))
 
 
-def set_value(name: str, value) -> bool:
+def set_value(name: str, value: Any) -> bool:
     """Set; False if the variable does not exist.  Raises
     SharedVarPermissionError / SharedVarTypeError."""
-    return ctx.var.set_value(name, value)
+    return bool(ctx.var.set_value(name, value))
 
 
-def get_value(name: str):
+def get_value(name: str) -> Any:
     """The value, or None if the variable does not exist."""
     return ctx.var.get_value(name)
 
 
 def delete_var(name: str) -> bool:
     """Delete; False if it did not exist."""
-    return ctx.var.delete_var(name)
+    return bool(ctx.var.delete_var(name))
 
 
-def wait_for_value(name: str, timeout: float | None = None):
+def wait_for_value(name: str, timeout: float | None = None) -> Any:
     """The value at once if it was ever set, else the next value set; None
     if the variable is missing, deleted meanwhile, or on timeout."""
     return ctx.var.wait_for_value(name, timeout)
 
 
-async def wait_for_value_async(name: str, timeout: float | None = None):
+async def wait_for_value_async(name: str, timeout: float | None = None) -> Any:
+    """``wait_for_value`` for handlers: waits without blocking the loop."""
     return await ctx.var.wait_for_value_async(name, timeout)
