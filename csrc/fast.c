@@ -484,7 +484,7 @@ static void mb_dealloc(MutexBase *self)
 static PyMethodDef mb_methods[] = {
     {"lock", (PyCFunction)(void (*)(void))mb_lock, METH_FASTCALL | METH_KEYWORDS,
      "lock(timeout=None) -> bool: wait until locked (True), or timeout seconds (False)."},
-    {"unlock", (PyCFunction)mb_unlock, METH_NOARGS, "unlock(): unlock (a no-op when not locked)."},
+    {"unlock", (PyCFunction)mb_unlock, METH_NOARGS, "unlock(): unlock (NotHolderError when this process does not hold it)."},
     {NULL, NULL, 0, NULL}
 };
 

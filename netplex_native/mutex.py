@@ -91,9 +91,9 @@ class Mutex(_MutexBase):
         """Unlock.  NotHolderError (nothing changed) when this process does not
         hold it; ``force=True`` unlocks whoever holds it (a no-op when free)."""
         if force is False:
-            self._backend.unlock(self.name)
+            ctx.mutex.unlock(self.name)
         else:
-            self._backend.unlock(self.name, force)
+            ctx.mutex.unlock(self.name, force)
 
     @property
     def token(self) -> int | None:
@@ -155,6 +155,12 @@ class BoundMutex(Mutex):
 
     def lock(self, timeout: float | None = None) -> bool:
         return bool(self._be.lock(self.name, timeout))
+
+    def unlock(self, force: bool = False) -> None:
+        if force is False:
+            self._be.unlock(self.name)
+        else:
+            self._be.unlock(self.name, force)
 
 
 def access(name: str) -> Mutex:
