@@ -25,7 +25,7 @@ from typing import Any
 from ._context import ctx
 from .rpc.sync import MutexPlugin
 from .native.plugins import NativeMutexPlugin
-from .errors import check_name, check_timeout
+from .errors import NetplexError, check_name, check_timeout
 
 __all__ = ["plugin", "native_plugin", "Mutex", "access", "destroy"]
 
@@ -61,6 +61,13 @@ def _acquire_timeout(blocking: bool, timeout: float | None) -> float | None:
     if timeout is None or (timeout == -1 and type(timeout) is not bool):
         return None
     return check_timeout(timeout)
+
+
+def _destroyed(name: str) -> NetplexError:
+    """``with`` never runs its body unprotected: a wait without timeout
+    that ended without the lock (the mutex was destroyed) raises."""
+    return NetplexError(f"{name!r} was destroyed while this process waited for it; "
+                        f"the body of the with statement did not run")
 
 
 class Mutex(_MutexBase):
@@ -121,7 +128,8 @@ class Mutex(_MutexBase):
         return bool(self._backend.locked(self.name))
 
     def __enter__(self) -> "Mutex":
-        self.lock()
+        if not self.lock():
+            raise _destroyed(self.name)
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -129,7 +137,8 @@ class Mutex(_MutexBase):
         self.unlock()
 
     async def __aenter__(self) -> "Mutex":
-        await self.lock_async()
+        if not await self.lock_async():
+            raise _destroyed(self.name)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._context import ctx, forward
 from .errors import check_int, check_name
-from .mutex import _acquire_timeout
+from .mutex import _acquire_timeout, _destroyed
 from .rpc.sync import SemaphorePlugin
 from .native.plugins import NativeSemaphorePlugin
 
@@ -120,7 +120,8 @@ class Semaphore:
             b.increment(self.name)
 
     def __enter__(self) -> "Semaphore":
-        self.acquire()
+        if not self.acquire():
+            raise _destroyed(self.name)
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -128,7 +129,8 @@ class Semaphore:
         self.release()
 
     async def __aenter__(self) -> "Semaphore":
-        await self.acquire_async()
+        if not await self.acquire_async():
+            raise _destroyed(self.name)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,

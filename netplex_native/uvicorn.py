@@ -23,7 +23,9 @@ Which process runs what:
   SIGTERM (uvicorn's graceful shutdown), then SIGKILL after
   ``graceful_timeout``, every one is recovered, the segment is unlinked and
   the supervisor exits 0; SIGHUP: workers are replaced one at a time, the
-  domain is kept.
+  domain is kept.  A crash loop is backed off, and after 10 workers in a row
+  that ended within 1 s of their start (an app that does not import, say)
+  the supervisor stops everything and exits with status 3.
 - workers: uvicorn's ``Server`` on the inherited socket; ``domain()``
   attaches once per process; a worker whose supervisor is gone exits.
 """
@@ -91,6 +93,9 @@ class _Supervisor:
         self.pending: set[int] = set()           # pids whose recovery must be retried
         self.stopping = False
         self.reload = False
+        self.started: dict[int, float] = {}      # pid -> when it was spawned
+        self.quick_failures = 0                  # consecutive workers that lived < 1 s
+        self.status = 0
         self.ctx = multiprocessing.get_context("spawn")
 
     def spawn(self) -> None:
@@ -98,6 +103,7 @@ class _Supervisor:
                              args=(self.app, self.options, self.sock, os.getpid()))
         p.start()
         self.procs.append(p)
+        self.started[p.pid] = time.monotonic()
         log.info("netplex: started worker %d", p.pid)
 
     def reap(self, p: Any) -> None:
@@ -129,13 +135,21 @@ class _Supervisor:
             ready = multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=0.5)
             for p in [p for p in self.procs if p.sentinel in ready]:
                 log.warning("netplex: worker %d ended (exit code %s)", p.pid, p.exitcode)
+                lived = time.monotonic() - self.started.pop(p.pid, 0.0)
                 self.reap(p)
-                if not self.stopping:
+                self.quick_failures = self.quick_failures + 1 if lived < 1.0 else 0
+                if self.quick_failures >= 10:
+                    log.error("netplex: 10 workers in a row ended within 1 s of their start "
+                              "(does the app import?); stopping")
+                    self.stopping, self.status = True, 3
+                elif not self.stopping:
+                    if self.quick_failures:      # back off a crash loop
+                        time.sleep(min(0.05 * 2 ** self.quick_failures, 2.0))
                     self.spawn()
             if self.pending:
                 self.retry_recovery()
         self._stop_all()
-        return 0
+        return self.status
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stopping = True

@@ -153,3 +153,32 @@ def test_destroy_and_recreate_keeps_tokens_growing(dom):
     dom.destroy_mutex("x")
     assert m.acquire(timeout=1) and m.token > t
     m.release()
+
+
+def test_with_never_runs_its_body_unprotected_when_the_object_is_destroyed_while_waiting(dom):
+    """A wait without timeout that ends without the lock (destroy) raises in
+    ``with`` instead of running the body unprotected."""
+    import threading
+    m, s = dom.mutex("d"), dom.semaphore("ds", 0)
+    assert m.acquire()
+    out = []
+
+    def waiter(h):
+        try:
+            with h:
+                out.append("body ran")
+        except netplex.NetplexError as e:
+            out.append(type(e).__name__)
+    ts = [threading.Thread(target=waiter, args=(h,)) for h in (dom.mutex("d"), s)]
+    for t in ts:
+        t.start()
+    import time
+    deadline = time.monotonic() + 10
+    while sum(o["waiters"] for o in dom._core.mutexes() + dom._core.semaphores()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    dom.destroy_mutex("d")
+    dom.destroy_semaphore("ds")
+    for t in ts:
+        t.join(10)
+    assert out == ["NetplexError", "NetplexError"]

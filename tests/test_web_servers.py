@@ -244,3 +244,19 @@ def test_a_sigkilled_masters_segment_is_removed_at_the_next_start(server, kind):
     assert http(second.port, "/info")["segment"] != seg
     assert not shm_exists(seg)
     assert second.stop() == 0, second.text()
+
+
+def test_uvicorn_supervisor_stops_with_status_3_when_workers_cannot_start(tmp_path):
+    """An app that does not import: the crash loop is backed off and ends."""
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "netplex_native.uvicorn", "no_such_module:app",
+                          "--workers", "1", "--port", str(port), "--log-level", "critical"],
+                         env=_env(), cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        assert p.wait(120) == 3
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert segments_created_by(p.pid) == []
