@@ -80,7 +80,7 @@ def lookup(service: str, protocol: str | None = None) -> str | None:
         raise NotInContainerError("cenv.lookup() needs a running controller or container")
     for s in ctx.controller.services:
         if s.name == service and s.address is not None and s.address.scheme == "unix":
-            return s.address.path
+            return str(s.address.path)
     return None
 
 

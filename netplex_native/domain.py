@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
+from typing import Any
 
 from . import errors
 from .mutex import BoundMutex, Mutex
@@ -40,7 +41,7 @@ __all__ = ["Domain", "ENV"]
 ENV = "NETPLEX_DOMAIN"
 
 
-def _core():
+def _core() -> Any:
     from .native import domain as core
     core._require()
     return core

@@ -73,7 +73,8 @@ def _master_domain() -> Domain:
             d.close()
         except Exception:               # gone or not ours: create a new one
             pass
-    _domain = Domain.create(**_config)
+    _domain = Domain.create(semaphores=_config["semaphores"], mutexes=_config["mutexes"],
+                            processes=_config["processes"])
     _owner_pid = os.getpid()
     log.info("netplex: created segment %s", _domain.name)
     return _domain

@@ -20,7 +20,7 @@ Invariants of the handles (every backend):
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._context import ctx
 from .rpc.sync import MutexPlugin
@@ -33,21 +33,27 @@ plugin = MutexPlugin()
 native_plugin = NativeMutexPlugin()
 
 
-try:
-    from ._fast import MutexBase as _MutexBase, set_context as _set_context
-except ImportError:
-    class _MutexBase:  # type: ignore[no-redef]
-        """lock() in Python (the accelerator is not built)."""
+class _PyMutexBase:
+    """lock() in Python (the accelerator, _fast.MutexBase, is not built)."""
 
-        __slots__ = ("name",)
+    __slots__ = ("name",)
 
-        def __init__(self, name: str) -> None:
-            self.name = name
+    def __init__(self, name: str) -> None:
+        self.name = name
 
-        def lock(self, timeout: float | None = None) -> bool:
-            return bool(ctx.mutex.lock(self.name, timeout))
+    def lock(self, timeout: float | None = None) -> bool:
+        return bool(ctx.mutex.lock(self.name, timeout))
+
+
+if TYPE_CHECKING:
+    _MutexBase = _PyMutexBase
 else:
-    _set_context(ctx)
+    try:
+        from ._fast import MutexBase as _MutexBase, set_context as _set_context
+    except ImportError:
+        _MutexBase = _PyMutexBase
+    else:
+        _set_context(ctx)
 
 
 def _acquire_timeout(blocking: bool, timeout: float | None) -> float | None:

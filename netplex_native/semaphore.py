@@ -105,12 +105,12 @@ class Semaphore:
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """As ``threading.Semaphore.acquire``: True when a unit was taken."""
         t = _acquire_timeout(blocking, timeout)
-        return self._backend.decrement(self.name, t != 0, t) >= 0
+        return bool(self._backend.decrement(self.name, t != 0, t) >= 0)
 
     async def acquire_async(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """``acquire`` for coroutines."""
         t = _acquire_timeout(blocking, timeout)
-        return await self._backend.decrement_async(self.name, t != 0, t) >= 0
+        return bool(await self._backend.decrement_async(self.name, t != 0, t) >= 0)
 
     def release(self, n: int = 1) -> None:
         """As ``threading.Semaphore.release``: give back *n* units (n >= 1)."""

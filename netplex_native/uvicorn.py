@@ -102,6 +102,7 @@ class _Supervisor:
         p = self.ctx.Process(target=_worker_main, name="netplex-uvicorn-worker",
                              args=(self.app, self.options, self.sock, os.getpid()))
         p.start()
+        assert p.pid is not None
         self.procs.append(p)
         self.started[p.pid] = time.monotonic()
         log.info("netplex: started worker %d", p.pid)

@@ -82,7 +82,7 @@ def available() -> bool:
     return _lib is not None
 
 
-def _require():
+def _require() -> None:
     if _lib is None:
         raise errors.NativeUnavailableError(
             f"the native core netplex_native._core is not built ({_import_error}); "

@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+from typing import Any
 
 from ..errors import NativeUnavailableError, WouldBlockError, check_timeout
 from ..plugin import Plugin
@@ -137,7 +138,7 @@ class _NativeSem:
     the Domain's own methods (no extra Python layer on the hot path); in the
     controller a wait that would block raises WouldBlockError instead."""
 
-    def __init__(self, dom, role):
+    def __init__(self, dom: Any, role: str) -> None:
         self._dom = dom
         self.increment = dom.sem_increment
         self.get = dom.sem_get
@@ -145,8 +146,8 @@ class _NativeSem:
         if role == "container":
             self.decrement = dom.sem_decrement
 
-    def create(self, name, initial, protected):
-        return self._dom.sem_create(name, initial, protected=protected)
+    def create(self, name: str, initial: int, protected: bool) -> bool:
+        return bool(self._dom.sem_create(name, initial, protected=protected))
 
     def decrement(self, name, wait=False, timeout=None):
         if wait is not True and wait is not False:  # checked before anything is taken
@@ -172,7 +173,7 @@ class _NativeSem:
 
 
 class _NativeMutex:
-    def __init__(self, dom, role):
+    def __init__(self, dom: Any, role: str) -> None:
         self._dom = dom
         self.unlock = dom.mutex_unlock          # (name, force=False)
         self.token = dom.mutex_token
