@@ -16,13 +16,16 @@ Which process runs what (gunicorn's arbiter is the supervisor):
   removed first).  A HUP reload re-executes the config file but not
   ``on_starting``, and this module's state survives the re-execution, so the
   one segment is kept: old and new workers share it, a mutex never has two
-  holders.  A master started by USR2 (gunicorn's binary upgrade) finds the
-  old master's live segment in ``NETPLEX_DOMAIN`` and attaches to it, so old
-  and new workers share it too.
+  holders.  USR2 (gunicorn's binary upgrade): the name travels to the new
+  master in ``NETPLEX_DOMAIN`` (put into the environment gunicorn re-executes
+  with), and a master that gunicorn started as an upgrade (``GUNICORN_PID``
+  set) attaches to it, so old and new workers share the segment too.
 - master, ``child_exit``: the reaped worker's holdings are given back
   (``recover(pid)``); a recovery that cannot finish now (a guard held by a
   stopped process) is retried from a background thread until it does.
-- master, ``on_exit`` (TERM, INT, QUIT): the segment is unlinked and closed.
+- master, ``on_exit`` (TERM, INT, QUIT): the segment is unlinked and closed
+  -- unless this master has a live upgraded master (USR2), which takes it
+  over (and unlinks it when it exits).
 - workers: ``domain()`` returns the domain inherited from the master.
 
 Set capacities with ``configure(semaphores=..., mutexes=..., processes=...)``
@@ -63,16 +66,13 @@ def _master_domain() -> Domain:
     if _domain is not None and _owner_pid == os.getpid():
         return _domain                  # HUP, or a second call: keep the one segment
     inherited = os.environ.get(ENV)
-    if inherited and _domain is None:
-        try:
-            d = Domain.attach(inherited)
-            if d._core.creator_alive():  # type: ignore[attr-defined]
-                _domain, _owner_pid = d, os.getpid()
-                log.info("netplex: attached to the running segment %s (binary upgrade)", d.name)
-                return d
-            d.close()
-        except Exception:               # gone or not ours: create a new one
-            pass
+    if inherited and os.environ.get("GUNICORN_PID") and _domain is None:
+        try:                            # a binary upgrade: share the old master's segment
+            _domain, _owner_pid = Domain.attach(inherited), os.getpid()
+            log.info("netplex: attached to the running segment %s (binary upgrade)", inherited)
+            return _domain
+        except Exception:
+            log.warning("netplex: segment %s of the upgraded master is gone; creating one", inherited)
     _domain = Domain.create(semaphores=_config["semaphores"], mutexes=_config["mutexes"],
                             processes=_config["processes"])
     _owner_pid = os.getpid()
@@ -82,7 +82,10 @@ def _master_domain() -> Domain:
 
 def on_starting(server: Any) -> None:
     """gunicorn hook (master, before the first fork): create the domain."""
-    _master_domain()
+    d = _master_domain()
+    env = getattr(getattr(server, "cfg", None), "env_orig", None)
+    if isinstance(env, dict):
+        env[ENV] = d.name               # what a USR2 re-execution runs with
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -133,10 +136,22 @@ def on_exit(server: Any) -> None:
     d, _domain = _domain, None
     if d is None or _owner_pid != os.getpid():
         return
+    heir = int(getattr(server, "reexec_pid", 0) or 0)
     try:
-        d.unlink()
+        if heir and _alive(heir):
+            log.info("netplex: segment %s left to the upgraded master %d", d.name, heir)
+        else:
+            d.unlink()
     finally:
         d.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
 
 
 def domain() -> Domain:

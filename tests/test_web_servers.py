@@ -260,3 +260,52 @@ def test_uvicorn_supervisor_stops_with_status_3_when_workers_cannot_start(tmp_pa
             p.kill()
             p.wait()
     assert segments_created_by(p.pid) == []
+
+
+def _is_master(pid: int) -> bool:
+    """A gunicorn master: the re-executed one is a child of the old master,
+    told from its workers by its process title (or, without setproctitle, by
+    having children of its own)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    return b"gunicorn: master" in cmd or (b"gunicorn: worker" not in cmd and bool(children(pid)))
+
+
+def test_gunicorn_binary_upgrade_usr2_shares_the_segment_and_never_two_holders(server):
+    """USR2 starts a new master beside the old one (both serve): the new
+    master's workers use the same segment, so a mutex held by an old worker
+    is not granted to a new one; the old master's exit leaves the segment to
+    the new master, whose TERM removes it."""
+    srv = server("gunicorn")
+    old_master = srv.proc.pid
+    seg = http(srv.port, "/info")["segment"]
+    held = http(srv.port, "/hold?name=u&timeout=5")
+    assert held["ok"] is True
+    srv.proc.send_signal(signal.SIGUSR2)
+    new_master = []
+
+    def upgraded():
+        new_master[:] = [c for c in children(old_master) if _is_master(c)]
+        return bool(new_master) and len(children(new_master[0])) >= 2
+    settle(upgraded, timeout=60, what="the upgraded master and its workers")
+    new_workers = children(new_master[0])
+    seen = set()
+    for _ in range(40):                           # old and new workers answer in turn
+        r = http(srv.port, "/try?name=u&timeout=0.05")
+        assert r["ok"] is False, r                # held by the old worker: nobody else
+        seen.add(r["pid"])
+        assert http(srv.port, "/info")["segment"] == seg
+        if seen & new_workers:
+            break
+    assert seen & new_workers, "no request reached the new workers"
+    srv.proc.send_signal(signal.SIGTERM)          # the old master goes, workers and all
+    assert srv.proc.wait(30) == 0
+    assert shm_exists(seg)                        # left to the new master
+    nxt = http(srv.port, "/try?name=u&timeout=20")
+    assert nxt["ok"] is True and nxt["pid"] in new_workers and nxt["token"] > held["token"]
+    os.kill(new_master[0], signal.SIGTERM)
+    settle(lambda: not os.path.exists(f"/proc/{new_master[0]}"), timeout=30, what="new master gone")
+    assert not shm_exists(seg)
