@@ -125,6 +125,11 @@ uint64_t np_domain_creator_start(const np_domain *d);
 /* 0 only when the creator is certainly gone (as np_process_alive, and within
  * the creator's pid namespace only). */
 int np_domain_creator_alive(const np_domain *d);
+/* 0 only when nobody may still use the segment: its creator and every
+ * process registered in it are certainly gone (the stale-segment rule: a
+ * supervisor that attached after its creator died -- gunicorn's binary
+ * upgrade -- keeps it alive by being registered). */
+int np_domain_in_use(np_domain *d);
 /* 0 only when the process pid with that start time is certainly gone (no
  * such pid, another start time, or a zombie with no live thread); 1 when it
  * is alive or when that cannot be told (EMFILE, ENOMEM, unreadable /proc). */

@@ -16,6 +16,10 @@
  *     (its slot is recovered as if it had died) and only then unmaps.  The
  *     descriptor is never freed, so a late call fails with NP_ECLOSED.  The
  *     np_fast_* entry points are not counted: their caller excludes close.
+ *  G4 A segment is stale only when its creator AND every process registered
+ *     in it are certainly dead (I4): a process that attached and registered
+ *     (a supervisor taking over after a binary upgrade, a spawned worker)
+ *     keeps it in use after its creator is gone.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -289,4 +293,17 @@ uint64_t np_domain_creator_start(const np_domain *d) { return d->h->creator_star
 int np_domain_creator_alive(const np_domain *d)
 {
     return np_proc_state(d->h->creator_pid, d->h->creator_start, d->h->creator_pidns) != NP_DEAD;
+}
+
+int np_domain_in_use(np_domain *d)
+{
+    if (np_domain_creator_alive(d))
+        return 1;
+    /* Every slot, the reserve included (G2): a slot that is free or being
+     * recovered is no user; an alive or registering one is, unless its
+     * process is certainly dead. */
+    for (uint32_t p = 0; p <= d->nproc; p++)
+        if (np_slot_state(d, p) != NP_DEAD)
+            return 1;
+    return 0;
 }

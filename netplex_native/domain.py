@@ -20,8 +20,9 @@ Which process runs what:
 Invariants:
 - The holder of a mutex is a process; its handles raise NotHolderError on
   unlock by a process that does not hold it (see ``mutex``).
-- A segment records its creator (pid + start time); a segment is removed by a
-  later ``create`` only once that creator is certainly dead.
+- A segment records its creator (pid + start time); a later ``create``
+  removes a segment only once its creator and every process registered in
+  it (``attach`` registers the caller) are certainly dead.
 - Every public name here is typed (the package ships ``py.typed``).
 """
 
@@ -86,14 +87,22 @@ class Domain:
     @classmethod
     def attach(cls, name: str | None = None) -> "Domain":
         """Map an existing segment (in a spawned worker): *name*, or the one
-        named by ``NETPLEX_DOMAIN``."""
+        named by ``NETPLEX_DOMAIN``.  The calling process is registered: while
+        it lives, the segment is in use and no ``create`` removes it, even
+        after its creator has died."""
         if name is None:
             name = os.environ.get(ENV)
             if not name:
                 raise errors.SegmentError(
                     f"Domain.attach(): no name given and {ENV} is not set; the supervisor "
                     f"sets it in Domain.create() (export=True) before it spawns workers")
-        return cls(_core().Domain.attach(name))
+        core = _core().Domain.attach(name)
+        try:
+            core.register()
+        except BaseException:
+            core.close()
+            raise
+        return cls(core)
 
     @property
     def name(self) -> str:
@@ -136,14 +145,20 @@ class Domain:
     # ---- handles ----
     def semaphore(self, name: str, initial: int = 0, *, protected: bool = True) -> Semaphore:
         """The semaphore *name*, created with *initial* if missing (protected
-        by default: what a worker took is given back when it is recovered).
+        by default: a worker's net effect -- decrements minus increments -- is
+        reverted when it is recovered, however it ended; pass
+        ``protected=False`` for a semaphore that counts items a producer
+        releases and a consumer takes).
         If it exists, *initial* and *protected* are ignored."""
         errors.check_name(name)
+        self._core._dom()                     # type: ignore[attr-defined]  # closed: SegmentError
         self._sem_backend.create(name, initial, protected)
         return BoundSemaphore(name, self._sem_backend)
 
     def mutex(self, name: str) -> Mutex:
-        """The mutex *name* (created unlocked on first use)."""
+        """The mutex *name* (created unlocked on first use; a full table
+        raises TableFullError then)."""
+        self._core._dom()                     # type: ignore[attr-defined]  # closed: SegmentError
         return BoundMutex(name, self._mtx_backend)
 
     def destroy_semaphore(self, name: str) -> None:

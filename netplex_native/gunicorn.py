@@ -19,7 +19,9 @@ Which process runs what (gunicorn's arbiter is the supervisor):
   holders.  USR2 (gunicorn's binary upgrade): the name travels to the new
   master in ``NETPLEX_DOMAIN`` (put into the environment gunicorn re-executes
   with), and a master that gunicorn started as an upgrade (``GUNICORN_PID``
-  set) attaches to it, so old and new workers share the segment too.
+  set) attaches to it, so old and new workers share the segment too; attached
+  (and so registered), the new master keeps the segment in use after the old
+  one, its creator, has exited: no other ``Domain.create`` removes it.
 - master, ``child_exit``: the reaped worker's holdings are given back
   (``recover(pid)``); a recovery that cannot finish now (a guard held by a
   stopped process) is retried from a background thread until it does.

@@ -58,8 +58,8 @@ else:
 
 def _acquire_timeout(blocking: bool, timeout: float | None) -> float | None:
     """threading's acquire(blocking, timeout) -> our timeout (None: forever)."""
-    if blocking is not True and blocking is not False:
-        raise TypeError(f"blocking must be a bool, not {type(blocking).__name__}")
+    if not isinstance(blocking, int):          # bool or int, as threading: acquire(0)
+        raise TypeError(f"blocking must be a bool or an int, not {type(blocking).__name__}")
     if not blocking:
         if timeout is not None and timeout != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")

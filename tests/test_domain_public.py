@@ -182,3 +182,91 @@ def test_with_never_runs_its_body_unprotected_when_the_object_is_destroyed_while
     for t in ts:
         t.join(10)
     assert out == ["NetplexError", "NetplexError"]
+
+
+def test_a_segment_stays_while_a_process_attached_to_it_lives_after_its_creator_died():
+    """The stale rule is 'nobody may still use it': a process that attached
+    (gunicorn's upgraded master, a spawned worker) keeps the segment in use
+    after its creator died; once it dies too, the next create removes it."""
+    creator_src = textwrap.dedent("""
+        import signal
+        from netplex_native import Domain
+        d = Domain.create(semaphores=2, mutexes=2, processes=4, export=False)
+        print(d.name, flush=True)
+        signal.pause()
+    """)
+    user_src = textwrap.dedent("""
+        import signal, sys
+        from netplex_native import Domain
+        d = Domain.attach(sys.argv[1])
+        print("attached", flush=True)
+        signal.pause()
+    """)
+    creator = subprocess.Popen([sys.executable, "-c", creator_src], stdout=subprocess.PIPE, text=True)
+    user = None
+    try:
+        name = creator.stdout.readline().strip()
+        user = subprocess.Popen([sys.executable, "-c", user_src, name], stdout=subprocess.PIPE,
+                                text=True)
+        assert user.stdout.readline().strip() == "attached"
+        creator.kill()
+        creator.wait()
+        d = Domain.create(semaphores=2, mutexes=2, processes=2, export=False)
+        d.unlink()
+        d.close()
+        assert os.path.exists("/dev/shm" + name), "removed while an attached process lives"
+        user.kill()
+        user.wait()
+        d = Domain.create(semaphores=2, mutexes=2, processes=2, export=False)
+        d.unlink()
+        d.close()
+        assert not os.path.exists("/dev/shm" + name)
+    finally:
+        for p in (creator, user):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        _native.Domain.remove_stale()
+
+
+def test_protected_reverts_a_processs_net_effect_unprotected_keeps_it(dom):
+    """As the README says: protected reverts decrements AND increments of a
+    recovered process, whatever its exit; protected=False keeps them."""
+    pool = dom.semaphore("pool", 0)
+    items = dom.semaphore("items", 0, protected=False)
+
+    def produce():
+        pool.release(3)
+        items.release(3)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            produce()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert (pool.get(), items.get()) == (3, 3)
+    assert dom.recover(pid, timeout=5) >= 0
+    assert (pool.get(), items.get()) == (0, 3)
+
+
+def test_threading_idiom_accepts_int_blocking_and_a_closed_domain_makes_no_handles():
+    d = Domain.create(semaphores=2, mutexes=2, processes=2, export=False)
+    try:
+        m, s = d.mutex("m"), d.semaphore("s", 1)
+        assert m.acquire(0) is True and m.acquire(0) is False
+        m.release()
+        assert m.acquire(1, 0.1) is True
+        m.release()
+        assert s.acquire(0) is True and s.acquire(0) is False
+        with pytest.raises(TypeError, match="blocking"):
+            m.acquire("yes")
+        with pytest.raises(ValueError, match="non-blocking"):
+            s.acquire(0, 1.0)
+    finally:
+        d.unlink()
+        d.close()
+    with pytest.raises(netplex.SegmentError):
+        d.mutex("m")
+    with pytest.raises(netplex.SegmentError):
+        d.semaphore("s")

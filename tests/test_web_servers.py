@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from harness import free_port
+from netplex_native import Domain
 from netplex_native.native import domain as _native
 
 pytestmark = pytest.mark.timeout(150)
@@ -303,6 +304,12 @@ def test_gunicorn_binary_upgrade_usr2_shares_the_segment_and_never_two_holders(s
     srv.proc.send_signal(signal.SIGTERM)          # the old master goes, workers and all
     assert srv.proc.wait(30) == 0
     assert shm_exists(seg)                        # left to the new master
+    # Its creator (the old master) is dead, but the new master attached to it:
+    # another supervisor's create must not take it for stale.
+    other = Domain.create(semaphores=2, mutexes=2, processes=2, export=False)
+    other.unlink()
+    other.close()
+    assert shm_exists(seg), "a live master's segment was removed as stale"
     nxt = http(srv.port, "/try?name=u&timeout=20")
     assert nxt["ok"] is True and nxt["pid"] in new_workers and nxt["token"] > held["token"]
     os.kill(new_master[0], signal.SIGTERM)

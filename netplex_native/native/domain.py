@@ -265,7 +265,9 @@ class Domain:
 
     @staticmethod
     def remove_stale(prefix="netplex-") -> list[str]:
-        """Unlink our segments in /dev/shm whose creator (pid + start time) is dead."""
+        """Unlink our segments in /dev/shm that nobody may still use: their
+        creator (pid + start time) and every process registered in them are
+        certainly dead (segment.c, G4)."""
         _require()
         removed = []
         try:
@@ -281,7 +283,7 @@ class Domain:
                 continue                      # not ours, or not readable by us
             d = out[0]
             try:
-                dead = not _lib.np_domain_creator_alive(d)
+                dead = not _lib.np_domain_in_use(d)
             finally:
                 _lib.np_domain_close(d)
             if dead and _lib.np_domain_unlink(name.encode()) == 0:
