@@ -163,7 +163,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                 procs[n++] = o->owner - 1;
             if (v > 0 && queued) {
                 uint32_t cur = o->qhead, steps = 0;
-                while (cur && cur != ai + 1 && n < NP_WAKE_BATCH && steps++ <= d->nact) {
+                while (cur && cur != ai + 1 && n < NP_WAKE_BATCH && steps++ <= d->nall) {
                     uint32_t p = d->actors[cur - 1].proc;
                     if (p && p != d->my_proc && p <= d->nproc)
                         procs[n++] = p - 1;

@@ -16,6 +16,8 @@
  *   names.c       lookup / create / destroy
  *   recovery.c    recover(pid): the state machine of a dead process's slot
  *   segment.c     create / attach / close / unlink, the in-flight count
+ *   asyncwait.c   waits that cost no thread: records queued like actors,
+ *                 the per-process doorbell (W1-W4)
  *   introspect.c  obj_info, proc_info, check
  *   testpoints.c  crash points (test builds only: crashpoint.h)
  *
@@ -48,7 +50,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 4u
+#define NP_LAYOUT_VERSION 5u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -143,6 +145,8 @@ typedef struct {
     uint64_t start_time;        /* valid once state is ALIVE */
     uint64_t pidns;             /* inode of its pid namespace (0 unknown) */
     uint64_t gen;               /* generation of the last registration */
+    uint32_t bell;              /* doorbell: bumped when one of its async records is woken (W2) */
+    uint32_t bell_sleeping;     /* 1 while its helper thread may sleep on `bell' */
 } np_proc;
 
 typedef struct {
@@ -173,6 +177,8 @@ typedef struct {
     uint32_t intent_guard;      /* guard id + 1 the log belongs to */
     uint32_t intent_guard2;     /* second guard id + 1 (create/destroy), or 0 */
     int64_t  wait_since;        /* CLOCK_MONOTONIC ns when it was queued */
+    uint32_t armed;             /* async records: 1 while a wake-up is to be reported (W2) */
+    uint32_t seen;              /* async records: `wake' when it was armed */
     np_redo  intent[NP_INTENT_MAX];
 } np_actor;
 
@@ -193,6 +199,11 @@ struct np_domain {
     np_delta  *deltas;
     uint32_t   nsem, nmtx, nobj, nproc, nact, name_cap;
     uint32_t   rslot, ractor;   /* the reserve slot and actor (== nproc, nact) */
+    /* async waiter records: actors [wbase, nall) past the reserve (asyncwait.c) */
+    uint32_t   nwt, wbase, nall, wquota;
+    uint32_t   aw_count;        /* records this process holds (W3) */
+    uint32_t   aw_cursor;       /* where the next claim starts looking */
+    uint64_t   aw_epoch;        /* fork epoch aw_count belongs to */
     uint64_t   serial;          /* distinguishes domains in thread caches */
     uint32_t   my_proc;         /* process slot + 1, valid when my_epoch matches */
     uint64_t   my_epoch;
@@ -378,6 +389,7 @@ static inline void tx_commit(np_domain *d, np_actor *a)
 uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a);
 void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim);
 void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
+void np_tx_q_append_rec(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
 int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
 void np_q_purge(np_domain *d, np_actor *me, np_obj *o);
 void np_wake_actors(np_domain *d, const uint32_t *who, int n);
