@@ -202,3 +202,65 @@ result = [t1.cancelled(), ok]
         assert pend.result(timeout=20) == [True, True]
         assert b.call("mutex.access(M).lock(timeout=1)", M=M) is True
         b.call("mutex.access(M).unlock()", M=M)
+
+
+def test_every_shared_variable_call_has_an_awaitable_form_that_leaves_the_loop_serving(events, backend):
+    V = uniq("aw.var")
+    with cluster(events, backend, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("await sharedvar.create_var_async(V)", V=V) is True
+        assert a.call("await sharedvar.create_var_async(V)", V=V) is False
+        pend = a.start("await sharedvar.wait_for_value_async(V, timeout=20)", V=V)
+        time.sleep(0.2)
+        assert not pend.done()
+        # the loop of a still serves its other connections meanwhile
+        assert a.call("await sharedvar.get_value_async(V)", timeout=5, V=V) == ""
+        assert b.call("await sharedvar.set_value_async(V, 'hello')", V=V) is True
+        assert pend.result(timeout=10) == "hello"
+        assert a.call("await sharedvar.get_value_async(V)", V=V) == "hello"
+        assert a.call("await sharedvar.delete_var_async(V)", V=V) is True
+        assert a.call("await sharedvar.delete_var_async(V)", V=V) is False
+        assert a.call("await sharedvar.get_value_async(V)", V=V) is None
+
+
+SYNC_WAITS = """
+import logging, threading
+seen = []
+class H(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+h = H(logging.WARNING)
+logging.getLogger("netplex_native").addHandler(h)
+try:
+    semaphore.create(S, 0)
+    m = mutex.access(M)
+    assert await m.lock_async(timeout=1)
+    th = threading.Thread(target=lambda: semaphore.decrement(S, wait=True, timeout=0.02))
+    th.start(); th.join()                               # not on the loop: no warning
+    for _ in range(3):
+        semaphore.decrement(S, wait=True, timeout=0.02)  # one call site: one warning
+    semaphore.decrement(S, wait=True, timeout=0.02)      # another site: another
+    semaphore.decrement(S, wait=True, timeout=0)         # never blocks: none
+    semaphore.decrement(S)                               # never blocks: none
+    sharedvar.create_var(V)
+    sharedvar.wait_for_value(V, timeout=0.02)
+    th = threading.Thread(target=lambda: m.lock(timeout=0.02))
+    th.start(); th.join()                               # not on the loop: no warning
+    m.lock(timeout=0.02)
+finally:
+    logging.getLogger("netplex_native").removeHandler(h)
+m.unlock()
+result = [s for s in seen if "event loop" in s]
+"""
+
+
+def test_a_synchronous_wait_on_the_loop_thread_warns_once_per_call_site(events, backend):
+    S, M, V = uniq("aw.w"), uniq("aw.wm"), uniq("aw.wv")
+    with cluster(events, backend, ["a"]) as c:
+        msgs = c["a"].call(SYNC_WAITS, timeout=20, S=S, M=M, V=V)
+        sems = [m for m in msgs if "semaphore.decrement(wait=True)" in m]
+        assert len(sems) == 2, msgs
+        assert all("decrement_async" in m for m in sems)
+        assert len([m for m in msgs if "wait_for_value" in m and "wait_for_value_async" in m]) == 1, msgs
+        assert len([m for m in msgs if "Mutex.lock()" in m and "lock_async" in m]) == 1, msgs
+        assert len(msgs) == 4, msgs

@@ -37,10 +37,14 @@ except ImportError as _e:  # pragma: no cover - exercised only without a build
 else:
     _import_error = None
 
+from ..loopcheck import native_block_hook as _block_hook
+
 try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
     from .. import _fast
 except ImportError:  # pragma: no cover - a build without it uses closures
     _fast = None
+else:
+    _fast.set_block_hook(_block_hook)
 
 __all__ = ["available", "Domain"]
 
@@ -189,6 +193,10 @@ class Domain:
                     if rc >= 0:
                         return rc
                 elif wait is True:
+                    rc = c_dec(d, h, nowait)
+                    if rc >= 0:
+                        return rc
+                    _block_hook(1)
                     try:
                         rc = c_dec(d, h, forever)      # one slice, at most 100 ms
                         if rc >= 0:
@@ -487,6 +495,8 @@ class Domain:
                 return -1
         else:
             errors.check_bool(wait, "wait")
+            if timeout != 0:
+                _block_hook(_SEM)
             rc = self._wait(_SEM, name, _lib.np_sem_decrement, self._deadline(timeout), cancel)
         if rc >= 0:
             return rc
@@ -530,6 +540,8 @@ class Domain:
             rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
             if rc == 0:
                 return True
+        if timeout != 0:
+            _block_hook(_MTX)
         rc = self._wait(_MTX, name, _lib.np_mutex_lock, self._deadline(timeout), cancel)
         if rc == 0:
             return True
