@@ -143,6 +143,31 @@ def check_cancel_storm(c, n: int, seed: int) -> None:
     settle(lambda: c.waiters(S) == 0, what="nothing left queued after the storm")
 
 
+def run_async_checks(n: int, backends=("rpc", "native")) -> dict:
+    """The checks above with n coroutines (tests/stress.py --async-waiters N);
+    returns the figures, raises AssertionError on a failure."""
+    import tempfile
+    from harness import Events
+    figures = {}
+    cfg = {"waiters": 2 * n + 1024, "waiter_quota": n + 512}
+    for backend in backends:
+        events = Events()
+        try:
+            with cluster(events, backend, ["a", "b"], native_config=cfg) as c:
+                first, last = check_timeouts(c["a"], n)
+                t0 = time.monotonic()
+                check_served(c, n)
+                served = time.monotonic() - t0
+                check_killed_with_queued(c, n)
+                check_cancel_storm(c, n, seed=n)
+            figures[backend] = {"coroutines": n, "first_timeout_s": round(first, 4),
+                                "last_timeout_s": round(last, 4),
+                                "served_all_s": round(served, 3)}
+        finally:
+            events.close()
+    return figures
+
+
 def test_a_thousand_coroutines_awaiting_an_empty_semaphore_time_out_together(events, backend):
     with cluster(events, backend, ["a"]) as c:
         check_timeouts(c["a"], N_WAITERS)

@@ -55,6 +55,8 @@ def scene(dom, victim_crash, victim_op="increment"):
     rpid = child(recoverer)
     os.read(r, 1)
     v_pid = child(victim)
+    os.close(w)                             # the children's ends: not leaked here
+    os.close(go_r)
     assert killed(reap(v_pid))
     return v_pid, rpid, go_w, r
 
