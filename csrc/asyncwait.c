@@ -27,7 +27,9 @@
  *     `wake' under the guard that any later release takes before waking.
  *  W3 Quota: a process holds at most `waiter_quota' records at once (counted
  *     in the process, reset in a forked child), so one busy container cannot
- *     take the table from the others.
+ *     take the table from the others.  The process also keeps a bitmap of
+ *     its records (a hint: the record's own word decides), so the helper's
+ *     scan reads only those.
  *  W4 Leaving (cancellation, a timeout, the end of a wait): np_aw_release
  *     dequeues (waking those then entitled, as np_wait_cancel) and frees the
  *     record.  When the guard cannot be had within NP_GUARD_SLEEP_NS (a
@@ -45,6 +47,7 @@
 #include "core_internal.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 static inline int mine(np_domain *d, uint32_t r)
 {
@@ -57,8 +60,21 @@ static void count_reset(np_domain *d)
 {
     if (d->aw_epoch != np_fork_epoch) {     /* a forked child holds none (W3) */
         d->aw_count = 0;
+        memset(d->aw_mine, 0, ((d->nwt + 63) / 64) * sizeof(uint64_t));
         d->aw_epoch = np_fork_epoch;
     }
+}
+
+/* The process-local bitmap of our records (a hint for the scan only: the
+ * record's own word decides whose it is). */
+static inline void mine_set(np_domain *d, uint32_t r, int on)
+{
+    uint32_t i = r - d->wbase;
+    uint64_t bit = 1ULL << (i % 64);
+    if (on)
+        __atomic_or_fetch(&d->aw_mine[i / 64], bit, __ATOMIC_RELEASE);
+    else
+        __atomic_and_fetch(&d->aw_mine[i / 64], ~bit, __ATOMIC_RELEASE);
 }
 
 static int claim(np_domain *d)
@@ -86,6 +102,7 @@ static int claim(np_domain *d)
         __atomic_store_n(&x->armed, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&x->intent_valid, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&d->aw_cursor, (start + k + 1) % d->nwt, __ATOMIC_RELAXED);
+        mine_set(d, r, 1);
         return (int)r;
     }
     return -1;
@@ -239,6 +256,7 @@ static int64_t aw_release(np_domain *d, uint32_t r)
         if (guard_lock(d, &o->guard, tag, NP_GUARD_TRY) < 0) {
             /* W4: a stopped holder; whoever purges the queue frees it */
             np_give_up(o, x);
+            mine_set(d, r, 0);
             __atomic_store_n(&x->orphan, 1, __ATOMIC_SEQ_CST);
             __atomic_sub_fetch(&d->aw_count, 1, __ATOMIC_RELAXED);
             np_release_orphan(d, r);    /* purged meanwhile: free it ourselves */
@@ -259,6 +277,7 @@ static int64_t aw_release(np_domain *d, uint32_t r)
         CRASHPOINT();
         np_wake_actors(d, who, n);
     }
+    mine_set(d, r, 0);
     np_free_actor(d, r, __atomic_load_n(&x->own, __ATOMIC_ACQUIRE));
     __atomic_sub_fetch(&d->aw_count, 1, __ATOMIC_RELAXED);
     return 0;
@@ -276,8 +295,13 @@ int64_t np_aw_release(np_domain *d, uint32_t rec)
 static int scan(np_domain *d, uint32_t *out, int max)
 {
     int n = 0;
-    uint32_t mp = d->my_proc;
-    for (uint32_t r = d->wbase; r < d->nall && n < max; r++) {
+    uint32_t mp = d->my_proc, words = (d->nwt + 63) / 64;
+    if (d->aw_epoch != np_fork_epoch)
+        return 0;                       /* none claimed since fork */
+    for (uint32_t wi = 0; wi < words && n < max; wi++) {
+      uint64_t bits = __atomic_load_n(&d->aw_mine[wi], __ATOMIC_ACQUIRE);
+      for (; bits && n < max; bits &= bits - 1) {
+        uint32_t r = d->wbase + wi * 64 + (uint32_t)__builtin_ctzll(bits);
         np_actor *x = &d->actors[r];
         if (!__atomic_load_n(&x->armed, __ATOMIC_ACQUIRE)
             || __atomic_load_n(&x->proc, __ATOMIC_RELAXED) != mp
@@ -286,6 +310,7 @@ static int scan(np_domain *d, uint32_t *out, int max)
         uint32_t one = 1;
         if (__atomic_compare_exchange_n(&x->armed, &one, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             out[n++] = r;
+      }
     }
     return n;
 }
@@ -330,6 +355,10 @@ static int64_t aw_tick(np_domain *d, int64_t deadline)
         return NP_ESYS;
     int64_t recovered = 0;
     for (uint32_t r = d->wbase; r < d->nall; r++) {
+        uint32_t i = r - d->wbase;
+        if (d->aw_epoch != np_fork_epoch || !(__atomic_load_n(&d->aw_mine[i / 64], __ATOMIC_ACQUIRE)
+                                               & (1ULL << (i % 64))))
+            continue;
         np_actor *x = &d->actors[r];
         if (__atomic_load_n(&x->proc, __ATOMIC_RELAXED) != d->my_proc
             || !__atomic_load_n(&x->armed, __ATOMIC_ACQUIRE))

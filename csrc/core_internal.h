@@ -204,6 +204,9 @@ struct np_domain {
     uint32_t   aw_count;        /* records this process holds (W3) */
     uint32_t   aw_cursor;       /* where the next claim starts looking */
     uint64_t   aw_epoch;        /* fork epoch aw_count belongs to */
+    uint64_t  *aw_mine;         /* bitmap of the records this process holds
+                                 * (nwt bits): the doorbell's scan reads
+                                 * only those, not the whole table */
     uint64_t   serial;          /* distinguishes domains in thread caches */
     uint32_t   my_proc;         /* process slot + 1, valid when my_epoch matches */
     uint64_t   my_epoch;

@@ -81,6 +81,11 @@ static int map_domain(char *base, size_t size, np_domain **out)
     d->wbase = d->nact + 1;
     d->nall = d->wbase + d->nwt;
     d->wquota = h->cfg.waiter_quota ? h->cfg.waiter_quota : d->nwt;
+    d->aw_mine = calloc((d->nwt + 63) / 64 + 1, sizeof(uint64_t));
+    if (!d->aw_mine) {
+        free(d);
+        return NP_ESYS;
+    }
     d->name_cap = h->name_cap;
     d->serial = __atomic_add_fetch(&domain_serial, 1, __ATOMIC_RELAXED);
     pthread_mutex_lock(&np_dom_mu);
