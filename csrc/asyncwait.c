@@ -42,6 +42,8 @@
  *     looks again after its slice, a record cannot.  So a record that takes
  *     wakes those then entitled, and np_aw_tick wakes, every slice, those
  *     entitled on each object its records wait on.
+ *  W7 destroy wakes at most NP_WAKE_BATCH waiters; np_aw_tick marks the
+ *     others woken (they then find the object gone: NP_EDESTROYED).
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -364,10 +366,18 @@ static int64_t aw_tick(np_domain *d, int64_t deadline)
             || !__atomic_load_n(&x->armed, __ATOMIC_ACQUIRE))
             continue;
         uint32_t w = __atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED);
-        if (!w || w > d->nobj || seen[w - 1])
+        if (!w || w > d->nobj)
+            continue;
+        np_obj *o = &d->objs[w - 1];
+        if (!__atomic_load_n(&o->used, __ATOMIC_ACQUIRE)
+            || __atomic_load_n(&o->gen, __ATOMIC_RELAXED) != x->wait_gen) {
+            /* W7: destroyed, and beyond the batch destroy woke: look again */
+            __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
+            continue;
+        }
+        if (seen[w - 1])
             continue;
         seen[w - 1] = 1;
-        np_obj *o = &d->objs[w - 1];
         if (guard_lock(d, &o->guard, tag, deadline) < 0)
             continue;
         CRASHPOINT();

@@ -295,3 +295,81 @@ def test_a_synchronous_wait_on_the_loop_thread_warns_once_per_call_site(events, 
         assert len([m for m in msgs if "wait_for_value" in m and "wait_for_value_async" in m]) == 1, msgs
         assert len([m for m in msgs if "Mutex.lock()" in m and "lock_async" in m]) == 1, msgs
         assert len(msgs) == 4, msgs
+
+
+def test_destroying_a_semaphore_ends_every_awaiting_coroutine(events, backend):
+    """Far more than one wake-up batch (64) of coroutines wait; destroy from
+    another container ends all of them with -1, promptly."""
+    S = uniq("aw.destroyed")
+    with cluster(events, backend, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("semaphore.create(S, 0)", S=S) is True
+        pend = a.start(SERVED, S=S, T=30.0, n=300)
+        c.wait_waiters(S, 300, timeout=30)
+        t0 = time.monotonic()
+        b.call("semaphore.destroy(S)", S=S)
+        assert pend.result(timeout=10) == [0, 300]
+        assert time.monotonic() - t0 < 5
+
+
+def test_one_process_cannot_take_every_async_waiter_record():
+    """A process holds at most waiter_quota records: beyond it TableFullError
+    (nothing changed), and another process still gets its own."""
+    import asyncio
+    import os
+    from netplex_native import errors
+    from netplex_native.native import domain as _native
+    from netplex_native.native.asyncwait import waits_of
+    from harness import fork_call
+    from native_helpers import reap, exited_ok, sem
+
+    dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, waiters=16, waiter_quota=10)
+    try:
+        dom.sem_create("q", 0)
+
+        def fill(n):
+            async def main():
+                tasks = [asyncio.ensure_future(waits_of(dom).acquire(_native._SEM, "q", 5))
+                         for _ in range(n)]
+                await asyncio.sleep(0.1)
+                try:
+                    await waits_of(dom).acquire(_native._SEM, "q", 5)
+                    raise AssertionError("the 11th record was granted")
+                except errors.TableFullError as e:
+                    assert "waiter_quota" in str(e)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            asyncio.run(main())
+
+        fill(10)
+        assert sem(dom, "q")["waiters"] == 0
+        # another process is not starved by this one's records: hold 10 here,
+        # and a child still queues its own (6 left in the table of 16)
+        async def hold_and_check():
+            tasks = [asyncio.ensure_future(waits_of(dom).acquire(_native._SEM, "q", 5))
+                     for _ in range(10)]
+            await asyncio.sleep(0.1)
+
+            def child():
+                async def six():
+                    ts = [asyncio.ensure_future(waits_of(dom).acquire(_native._SEM, "q", 0.2))
+                          for _ in range(6)]
+                    assert await asyncio.gather(*ts) == [-1] * 6
+                asyncio.run(six())
+            pid = fork_call(child)
+            loop = asyncio.get_running_loop()
+            status = await loop.run_in_executor(None, reap, pid)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return status, pid
+        status, pid = asyncio.run(hold_and_check())
+        assert exited_ok(status)
+        assert dom.recover(pid, timeout=10) >= 0
+        assert sem(dom, "q")["waiters"] == 0
+        dom.check()
+    finally:
+        dom.unlink()
+        dom.close()
