@@ -175,6 +175,15 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
         guard_unlock(&o->guard);
         return NP_ESTALE;
     }
+    if (unlikely(x->waiting_on == idx + 1 && x->wait_gen != o->gen)) {
+        /* queued on an earlier incarnation, destroyed since (A4) */
+        tx_begin(a, idx, 0);
+        TX32(d, a, x->waiting_on, 0);
+        tx_commit(d, a);
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        return NP_EDESTROYED;
+    }
     int queued = x->waiting_on == idx + 1 && x->wait_gen == gen;
     if (unlikely(x->waiting_on && !queued)) {
         guard_unlock(&o->guard);

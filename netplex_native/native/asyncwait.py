@@ -82,12 +82,14 @@ class AsyncWaits:
         try:
             self._start_helper()
             final = 0
+            h = None        # the incarnation the record queues on: kept while queued
             while True:
                 d = dom._dom()
                 fut = loop.create_future()
                 self._futs[rec] = fut          # before the record is armed
                 try:
-                    h = dom._handle(kind, name, True, _d._TRY)
+                    if h is None:
+                        h = dom._handle(kind, name, True, _d._TRY)
                     rc = lib.np_aw_acquire(d, rec, h, kind, final)
                 except _d._Busy:
                     rc = _d._EINTR
@@ -97,8 +99,9 @@ class AsyncWaits:
                     return rc
                 if rc in (_d._ETIMEDOUT, _d._EDESTROYED):
                     return -1
-                if rc == _d._ESTALE:
+                if rc == _d._ESTALE:               # not queued: look the name up again
                     cache.pop(name, None)
+                    h = None
                     continue
                 if rc == _d._EINTR:            # an internal guard is busy: try soon
                     if final:

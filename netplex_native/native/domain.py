@@ -12,6 +12,10 @@ slices.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue 
 return ``NP_EINTR`` when an internal guard is held by a stopped process for a whole
 slice; every call site here calls again, so Ctrl-C works there too.
 
+Awaitable waits (``asyncwait.py``) queue an *async waiter record* of the segment
+instead of a thread: ``create(waiters=..., waiter_quota=...)`` sizes that table and
+bounds what one process may hold.
+
 ``close()`` is a process leaving the domain: waits in other threads end (they raise
 SegmentError), what the process held through this Domain is given back as if it had
 died, its table entries are freed, and only then is the memory unmapped.
