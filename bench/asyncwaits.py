@@ -4,10 +4,12 @@ With N = 1, 100 and 10,000 coroutines of one container awaiting an empty
 semaphore (``await semaphore.decrement_async(S, wait=True)``), a poster
 coroutine on the same loop increments S once per round and measures the
 time until the first woken coroutine runs again (which then awaits again,
-so N stays constant): the wake-up latency.  Memory per waiter is the growth
-of the container's RSS (and of the controller's, where RPC keeps its
-deferred replies) from before the N coroutines to when all N wait, divided
-by N.  Candidates: native, RPC, and ``asyncio.Semaphore`` in the same
+so N stays constant): the wake-up latency.  Memory per waiter, measured in
+a separate phase: the Python heap the N waiting coroutines add in the
+container (tracemalloc: the task, the coroutine, the futures, the channel's
+or the record's bookkeeping), plus for native the segment's record (360
+bytes), plus for RPC the growth of the controller's RSS where it keeps the
+deferred replies (measured at the first N = 10,000, before any reuse).  Candidates: native, RPC, and ``asyncio.Semaphore`` in the same
 container (the floor: no other process, no shared state).  The native and
 asyncio rounds alternate in one container; RPC runs in its own controller.
 Every figure is a median over rounds; verdicts are ratios in this run.
@@ -22,6 +24,7 @@ import asyncio
 import os
 import statistics
 import time
+import tracemalloc
 
 COUNTS = (1, 100, 10_000)
 
@@ -64,15 +67,24 @@ async def _measure(kind: str, n: int, rounds: int) -> dict:
             await take()
             woken.put_nowait(time.perf_counter())
 
-    me, parent = os.getpid(), os.getppid()
-    rss0, prss0 = _rss_kb(me), _rss_kb(parent)
+    parent = os.getppid()
+
+    async def queued_all():
+        for _ in range(500):                  # until all n are queued
+            await asyncio.sleep(0.01)
+            if kind == "asyncio" or _queued(name, kind) >= n:
+                break
+        await asyncio.sleep(0.1)
+
+    # memory phase (tracemalloc slows allocation: not during the latencies)
+    prss0 = _rss_kb(parent)
+    tracemalloc.start()
+    m0 = tracemalloc.get_traced_memory()[0]
     tasks = [asyncio.ensure_future(waiter()) for _ in range(n)]
-    for _ in range(200):                      # until all n are queued
-        await asyncio.sleep(0.01)
-        if kind == "asyncio" or _queued(name, kind) >= n:
-            break
-    await asyncio.sleep(0.05)
-    rss1, prss1 = _rss_kb(me), _rss_kb(parent)
+    await queued_all()
+    heap = (tracemalloc.get_traced_memory()[0] - m0) / n
+    tracemalloc.stop()
+    prss1 = _rss_kb(parent)
     lat = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -87,7 +99,8 @@ async def _measure(kind: str, n: int, rounds: int) -> dict:
     if kind != "asyncio":
         semaphore.destroy(name)
     del loop
-    return {"latency_ns": lat, "rss_per_waiter_b": (rss1 - rss0) * 1024 / n,
+    return {"latency_ns": lat, "heap_per_waiter_b": heap,
+            "segment_per_waiter_b": 360 if kind == "native" else 0,
             "controller_rss_per_waiter_b": (prss1 - prss0) * 1024 / n}
 
 
@@ -114,10 +127,12 @@ def job_asyncwaits(jc) -> None:
             for rep in range(reps):
                 for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                     r = await _measure(kind, n, rounds)
-                    d = out.setdefault(f"{kind}@{n}", {"latency_ns": [], "rss_per_waiter_b": [],
+                    d = out.setdefault(f"{kind}@{n}", {"latency_ns": [], "heap_per_waiter_b": [],
                                                         "controller_rss_per_waiter_b": []})
                     d["latency_ns"] += r["latency_ns"]
-                    d["rss_per_waiter_b"].append(r["rss_per_waiter_b"])
+                    d["heap_per_waiter_b"].append(r["heap_per_waiter_b"])
+                    d["segment_per_waiter_b"] = r["segment_per_waiter_b"]
+                    # the controller's RSS grows only the first time (then reuses)
                     d["controller_rss_per_waiter_b"].append(r["controller_rss_per_waiter_b"])
         return out
 
@@ -131,8 +146,9 @@ def job_asyncwaits(jc) -> None:
             lat = sorted(d["latency_ns"])
             jc.emit("aw", key=key, median=statistics.median(lat), p99=lat[int(0.99 * (len(lat) - 1))],
                     min=lat[0], max=lat[-1], n=len(lat),
-                    rss_per_waiter_b=statistics.median(d["rss_per_waiter_b"]),
-                    controller_rss_per_waiter_b=statistics.median(d["controller_rss_per_waiter_b"]))
+                    heap_per_waiter_b=statistics.median(d["heap_per_waiter_b"]),
+                    segment_per_waiter_b=d["segment_per_waiter_b"],
+                    controller_rss_per_waiter_b=d["controller_rss_per_waiter_b"][0])
         jc.emit("aw_done")
     asyncio.ensure_future(main()).add_done_callback(done)
 
@@ -147,7 +163,8 @@ def bench_asyncwaits(quick, results, Session, log):
             for e in s.events.seen:
                 if e["kind"] == "aw":
                     out[e["key"]] = {k: e[k] for k in ("median", "p99", "min", "max", "n",
-                                                       "rss_per_waiter_b", "controller_rss_per_waiter_b")}
+                                                       "heap_per_waiter_b", "segment_per_waiter_b",
+                                                       "controller_rss_per_waiter_b")}
                     out[e["key"]]["unit"] = "ns"
                 elif e["kind"] == "error":
                     raise RuntimeError(e["tb"])
@@ -162,7 +179,7 @@ def print_asyncwaits(results) -> None:
     print()
     print("awaiting coroutines: wake-up latency (post -> the woken coroutine runs) and memory per waiter")
     print(f"  {'N':>6}  {'candidate':10} {'median':>10} {'p99':>10} {'vs asyncio':>10}  "
-          f"{'RSS/waiter':>11} {'controller/waiter':>18}")
+          f"{'heap/waiter':>11} {'segment':>8} {'controller RSS':>15}")
     for n in COUNTS:
         floor = a.get(f"asyncio@{n}")
         for kind in ("native", "rpc", "asyncio"):
@@ -171,4 +188,5 @@ def print_asyncwaits(results) -> None:
                 continue
             ratio = f"{d['median'] / floor['median']:.1f}x" if floor else "-"
             print(f"  {n:>6}  {kind:10} {d['median'] / 1000:>8.1f}us {d['p99'] / 1000:>8.1f}us {ratio:>10}  "
-                  f"{d['rss_per_waiter_b']:>9,.0f} B {d['controller_rss_per_waiter_b']:>16,.0f} B")
+                  f"{d['heap_per_waiter_b']:>9,.0f} B {d['segment_per_waiter_b']:>6,} B "
+                  f"{d['controller_rss_per_waiter_b']:>13,.0f} B")
