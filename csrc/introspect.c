@@ -62,9 +62,13 @@ static int64_t proc_info(np_domain *d, uint32_t index, np_proc_info_t *out)
     out->start_time = __atomic_load_n(&s->start_time, __ATOMIC_RELAXED);
     out->state = PW_STATE(w) == NP_PS_RECOVERING ? 2 : PW_STATE(w) == NP_PS_REGISTERING ? 3 : 1;
     out->reserved = index == d->rslot;
-    for (uint32_t x = 0; x <= d->nact; x++)
-        if (__atomic_load_n(&d->actors[x].proc, __ATOMIC_RELAXED) == index + 1)
-            out->threads++;
+    for (uint32_t x = 0; x < d->nall; x++)
+        if (__atomic_load_n(&d->actors[x].proc, __ATOMIC_RELAXED) == index + 1) {
+            if (x < d->wbase)
+                out->threads++;
+            else
+                out->async_waiters++;
+        }
     return 1;
 }
 
@@ -79,7 +83,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
         len = 0;
     if (d->h->name_guard)
         FAIL("name guard held (0x%x)", d->h->name_guard);
-    for (uint32_t x = 0; x <= d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         if (ax->intent_valid)
             FAIL("actor %u has a valid intent (guard %u)", x, ax->intent_guard);
@@ -120,7 +124,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
         }
         uint32_t n = 0, cur = o->qhead, last = 0;
         while (cur) {
-            if (cur > d->nact || n > d->nact)
+            if (cur > d->nall || n > d->nall)
                 FAIL("%s %u (%.64s) queue broken", what, k, o->name);
             np_actor *ax = &d->actors[cur - 1];
             if (ax->waiting_on != i + 1 || ax->wait_gen != o->gen || !ax->proc)
@@ -133,7 +137,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
             FAIL("%s %u (%.64s) queue length %u / tail %u, walked %u / %u",
                  what, k, o->name, o->qlen, o->qtail, n, last);
     }
-    for (uint32_t x = 0; x < d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         uint32_t w = ax->waiting_on;
         if (w && ax->proc && d->objs[w - 1].used && ax->wait_gen == d->objs[w - 1].gen
@@ -159,7 +163,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
     }
     if (d->procs[d->rslot].w && np_slot_state(d, d->rslot) == NP_DEAD)
         FAIL("the reserve slot is held by dead pid %d", PW_PID(d->procs[d->rslot].w));
-    for (uint32_t x = 0; x <= d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         if (ax->waiting_on && ax->proc && ax->cancel_pending == 0 && ax->waiting_on <= d->nobj
             && d->objs[ax->waiting_on - 1].guard == 0 && !d->objs[ax->waiting_on - 1].used

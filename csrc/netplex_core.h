@@ -54,7 +54,8 @@ enum {
     NP_EBUSY      = -17,  /* a sleep cannot start now (already waiting) */
     NP_EKIND      = -18,  /* name exists as the other kind (semaphore vs mutex) */
     NP_ECLOSED    = -19,  /* np_domain_close() was called in this process */
-    NP_ENOTHOLDER = -20   /* mutex unlock by a process that does not hold it */
+    NP_ENOTHOLDER = -20,  /* mutex unlock by a process that does not hold it */
+    NP_ENOSPC_WAIT= -21   /* async waiter table full, or this process's quota used */
 };
 
 enum {
@@ -82,6 +83,8 @@ typedef struct {
     uint32_t mutexes;        /* capacity of the mutex table */
     uint32_t processes;      /* capacity of the process (owner) table */
     uint32_t actors;         /* capacity of the thread table (waits, intents) */
+    uint32_t waiters;        /* capacity of the async waiter table (asyncwait.c) */
+    uint32_t waiter_quota;   /* async waiter records one process may hold at once */
 } np_config;
 
 typedef struct {
@@ -103,6 +106,7 @@ typedef struct {
     int32_t  state;          /* 0 free, 1 alive, 2 being recovered, 3 registering */
     int32_t  reserved;       /* 1: the slot kept for reclaiming a full table */
     uint32_t threads;        /* actors attached */
+    uint32_t async_waiters;  /* async waiter records held */
 } np_proc_info_t;  /* _t: np_proc_info is the function */
 
 /* ---- domain (segment) lifecycle ---- */
@@ -209,6 +213,28 @@ int64_t np_fast_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline);
 int64_t np_fast_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);
 int64_t np_fast_mutex_unlock(np_domain *d, uint64_t handle);
 int64_t np_fast_wait_cancel(np_domain *d);
+
+/* ---- waits that cost no thread (asyncwait.c) ----
+ * A record is claimed by the calling process (bound to no thread) and can
+ * be queued on one semaphore or mutex at a time, exactly like a thread's
+ * wait.  np_aw_acquire never sleeps: it takes (the value, or 0 for a mutex),
+ * or queues the record and returns NP_EAGAIN; a later release rings the
+ * process's doorbell, which np_aw_wait (one helper thread per process)
+ * sleeps on, and reports the records to look at again.  flags: NP_AW_FINAL
+ * (the caller's deadline passed: take if entitled, else leave the queue and
+ * return NP_ETIMEDOUT).  NP_EINTR: the object's internal guard is busy (a
+ * stopped holder): call again later.  np_aw_release leaves the queue and
+ * frees the record (cancellation, a timeout, the end of a wait). */
+enum { NP_AW_FINAL = 1 };
+int64_t np_aw_claim(np_domain *d);
+int64_t np_aw_acquire(np_domain *d, uint32_t rec, uint64_t handle, int32_t kind, int32_t flags);
+int64_t np_aw_release(np_domain *d, uint32_t rec);
+/* Up to max records of this process woken since they were armed, into out;
+ * sleeps on the doorbell up to ns when there are none.  0 after ns. */
+int64_t np_aw_wait(np_domain *d, uint32_t *out, int32_t max, int64_t ns);
+/* Progress without the supervisor (as a thread's wait slice, A3): recover
+ * dead processes that this process's queued records wait behind. */
+int64_t np_aw_tick(np_domain *d, int64_t deadline);
 
 /* ---- introspection ---- */
 int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out);  /* 1 used, 0 free */

@@ -270,3 +270,21 @@ def test_threading_idiom_accepts_int_blocking_and_a_closed_domain_makes_no_handl
         d.mutex("m")
     with pytest.raises(netplex.SegmentError):
         d.semaphore("s")
+
+
+def test_a_lock_taken_by_a_coroutine_gets_the_next_token(dom):
+    """The coroutine path grants with the same logged writes as the thread
+    path: owner and a larger fencing token."""
+    m = dom.mutex("co")
+    assert m.acquire()
+    t = m.token
+    m.release()
+
+    async def take() -> int | None:
+        assert await m.acquire_async(timeout=5)
+        try:
+            return m.token
+        finally:
+            m.release()
+    t2 = asyncio.run(take())
+    assert t2 is not None and t2 > t

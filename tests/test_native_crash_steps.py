@@ -275,6 +275,109 @@ def test_register_is_atomic_at_every_crash_point(dom):
                       register_first=False)
 
 
+# ---- async waiter records (csrc/asyncwait.c): claim, queue, wake, take, leave
+
+def _async_acquire(dom, kind, name, timeout):
+    import asyncio
+    from netplex_native.native.asyncwait import waits_of
+    return asyncio.run(waits_of(dom).acquire(kind, name, timeout))
+
+
+def _async_cancelled(dom, name):
+    """A coroutine queues on name, is cancelled while queued (the record leaves)."""
+    import asyncio
+    from netplex_native.native.asyncwait import waits_of
+
+    async def main():
+        t = asyncio.ensure_future(waits_of(dom).acquire(_native._SEM, name, 10))
+        while sem(dom, name)["waiters"] == 0:
+            await asyncio.sleep(0.001)
+        t.cancel()
+        try:
+            await t
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+def test_async_sem_wait_served_is_atomic_at_every_crash_point(dom):
+    """A coroutine queues a record, the parent posts once, the coroutine takes."""
+    dom.sem_create("s", 0, protected=True)
+    def setup():
+        while dom.sem_decrement("s") >= 0:
+            pass
+    def during(pid):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if sem(dom, "s")["waiters"] == 1:
+                dom.sem_increment("s")
+                return
+            if _dead(pid):
+                return
+            time.sleep(0.001)
+        raise AssertionError("child neither queued nor died")
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0, (n, info)
+        posted = dom.sem_delta("s", os.getpid())
+        assert info["value"] == posted and posted in (0, 1), (n, info, posted)
+        assert set(info["holders"]) <= {os.getpid()}
+        assert all(p["async_waiters"] == 0 for p in dom.processes()), dom.processes()
+    enumerate_crashes(dom, "async sem wait (served)", setup, lambda: dom.sem_get("s"),
+                      lambda: _async_acquire(dom, _native._SEM, "s", 10), verify, during)
+
+
+@pytest.mark.timeout(120)
+def test_async_sem_wait_timing_out_is_atomic_at_every_crash_point(dom):
+    dom.sem_create("s", 0, protected=True)
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0 and info["value"] == 0 and info["holders"] == {}, (n, info)
+        assert all(p["async_waiters"] == 0 for p in dom.processes()), dom.processes()
+    enumerate_crashes(dom, "async sem wait (timeout)", lambda: None, lambda: dom.sem_get("s"),
+                      lambda: _async_acquire(dom, _native._SEM, "s", 0.02), verify)
+
+
+@pytest.mark.timeout(120)
+def test_async_sem_wait_cancelled_is_atomic_at_every_crash_point(dom):
+    dom.sem_create("s", 0, protected=True)
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0 and info["value"] == 0 and info["holders"] == {}, (n, info)
+        assert all(p["async_waiters"] == 0 for p in dom.processes()), dom.processes()
+    enumerate_crashes(dom, "async sem wait (cancelled)", lambda: None, lambda: dom.sem_get("s"),
+                      lambda: _async_cancelled(dom, "s"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_async_mutex_lock_is_atomic_at_every_crash_point(dom):
+    """The parent holds m; the child's coroutine queues; the parent unlocks."""
+    dom.mutex_unlock("m", force=True)   # creates it (free)
+    def setup():
+        assert dom.mutex_trylock("m") is True
+    def during(pid):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if mtx(dom, "m")["waiters"] == 1:
+                dom.mutex_unlock("m")
+                return
+            if _dead(pid):
+                dom.mutex_unlock("m")
+                return
+            time.sleep(0.001)
+        raise AssertionError("child neither queued nor died")
+    def verify(before, crashed, n):
+        info = mtx(dom, "m")
+        assert info["waiters"] == 0, (n, info)
+        # the parent unlocked; whatever the child took was given back at its death
+        assert info["locked"] is False, (n, info)
+        assert dom.mutex_trylock("m") is True
+        dom.mutex_unlock("m")
+    enumerate_crashes(dom, "async mutex lock", setup, lambda: dom.sem_get("warm"),
+                      lambda: _async_acquire(dom, _native._MTX, "m", 10), verify, during)
+
+
 def test_zz_report_crash_steps():
     """Prints the number of crash points of each operation (run with -s)."""
     print("\ncrash points per operation:", ", ".join(f"{k}: {v}" for k, v in STEPS.items()))

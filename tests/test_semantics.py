@@ -308,7 +308,8 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(events, backend, names, *, hooks=ActorHooks, workers=None, no_restart_flag=None):
+def cluster(events, backend, names, *, hooks=ActorHooks, workers=None, no_restart_flag=None,
+            native_config=None):
     """A running controller with one service per name (single container
     unless *workers* says otherwise); yields a Cluster once all are ready."""
     ports = {n: free_port() for n in names}
@@ -316,7 +317,7 @@ def cluster(events, backend, names, *, hooks=ActorHooks, workers=None, no_restar
     sdir = tempfile.mkdtemp(prefix="npt-")
 
     def build():
-        ctrl = netplex.Controller(socket_dir=sdir)
+        ctrl = netplex.Controller(socket_dir=sdir, native_config=native_config)
         for n in names:
             ctrl.add_service(netplex.Service(
                 n, actor_handler, hooks=hooks(events, backend, no_restart_flag),

@@ -12,6 +12,10 @@ slices.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue 
 return ``NP_EINTR`` when an internal guard is held by a stopped process for a whole
 slice; every call site here calls again, so Ctrl-C works there too.
 
+Awaitable waits (``asyncwait.py``) queue an *async waiter record* of the segment
+instead of a thread: ``create(waiters=..., waiter_quota=...)`` sizes that table and
+bounds what one process may hold.
+
 ``close()`` is a process leaving the domain: waits in other threads end (they raise
 SegmentError), what the process held through this Domain is given back as if it had
 died, its table entries are freed, and only then is the memory unmapped.
@@ -37,10 +41,14 @@ except ImportError as _e:  # pragma: no cover - exercised only without a build
 else:
     _import_error = None
 
+from ..loopcheck import native_block_hook as _block_hook
+
 try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
     from .. import _fast
 except ImportError:  # pragma: no cover - a build without it uses closures
     _fast = None
+else:
+    _fast.set_block_hook(_block_hook)
 
 __all__ = ["available", "Domain"]
 
@@ -67,6 +75,7 @@ if _lib is not None:
         _lib.NP_ENOSPC_MTX: ("mutex", "mutexes"),
         _lib.NP_ENOSPC_PROC: ("process", "processes"),
         _lib.NP_ENOSPC_ACT: ("thread (actor)", "actors"),
+        _lib.NP_ENOSPC_WAIT: ("async waiter", "waiters"),
     }
     _SEGMENT_CODES = {
         _lib.NP_EBADSEG: "not a netplex segment, or one of another layout version",
@@ -101,6 +110,13 @@ def _check(rc: int, dom: "Domain | None" = None, name: str | None = None, kind: 
 
 
 def _error(rc, dom, name, kind):
+    if rc == _lib.NP_ENOSPC_WAIT:
+        cfg = dom.config if dom is not None else {}
+        return errors.TableFullError(
+            f"no async waiter record free: this process may hold {cfg.get('waiter_quota', '?')} "
+            f"(waiter_quota) of the {cfg.get('waiters', '?')} (waiters) of the segment; nothing "
+            f"was changed.  Create the domain with more: native_config={{'waiters': ..., "
+            f"'waiter_quota': ...}}")
     if rc in _TABLES:
         what, key = _TABLES[rc]
         cap = dom.config.get(key) if dom is not None else "?"
@@ -146,7 +162,8 @@ class Domain:
         c = _ffi.new("np_config *")
         _lib.np_domain_config(d, c)
         self.config = {"semaphores": c.semaphores, "mutexes": c.mutexes,
-                       "processes": c.processes, "actors": c.actors}
+                       "processes": c.processes, "actors": c.actors,
+                       "waiters": c.waiters, "waiter_quota": c.waiter_quota or c.waiters}
         self._sems: dict[str, int] = {}
         self._mtxs: dict[str, int] = {}
         #: Called between wait slices (at most every 100 ms) in any waiting
@@ -154,6 +171,7 @@ class Domain:
         #: to end waits at shutdown.
         self.interrupt_check = None
         self._binder = None
+        self._aw = None                  # asyncwait.AsyncWaits of this process
         self._bind_fast_paths()
 
     def _bind_fast_paths(self) -> None:
@@ -184,6 +202,10 @@ class Domain:
                     if rc >= 0:
                         return rc
                 elif wait is True:
+                    rc = c_dec(d, h, nowait)
+                    if rc >= 0:
+                        return rc
+                    _block_hook(1)
                     try:
                         rc = c_dec(d, h, forever)      # one slice, at most 100 ms
                         if rc >= 0:
@@ -242,15 +264,23 @@ class Domain:
     # ---- lifecycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, *, semaphores=1024, mutexes=1024, processes=256, actors=None, name=None) -> "Domain":
+    def create(cls, *, semaphores=1024, mutexes=1024, processes=256, actors=None, waiters=8192,
+               waiter_quota=None, name=None) -> "Domain":
+        """``waiters``: async waiter records (one per coroutine awaiting a
+        wait, asyncwait.py); ``waiter_quota``: how many one process may hold
+        at once (default: half of ``waiters``)."""
         _require()
         semaphores = errors.check_int(semaphores, "semaphores", 0, 2**28)
         mutexes = errors.check_int(mutexes, "mutexes", 0, 2**28)
         processes = errors.check_int(processes, "processes", 1, 2**20)
-        actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**23)
+        actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**19)
+        waiters = errors.check_int(waiters, "waiters", 0, 2**19)
+        waiter_quota = errors.check_int(max(1, waiters // 2) if waiter_quota is None else waiter_quota,
+                                        "waiter_quota", 1, 2**19)
         name = _segment_name(name)
         cfg = _ffi.new("np_config *", {"semaphores": semaphores, "mutexes": mutexes,
-                                       "processes": processes, "actors": actors})
+                                       "processes": processes, "actors": actors,
+                                       "waiters": waiters, "waiter_quota": waiter_quota})
         out = _ffi.new("np_domain **")
         _check(_lib.np_domain_create(name.encode(), cfg, out), None, name)
         return cls(out[0], name)
@@ -300,6 +330,8 @@ class Domain:
         Domain (protected counts, mutexes) is given back, as if it had died; its
         table entries are freed.  The Domain is unusable afterwards."""
         d, self._d = self._d, None
+        if self._aw is not None:
+            self._aw.closing()
         if self._binder is not None:
             self._binder.close()
         self._sems.clear()
@@ -479,6 +511,8 @@ class Domain:
                 return -1
         else:
             errors.check_bool(wait, "wait")
+            if timeout != 0:
+                _block_hook(_SEM)
             rc = self._wait(_SEM, name, _lib.np_sem_decrement, self._deadline(timeout), cancel)
         if rc >= 0:
             return rc
@@ -522,6 +556,8 @@ class Domain:
             rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
             if rc == 0:
                 return True
+        if timeout != 0:
+            _block_hook(_MTX)
         rc = self._wait(_MTX, name, _lib.np_mutex_lock, self._deadline(timeout), cancel)
         if rc == 0:
             return True
@@ -632,7 +668,7 @@ class Domain:
             if _check(_lib.np_proc_info(d, i, info), self) == 1:
                 out.append({"pid": info.pid, "start_time": info.start_time,
                             "state": _PROC_STATES.get(info.state, str(info.state)),
-                            "threads": info.threads})
+                            "threads": info.threads, "async_waiters": info.async_waiters})
         return out
 
     def check(self) -> None:

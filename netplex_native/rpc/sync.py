@@ -39,6 +39,7 @@ from collections import deque
 from ..errors import (NotHolderError, WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, VALUE_MAX)
 from ..plugin import Plugin
+from ..loopcheck import warn_if_on_loop
 from ..logs import get_logger
 
 log = get_logger("netplex_native.rpc")
@@ -458,6 +459,9 @@ class _SemClient:
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
         name = check_name(name)
+        if wait and timeout != 0:
+            warn_if_on_loop("semaphore.decrement(wait=True)",
+                            "await semaphore.decrement_async(name, wait=True)")
         return self._ch.call("sem.decrement", [name, wait, timeout], undo=self._undo(name))[0]
 
     async def decrement_async(self, name, wait=False, timeout=None):
@@ -515,6 +519,8 @@ class _MutexClient:
 
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)
+        if timeout != 0:
+            warn_if_on_loop("Mutex.lock()", "await mutex.access(name).lock_async() or async with")
         return self._ch.call("mutex.lock", [name, timeout], undo=self._undo(name))[0]
 
     async def lock_async(self, name, timeout=None):
