@@ -25,7 +25,11 @@ bytecode cache, which a quick rewrite of the same size can leave stale):
 the running services' modules are never changed in place.  The new modules
 are in ``sys.modules`` while they load; the controller keeps them when it
 applies the load and ``discard()`` puts the old ones back when it does not
-(invalid, timed out: a timed-out load's later imports are refused).
+(invalid, timed out: a timed-out load's later imports are refused).  A
+process forked while a load is in flight (a container restarted meanwhile)
+gets the old ones back at once, so it runs the running configuration's code.
+Not covered: a module that the load imports for the first time (normally)
+while the fork happens is left half-initialized in that child.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import os
 import sys
 import threading
 import tomllib
+import weakref
 
 from .errors import ServiceConfigError
 from .hooks import ProcessorHooks
@@ -70,6 +75,7 @@ class ModuleSwap:
         self._old: dict = {}        # name -> the module it replaced (None: there was none)
         self._new: dict = {}
         self._closed = False
+        _in_flight.add(self)
 
     def fresh_import(self, name: str):
         if name in self._new:
@@ -94,15 +100,41 @@ class ModuleSwap:
         self._new[name] = module
         return module
 
-    def restore(self) -> None:
+    def keep(self) -> None:
+        """The load is applied: its modules stay."""
         with self._lock:
             self._closed = True
-            for name, old in self._old.items():
-                if old is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = old
             self._old.clear()
+        _in_flight.discard(self)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._restore()
+
+    def _restore(self) -> None:
+        self._closed = True
+        for name, old in self._old.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+        self._old.clear()
+        _in_flight.discard(self)
+
+
+#: Loads neither kept nor restored yet.
+_in_flight: "weakref.WeakSet[ModuleSwap]" = weakref.WeakSet()
+
+
+def _restore_in_child() -> None:
+    """A child forked while a load was in flight: the old modules back (the
+    loading thread is not in the child, and may have held the lock)."""
+    for swap in list(_in_flight):
+        swap._lock = threading.Lock()
+        swap._restore()
+
+
+os.register_at_fork(after_in_child=_restore_in_child)
 
 
 def _resolve(ref, where, err, swap=None):
@@ -302,7 +334,9 @@ class FileSource:
 
     def applied(self, ctrl) -> None:
         import logging
-        self._swap = None           # its modules stay
+        if self._swap is not None:
+            self._swap.keep()
+            self._swap = None
         opts = self._opts
         if opts.get("socket_dir", self.socket_dir) != self.socket_dir:
             logging.getLogger("netplex_native.cli").warning(

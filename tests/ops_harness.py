@@ -26,6 +26,10 @@ VERSION = "{version}"
 async def handle(reader, writer):
     line = await reader.readline()
     c = cenv.self_cont()
+    if line.strip() == b"MODULE":         # the VERSION of the module sys.modules has under our name
+        import sys
+        writer.write(f"{{getattr(sys.modules.get(__name__), 'VERSION', None)}}\\n".encode())
+        return
     writer.write(f"{{c.id}} {{os.getpid()}} {{VERSION}}\\n".encode())
     await writer.drain()
     if line.strip() == b"HOLD":           # stay until the client closes
