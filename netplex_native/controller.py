@@ -17,21 +17,33 @@ life, top to bottom:
 
 Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
 
-``_on_signal``        SIGTERM graceful stop, SIGINT/SIGQUIT quick stop, SIGHUP
+``_on_signal``        SIGTERM graceful stop, SIGINT/SIGQUIT quick stop (grace 0:
+                      containers close their connections at once), SIGHUP
                       ``reload``, SIGTTIN/SIGTTOU one worker more/less per
-                      service, SIGUSR1 reopen log files; every other signal
-                      whose default would end the controller is logged, ignored
-``reload``            new services added, removed ones retired (``_remove``),
-                      the others replaced one service at a time (``_replace``:
-                      new containers first, then the old ones are retired)
+                      service (within its range), SIGUSR1 reopen log files;
+                      every other signal whose default would end the
+                      controller is logged, ignored
+``_run_ops``          THE place containers are replaced: reloads and rolling
+                      restarts (``restart_service``, ``enable``) run one at a
+                      time, in order; a request while one of its kind waits
+                      to start joins it (HUPs coalesce)
+``_do_reload``        ``_load`` (``config_source()`` in a thread, at most
+                      ``reload_timeout``; the loop keeps serving), then new
+                      services added, removed ones retired (``_remove``), the
+                      others replaced one service at a time (``_replace``)
+``_replace``          new containers first; the old ones retired once those
+                      are ready, else the old ones keep serving (rolled back)
 ``_adjust``           dynamic workload: a service's target follows the load its
                       containers report (``ctl.load``), within min..max
 ``scale``, ``disable``, ``enable``: change a service's target or accepting state;
                       ``_manage`` then starts or ``_retire``s containers
 
-A retiring container is asked to finish (``ctl shutdown``) and is SIGTERMed
-after ``shutdown_timeout``; it never counts toward a service's workers, its
-end is never a failure and it is not restarted.
+A retiring container is asked to finish (``ctl shutdown`` with its grace,
+``shutdown_timeout``) and is SIGTERMed 1 s after that; it never counts
+toward a service's workers, its end is never a failure and it is not
+restarted.  A service's listening socket is bound for its configured
+address (``bound_for``): a reload that moves a disabled service changes
+only the configuration, and ``enable`` binds the new address.
 """
 
 from __future__ import annotations
@@ -1623,7 +1635,7 @@ class Controller:
         # 2. then each is asked to finish (shutdown hook, pre_finish_hook, exit)
         self._broadcast_ctl("shutdown", 0 if self._quick else self.shutdown_timeout)
         await self._wait_until(lambda: not self._by_pid,
-                               min(1.0, self.shutdown_timeout) if self._quick else self.shutdown_timeout)
+                               min(1.0, self.shutdown_timeout) if self._quick else self.shutdown_timeout + 1.0)
         for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
             if not self._by_pid:
                 break
