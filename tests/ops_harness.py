@@ -49,6 +49,11 @@ class Holder(netplex.ProcessorHooks):
 
 import time
 
+class FinishMark(netplex.ProcessorHooks):
+    """pre_finish_hook leaves a file named finished.PID beside this module."""
+    def pre_finish_hook(self, cont):
+        open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"finished.{{cont.pid}}"), "w").close()
+
 class GatedBoot(netplex.ProcessorHooks):
     """Not ready while a file named 'gate' exists beside this module (30 s at most)."""
     def post_start_hook(self, cont):

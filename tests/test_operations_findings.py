@@ -101,23 +101,27 @@ def test_max_connections_holds_under_concurrent_connections_and_none_is_dropped(
 
 @pytest.mark.timeout(120)
 def test_scale_and_ttin_ttou_keep_a_dynamic_service_within_min_and_max(running):
-    pa = free_port()
-    r = running(CONTROLLER + service("d", pa, 1).replace("workers = 1", "workers = { min = 2, max = 3 }"))
-    assert wait_until(lambda: r.ready("d", 2), 15), r.log()
+    """TTIN/TTOU act on every service, each within its own range."""
+    pa, pb = free_port(), free_port()
+    r = running(CONTROLLER + service("d", pa, 1).replace("workers = 1", "workers = { min = 2, max = 3 }")
+                + service("s", pb, 2))
+    assert wait_until(lambda: r.ready("d", 2) and r.ready("s", 2), 15), r.log()
     for args, err in [(("scale", "d", "4"), "service d has a dynamic workload of 2 to 3 workers; got 4"),
                       (("scale", "d", "1"), "service d has a dynamic workload of 2 to 3 workers; got 1")]:
         res = r.admin(*args)
         assert res.returncode == 1 and err in res.stderr, (args, res.stderr)
     assert r.services()["d"]["workers"] == 2
-    r.signal(signal.SIGTTOU)                       # at min: stays
+    r.signal(signal.SIGTTOU)                       # d at min: stays; s: one less
     assert wait_until(lambda: "SIGTTOU: service d stays at 2 workers (dynamic workload: 2 to 3)" in r.log(),
                       10), r.log()
+    assert wait_until(lambda: r.ready("s", 1), 15), r.log()
     held = hold(pa, 3)                             # the manager grows it to max
     try:
         assert wait_until(lambda: r.ready("d", 3), 15), r.log()
-        r.signal(signal.SIGTTIN)                   # at max: stays
+        r.signal(signal.SIGTTIN)                   # d at max: stays; s: one more
         assert wait_until(lambda: "SIGTTIN: service d stays at 3 workers (dynamic workload: 2 to 3)"
                           in r.log(), 10), r.log()
+        assert wait_until(lambda: r.ready("s", 2), 15), r.log()
         for _ in range(5):
             s = r.services()["d"]
             assert s["workers"] == 3 and len(s["containers"]) <= 3, s
@@ -215,7 +219,7 @@ def test_a_reload_whose_import_does_not_finish_in_reload_timeout_keeps_the_old_c
 def test_quick_stop_with_open_connections_closes_them_and_containers_exit_at_once(running, sig):
     pa = free_port()
     slow = CONTROLLER.replace("shutdown_timeout = 2.0", "shutdown_timeout = 10.0")
-    r = running(slow + service("a", pa, 2))
+    r = running(slow + service("a", pa, 2, hooks="FinishMark"))
     assert wait_until(lambda: r.ready("a", 2), 15), r.log()
     pids = r.pids("a")
     held = hold(pa, 4)
@@ -233,6 +237,7 @@ def test_quick_stop_with_open_connections_closes_them_and_containers_exit_at_onc
     assert "did not finish" not in log, log
     for pid in pids:
         assert f"(pid {pid}) exited with code 0" in log, log
+        assert (r.tmp / f"finished.{pid}").exists()        # pre_finish_hook ran
     assert not any(pid_alive(p) for p in pids)
     assert took < 5.0, took                         # generous: no escalation, no grace period
 
@@ -330,3 +335,24 @@ def test_dynamic_workload_with_several_connections_per_container(running):
     assert wait_until(lambda: r.ready("a", 1), 20), r.log()
     assert answer(pa) is not None
     assert r.p.poll() is None
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_reload_puts_the_old_modules_back_and_never_changes_the_running_ones(running):
+    """The new module imports fine but the file is invalid further on: the
+    reload fails, and a container started afterwards (a replacement) runs the
+    old module, as sys.modules has it too."""
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    r.write(CONTROLLER + service("a", pa, 1, hooks="NoSuchHooks"), version="v2")
+    res = r.admin("reload")
+    assert res.returncode == 1 and "has no attribute 'NoSuchHooks'" in res.stderr, res.stderr
+    victim = r.pids("a").pop()
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: r.ready("a", 1) and victim not in r.pids("a"), 15), r.log()
+    assert answer(pa).endswith(" v1")
+    assert request(pa, "MODULE") == "v1"
+    r.write(CONTROLLER + service("a", pa, 1))    # now valid: the new module is used
+    assert r.admin("reload").returncode == 0
+    assert wait_until(lambda: (answer(pa) or "").endswith(" v2") and request(pa, "MODULE") == "v2", 20), r.log()
