@@ -890,7 +890,7 @@ class Controller:
 
         def load_in_thread():
             try:
-                result, error = source(), None
+                result, error = list(source()), None     # a generator runs here too, not on the loop
             except BaseException as e:     # a module's sys.exit() too
                 result, error = None, e
             try:

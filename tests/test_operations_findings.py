@@ -356,3 +356,19 @@ def test_a_failed_reload_puts_the_old_modules_back_and_never_changes_the_running
     r.write(CONTROLLER + service("a", pa, 1))    # now valid: the new module is used
     assert r.admin("reload").returncode == 0
     assert wait_until(lambda: (answer(pa) or "").endswith(" v2") and request(pa, "MODULE") == "v2", 20), r.log()
+
+
+@pytest.mark.timeout(90)
+def test_a_module_that_needs_the_main_thread_at_import_fails_to_reload_saying_why(running):
+    """Reloads import in a thread: a module that installs a signal handler at
+    import starts (in the main thread) but cannot be reloaded; the old one runs on."""
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    r.write(CONTROLLER + service("a", pa, 1), version="v2")
+    with open(r.tmp / "ops_app.py", "a") as f:
+        f.write("import signal\nsignal.signal(signal.SIGUSR2, signal.SIG_IGN)\n")
+    res = r.admin("reload")
+    assert res.returncode == 1, res.stdout
+    assert "importing module 'ops_app' failed: ValueError: signal only works in main thread" in res.stderr
+    assert answer(pa).endswith(" v1") and r.p.poll() is None
