@@ -372,3 +372,56 @@ def test_a_module_that_needs_the_main_thread_at_import_fails_to_reload_saying_wh
     assert res.returncode == 1, res.stdout
     assert "importing module 'ops_app' failed: ValueError: signal only works in main thread" in res.stderr
     assert answer(pa).endswith(" v1") and r.p.poll() is None
+
+
+def unix_service(name, path, workers=1, hooks=None):
+    return service(name, 0, workers, hooks).replace("tcp://127.0.0.1:0", f"unix://{path}")
+
+
+def unix_answer(path):
+    try:
+        return request(path, "hi", timeout=3)
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_that_moves_an_address_keeps_the_old_one_until_the_new_containers_are_ready(running):
+    """Moved and ready: the new address serves, the old one is gone.  Moved but
+    no new container gets ready: the old containers go on serving on the old
+    address, which stays the service's.  Moved to an address in use: nothing changes."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="npt-")
+    try:
+        a, b, c = (os.path.join(d, f"{x}.sock") for x in "abc")
+        r = running(CONTROLLER + unix_service("s", a, 2))
+        assert wait_until(lambda: r.ready("s", 2), 15), r.log()
+        r.write(CONTROLLER + unix_service("s", b, 2))
+        assert r.admin("reload").returncode == 0
+        assert wait_until(lambda: "reload done" in r.log(), 20), r.log()
+        assert unix_answer(b).endswith(" v1") and not os.path.exists(a)
+        assert r.services()["s"]["address"] == f"unix://{b}"
+        before = r.pids("s")
+        r.write(CONTROLLER + unix_service("s", c, 2, hooks="FailBoot"))
+        assert r.admin("reload").returncode == 0
+        assert wait_until(lambda: "did not start" in r.log(), 30), r.log()
+        assert wait_until(lambda: r.log().count("reload done") == 2, 20), r.log()
+        assert r.pids("s") == before
+        for _ in range(4):
+            assert unix_answer(b).endswith(" v1"), r.log()
+        assert not os.path.exists(c)
+        assert r.services()["s"]["address"] == f"unix://{b}"
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        try:
+            r.write(CONTROLLER + service("s", busy.getsockname()[1], 2))
+            assert r.admin("reload").returncode == 0
+            assert wait_until(lambda: "keeps running on" in r.log(), 20), r.log()
+            assert r.pids("s") == before and unix_answer(b).endswith(" v1")
+        finally:
+            busy.close()
+        assert r.p.poll() is None
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
