@@ -486,6 +486,8 @@ class _ServiceState:
         self.sock: socket.socket | None = None
         self.bound = None
         self.bound_for = None        # the configured address ``bound`` was bound for
+        self.moved_from = None       # (sock, bound, bound_for) of the address a reload moves from,
+                                     # until its new containers are ready (closed in every child)
         self.records: dict[str, _ContainerRecord] = {}
         self.seq = 0
         self.start_failures = 0      # consecutive, before ready: disables the service
@@ -935,7 +937,6 @@ class Controller:
         closed once the old containers are retired.  Returns how many were
         replaced."""
         old_service = st.service
-        moved = None                # (sock, bound, bound_for) of the old address
         if svc is not st.service:
             # the hook first: if it fails, nothing (not even the address) has changed
             try:
@@ -952,7 +953,7 @@ class Controller:
                 except ServiceConfigError as e:
                     log.error("reload: service %s keeps running on %s: %s", svc.name, st.address(), e)
                     return 0
-                moved = (st.sock, st.bound, st.bound_for)
+                st.moved_from = (st.sock, st.bound, st.bound_for)
                 st.sock, st.bound, st.bound_for = new_st.sock, new_st.bound, new_st.bound_for
             st.service = svc        # disabled: the new address is bound by ``enable``
             st.workers = svc.workers
@@ -983,9 +984,10 @@ class Controller:
                 self._retire(rec)
             for rec in old:
                 rec.retiring = False
-            if moved is not None:
+            if st.moved_from is not None:
                 self._close_listening(st.sock, st.bound)
-                st.sock, st.bound, st.bound_for = moved
+                st.sock, st.bound, st.bound_for = st.moved_from
+                st.moved_from = None
             st.service = old_service
             st.workers = old_service.workers
             st.disabled = False
@@ -994,8 +996,9 @@ class Controller:
         for rec in old:
             if rec.pid in self._by_pid:
                 self._retire(rec)
-        if moved is not None:       # the old containers keep their copy until they end
-            self._close_listening(moved[0], moved[1])
+        if st.moved_from is not None:   # the old containers keep their copy until they end
+            self._close_listening(*st.moved_from[:2])
+            st.moved_from = None
         await self._wait_until(lambda: not any(r.pid in self._by_pid for r in old),
                                self.shutdown_timeout + 3.0)
         log.info("service %s: %d container(s) replaced", svc.name, len(old))
@@ -1428,6 +1431,8 @@ class Controller:
                     rec.conn.sock.close()
             if other is not st and other.sock is not None:
                 other.sock.close()
+            if other.moved_from is not None and other.moved_from[0] is not None:
+                other.moved_from[0].close()     # an address being left: never a child's
         if self._admin is not None:
             self._admin.close_in_child()
         signal.set_wakeup_fd(-1)
@@ -1693,6 +1698,9 @@ class Controller:
         if st.sock is not None:
             self._close_listening(st.sock, st.bound)
             st.sock = None
+        if st.moved_from is not None:
+            self._close_listening(*st.moved_from[:2])
+            st.moved_from = None
 
     @staticmethod
     def _close_listening(sock, addr) -> None:

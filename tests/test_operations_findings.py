@@ -395,18 +395,27 @@ def test_a_reload_that_moves_an_address_keeps_the_old_one_until_the_new_containe
     d = tempfile.mkdtemp(prefix="npt-")
     try:
         a, b, c = (os.path.join(d, f"{x}.sock") for x in "abc")
-        r = running(CONTROLLER + unix_service("s", a, 2))
+        pa, pb = free_port(), free_port()
+        r = running(CONTROLLER + service("s", pa, 2))
         assert wait_until(lambda: r.ready("s", 2), 15), r.log()
-        r.write(CONTROLLER + unix_service("s", b, 2))
+        r.write(CONTROLLER + service("s", pb, 2))       # tcp: the old port is closed everywhere
         assert r.admin("reload").returncode == 0
         assert wait_until(lambda: "reload done" in r.log(), 20), r.log()
+        assert answer(pb).endswith(" v1") and refused(pa)
+        r.write(CONTROLLER + unix_service("s", a, 2))
+        assert r.admin("reload").returncode == 0
+        assert wait_until(lambda: r.log().count("reload done") == 2, 20), r.log()
+        assert unix_answer(a).endswith(" v1") and refused(pb)
+        r.write(CONTROLLER + unix_service("s", b, 2))
+        assert r.admin("reload").returncode == 0
+        assert wait_until(lambda: r.log().count("reload done") == 3, 20), r.log()
         assert unix_answer(b).endswith(" v1") and not os.path.exists(a)
         assert r.services()["s"]["address"] == f"unix://{b}"
         before = r.pids("s")
         r.write(CONTROLLER + unix_service("s", c, 2, hooks="FailBoot"))
         assert r.admin("reload").returncode == 0
         assert wait_until(lambda: "did not start" in r.log(), 30), r.log()
-        assert wait_until(lambda: r.log().count("reload done") == 2, 20), r.log()
+        assert wait_until(lambda: r.log().count("reload done") == 4, 20), r.log()
         assert r.pids("s") == before
         for _ in range(4):
             assert unix_answer(b).endswith(" v1"), r.log()
