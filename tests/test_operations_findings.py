@@ -434,3 +434,24 @@ def test_a_reload_that_moves_an_address_keeps_the_old_one_until_the_new_containe
         assert r.p.poll() is None
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.timeout(90)
+def test_a_container_out_of_file_descriptors_pauses_accepting_and_serves_once_it_can(running):
+    """accept() fails with EMFILE: logged, retried a second later; the
+    connection waits in the backlog meanwhile and is served, nothing is lost."""
+    pa = free_port()
+    r = running(CONTROLLER + service("a", pa, 1, hooks="FewFiles"))
+    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
+    held = hold(pa, 2)
+    got = []
+    t = threading.Thread(target=lambda: got.append(request(pa, "hi", timeout=20)))
+    try:
+        t.start()
+        assert wait_until(lambda: "accept failed: [Errno 24] Too many open files; retrying in 1.0 s" in r.log(),
+                          15), r.log()
+    finally:
+        close_all(held)
+    t.join(25)
+    assert got and got[0].endswith(" v1"), (got, r.log()[-2000:])
+    assert r.services()["a"]["restarts"] == 0 and r.p.poll() is None
