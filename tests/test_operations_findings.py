@@ -247,7 +247,9 @@ def test_quick_stop_with_open_connections_closes_them_and_containers_exit_at_onc
 @pytest.mark.timeout(120)
 def test_restart_all_is_rolling_one_service_at_a_time_keeping_capacity(running):
     pa, pb = free_port(), free_port()
-    r = running(CONTROLLER + service("a", pa, 2, hooks="GatedBoot") + service("b", pb, 1, hooks="GatedBoot"))
+    # startup_timeout: the new containers may take that long (+1 s) before the old ones stay instead
+    r = running(CONTROLLER + "startup_timeout = 25.0\n" + service("a", pa, 2, hooks="GatedBoot")
+                + service("b", pb, 1, hooks="GatedBoot"))
     assert wait_until(lambda: r.ready("a", 2) and r.ready("b", 1), 15), r.log()
     old_a, old_b = r.pids("a"), r.pids("b")
     (r.tmp / "gate").touch()                       # new containers cannot get ready
