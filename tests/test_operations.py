@@ -8,14 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-from harness import free_port, pid_alive, request, wait_until
+from harness import free_port, pid_alive, wait_until
 
-from ops_harness import (APP, CLI, CONTROLLER, ROOT, Running, answer, refused,  # noqa: F401
-                         running, service)
+from ops_harness import APP, CLI, CONTROLLER, ROOT, answer, refused, running, service  # noqa: F401
 
 
 @pytest.mark.timeout(90)
