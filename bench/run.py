@@ -13,7 +13,8 @@ library: every figure is a median over ALTERNATING rounds (A, B, C, A, B, C,
 ...) so that the noise of a shared machine hits every candidate alike, and
 every verdict is a ratio against a peer measured in the same run.
 
-Sections: uncontended, contention, handoff, recovery, syscalls, memory.
+Sections: uncontended, contention, handoff, recovery, syscalls, memory,
+asyncwaits (bench/asyncwaits.py: awaiting coroutines, issue 10).
 Writes OUT/results.json (raw figures, targets) and OUT/contention.png.
 """
 
@@ -38,10 +39,12 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)          # bench/asyncwaits.py
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SECTIONS = ["uncontended", "contention", "handoff", "recovery", "syscalls", "memory"]
+SECTIONS = ["uncontended", "contention", "handoff", "recovery", "syscalls", "memory", "asyncwaits"]
 
 
 def log(msg: str) -> None:
@@ -1121,6 +1124,8 @@ def print_table(results):
                       + (f"; PSS controller {m[b]['controller_pss_kb']:,} kB, container median "
                          f"{m[b]['container_pss_kb_median']:,.0f} kB, total {m[b]['total_pss_kb']:,} kB"
                          if m[b].get("total_pss_kb") else ""))
+    from asyncwaits import print_asyncwaits
+    print_asyncwaits(results)
     print()
     print("targets:")
     for t in results.get("targets", []):
@@ -1219,6 +1224,9 @@ def main(argv=None) -> int:
         try:
             if sec == "syscalls":
                 bench_syscalls(args.quick, results, args.out)
+            elif sec == "asyncwaits":
+                from asyncwaits import bench_asyncwaits
+                bench_asyncwaits(args.quick, results, Session, log)
             else:
                 globals()[f"bench_{sec}"](args.quick, results)
         except Exception as e:

@@ -17,6 +17,9 @@
  *     is dead (recovering it if so: progress never depends on the supervisor
  *     alone).  NP_ETIMEDOUT leaves the queue, or marks the caller given up
  *     when the guard could not be had in time (Q3): nothing was taken.
+ *  A5 A mutex grant bumps its fencing token in the grant's transaction
+ *     (T1): a death at any point either grants with a new token or not at
+ *     all, so no token is handed out twice.
  *  A4 destroy bumps the generation; a queued waiter that finds another
  *     generation returns NP_EDESTROYED and is no longer queued.
  */
@@ -113,15 +116,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             entitled = v > (int64_t)np_q_pos(d, o, ai);
         if (likely(entitled)) {
             tx_begin(a, idx, 0);
-            TX64(d, a, o->value, v - 1);
-            if (kind == NP_KIND_MUTEX) {
-                TX32(d, a, o->owner, d->my_proc);
-            } else if (o->protected_) {
-                np_delta *e = delta_of(d, d->my_proc - 1, idx);
-                int64_t cur = e->gen == o->gen ? e->delta : 0;
-                TX32(d, a, e->gen, o->gen);
-                TX64(d, a, e->delta, sat_add(cur, -1));
-            }
+            tx_grant(d, a, o, idx, kind, v);
             if (queued)
                 np_tx_q_remove(d, a, o, ai);
             tx_commit(d, a);
@@ -163,7 +158,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                 procs[n++] = o->owner - 1;
             if (v > 0 && queued) {
                 uint32_t cur = o->qhead, steps = 0;
-                while (cur && cur != ai + 1 && n < NP_WAKE_BATCH && steps++ <= d->nact) {
+                while (cur && cur != ai + 1 && n < NP_WAKE_BATCH && steps++ <= d->nall) {
                     uint32_t p = d->actors[cur - 1].proc;
                     if (p && p != d->my_proc && p <= d->nproc)
                         procs[n++] = p - 1;

@@ -16,6 +16,8 @@
  *   names.c       lookup / create / destroy
  *   recovery.c    recover(pid): the state machine of a dead process's slot
  *   segment.c     create / attach / close / unlink, the in-flight count
+ *   asyncwait.c   waits that cost no thread: records queued like actors,
+ *                 the per-process doorbell (W1-W4)
  *   introspect.c  obj_info, proc_info, check
  *   testpoints.c  crash points (test builds only: crashpoint.h)
  *
@@ -31,6 +33,12 @@
  *  I3 A guard word names its owner by actor index AND incarnation, a process
  *     slot names its recoverer the same way: an actor that is freed bumps its
  *     incarnation first, so a name never designates a later owner.
+ *  T1 Fencing: a mutex's `token' is bumped by every grant, in the grant's
+ *     own transaction (acquire.c), and never decreases while the object
+ *     lives: each holder's token is larger than every earlier holder's.
+ *  T2 destroy raises the header's token_hw to the destroyed mutex's token
+ *     and create starts a mutex at token_hw, both in the transaction that
+ *     changes the name (names.c): tokens also grow across destroy/create.
  *  I4 Dead means dead: only certain evidence (ESRCH/ENOENT, another start
  *     time, a zombie with no live thread) lets anyone act on a process's
  *     behalf.  "Cannot tell" is treated as alive.
@@ -48,7 +56,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 4u
+#define NP_LAYOUT_VERSION 6u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -119,6 +127,9 @@ typedef struct {
     uint32_t pad0;
     uint64_t creator_start;
     uint64_t creator_pidns;
+    /* T2: at least the last fencing token of every destroyed mutex; a
+     * created mutex starts from it.  Written under the name guard, logged. */
+    uint64_t token_hw;
 } np_hdr;
 
 /* Semaphores are objects [0, S), mutexes [S, S + M): one array, two tables. */
@@ -133,6 +144,7 @@ typedef struct {
     uint32_t qlen;
     int32_t  rel_cpu;           /* hint: CPU of the last release (not logged) */
     uint32_t purge;             /* hint: a queued actor gave up (not logged) */
+    uint64_t token;             /* mutex: fencing token of the last grant (T1) */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
@@ -143,6 +155,8 @@ typedef struct {
     uint64_t start_time;        /* valid once state is ALIVE */
     uint64_t pidns;             /* inode of its pid namespace (0 unknown) */
     uint64_t gen;               /* generation of the last registration */
+    uint32_t bell;              /* doorbell: bumped when one of its async records is woken (W2) */
+    uint32_t bell_sleeping;     /* 1 while its helper thread may sleep on `bell' */
 } np_proc;
 
 typedef struct {
@@ -173,6 +187,8 @@ typedef struct {
     uint32_t intent_guard;      /* guard id + 1 the log belongs to */
     uint32_t intent_guard2;     /* second guard id + 1 (create/destroy), or 0 */
     int64_t  wait_since;        /* CLOCK_MONOTONIC ns when it was queued */
+    uint32_t armed;             /* async records: 1 while a wake-up is to be reported (W2) */
+    uint32_t seen;              /* async records: `wake' when it was armed */
     np_redo  intent[NP_INTENT_MAX];
 } np_actor;
 
@@ -193,6 +209,14 @@ struct np_domain {
     np_delta  *deltas;
     uint32_t   nsem, nmtx, nobj, nproc, nact, name_cap;
     uint32_t   rslot, ractor;   /* the reserve slot and actor (== nproc, nact) */
+    /* async waiter records: actors [wbase, nall) past the reserve (asyncwait.c) */
+    uint32_t   nwt, wbase, nall, wquota;
+    uint32_t   aw_count;        /* records this process holds (W3) */
+    uint32_t   aw_cursor;       /* where the next claim starts looking */
+    uint64_t   aw_epoch;        /* fork epoch aw_count belongs to */
+    uint64_t  *aw_mine;         /* bitmap of the records this process holds
+                                 * (nwt bits): the doorbell's scan reads
+                                 * only those, not the whole table */
     uint64_t   serial;          /* distinguishes domains in thread caches */
     uint32_t   my_proc;         /* process slot + 1, valid when my_epoch matches */
     uint64_t   my_epoch;
@@ -343,6 +367,24 @@ static inline void tx_put(np_domain *d, np_actor *a, void *p, uint64_t v, uint32
 #define TX32(d, a, field, v) tx_put((d), (a), &(field), (uint64_t)(uint32_t)(v), 4)
 #define TX64(d, a, field, v) tx_put((d), (a), &(field), (uint64_t)(v), 8)
 
+/* The logged writes of one grant of object idx (value v > 0) to this
+ * process, shared by the thread path (acquire.c) and the coroutine path
+ * (asyncwait.c): the unit, and the mutex's owner and next fencing token
+ * (T1), or the protected delta.  The caller has begun the transaction. */
+static inline void tx_grant(np_domain *d, np_actor *a, np_obj *o, uint32_t idx, int kind, int64_t v)
+{
+    TX64(d, a, o->value, v - 1);
+    if (kind == NP_KIND_MUTEX) {
+        TX32(d, a, o->owner, d->my_proc);
+        TX64(d, a, o->token, o->token + 1);     /* T1 */
+    } else if (o->protected_) {
+        np_delta *e = delta_of(d, d->my_proc - 1, idx);
+        int64_t cur = e->gen == o->gen ? e->delta : 0;
+        TX32(d, a, e->gen, o->gen);
+        TX64(d, a, e->delta, sat_add(cur, -1));
+    }
+}
+
 static inline void redo_apply(np_domain *d, np_actor *a)
 {
     uint32_t n = a->intent_n;
@@ -378,6 +420,7 @@ static inline void tx_commit(np_domain *d, np_actor *a)
 uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a);
 void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim);
 void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
+void np_tx_q_append_rec(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
 int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
 void np_q_purge(np_domain *d, np_actor *me, np_obj *o);
 void np_wake_actors(np_domain *d, const uint32_t *who, int n);
@@ -441,6 +484,7 @@ static inline int closing(np_domain *d)
 /* internal (uncounted) operations; the exported functions wrap them */
 int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind);
 int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline);
+int64_t np_i_release_mutex(np_domain *d, uint64_t handle, int64_t guard_deadline, int force);
 int64_t np_i_wait_cancel(np_domain *d);
 
 #endif

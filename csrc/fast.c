@@ -32,6 +32,9 @@
  * between slices), and if that raises before its own clean-up, the wait is
  * cancelled here.  A mutex destroyed during that slice answers False, as the
  * Python method does (never re-created and locked behind the caller's back).
+ * Just before such a wait may block (its non-blocking attempt failed), the
+ * block hook (set_block_hook: netplex_native/loopcheck.py) is called with
+ * the kind, so a synchronous wait on an event loop's thread is reported.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -75,6 +78,24 @@ static inline PyObject *slow(PyObject *fn, PyObject *const *args, size_t nargsf,
     return PyObject_Vectorcall(fn, args, nargsf, kw);
 }
 
+static PyObject *block_hook;         /* set_block_hook(): called with the kind before a blocking wait */
+
+/* 0, or -1 with an exception set by the hook. */
+static int about_to_block(int kind)
+{
+    if (!block_hook)
+        return 0;
+    PyObject *k = PyLong_FromLong(kind);
+    if (!k)
+        return -1;
+    PyObject *r = PyObject_CallOneArg(block_hook, k);
+    Py_DECREF(k);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* One wait slice with the GIL released. */
 static inline int64_t first_slice(Binder *self, np_op_hd op, uint64_t h)
 {
@@ -109,7 +130,14 @@ static PyObject *b_sem_decrement(Binder *self, PyObject *const *args, size_t nar
             if (rc == NP_EAGAIN)
                 return PyLong_FromLong(-1);
         } else if (args[1] == Py_True) {
-            int64_t rc = first_slice(self, self->sem_dec_w, h);
+            int64_t rc = self->sem_dec(self->d, h, NP_NOWAIT);
+            if (rc >= 0)
+                return PyLong_FromLongLong(rc);
+            if (about_to_block(NP_KIND_SEM) < 0)
+                return NULL;
+            if (!self->d)
+                return slow(self->slow_dec, args, nargsf, kw);
+            rc = first_slice(self, self->sem_dec_w, h);
             if (rc >= 0)
                 return PyLong_FromLongLong(rc);
             if (rc == NP_EDESTROYED)
@@ -143,8 +171,13 @@ static PyObject *b_mutex_lock(Binder *self, PyObject *const *args, size_t nargsf
     if (kw == NULL && (n == 1 || (n == 2 && args[1] == Py_None))
             && cached(self->mtxs, args[0], &h) && self->d) {
         int64_t rc = self->mtx_lock(self->d, h, NP_NOWAIT);
-        if (rc == NP_EAGAIN)
+        if (rc == NP_EAGAIN) {
+            if (about_to_block(NP_KIND_MUTEX) < 0)
+                return NULL;
+            if (!self->d)
+                return slow(self->slow_lock, args, nargsf, kw);
             rc = first_slice(self, self->mtx_lock_w, h);
+        }
         if (rc == 0)
             Py_RETURN_TRUE;
         if (rc == NP_EDESTROYED)
@@ -484,7 +517,7 @@ static void mb_dealloc(MutexBase *self)
 static PyMethodDef mb_methods[] = {
     {"lock", (PyCFunction)(void (*)(void))mb_lock, METH_FASTCALL | METH_KEYWORDS,
      "lock(timeout=None) -> bool: wait until locked (True), or timeout seconds (False)."},
-    {"unlock", (PyCFunction)mb_unlock, METH_NOARGS, "unlock(): unlock (a no-op when not locked)."},
+    {"unlock", (PyCFunction)mb_unlock, METH_NOARGS, "unlock(): unlock (NotHolderError when this process does not hold it)."},
     {NULL, NULL, 0, NULL}
 };
 
@@ -513,8 +546,17 @@ static PyObject *set_context(PyObject *Py_UNUSED(m), PyObject *ctx)
     Py_RETURN_NONE;
 }
 
+static PyObject *set_block_hook(PyObject *Py_UNUSED(m), PyObject *fn)
+{
+    Py_INCREF(fn);
+    Py_XSETREF(block_hook, fn == Py_None ? (Py_DECREF(fn), NULL) : fn);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"set_context", set_context, METH_O, "set_context(ctx): the context whose .mutex MutexBase uses."},
+    {"set_block_hook", set_block_hook, METH_O,
+     "set_block_hook(fn): fn(kind) is called before a wait that may block (None: none)."},
     {NULL, NULL, 0, NULL}
 };
 

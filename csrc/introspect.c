@@ -42,6 +42,7 @@ static int64_t obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_
     uint32_t ow = __atomic_load_n(&o->owner, __ATOMIC_RELAXED);
     out->owner_pid = ow && ow <= d->nproc ? PW_PID(__atomic_load_n(&d->procs[ow - 1].w, __ATOMIC_RELAXED)) : 0;
     out->waiters = __atomic_load_n(&o->qlen, __ATOMIC_RELAXED);
+    out->token = (int64_t)(__atomic_load_n(&o->token, __ATOMIC_RELAXED) & INT64_MAX);
     memcpy(out->name, o->name, NP_NAME_MAX);
     out->name[NP_NAME_MAX] = 0;
     return 1;
@@ -61,9 +62,13 @@ static int64_t proc_info(np_domain *d, uint32_t index, np_proc_info_t *out)
     out->start_time = __atomic_load_n(&s->start_time, __ATOMIC_RELAXED);
     out->state = PW_STATE(w) == NP_PS_RECOVERING ? 2 : PW_STATE(w) == NP_PS_REGISTERING ? 3 : 1;
     out->reserved = index == d->rslot;
-    for (uint32_t x = 0; x <= d->nact; x++)
-        if (__atomic_load_n(&d->actors[x].proc, __ATOMIC_RELAXED) == index + 1)
-            out->threads++;
+    for (uint32_t x = 0; x < d->nall; x++)
+        if (__atomic_load_n(&d->actors[x].proc, __ATOMIC_RELAXED) == index + 1) {
+            if (x < d->wbase)
+                out->threads++;
+            else
+                out->async_waiters++;
+        }
     return 1;
 }
 
@@ -78,7 +83,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
         len = 0;
     if (d->h->name_guard)
         FAIL("name guard held (0x%x)", d->h->name_guard);
-    for (uint32_t x = 0; x <= d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         if (ax->intent_valid)
             FAIL("actor %u has a valid intent (guard %u)", x, ax->intent_guard);
@@ -119,7 +124,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
         }
         uint32_t n = 0, cur = o->qhead, last = 0;
         while (cur) {
-            if (cur > d->nact || n > d->nact)
+            if (cur > d->nall || n > d->nall)
                 FAIL("%s %u (%.64s) queue broken", what, k, o->name);
             np_actor *ax = &d->actors[cur - 1];
             if (ax->waiting_on != i + 1 || ax->wait_gen != o->gen || !ax->proc)
@@ -132,7 +137,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
             FAIL("%s %u (%.64s) queue length %u / tail %u, walked %u / %u",
                  what, k, o->name, o->qlen, o->qtail, n, last);
     }
-    for (uint32_t x = 0; x < d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         uint32_t w = ax->waiting_on;
         if (w && ax->proc && d->objs[w - 1].used && ax->wait_gen == d->objs[w - 1].gen
@@ -158,7 +163,7 @@ static int64_t check(np_domain *d, char *buf, size_t len)
     }
     if (d->procs[d->rslot].w && np_slot_state(d, d->rslot) == NP_DEAD)
         FAIL("the reserve slot is held by dead pid %d", PW_PID(d->procs[d->rslot].w));
-    for (uint32_t x = 0; x <= d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         if (ax->waiting_on && ax->proc && ax->cancel_pending == 0 && ax->waiting_on <= d->nobj
             && d->objs[ax->waiting_on - 1].guard == 0 && !d->objs[ax->waiting_on - 1].used

@@ -13,6 +13,9 @@
  *  N3 destroy bumps the generation (A4), empties the queue and wakes those
  *     who were queued; they learn it from their wait_gen.  Handles of the old
  *     generation are stale (NP_ESTALE) from then on.
+ *  N5 (T2) create starts a mutex's token at the header's token_hw; destroy
+ *     raises token_hw to the destroyed mutex's token; both in the intent
+ *     that changes the name, under the name guard.
  *  N4 Open addressing with tombstones; the table has at least twice as many
  *     entries as objects, so a probe always ends.
  */
@@ -115,6 +118,7 @@ static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flag
     TX64(d, a, o->value, kind == NP_KIND_MUTEX ? 1 : initial);
     TX32(d, a, o->protected_, kind == NP_KIND_SEM && (flags & NP_PROTECTED) ? 1 : 0);
     TX32(d, a, o->owner, 0);
+    TX64(d, a, o->token, d->h->token_hw);      /* T2 */
     TX32(d, a, d->names[slot], i + 1);
     tx_commit(d, a);
     res = make_handle(d, i);
@@ -172,6 +176,8 @@ static int64_t destroy(np_domain *d, uint64_t handle, int kind)
     TX32(d, a, o->qhead, 0);
     TX32(d, a, o->qtail, 0);
     TX32(d, a, o->qlen, 0);
+    if (kind == NP_KIND_MUTEX && o->token > d->h->token_hw)
+        TX64(d, a, d->h->token_hw, o->token);  /* T2 */
     tx_commit(d, a);
     guard_unlock(&o->guard);
     CRASHPOINT();

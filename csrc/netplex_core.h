@@ -53,7 +53,9 @@ enum {
     NP_ESYS       = -16,  /* a system call failed; errno is preserved */
     NP_EBUSY      = -17,  /* a sleep cannot start now (already waiting) */
     NP_EKIND      = -18,  /* name exists as the other kind (semaphore vs mutex) */
-    NP_ECLOSED    = -19   /* np_domain_close() was called in this process */
+    NP_ECLOSED    = -19,  /* np_domain_close() was called in this process */
+    NP_ENOTHOLDER = -20,  /* mutex unlock by a process that does not hold it */
+    NP_ENOSPC_WAIT= -21   /* async waiter table full, or this process's quota used */
 };
 
 enum {
@@ -81,6 +83,8 @@ typedef struct {
     uint32_t mutexes;        /* capacity of the mutex table */
     uint32_t processes;      /* capacity of the process (owner) table */
     uint32_t actors;         /* capacity of the thread table (waits, intents) */
+    uint32_t waiters;        /* capacity of the async waiter table (asyncwait.c) */
+    uint32_t waiter_quota;   /* async waiter records one process may hold at once */
 } np_config;
 
 typedef struct {
@@ -91,6 +95,7 @@ typedef struct {
     int32_t  protected_;     /* semaphores: protected accounting on */
     int32_t  owner_pid;      /* mutex: pid of the holder, 0 when free */
     uint32_t waiters;        /* threads queued */
+    int64_t  token;          /* mutex: fencing token of the last grant */
     char     name[256];
 } np_obj_info_t;   /* _t: np_obj_info is the function */
 
@@ -101,6 +106,7 @@ typedef struct {
     int32_t  state;          /* 0 free, 1 alive, 2 being recovered, 3 registering */
     int32_t  reserved;       /* 1: the slot kept for reclaiming a full table */
     uint32_t threads;        /* actors attached */
+    uint32_t async_waiters;  /* async waiter records held */
 } np_proc_info_t;  /* _t: np_proc_info is the function */
 
 /* ---- domain (segment) lifecycle ---- */
@@ -123,6 +129,11 @@ uint64_t np_domain_creator_start(const np_domain *d);
 /* 0 only when the creator is certainly gone (as np_process_alive, and within
  * the creator's pid namespace only). */
 int np_domain_creator_alive(const np_domain *d);
+/* 0 only when nobody may still use the segment: its creator and every
+ * process registered in it are certainly gone (the stale-segment rule: a
+ * supervisor that attached after its creator died -- gunicorn's binary
+ * upgrade -- keeps it alive by being registered). */
+int np_domain_in_use(np_domain *d);
 /* 0 only when the process pid with that start time is certainly gone (no
  * such pid, another start time, or a zombie with no live thread); 1 when it
  * is alive or when that cannot be told (EMFILE, ENOMEM, unreadable /proc). */
@@ -158,8 +169,18 @@ int64_t np_sem_delta_of(np_domain *d, uint64_t handle, int32_t pid, int64_t *out
 /* ---- mutexes ---- */
 /* 0 when locked by the calling process; NP_EAGAIN (NP_NOWAIT), NP_ETIMEDOUT, NP_EINTR. */
 int64_t np_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);
-/* Unlock (any process may; no-op when not locked). */
+/* Unlock a mutex the calling process holds; NP_ENOTHOLDER (nothing changed)
+ * when another process holds it or nobody does.  The holder is a process:
+ * any thread of it may unlock. */
 int64_t np_mutex_unlock(np_domain *d, uint64_t handle);
+/* Unlock whoever holds it (the reference's any-container unlock); a no-op
+ * when it is free. */
+int64_t np_mutex_force_unlock(np_domain *d, uint64_t handle);
+/* The fencing token of the calling process's hold: 0 and the token (>= 1)
+ * in *out while it holds the mutex, 0 and 0 in *out when it does not.  Every
+ * later holder's token is larger, also across destroy/re-create and across a
+ * holder's death. */
+int64_t np_mutex_token(np_domain *d, uint64_t handle, int64_t *out);
 int64_t np_mutex_destroy(np_domain *d, uint64_t handle);
 
 /* Leave the wait queue the calling thread is in (after NP_EINTR). */
@@ -192,6 +213,28 @@ int64_t np_fast_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline);
 int64_t np_fast_mutex_lock(np_domain *d, uint64_t handle, int64_t deadline);
 int64_t np_fast_mutex_unlock(np_domain *d, uint64_t handle);
 int64_t np_fast_wait_cancel(np_domain *d);
+
+/* ---- waits that cost no thread (asyncwait.c) ----
+ * A record is claimed by the calling process (bound to no thread) and can
+ * be queued on one semaphore or mutex at a time, exactly like a thread's
+ * wait.  np_aw_acquire never sleeps: it takes (the value, or 0 for a mutex),
+ * or queues the record and returns NP_EAGAIN; a later release rings the
+ * process's doorbell, which np_aw_wait (one helper thread per process)
+ * sleeps on, and reports the records to look at again.  flags: NP_AW_FINAL
+ * (the caller's deadline passed: take if entitled, else leave the queue and
+ * return NP_ETIMEDOUT).  NP_EINTR: the object's internal guard is busy (a
+ * stopped holder): call again later.  np_aw_release leaves the queue and
+ * frees the record (cancellation, a timeout, the end of a wait). */
+enum { NP_AW_FINAL = 1 };
+int64_t np_aw_claim(np_domain *d);
+int64_t np_aw_acquire(np_domain *d, uint32_t rec, uint64_t handle, int32_t kind, int32_t flags);
+int64_t np_aw_release(np_domain *d, uint32_t rec);
+/* Up to max records of this process woken since they were armed, into out;
+ * sleeps on the doorbell up to ns when there are none.  0 after ns. */
+int64_t np_aw_wait(np_domain *d, uint32_t *out, int32_t max, int64_t ns);
+/* Progress without the supervisor (as a thread's wait slice, A3): recover
+ * dead processes that this process's queued records wait behind. */
+int64_t np_aw_tick(np_domain *d, int64_t deadline);
 
 /* ---- introspection ---- */
 int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out);  /* 1 used, 0 free */

@@ -19,6 +19,9 @@
  *     abandons its actor (orphan) and takes a fresh one, so it can go on with
  *     other objects; the purge that removes the orphan also frees it (once:
  *     orphan 1 -> 2 by CAS, against the thread freeing it itself).
+ *  Q6 Async records (asyncwait.c) are queue entries like actors: every
+ *     function here takes either; only np_wake_actors tells them apart (it
+ *     also rings the record's process's doorbell, W2).
  *  Q4 No lost wake-up: each actor sleeps on its own wake word, read under the
  *     guard before releasing it; a waker increments it, then checks whether
  *     the sleeper may be asleep (Dekker, seq_cst on both sides).
@@ -29,7 +32,7 @@
 uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a)
 {
     uint32_t pos = 0, cur = o->qhead;
-    while (cur && pos <= d->nact) {
+    while (cur && pos <= d->nall) {
         if (cur == a + 1)
             return pos;
         cur = d->actors[cur - 1].qnext;
@@ -41,7 +44,7 @@ uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a)
 void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim)
 {
     uint32_t prev = 0, cur = o->qhead, n = 0;
-    while (cur && cur != victim + 1 && n++ <= d->nact) {
+    while (cur && cur != victim + 1 && n++ <= d->nall) {
         prev = cur;
         cur = d->actors[cur - 1].qnext;
     }
@@ -62,11 +65,19 @@ void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim)
 void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx,
                     int64_t now)
 {
-    TX64(d, me, me->wait_since, now);
-    TX32(d, me, me->qnext, 0);
-    TX32(d, me, me->wait_gen, o->gen);
-    TX32(d, me, me->waiting_on, idx + 1);
-    TX32(d, me, me->cancel_pending, 0);
+    np_tx_q_append_rec(d, me, ai, o, idx, now);
+}
+
+/* Append actor or async record ai, logged in me (the guard holder's log). */
+void np_tx_q_append_rec(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx,
+                        int64_t now)
+{
+    np_actor *x = &d->actors[ai];
+    TX64(d, me, x->wait_since, now);
+    TX32(d, me, x->qnext, 0);
+    TX32(d, me, x->wait_gen, o->gen);
+    TX32(d, me, x->waiting_on, idx + 1);
+    TX32(d, me, x->cancel_pending, 0);
     if (o->qtail)
         TX32(d, me, d->actors[o->qtail - 1].qnext, ai + 1);
     else
@@ -81,7 +92,7 @@ int np_q_collect(np_domain *d, np_obj *o, uint32_t *out)
     int64_t v = o->value;
     int n = 0;
     uint32_t cur = o->qhead, steps = 0;
-    while (cur && n < v && n < NP_WAKE_BATCH && steps++ <= d->nact) {
+    while (cur && n < v && n < NP_WAKE_BATCH && steps++ <= d->nall) {
         out[n++] = cur - 1;
         cur = d->actors[cur - 1].qnext;
     }
@@ -96,7 +107,7 @@ void np_q_purge(np_domain *d, np_actor *me, np_obj *o)
     uint32_t o_idx = (uint32_t)(o - d->objs);
     __atomic_store_n(&o->purge, 0, __ATOMIC_SEQ_CST);
     uint32_t cur = o->qhead, steps = 0;
-    while (cur && steps++ <= d->nact) {
+    while (cur && steps++ <= d->nall) {
         np_actor *x = &d->actors[cur - 1];
         uint32_t next = x->qnext;
         if (__atomic_load_n(&x->cancel_pending, __ATOMIC_SEQ_CST)) {
@@ -120,6 +131,16 @@ void np_wake_actors(np_domain *d, const uint32_t *who, int n)
         __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
         if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
             np_futex_wake(&x->wake, 1);
+        if (who[i] >= d->wbase) {
+            /* an async record (W2): its process's helper looks at it */
+            uint32_t p = __atomic_load_n(&x->proc, __ATOMIC_ACQUIRE);
+            if (p && p <= d->nproc) {
+                np_proc *s = &d->procs[p - 1];
+                __atomic_add_fetch(&s->bell, 1, __ATOMIC_SEQ_CST);
+                if (__atomic_exchange_n(&s->bell_sleeping, 0, __ATOMIC_SEQ_CST))
+                    np_futex_wake(&s->bell, 1);
+            }
+        }
     }
 }
 
@@ -133,7 +154,7 @@ int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
 {
     int n = 0;
     np_actor *a = &d->actors[me];
-    for (uint32_t x = 0; x < d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {       /* async records too (W4) */
         np_actor *ax = &d->actors[x];
         if (!__atomic_load_n(&ax->orphan, __ATOMIC_ACQUIRE) || !ax->proc)
             continue;

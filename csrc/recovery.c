@@ -17,8 +17,8 @@
  *   2. revert its protected deltas of the current generation, clamped to
  *      [0, NP_VALUE_MAX] (saturating: a value near the maximum is not reset);
  *   3. unlock the mutexes it owns;
- *   4. take its actors out of the queues they wait in;
- *   5. free its actors (incarnation bumped first, I3), then the slot.
+ *   4. take its actors and its async records out of the queues they wait in;
+ *   5. free its actors and records (incarnation bumped first, I3), then the slot.
  * Steps 2-4 are ordinary guarded transactions of the claimant, with its own
  * redo log, so a claimant that dies is like any dead process: its guards are
  * taken over by whoever needs them (T1) and the slot it claimed is stolen,
@@ -122,8 +122,8 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         np_wake_actors(d, who, n);
     }
 
-    /* (4) waits of the dead process */
-    for (uint32_t x = 0; x < d->nact; x++) {
+    /* (4) waits of the dead process: its threads' and its async records' */
+    for (uint32_t x = 0; x < d->nall; x++) {
         np_actor *ax = &d->actors[x];
         if (x == me || __atomic_load_n(&ax->proc, __ATOMIC_ACQUIRE) != p + 1)
             continue;
@@ -152,7 +152,9 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
 
     /* (5) free the actors (ours last when we leave our own slot); a purge
      * freeing an orphan of ours at the same time: one CAS wins (S2) */
-    for (uint32_t x = 0; x < d->nact; x++) {
+    for (uint32_t x = 0; x < d->nall; x++) {
+        if (x == d->ractor)
+            continue;                   /* the reserve is freed by its own path */
         uint64_t own = __atomic_load_n(&d->actors[x].own, __ATOMIC_ACQUIRE);
         if (x != me && (uint32_t)own == p + 1)
             np_free_actor(d, x, own);

@@ -12,6 +12,12 @@
  *     (Q3) and the call still succeeds: the caller is no longer waiting.
  *  R4 get reads value between two reads of the same generation, so it
  *     belongs to the handle's incarnation.
+ *  R5 Ownership: a mutex is unlocked only by a process that holds it (owner
+ *     = its slot + 1), or by force; otherwise NP_ENOTHOLDER and nothing
+ *     changed (checked under the guard, before anything is logged).
+ *  R6 A token read (np_mutex_token) is lock-free: the token is read before
+ *     and after the owner; tokens only grow (T1), so two equal reads around
+ *     "owner is me" belong to our hold.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -21,7 +27,8 @@
 /* guard_deadline: NP_NOWAIT (slices: NP_EINTR, call again) or NP_GUARD_TRY
  * (NP_EAGAIN after a few ms: the accelerator, which holds the GIL, then
  * retries through the counted entry point with the GIL released). */
-int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline)
+static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline,
+                       int force)
 {
     uint32_t idx, ai, tag, who[NP_WAKE_BATCH];
     int rc, n = 0;
@@ -41,9 +48,9 @@ int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_dead
         return NP_ESTALE;
     }
     int64_t v = o->value;
-    if (kind == NP_KIND_MUTEX && v != 0) {      /* not locked: no-op */
-        guard_unlock(&o->guard);
-        return 0;
+    if (kind == NP_KIND_MUTEX && (v != 0 || (!force && o->owner != d->my_proc))) {
+        guard_unlock(&o->guard);                /* R5; free + force: no-op */
+        return force ? 0 : NP_ENOTHOLDER;
     }
     if (unlikely(v >= (int64_t)NP_VALUE_MAX)) {
         guard_unlock(&o->guard);
@@ -70,6 +77,16 @@ int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_dead
     return kind == NP_KIND_MUTEX ? 0 : v + 1;
 }
 
+int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline)
+{
+    return release(d, handle, kind, guard_deadline, 0);
+}
+
+int64_t np_i_release_mutex(np_domain *d, uint64_t handle, int64_t guard_deadline, int force)
+{
+    return release(d, handle, NP_KIND_MUTEX, guard_deadline, force);
+}
+
 int64_t np_sem_increment(np_domain *d, uint64_t handle)
 {
     NP_ENTER(d);
@@ -82,6 +99,49 @@ int64_t np_mutex_unlock(np_domain *d, uint64_t handle)
 {
     NP_ENTER(d);
     int64_t rc = np_i_release(d, handle, NP_KIND_MUTEX, NP_NOWAIT);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_mutex_force_unlock(np_domain *d, uint64_t handle)
+{
+    NP_ENTER(d);
+    int64_t rc = release(d, handle, NP_KIND_MUTEX, NP_NOWAIT, 1);
+    NP_LEAVE(d);
+    return rc;
+}
+
+static int64_t mutex_token(np_domain *d, uint64_t handle, int64_t *out)
+{
+    uint32_t idx, ai, tag;
+    int rc;
+    if ((rc = handle_obj(d, handle, NP_KIND_MUTEX, &idx)) < 0)
+        return rc;
+    if ((rc = my_actor(d, &ai, &tag)) < 0)     /* makes d->my_proc valid */
+        return rc;
+    np_obj *o = &d->objs[idx];
+    for (;;) {
+        /* acquire on each: R6 (and R4 for the generation). */
+        uint32_t g1 = __atomic_load_n(&o->gen, __ATOMIC_ACQUIRE);
+        uint64_t t1 = __atomic_load_n(&o->token, __ATOMIC_ACQUIRE);
+        int64_t v = __atomic_load_n(&o->value, __ATOMIC_ACQUIRE);
+        uint32_t own = __atomic_load_n(&o->owner, __ATOMIC_ACQUIRE);
+        uint32_t u = __atomic_load_n(&o->used, __ATOMIC_ACQUIRE);
+        uint64_t t2 = __atomic_load_n(&o->token, __ATOMIC_ACQUIRE);
+        uint32_t g2 = __atomic_load_n(&o->gen, __ATOMIC_ACQUIRE);
+        if (!u || g1 != g2 || g1 != handle_gen(handle))
+            return NP_ESTALE;
+        if (t1 != t2)
+            continue;                   /* granted meanwhile: not to us */
+        *out = (v == 0 && own == d->my_proc) ? (int64_t)(t1 & INT64_MAX) : 0;
+        return 0;
+    }
+}
+
+int64_t np_mutex_token(np_domain *d, uint64_t handle, int64_t *out)
+{
+    NP_ENTER(d);
+    int64_t rc = mutex_token(d, handle, out);
     NP_LEAVE(d);
     return rc;
 }

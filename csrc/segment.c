@@ -16,6 +16,10 @@
  *     (its slot is recovered as if it had died) and only then unmaps.  The
  *     descriptor is never freed, so a late call fails with NP_ECLOSED.  The
  *     np_fast_* entry points are not counted: their caller excludes close.
+ *  G4 A segment is stale only when its creator AND every process registered
+ *     in it are certainly dead (I4): a process that attached and registered
+ *     (a supervisor taking over after a binary upgrade, a spawned worker)
+ *     keeps it in use after its creator is gone.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -49,7 +53,8 @@ static void layout(const np_config *c, np_hdr *h)
     h->off_proc = off;
     off = ALIGN64(off + ((uint64_t)c->processes + 1) * sizeof(np_proc));      /* G2 */
     h->off_actor = off;
-    off = ALIGN64(off + ((uint64_t)c->actors + 1) * sizeof(np_actor));
+    /* actors, the reserve actor, then the async waiter records (W1) */
+    off = ALIGN64(off + ((uint64_t)c->actors + 1 + c->waiters) * sizeof(np_actor));
     h->off_delta = off;
     off = ALIGN64(off + (uint64_t)c->processes * c->semaphores * sizeof(np_delta));
     h->size = off;
@@ -76,6 +81,15 @@ static int map_domain(char *base, size_t size, np_domain **out)
     d->nact = h->cfg.actors;
     d->rslot = d->nproc;
     d->ractor = d->nact;
+    d->nwt = h->cfg.waiters;
+    d->wbase = d->nact + 1;
+    d->nall = d->wbase + d->nwt;
+    d->wquota = h->cfg.waiter_quota ? h->cfg.waiter_quota : d->nwt;
+    d->aw_mine = calloc((d->nwt + 63) / 64 + 1, sizeof(uint64_t));
+    if (!d->aw_mine) {
+        free(d);
+        return NP_ESYS;
+    }
     d->name_cap = h->name_cap;
     d->serial = __atomic_add_fetch(&domain_serial, 1, __ATOMIC_RELAXED);
     pthread_mutex_lock(&np_dom_mu);
@@ -110,7 +124,7 @@ int np_domain_create(const char *name, const np_config *cfg, np_domain **out)
     np_hdr tmp;
     np_identity_init();
     if (!name || name[0] != '/' || !cfg || cfg->processes == 0 || cfg->actors == 0
-        || cfg->actors > NP_ACTORS_MAX - 1 || cfg->processes >= (1u << 22)
+        || (uint64_t)cfg->actors + cfg->waiters > NP_ACTORS_MAX - 1 || cfg->processes >= (1u << 22)
         || (uint64_t)cfg->semaphores + cfg->mutexes >= (1u << 30))
         return NP_EINVAL;
     memset(&tmp, 0, sizeof tmp);
@@ -197,7 +211,8 @@ int np_domain_attach(const char *name, np_domain **out)
     if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != NP_MAGIC
         || h->version != NP_LAYOUT_VERSION || h->hdr_size != sizeof(np_hdr)
         || h->size != size || chk.size != size || chk.off_delta != h->off_delta
-        || chk.name_cap != h->name_cap || h->cfg.actors > NP_ACTORS_MAX - 1) {
+        || chk.name_cap != h->name_cap
+        || (uint64_t)h->cfg.actors + h->cfg.waiters > NP_ACTORS_MAX - 1) {
         munmap(base, size);
         return NP_EBADSEG;
     }
@@ -234,7 +249,7 @@ void np_domain_close(np_domain *d)
     pthread_mutex_unlock(&np_dom_mu);
     for (int round = 0; __atomic_load_n(&d->inside, __ATOMIC_SEQ_CST) > 0; round++) {
         /* wake this process's sleepers: they see `closing' and leave */
-        if (d->my_epoch == np_fork_epoch && d->my_proc)
+        if (d->my_epoch == np_fork_epoch && d->my_proc) {
             for (uint32_t x = 0; x <= d->nact; x++) {
                 np_actor *ax = &d->actors[x];
                 if (__atomic_load_n(&ax->proc, __ATOMIC_RELAXED) == d->my_proc) {
@@ -242,6 +257,10 @@ void np_domain_close(np_domain *d)
                     np_futex_wake(&ax->wake, 1);
                 }
             }
+            np_proc *s = &d->procs[d->my_proc - 1];   /* the async helper (np_aw_wait) */
+            __atomic_add_fetch(&s->bell, 1, __ATOMIC_SEQ_CST);
+            np_futex_wake(&s->bell, 1);
+        }
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }
@@ -289,4 +308,17 @@ uint64_t np_domain_creator_start(const np_domain *d) { return d->h->creator_star
 int np_domain_creator_alive(const np_domain *d)
 {
     return np_proc_state(d->h->creator_pid, d->h->creator_start, d->h->creator_pidns) != NP_DEAD;
+}
+
+int np_domain_in_use(np_domain *d)
+{
+    if (np_domain_creator_alive(d))
+        return 1;
+    /* Every slot, the reserve included (G2): a slot that is free or being
+     * recovered is no user; an alive or registering one is, unless its
+     * process is certainly dead. */
+    for (uint32_t p = 0; p <= d->nproc; p++)
+        if (np_slot_state(d, p) != NP_DEAD)
+            return 1;
+    return 0;
 }

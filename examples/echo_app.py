@@ -15,16 +15,16 @@ SLOTS = "echo.expensive_slots"
 
 
 class Hooks(netplex.ProcessorHooks):
-    def post_start_hook(self, cont):
+    def post_start_hook(self, cont: netplex.Container) -> None:
         semaphore.create(SLOTS, 2, protected=True)
         sharedvar.create_var("echo.last", own=True)
 
-    def receive_admin_message(self, cont, name, args):
+    def receive_admin_message(self, cont: netplex.Container, name: str, args: list[str]) -> None:
         if name == "hello":
             sharedvar.set_value("echo.last", f"{cont.id} got hello {' '.join(args)}")
 
 
-async def handle(reader, writer):
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     cid = cenv.self_cont().id
     while True:
         line = await reader.readline()

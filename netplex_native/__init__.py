@@ -7,6 +7,7 @@ See README.md.
 """
 
 from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError,
+                     NotHolderError,
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
                      ServiceConfigError, RemoteError)
@@ -16,13 +17,14 @@ from .container import Container, Timer
 from .controller import Controller
 from .plugin import Plugin
 from . import semaphore, mutex, sharedvar, cenv
+from .domain import Domain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Controller", "Service", "ProcessorHooks", "Container", "Timer", "Plugin",
-    "semaphore", "mutex", "sharedvar", "cenv",
-    "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError",
+    "semaphore", "mutex", "sharedvar", "cenv", "Domain",
+    "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
 ]

@@ -9,6 +9,10 @@ plugins the controller has, or a placeholder that raises the right error.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 from .errors import NotInContainerError, PluginNotAddedError
 
@@ -18,11 +22,11 @@ KINDS = {"semaphore": "sem", "mutex": "mutex", "sharedvar": "var"}
 class _Unavailable:
     """Stands in for a backend that is not there; every call raises."""
 
-    def __init__(self, kind: str, outside: bool):
+    def __init__(self, kind: str, outside: bool) -> None:
         self._kind = kind
         self._outside = outside
 
-    def __getattr__(self, attr):
+    def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):
             raise AttributeError(attr)
         raise self.error()
@@ -42,7 +46,16 @@ class _Unavailable:
 
 
 class Context:
-    def __init__(self):
+    role: str | None
+    controller: Any
+    container: Any
+    channel: Any
+    runtime: Any
+    sem: Any                      # the semaphore backend (see the module doc)
+    mutex: Any                    # the mutex backend
+    var: Any                      # the shared-variable backend
+
+    def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
@@ -53,7 +66,7 @@ class Context:
         self.runtime = None       # container.py's _Runtime (container processes only)
         self.set_backends({})
 
-    def set_backends(self, backends: dict) -> None:
+    def set_backends(self, backends: dict[str, Any]) -> None:
         outside = self.role is None
         for kind, attr in KINDS.items():
             b = backends.get(kind)
@@ -63,17 +76,18 @@ class Context:
 ctx = Context()
 
 
-def forward(attr: str, names: tuple, defaults: tuple = (), npos: int = 1):
+def forward(attr: str, names: tuple[str, ...], defaults: tuple[Any, ...] = (),
+            npos: int = 1) -> Callable[[_F], _F]:
     """Decorator for a public function that only calls ``ctx.<attr>.<its
     name>(*params)``: with the accelerator (csrc/fast.c) the same call is made
     without a Python frame; the decorated function stays its documentation and
     signature, and is used as it is when the accelerator is not built."""
-    def wrap(pyfunc):
+    def wrap(pyfunc: _F) -> _F:
         try:
-            from ._fast import Forward
+            from ._fast import Forward  # type: ignore[import-not-found]
         except ImportError:
             return pyfunc
         f = Forward(ctx, attr, pyfunc.__name__, names, defaults, npos)
         functools.update_wrapper(f, pyfunc)
-        return f
+        return f  # type: ignore[no-any-return]
     return wrap

@@ -6,19 +6,23 @@ Call these from a container (hooks, timers, handlers).  ``send_message`` and
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
 from ._context import ctx
 from .container import Container, Timer
 from .errors import NotInContainerError, check_interval, check_message
 
 
-def _runtime(what: str):
+def _runtime(what: str) -> Any:
     rt = ctx.runtime
     if ctx.role != "container" or rt is None:
         raise NotInContainerError(f"cenv.{what}() must be called in a container (a hook, timer or handler)")
     return rt
 
 
-def create_timer(callback, interval) -> Timer:
+def create_timer(callback: Callable[[Timer], bool | None | Awaitable[bool | None]],
+                 interval: float) -> Timer:
     """Run ``callback(timer)`` on the container's loop every *interval*
     seconds while it returns True (an ``async def`` callback is awaited);
     False or an exception stops it.  Timers stop when the container ends."""
@@ -49,10 +53,11 @@ def timers() -> list[Timer]:
 
 
 def self_cont() -> Container:
-    return _runtime("self_cont").cont
+    cont: Container = _runtime("self_cont").cont
+    return cont
 
 
-def send_message(pattern: str, name: str, args=()) -> None:
+def send_message(pattern: str, name: str, args: Sequence[str] = ()) -> None:
     """Broadcast to ``receive_message`` in every container whose service
     name matches *pattern* (``*`` is a wildcard; the whole name must match)."""
     pattern, name, args = check_message(pattern, name, args)
@@ -75,7 +80,7 @@ def lookup(service: str, protocol: str | None = None) -> str | None:
         raise NotInContainerError("cenv.lookup() needs a running controller or container")
     for s in ctx.controller.services:
         if s.name == service and s.address is not None and s.address.scheme == "unix":
-            return s.address.path
+            return str(s.address.path)
     return None
 
 

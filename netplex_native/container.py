@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 
 from ._context import ctx
 from .channel import Channel
@@ -61,12 +62,12 @@ BOOT_FAILED = 3
 class Container:
     """A container as hooks see it: ``id``, ``pid``, ``service_name``."""
 
-    def __init__(self, cid: str, pid: int, service_name: str):
+    def __init__(self, cid: str, pid: int, service_name: str) -> None:
         self.id = cid
         self.pid = pid
         self.service_name = service_name
 
-    def send_message(self, pattern: str, name: str, args=()) -> None:
+    def send_message(self, pattern: str, name: str, args: Sequence[str] = ()) -> None:
         """Broadcast to ``receive_message`` of the containers of the services
         matching *pattern* (this one included when it matches)."""
         pattern, name, args = check_message(pattern, name, args)

@@ -27,6 +27,12 @@ class NotInContainerError(NetplexError, RuntimeError):
     """A primitive or cenv function was called outside any controller or container."""
 
 
+class NotHolderError(NetplexError, RuntimeError):
+    """A mutex was unlocked by a process that does not hold it (or nobody
+    holds it).  Nothing was changed; ``unlock(force=True)`` frees whoever
+    holds it."""
+
+
 class WouldBlockError(NetplexError, RuntimeError):
     """A blocking wait was requested in the controller, whose loop must never block."""
 
@@ -74,7 +80,7 @@ class RemoteError(NetplexError):
 REMOTE_ERRORS: dict[str, type[BaseException]] = {
     cls.__name__: cls
     for cls in (
-        NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError,
+        NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError, NotHolderError,
         TableFullError, SharedVarPermissionError, SharedVarTypeError,
         ControllerGoneError, ProtocolError, RemoteError, TypeError, ValueError, OverflowError,
     )

@@ -28,35 +28,41 @@ global_exception_handler   both        an exception escaped a hook, timer or
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .container import Container
+    from .controller import Controller
+    from .service import Service
 
 log = get_logger("netplex_native.hooks")
 
 
 class ProcessorHooks:
-    def post_add_hook(self, service, ctrl) -> None:
+    def post_add_hook(self, service: Service, ctrl: Controller) -> None:
         pass
 
-    def post_rm_hook(self, service, ctrl) -> None:
+    def post_rm_hook(self, service: Service, ctrl: Controller) -> None:
         pass
 
-    def pre_start_hook(self, service, ctrl, container_id) -> None:
+    def pre_start_hook(self, service: Service, ctrl: Controller, container_id: str) -> None:
         pass
 
-    def post_start_hook(self, cont) -> None:
+    def post_start_hook(self, cont: Container) -> None:
         pass
 
-    def pre_finish_hook(self, cont) -> None:
+    def pre_finish_hook(self, cont: Container) -> None:
         pass
 
-    def post_finish_hook(self, service, ctrl, container_id) -> None:
+    def post_finish_hook(self, service: Service, ctrl: Controller, container_id: str) -> None:
         pass
 
-    def receive_message(self, cont, name, args) -> None:
+    def receive_message(self, cont: Container, name: str, args: list[str]) -> None:
         pass
 
-    def receive_admin_message(self, cont, name, args) -> None:
+    def receive_admin_message(self, cont: Container, name: str, args: list[str]) -> None:
         pass
 
     def system_shutdown(self) -> None:

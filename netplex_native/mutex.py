@@ -1,75 +1,181 @@
-"""Mutexes shared by the containers of one controller.
+"""Mutexes shared by the processes of one controller (or of one ``Domain``).
 
-``access(name)`` returns a handle; ``lock``/``unlock`` or ``with``/``async
-with``.  Not recursive; any container may unlock; waiters are served in
-order; a mutex whose holder ends (even by SIGKILL) is unlocked.
+``access(name)`` returns a handle: ``lock``/``unlock``, the ``threading``
+idiom (``acquire``/``release``/``locked``, ``with``, ``async with``) and the
+fencing ``token``.  Not recursive; waiters are served in order; a mutex whose
+holder ends (even by SIGKILL) is unlocked.
+
+Invariants of the handles (every backend):
+- The holder is a process: any of its threads may unlock; ``unlock()`` by a
+  process that does not hold it (nobody included) raises NotHolderError and
+  changes nothing; ``unlock(force=True)`` unlocks whoever holds it.
+- ``token`` is None unless this process holds the mutex; every later holder
+  of the same name gets a larger token (across destroy/re-create and a
+  holder's death too).
+- A handle made by ``access`` calls the backend of the current process
+  (``ctx.mutex``) at each call; one made by ``Domain.mutex`` calls its
+  domain's backend.  Neither looks anything up beyond the backend's cache.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
 from ._context import ctx
 from .rpc.sync import MutexPlugin
 from .native.plugins import NativeMutexPlugin
-from .errors import check_name
+from .errors import NetplexError, check_name, check_timeout
+
+__all__ = ["plugin", "native_plugin", "Mutex", "access", "destroy"]
 
 plugin = MutexPlugin()
 native_plugin = NativeMutexPlugin()
 
 
-try:
-    from ._fast import MutexBase as _MutexBase, set_context as _set_context
-except ImportError:
-    class _MutexBase:
-        """lock()/unlock() in Python (the accelerator is not built)."""
+class _PyMutexBase:
+    """lock() in Python (the accelerator, _fast.MutexBase, is not built)."""
 
-        __slots__ = ("name",)
+    __slots__ = ("name",)
 
-        def __init__(self, name):
-            self.name = name
+    def __init__(self, name: str) -> None:
+        self.name = name
 
-        def lock(self, timeout=None):
-            return ctx.mutex.lock(self.name, timeout)
+    def lock(self, timeout: float | None = None) -> bool:
+        return bool(ctx.mutex.lock(self.name, timeout))
 
-        def unlock(self):
-            ctx.mutex.unlock(self.name)
+
+if TYPE_CHECKING:
+    _MutexBase = _PyMutexBase
 else:
-    _set_context(ctx)
+    try:
+        from ._fast import MutexBase as _MutexBase, set_context as _set_context
+    except ImportError:
+        _MutexBase = _PyMutexBase
+    else:
+        _set_context(ctx)
+
+
+def _acquire_timeout(blocking: bool, timeout: float | None) -> float | None:
+    """threading's acquire(blocking, timeout) -> our timeout (None: forever)."""
+    if not isinstance(blocking, int):          # bool or int, as threading: acquire(0)
+        raise TypeError(f"blocking must be a bool or an int, not {type(blocking).__name__}")
+    if not blocking:
+        if timeout is not None and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        return 0
+    if timeout is None or (timeout == -1 and type(timeout) is not bool):
+        return None
+    return check_timeout(timeout)
+
+
+def _destroyed(name: str) -> NetplexError:
+    """``with`` never runs its body unprotected: a wait without timeout
+    that ended without the lock (the mutex was destroyed) raises."""
+    return NetplexError(f"{name!r} was destroyed while this process waited for it; "
+                        f"the body of the with statement did not run")
 
 
 class Mutex(_MutexBase):
-    """The mutex *name*.  ``lock(timeout=None) -> bool`` waits until locked
-    (True) or *timeout* seconds (False); ``unlock()`` unlocks (a no-op when
-    not locked)."""
+    """The mutex *name*.
+
+    ``lock(timeout=None) -> bool`` waits until locked (True) or *timeout*
+    seconds pass (False); ``unlock(force=False)`` unlocks (NotHolderError
+    when this process does not hold it).  The ``threading.Lock`` idiom:
+    ``acquire(blocking=True, timeout=None) -> bool`` (None or -1: forever),
+    ``release()``, ``locked()``, ``with``; and for coroutines
+    ``await lock_async()``, ``await acquire_async()``, ``async with``.
+    """
 
     __slots__ = ()
 
-    def __init__(self, name: str):
+    def __init__(self, name: str) -> None:
         super().__init__(check_name(name))
 
-    async def lock_async(self, timeout: float | None = None) -> bool:
-        """``lock`` for handlers: waits without blocking the container's loop."""
-        return await ctx.mutex.lock_async(self.name, timeout)
+    @property
+    def _backend(self) -> Any:
+        return ctx.mutex
 
-    def unlock(self) -> None:
-        """Unlock (a no-op when not locked)."""
-        ctx.mutex.unlock(self.name)
+    async def lock_async(self, timeout: float | None = None) -> bool:
+        """``lock`` for coroutines: waits without blocking the event loop."""
+        return bool(await self._backend.lock_async(self.name, timeout))
+
+    def unlock(self, force: bool = False) -> None:
+        """Unlock.  NotHolderError (nothing changed) when this process does not
+        hold it; ``force=True`` unlocks whoever holds it (a no-op when free)."""
+        if force is False:
+            ctx.mutex.unlock(self.name)
+        else:
+            ctx.mutex.unlock(self.name, force)
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token of this process's hold (a positive 64-bit int,
+        larger for every later holder), or None when it does not hold it."""
+        t = self._backend.token(self.name)
+        return None if t is None else int(t)
+
+    # ---- the threading idiom ----
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """As ``threading.Lock.acquire``: True when locked."""
+        return bool(self.lock(_acquire_timeout(blocking, timeout)))
+
+    async def acquire_async(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """``acquire`` for coroutines."""
+        return await self.lock_async(_acquire_timeout(blocking, timeout))
+
+    def release(self) -> None:
+        """As ``threading.Lock.release``: NotHolderError (a RuntimeError) when
+        this process does not hold it."""
+        self.unlock()
+
+    def locked(self) -> bool:
+        """True while some process holds it."""
+        return bool(self._backend.locked(self.name))
 
     def __enter__(self) -> "Mutex":
-        self.lock()
+        if not self.lock():
+            raise _destroyed(self.name)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.unlock()
 
     async def __aenter__(self) -> "Mutex":
-        await self.lock_async()
+        if not await self.lock_async():
+            raise _destroyed(self.name)
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
         self.unlock()
 
     def __repr__(self) -> str:
         return f"<Mutex {self.name!r}>"
+
+
+class BoundMutex(Mutex):
+    """A Mutex whose backend is fixed (``Domain.mutex``), not the process's."""
+
+    __slots__ = ("_be",)
+
+    def __init__(self, name: str, backend: Any) -> None:
+        super().__init__(name)
+        self._be = backend
+
+    @property
+    def _backend(self) -> Any:
+        return self._be
+
+    def lock(self, timeout: float | None = None) -> bool:
+        return bool(self._be.lock(self.name, timeout))
+
+    def unlock(self, force: bool = False) -> None:
+        if force is False:
+            self._be.unlock(self.name)
+        else:
+            self._be.unlock(self.name, force)
 
 
 def access(name: str) -> Mutex:

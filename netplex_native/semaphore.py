@@ -1,4 +1,4 @@
-"""Counting semaphores shared by the containers of one controller.
+"""Counting semaphores shared by the processes of one controller (or ``Domain``).
 
 Backends: ``plugin`` (RPC: state in the controller) or ``native_plugin``
 (shared memory, no system call when uncontended).  Add exactly one in
@@ -7,13 +7,26 @@ Backends: ``plugin`` (RPC: state in the controller) or ``native_plugin``
 A missing semaphore is created implicitly, at 0, protected.  Protected: what a
 container took (decrements minus increments) is given back when it ends,
 however it ends, and waiters are woken.
+
+``access(name)`` returns a handle (``Semaphore``) with the same operations and
+the ``threading.Semaphore`` idiom; a handle made by ``access`` calls the
+backend of the current process at each call, one made by
+``Domain.semaphore`` its domain's backend.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
+from typing import Any
+
 from ._context import ctx, forward
+from .errors import check_int, check_name
+from .mutex import _acquire_timeout, _destroyed
 from .rpc.sync import SemaphorePlugin
 from .native.plugins import NativeSemaphorePlugin
+
+__all__ = ["plugin", "native_plugin", "Semaphore", "access", "create", "increment",
+           "decrement", "decrement_async", "get", "destroy"]
 
 plugin = SemaphorePlugin()
 native_plugin = NativeSemaphorePlugin()
@@ -22,13 +35,13 @@ native_plugin = NativeSemaphorePlugin()
 def create(name: str, initial: int = 0, *, protected: bool = False) -> bool:
     """Create *name* with value *initial*; True if created, False if it
     already existed (then *initial* and *protected* are ignored)."""
-    return ctx.sem.create(name, initial, protected)
+    return bool(ctx.sem.create(name, initial, protected))
 
 
 @forward("sem", ("name",))
 def increment(name: str) -> int:
     """+1; returns the new value."""
-    return ctx.sem.increment(name)
+    return int(ctx.sem.increment(name))
 
 
 @forward("sem", ("name", "wait", "timeout"), (False, None))
@@ -38,20 +51,110 @@ def decrement(name: str, *, wait: bool = False, timeout: float | None = None) ->
     (-1), or until the semaphore is destroyed (-1).  Waiters are served in
     order of arrival (native: a newcomer may overtake waiters queued for
     less than 1 ms)."""
-    return ctx.sem.decrement(name, wait, timeout)
+    return int(ctx.sem.decrement(name, wait, timeout))
 
 
 async def decrement_async(name: str, *, wait: bool = False, timeout: float | None = None) -> int:
     """``decrement`` for handlers: waits without blocking the container's loop."""
-    return await ctx.sem.decrement_async(name, wait, timeout)
+    return int(await ctx.sem.decrement_async(name, wait, timeout))
 
 
 @forward("sem", ("name",))
 def get(name: str) -> int:
     """The current value."""
-    return ctx.sem.get(name)
+    return int(ctx.sem.get(name))
 
 
 def destroy(name: str) -> None:
     """Remove the semaphore; waiting ``decrement`` calls return -1."""
     ctx.sem.destroy(name)
+
+
+class Semaphore:
+    """The semaphore *name*: ``increment() -> int``, ``decrement(*, wait=False,
+    timeout=None) -> int``, ``get() -> int``, ``await decrement_async(...)``;
+    and the ``threading.Semaphore`` idiom: ``acquire(blocking=True,
+    timeout=None) -> bool`` (None or -1: forever), ``release(n=1)``,
+    ``with``, ``await acquire_async(...)``, ``async with``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = check_name(name)
+
+    @property
+    def _backend(self) -> Any:
+        return ctx.sem
+
+    def increment(self) -> int:
+        """+1; returns the new value."""
+        return int(self._backend.increment(self.name))
+
+    def decrement(self, *, wait: bool = False, timeout: float | None = None) -> int:
+        """-1 if positive: the new value; -1 when nothing was taken."""
+        return int(self._backend.decrement(self.name, wait, timeout))
+
+    async def decrement_async(self, *, wait: bool = False, timeout: float | None = None) -> int:
+        """``decrement`` for coroutines: waits without blocking the event loop."""
+        return int(await self._backend.decrement_async(self.name, wait, timeout))
+
+    def get(self) -> int:
+        """The current value."""
+        return int(self._backend.get(self.name))
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """As ``threading.Semaphore.acquire``: True when a unit was taken."""
+        t = _acquire_timeout(blocking, timeout)
+        return bool(self._backend.decrement(self.name, t != 0, t) >= 0)
+
+    async def acquire_async(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """``acquire`` for coroutines."""
+        t = _acquire_timeout(blocking, timeout)
+        return bool(await self._backend.decrement_async(self.name, t != 0, t) >= 0)
+
+    def release(self, n: int = 1) -> None:
+        """As ``threading.Semaphore.release``: give back *n* units (n >= 1)."""
+        n = check_int(n, "n", 1)
+        b = self._backend
+        for _ in range(n):
+            b.increment(self.name)
+
+    def __enter__(self) -> "Semaphore":
+        if not self.acquire():
+            raise _destroyed(self.name)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+    async def __aenter__(self) -> "Semaphore":
+        if not await self.acquire_async():
+            raise _destroyed(self.name)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<Semaphore {self.name!r}>"
+
+
+class BoundSemaphore(Semaphore):
+    """A Semaphore whose backend is fixed (``Domain.semaphore``)."""
+
+    __slots__ = ("_be",)
+
+    def __init__(self, name: str, backend: Any) -> None:
+        super().__init__(name)
+        self._be = backend
+
+    @property
+    def _backend(self) -> Any:
+        return self._be
+
+
+def access(name: str) -> Semaphore:
+    """The semaphore *name* (created implicitly, at 0, protected, on first use)."""
+    return Semaphore(name)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .errors import check_name, ServiceConfigError
@@ -130,9 +132,13 @@ class Service:
     ``min_free_connections + connections_per_container - 1``) have been free
     for a second."""
 
-    def __init__(self, name, handler=None, *, hooks=None, address=None, workers=1,
-                 max_connections=None, max_connections_jitter=0, max_workers=None,
-                 connections_per_container=1, min_free_connections=1, max_free_connections=None):
+    def __init__(self, name: str,
+                 handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None,
+                 *, hooks: ProcessorHooks | None = None, address: str | None = None,
+                 workers: int = 1, max_connections: int | None = None,
+                 max_connections_jitter: int = 0, max_workers: int | None = None,
+                 connections_per_container: int = 1, min_free_connections: int = 1,
+                 max_free_connections: int | None = None) -> None:
         self.name = check_name(name, "service name")
         if any(c in self.name for c in "*/"):
             raise ValueError(f"service name must not contain '*' or '/': {name!r}")

@@ -25,7 +25,8 @@ the same JSON shapes as above, so everything past the decoder is unchanged:
     call   ``u8 op | u64 id | u8 flags | f64 timeout | name (UTF-8)``
            op: 1 ``sem.increment [name]``, 2 ``sem.decrement [name, wait, timeout]``
            (flags bit 0: wait), 3 ``sem.get [name]``, 4 ``mutex.lock [name, timeout]``,
-           5 ``mutex.unlock [name]``; timeout NaN: None (ops 2 and 4 only)
+           5 ``mutex.unlock [name, force]`` (flags bit 0: force); timeout NaN:
+           None (ops 2 and 4 only)
     reply  ``u8 0x80 | u64 id | u8 flags | i64 value``: ``["r", id, true, result, deferred]``
            flags: bit 0 ok (always set), bit 1 deferred, bits 2-3 the result
            (0 None, 1 the int value, 2 false, 3 true; value 0 unless an int)
@@ -168,6 +169,9 @@ def encode_call(rid: int, proc: str, args: list, blob: bytes | None = None) -> b
                     ok = timeout is not None
                 else:
                     ok = False
+            elif op == 5:
+                ok = n == 2 and type(args[1]) is bool
+                flags = 1 if ok and args[1] else 0
             if ok:
                 try:
                     nb = name.encode("utf-8")
@@ -226,7 +230,7 @@ def _decode_binary(data, start: int, end: int):
     if size < _CALL_FIXED - 4:
         raise ProtocolError(f"binary call of {size} bytes (at least {_CALL_FIXED - 4} expected)")
     _, rid, flags, timeout = _CALL_BODY.unpack_from(data, start)
-    if flags & ~(1 if op == 2 else 0):
+    if flags & ~(1 if op in (2, 5) else 0):
         raise ProtocolError(f"malformed binary call (op {op}, flags {flags:#x})")
     try:
         name = data[start + _CALL_FIXED - 4:end].decode("utf-8")
@@ -236,6 +240,8 @@ def _decode_binary(data, start: int, end: int):
         return [rid, proc, [name, flags == 1, None if timeout != timeout else timeout]]
     if op == 4:
         return [rid, proc, [name, None if timeout != timeout else timeout]]
+    if op == 5:
+        return [rid, proc, [name, flags == 1]]
     return [rid, proc, [name]]
 
 

@@ -89,3 +89,19 @@ def hold_until_killed(ready_w: int) -> None:
     os.write(ready_w, b"r")
     while True:
         time.sleep(1)
+
+
+def await_in_thread(dom, kind: str, name: str, count: int, timeout=None) -> None:
+    """Start a thread running an event loop in which *count* coroutines await
+    *name* (a semaphore decrement or a mutex lock) through async waiter
+    records (native/asyncwait.py); returns at once."""
+    import asyncio
+    import threading
+    from netplex_native.native.asyncwait import waits_of
+    k = _native._SEM if kind == "sem" else _native._MTX
+
+    def run():
+        async def main():
+            await asyncio.gather(*[waits_of(dom).acquire(k, name, timeout) for _ in range(count)])
+        asyncio.run(main())
+    threading.Thread(target=run, daemon=True).start()

@@ -1,6 +1,8 @@
 """The native core's storm: processes with several threads do random protected
 semaphore and mutex operations with timeouts, and call recover() on each other's
-dead; crash points are armed at random inside operations and inside recovery; the
+dead; in each process, coroutines on an event loop do the same through async
+waiter records (asyncwait.py), with their timeouts or cancelled by
+``asyncio.wait_for``; crash points are armed at random inside operations and inside recovery; the
 supervisor SIGKILLs a random worker at random moments and recovers it only later
 (or never, leaving it to the workers).  Every acquire, release, timeout and death is
 appended to a record file (one O_APPEND write per line, so lines never interleave
@@ -10,6 +12,9 @@ Checked exactly, from the record file and the segment:
   - a mutex never has two live holders, a semaphore never more than its count (a
     holder that writes nothing after a later acquire is dead by then: dead means
     dead, so it cannot be a live holder);
+  - every holder of a mutex has a fencing token larger than every earlier
+    holder's (the record's order is the order of the holds: a live holder
+    writes its acquire before it unlocks, a dead one writes nothing more);
   - no wait lasts longer than its timeout + 1 s (processes are also SIGSTOPped
     for up to 0.4 s at random moments, inside guards included);
   - once quiet and everyone recovered: every semaphore back at its initial value,
@@ -20,6 +25,7 @@ Used by tests/test_native_storm.py (a few seeds, seconds each) and by
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -27,6 +33,9 @@ import threading
 import time
 
 from netplex_native.native import domain as _native
+from netplex_native.native.asyncwait import waits_of
+
+ASYNC_TID = 1_000_000       # record ids of coroutines: ASYNC_TID + k
 
 SEMS = {"s0": 2, "s1": 1}
 MUTEXES = ["m0", "m1"]
@@ -45,7 +54,7 @@ class _Recorder:
 
 
 def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threads: int,
-            crash_rate: float) -> None:
+            crash_rate: float, coroutines: int = 0) -> None:
     os.environ["NETPLEX_CORE_TEST"] = "1"
     rec = _Recorder(rec_path)
     pid = os.getpid()
@@ -76,7 +85,7 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
                 got = dom.mutex_lock(name, timeout)
                 t1 = _now()
                 if got:
-                    rec.write("A", pid, tid, name, t0, t1, timeout)
+                    rec.write("A", pid, tid, name, t0, t1, timeout, dom.mutex_token(name))
                     time.sleep(rnd.choice([0, 0, 0.0002, 0.001]))
                     rec.write("R", pid, tid, name, _now(), 0, 0)
                     dom.mutex_unlock(name)
@@ -95,18 +104,57 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
                 elif timeout > 0:
                     rec.write("T", pid, tid, name, t0, t1, timeout)
 
+    def coroutine_loop() -> None:
+        aw = waits_of(dom)
+
+        async def one(k: int) -> None:
+            rnd = random.Random(seed * 1000 + 500 + k)
+            tid = ASYNC_TID + k
+            while os.getppid() == parent:
+                timeout = rnd.choice([0.01, 0.05, 0.2, 0.5])
+                if rnd.random() < 0.45:
+                    kind, name = _native._MTX, rnd.choice(MUTEXES)
+                else:
+                    kind, name = _native._SEM, rnd.choice(list(SEMS))
+                t0 = _now()
+                try:
+                    if rnd.random() < 0.3:       # ended by cancellation instead
+                        got = await asyncio.wait_for(aw.acquire(kind, name, None), timeout)
+                    else:
+                        got = await aw.acquire(kind, name, timeout)
+                except asyncio.TimeoutError:
+                    got = -1
+                t1 = _now()
+                if got >= 0:
+                    rec.write("A", pid, tid, name, t0, t1, timeout,
+                              dom.mutex_token(name) if kind == _native._MTX else None)
+                    await asyncio.sleep(rnd.choice([0, 0, 0.0002, 0.001]))
+                    rec.write("R", pid, tid, name, _now(), 0, 0)
+                    if kind == _native._MTX:
+                        dom.mutex_unlock(name)
+                    else:
+                        dom.sem_increment(name)
+                else:
+                    rec.write("T", pid, tid, name, t0, t1, timeout)
+
+        async def main() -> None:
+            await asyncio.gather(*[one(k) for k in range(coroutines)])
+        asyncio.run(main())
+
     ts = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(1, threads)]
+    if coroutines:
+        ts.append(threading.Thread(target=coroutine_loop, daemon=True))
     for t in ts:
         t.start()
     loop(0)
 
 
-def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate) -> int:
+def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines=0) -> int:
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            _worker(dom, rec_path, dead_path, seed, threads, crash_rate)
+            _worker(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines)
         except BaseException:
             import traceback
             traceback.print_exc()
@@ -117,7 +165,7 @@ def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate) -> int:
 
 def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, threads: int = 2,
               kill_every: float = 0.05, crash_rate: float = 0.002,
-              recover_delay: float = 0.2, stop_rate: float = 0.25) -> dict:
+              recover_delay: float = 0.2, stop_rate: float = 0.25, coroutines: int = 8) -> dict:
     """Run the storm in this process (the supervisor); returns figures, raises
     AssertionError on any violation."""
     rnd = random.Random(seed)
@@ -134,7 +182,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
         for name, v in SEMS.items():
             dom.sem_create(name, v, protected=True)
         for name in MUTEXES:
-            dom.mutex_unlock(name)
+            dom.mutex_unlock(name, force=True)     # implicit creation
         live: set[int] = set()
         pending: list[tuple[float, int]] = []       # (when, pid) to recover
         seq = 0
@@ -168,7 +216,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
             while len(live) < workers:
                 seq += 1
                 live.add(_spawn(dom, rec_path, dead_path, seed * 7919 + seq, threads,
-                                crash_rate))
+                                crash_rate, coroutines))
             time.sleep(rnd.uniform(0, 2 * kill_every))
             now = _now()
             for pid, (since, when) in list(stopped.items()):
@@ -238,16 +286,17 @@ def check_record(path: str) -> dict:
             last_line_of[int(pid)] = i
     capacity = dict(SEMS, **{m: 1 for m in MUTEXES})
     stops: dict[int, list[tuple[float, float]]] = {}
-    for kind, pid, _tid, _obj, t0, t1, _timeout in lines:
+    for kind, pid, _tid, _obj, t0, t1, _timeout, *_token in lines:
         if kind == "S":
             stops.setdefault(int(pid), []).append((float(t0), float(t1)))
 
     def stopped_during(pid, a, b):
         return sum(max(0.0, min(b, y) - max(a, x)) for x, y in stops.get(pid, ()))
     holders: dict[str, list[tuple[int, int]]] = {name: [] for name in capacity}
-    ops = timeouts = 0
+    ops = timeouts = tokens = async_ops = async_timeouts = 0
     longest = 0.0
-    for i, (kind, pid, tid, obj, t0, t1, timeout) in enumerate(lines):
+    last_token: dict[str, int] = {}
+    for i, (kind, pid, tid, obj, t0, t1, timeout, *token) in enumerate(lines):
         pid, tid = int(pid), int(tid)
         if kind in ("A", "T"):
             # a waiter that was itself stopped meanwhile waited that much longer
@@ -258,22 +307,33 @@ def check_record(path: str) -> dict:
                 f"own stops) > timeout {timeout} + 1; from {float(t0):.3f}")
         if kind == "A":
             ops += 1
+            async_ops += tid >= ASYNC_TID
             hs = holders[obj]
             # holders that write nothing after this line were dead by then
             hs[:] = [h for h in hs if last_line_of.get(h[0], -1) > i]
             hs.append((pid, tid))
             assert len(hs) <= capacity[obj], (
                 f"line {i}: {len(hs)} live holders of {obj} (capacity {capacity[obj]}): {hs}")
+            if obj in MUTEXES:
+                assert token and token[0] != "None", f"line {i}: holder of {obj} without a token"
+                t = int(token[0])
+                assert t > last_token.get(obj, 0), (
+                    f"line {i}: token {t} of {obj} not above the previous holder's "
+                    f"{last_token.get(obj)}")
+                last_token[obj] = t
+                tokens += 1
         elif kind == "R":
             hs = holders[obj]
             assert (pid, tid) in hs, f"line {i}: release of {obj} by a non-holder {pid}/{tid}"
             hs.remove((pid, tid))
         elif kind == "T":
             timeouts += 1
+            async_timeouts += tid >= ASYNC_TID
         elif kind == "S":
             continue
-    return {"operations": ops, "timeouts": timeouts, "longest_wait_s": round(longest, 4),
-            "records": len(lines)}
+    return {"operations": ops, "timeouts": timeouts, "async_operations": async_ops,
+            "async_timeouts": async_timeouts, "longest_wait_s": round(longest, 4),
+            "records": len(lines), "tokens_checked": tokens}
 
 
 def main(argv=None) -> int:
@@ -285,10 +345,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--coroutines", type=int, default=8)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="netplex-storm-") as d:
         t0 = time.monotonic()
-        stats = run_storm(d, args.seconds, args.seed, workers=args.workers, threads=args.threads)
+        stats = run_storm(d, args.seconds, args.seed, workers=args.workers, threads=args.threads,
+                          coroutines=args.coroutines)
         stats["seconds"] = round(time.monotonic() - t0, 1)
         stats["violations"] = 0
         print(json.dumps(stats))

@@ -7,6 +7,10 @@ its own for a longer storm::
 
     python3 tests/stress.py --backend native --seconds 120
 
+the async waiters' checks with 10,000 coroutines in one container (issue 10)::
+
+    python3 tests/stress.py --async-waiters 10000 --backend both
+
 and the soak of issue 13 (flood + kills + stopped containers + huge values +
 admin clients; the controller's RSS and fds must stay flat)::
 
@@ -585,11 +589,23 @@ def main(argv=None) -> int:
                    help="instead of the kill storm: the native core's storm (tests/native_storm.py: "
                         "threads, crash points inside operations and recovery, concurrent recoverers) "
                         "for --seconds")
+    p.add_argument("--coroutines", type=int, default=8,
+                   help="with --native-storm: coroutines per process waiting through async "
+                        "waiter records (0: none)")
+    p.add_argument("--async-waiters", type=int, metavar="N", default=None,
+                   help="instead of the kill storm: tests/test_async_waits.py's checks with N "
+                        "coroutines in one container (10000 is the reference), on --backend")
     a = p.parse_args(argv)
+    if a.async_waiters is not None:
+        import test_async_waits
+        backends = ["rpc", "native"] if a.backend == "both" else [a.backend]
+        print(json.dumps(test_async_waits.run_async_checks(a.async_waiters, backends)))
+        return 0
     if a.native_storm:
         import native_storm
         with tempfile.TemporaryDirectory(prefix="npnstorm-") as d:
-            r = native_storm.run_storm(d, a.seconds, a.seed or 1, workers=a.workers)
+            r = native_storm.run_storm(d, a.seconds, a.seed or 1, workers=a.workers,
+                                       coroutines=a.coroutines)
         r["violations"] = 0                  # run_storm raises on any violation
         print(json.dumps(r))
         return 0

@@ -195,7 +195,7 @@ def _bin_reply(rid, flags, value=0):
 
 
 HOT_CALLS = [
-    ("sem.increment", ["fz.s"]), ("sem.get", ["é💥"]), ("mutex.unlock", ["fz.m"]),
+    ("sem.increment", ["fz.s"]), ("sem.get", ["é💥"]), ("mutex.unlock", ["fz.m", False]), ("mutex.unlock", ["fz.m", True]),
     ("sem.decrement", ["fz.s", False, None]), ("sem.decrement", ["fz.s", True, 2.5]),
     ("sem.decrement", ["fz.s", True, 0]), ("sem.decrement", ["", True, -1.0]),
     ("mutex.lock", ["fz.m", None]), ("mutex.lock", ["fz.m", 0.0]), ("mutex.lock", ["x" * 300, float("inf")]),

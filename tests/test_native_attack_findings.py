@@ -185,6 +185,7 @@ def test_non_blocking_calls_and_timed_lookups_do_not_wait_for_a_stopped_process(
     once; stopped inside the name table's guard: lookups of new names honour the
     call's timeout, and non-blocking ones answer at once."""
     dom.sem_create("s", 1)
+    assert dom.mutex_trylock("m")                   # looks "m" up before the stop
     dom.mutex_unlock("m")
     stopped = _stop_inside_guard_of(dom, "s")
     try:

@@ -36,7 +36,11 @@ class Roles(netplex.ProcessorHooks):
             assert semaphore.decrement("m") == 2
             self.events.emit("took", cpid=os.getpid())
         elif role == 0:
-            semaphore.get("m")
+            # stop only once the first has taken its unit (else, on a loaded
+            # machine, its non-blocking decrement meets the stopped guard)
+            end = time.monotonic() + 10
+            while semaphore.get("m") != 2 and time.monotonic() < end:
+                time.sleep(0.001)
             assert _native._lib.np_test_crash_signal(signal.SIGSTOP) == 0
             assert _native._lib.np_test_crash_after(1) == 0
             semaphore.increment("m")                # stops holding m's guard

@@ -175,19 +175,53 @@ def test_mutex_excludes_across_processes(dom):
     dom.check()
 
 
-def test_mutex_is_unlocked_by_another_process(dom):
+def test_unlock_by_another_process_raises_not_holder_and_changes_nothing(dom):
     assert dom.mutex_lock("m") is True
-    pid = fork(dom.mutex_unlock, "m")
-    assert join(pid) == 0
+    t = dom.mutex_token("m")
+
+    def child():
+        with pytest.raises(errors.NotHolderError):
+            dom.mutex_unlock("m")
+        assert dom.mutex_locked("m") is True
+        assert dom.mutex_token("m") is None         # not ours
+    assert join(fork(child)) == 0
+    assert dom.mutex_trylock("m") is False           # still held, by us
+    assert dom.mutex_token("m") == t
+    dom.mutex_unlock("m")
+    assert dom.mutex_locked("m") is False
+
+
+def test_force_unlock_by_another_process_frees_the_mutex(dom):
+    assert dom.mutex_lock("m") is True
+    assert join(fork(dom.mutex_unlock, "m", True)) == 0
+    assert dom.mutex_locked("m") is False
+    assert dom.mutex_token("m") is None
     assert dom.mutex_trylock("m") is True
 
 
-def test_unlock_of_unlocked_mutex_is_a_no_op(dom):
-    dom.mutex_unlock("never-locked")
-    dom.mutex_unlock("never-locked")
+def test_unlock_of_unlocked_mutex_raises_not_holder(dom):
+    with pytest.raises(errors.NotHolderError):
+        dom.mutex_unlock("never-locked")
+    dom.mutex_unlock("never-locked", force=True)     # force: a no-op when free
     assert dom.mutex_trylock("never-locked") is True
     assert dom.mutex_trylock("never-locked") is False   # not recursive
     assert dom.mutex_lock("never-locked", timeout=0.05) is False
+    dom.mutex_unlock("never-locked")
+    with pytest.raises(errors.NotHolderError):
+        dom.mutex_unlock("never-locked")             # twice: the second is not a holder
+    dom.mutex_unlock("never-locked", force=True)
+
+
+def test_a_thread_of_the_holding_process_may_unlock(dom):
+    """The holder is a process, as for threading.Lock any thread may release."""
+    import threading
+    assert dom.mutex_lock("m") is True
+    err = []
+    t = threading.Thread(target=lambda: err.append(dom.mutex_unlock("m")))
+    t.start()
+    t.join(10)
+    assert err == [None]
+    assert dom.mutex_locked("m") is False
 
 
 def test_a_name_is_either_a_semaphore_or_a_mutex(dom):

@@ -171,29 +171,98 @@ def test_sem_destroy_is_atomic_at_every_crash_point(dom):
                       lambda: dom.sem_destroy("s"), verify)
 
 
+def _lock_unlock(dom, name):
+    """Take and give back *name* in the parent: its token, and the mutex free."""
+    assert dom.mutex_trylock(name) is True
+    t = dom.mutex_token(name)
+    dom.mutex_unlock(name)
+    return t
+
+
 @pytest.mark.timeout(120)
 def test_mutex_lock_is_atomic_at_every_crash_point(dom):
-    dom.mutex_unlock("m")                       # implicit creation
-    def verify(_, crashed, n):
+    """A grant and its fencing token are one transaction: whatever step the
+    child dies at, the token was handed out once or not at all, and the next
+    holder's token is larger than every earlier one."""
+    last = [_lock_unlock(dom, "m")]
+    def setup():
+        return mtx(dom, "m")["token"]
+    def verify(before, crashed, n):
         info = mtx(dom, "m")
         assert info["locked"] is False and info["waiters"] == 0, (n, info)
-        assert dom.mutex_trylock("m") is True
-        dom.mutex_unlock("m")
-    enumerate_crashes(dom, "mutex lock", lambda: None, lambda: dom.mutex_unlock("m"),
+        assert info["token"] in (before, before + 1), (n, before, info)
+        t = _lock_unlock(dom, "m")
+        assert t == info["token"] + 1 and t > last[0], (n, t, last)
+        last[0] = t
+    enumerate_crashes(dom, "mutex lock", setup, lambda: dom.mutex_locked("m"),
                       lambda: dom.mutex_lock("m"), verify)
 
 
 @pytest.mark.timeout(120)
 def test_mutex_unlock_is_atomic_at_every_crash_point(dom):
+    """The child holds the mutex and dies unlocking it: after recovery it is
+    free either way, and the next holder's token is larger."""
+    last = [_lock_unlock(dom, "m")]
+    def prepare():
+        assert dom.mutex_trylock("m") is True
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info["waiters"] == 0 and info["locked"] is False, (n, info)
+        t = _lock_unlock(dom, "m")
+        assert t >= last[0] + 2, (n, t, last)         # the child's token came between
+        last[0] = t
+    enumerate_crashes(dom, "mutex unlock", lambda: None, prepare,
+                      lambda: dom.mutex_unlock("m"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_force_unlock_is_atomic_at_every_crash_point(dom):
     def setup():
         assert dom.mutex_trylock("m") is True   # held by the (live) parent
     def verify(_, crashed, n):
         info = mtx(dom, "m")
         assert info["waiters"] == 0
         assert (info["locked"], info["owner_pid"]) in ((True, os.getpid()), (False, None)), (n, info)
-        dom.mutex_unlock("m")
-    enumerate_crashes(dom, "mutex unlock", setup, lambda: dom.sem_get("warm"),
-                      lambda: dom.mutex_unlock("m"), verify)
+        dom.mutex_unlock("m", force=True)
+    enumerate_crashes(dom, "mutex force unlock", setup, lambda: dom.sem_get("warm"),
+                      lambda: dom.mutex_unlock("m", force=True), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_destroy_keeps_tokens_growing_at_every_crash_point(dom):
+    """Destroy raises the domain's token high-water mark in the transaction
+    that removes the name: a re-created mutex never hands out a token at or
+    below one handed out before, whatever step the destroyer died at."""
+    last = [0]
+    def setup():
+        last[0] = max(last[0], _lock_unlock(dom, "m"))
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info is None or (info["locked"] is False and info["token"] == last[0]), (n, info)
+        t = _lock_unlock(dom, "m")
+        assert t > last[0], (n, t, last)
+        last[0] = t
+        dom.mutex_destroy("m")
+    enumerate_crashes(dom, "mutex destroy", setup, lambda: dom.mutex_locked("m"),
+                      lambda: dom.mutex_destroy("m"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_mutex_create_and_lock_keeps_tokens_growing_at_every_crash_point(dom):
+    """The child creates a destroyed mutex and locks it (create starts from
+    the high-water mark) and dies at any step: the next token is larger."""
+    last = [0]
+    def setup():
+        last[0] = max(last[0], _lock_unlock(dom, "m"))
+        dom.mutex_destroy("m")
+    def verify(_, crashed, n):
+        info = mtx(dom, "m")
+        assert info is None or (info["locked"] is False and info["token"] >= last[0]), (n, info)
+        t = _lock_unlock(dom, "m")
+        assert t > last[0], (n, t, last)
+        last[0] = t
+    enumerate_crashes(dom, "mutex create + lock", setup, lambda: None,
+                      lambda: dom.mutex_trylock("m"), verify)
 
 
 @pytest.mark.timeout(120)
@@ -204,6 +273,109 @@ def test_register_is_atomic_at_every_crash_point(dom):
         assert dom.sem_get("s") == 1
     enumerate_crashes(dom, "register", lambda: None, lambda: None, dom.register, verify,
                       register_first=False)
+
+
+# ---- async waiter records (csrc/asyncwait.c): claim, queue, wake, take, leave
+
+def _async_acquire(dom, kind, name, timeout):
+    import asyncio
+    from netplex_native.native.asyncwait import waits_of
+    return asyncio.run(waits_of(dom).acquire(kind, name, timeout))
+
+
+def _async_cancelled(dom, name):
+    """A coroutine queues on name, is cancelled while queued (the record leaves)."""
+    import asyncio
+    from netplex_native.native.asyncwait import waits_of
+
+    async def main():
+        t = asyncio.ensure_future(waits_of(dom).acquire(_native._SEM, name, 10))
+        while sem(dom, name)["waiters"] == 0:
+            await asyncio.sleep(0.001)
+        t.cancel()
+        try:
+            await t
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+def test_async_sem_wait_served_is_atomic_at_every_crash_point(dom):
+    """A coroutine queues a record, the parent posts once, the coroutine takes."""
+    dom.sem_create("s", 0, protected=True)
+    def setup():
+        while dom.sem_decrement("s") >= 0:
+            pass
+    def during(pid):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if sem(dom, "s")["waiters"] == 1:
+                dom.sem_increment("s")
+                return
+            if _dead(pid):
+                return
+            time.sleep(0.001)
+        raise AssertionError("child neither queued nor died")
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0, (n, info)
+        posted = dom.sem_delta("s", os.getpid())
+        assert info["value"] == posted and posted in (0, 1), (n, info, posted)
+        assert set(info["holders"]) <= {os.getpid()}
+        assert all(p["async_waiters"] == 0 for p in dom.processes()), dom.processes()
+    enumerate_crashes(dom, "async sem wait (served)", setup, lambda: dom.sem_get("s"),
+                      lambda: _async_acquire(dom, _native._SEM, "s", 10), verify, during)
+
+
+@pytest.mark.timeout(120)
+def test_async_sem_wait_timing_out_is_atomic_at_every_crash_point(dom):
+    dom.sem_create("s", 0, protected=True)
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0 and info["value"] == 0 and info["holders"] == {}, (n, info)
+        assert all(p["async_waiters"] == 0 for p in dom.processes()), dom.processes()
+    enumerate_crashes(dom, "async sem wait (timeout)", lambda: None, lambda: dom.sem_get("s"),
+                      lambda: _async_acquire(dom, _native._SEM, "s", 0.02), verify)
+
+
+@pytest.mark.timeout(120)
+def test_async_sem_wait_cancelled_is_atomic_at_every_crash_point(dom):
+    dom.sem_create("s", 0, protected=True)
+    def verify(before, crashed, n):
+        info = sem(dom, "s")
+        assert info["waiters"] == 0 and info["value"] == 0 and info["holders"] == {}, (n, info)
+        assert all(p["async_waiters"] == 0 for p in dom.processes()), dom.processes()
+    enumerate_crashes(dom, "async sem wait (cancelled)", lambda: None, lambda: dom.sem_get("s"),
+                      lambda: _async_cancelled(dom, "s"), verify)
+
+
+@pytest.mark.timeout(120)
+def test_async_mutex_lock_is_atomic_at_every_crash_point(dom):
+    """The parent holds m; the child's coroutine queues; the parent unlocks."""
+    dom.mutex_unlock("m", force=True)   # creates it (free)
+    def setup():
+        assert dom.mutex_trylock("m") is True
+    def during(pid):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if mtx(dom, "m")["waiters"] == 1:
+                dom.mutex_unlock("m")
+                return
+            if _dead(pid):
+                dom.mutex_unlock("m")
+                return
+            time.sleep(0.001)
+        raise AssertionError("child neither queued nor died")
+    def verify(before, crashed, n):
+        info = mtx(dom, "m")
+        assert info["waiters"] == 0, (n, info)
+        # the parent unlocked; whatever the child took was given back at its death
+        assert info["locked"] is False, (n, info)
+        assert dom.mutex_trylock("m") is True
+        dom.mutex_unlock("m")
+    enumerate_crashes(dom, "async mutex lock", setup, lambda: dom.sem_get("warm"),
+                      lambda: _async_acquire(dom, _native._MTX, "m", 10), verify, during)
 
 
 def test_zz_report_crash_steps():

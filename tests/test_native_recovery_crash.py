@@ -1,7 +1,8 @@
 """Crash at every crash point inside recovery.
 
 A victim V dies holding a guard (with its redo log in each of its states), a
-protected count, a mutex and a queued wait.  A recoverer R, which has a stake in
+protected count, a mutex, a queued wait and three queued async waiter records
+(coroutines: asyncwait.c), which recovery dequeues and frees like its threads.  A recoverer R, which has a stake in
 the very object whose guard V holds, is SIGKILLed at the n-th crash point of
 recover(V), for n = 1, 2, ... until it completes; in the chain variant a second
 recoverer R2 is killed inside its own recovery of what R left.  Then the parent
@@ -15,8 +16,8 @@ import pytest
 
 from netplex_native.native import domain as _native
 
-from native_helpers import (arm, child, hold_until_killed, kill_and_reap, killed, mtx, pids,
-                            reap, sem, until)
+from native_helpers import (arm, await_in_thread, child, hold_until_killed, kill_and_reap, killed,
+                            mtx, pids, reap, sem, until)
 
 MAX_STEPS = 400
 STEPS = {}
@@ -42,6 +43,8 @@ def scene(dom, victim_crash, victim_op="increment"):
         dom.mutex_lock("m")
         threading.Thread(target=lambda: dom.sem_decrement("q", wait=True), daemon=True).start()
         until(lambda: sem(dom, "q")["waiters"] == 1, what="queued")
+        await_in_thread(dom, "sem", "q", 3)
+        until(lambda: sem(dom, "q")["waiters"] == 4, what="async records queued")
         arm(victim_crash)
         if victim_op == "increment":
             dom.sem_increment("t")
@@ -52,6 +55,8 @@ def scene(dom, victim_crash, victim_op="increment"):
     rpid = child(recoverer)
     os.read(r, 1)
     v_pid = child(victim)
+    os.close(w)                             # the children's ends: not leaked here
+    os.close(go_r)
     assert killed(reap(v_pid))
     return v_pid, rpid, go_w, r
 
@@ -79,7 +84,7 @@ def rdom():
     d.sem_create("s", 3, protected=True)
     d.sem_create("t", 5, protected=True)
     d.sem_create("q", 0, protected=True)
-    d.mutex_unlock("m")
+    d.mutex_unlock("m", force=True)      # implicit creation
     yield d
     d.unlink()
     d.close()

@@ -15,6 +15,7 @@ def test_storm_of_kills_crash_points_threads_and_concurrent_recoverers_keeps_eve
     print(stats)
     assert stats["kills"] > 20 and stats["operations"] > 500, stats
     assert stats["crash_point_deaths"] > 0, stats
+    assert stats["tokens_checked"] > 100, stats     # every mutex holder's token was checked
 
 
 def _write(path, lines):
@@ -27,11 +28,11 @@ def test_the_record_checker_finds_two_live_holders_and_long_waits(tmp_path):
     semaphore, a wait past its timeout + 1 s; a dead holder's successor is fine."""
     from native_storm import check_record
     p = str(tmp_path / "r")
-    ok = [("A", 1, 1, "m0", 0, 0.1, 0.5), ("A", 2, 2, "m0", 0, 0.2, 0.5),   # 1 is dead by then
+    ok = [("A", 1, 1, "m0", 0, 0.1, 0.5, 7), ("A", 2, 2, "m0", 0, 0.2, 0.5, 8),   # 1 is dead by then
           ("R", 2, 2, "m0", 0.3, 0, 0), ("D", 1, 0, "-", 0, 0, 0)]
     _write(p, ok)
     assert check_record(p)["operations"] == 2
-    _write(p, [("A", 1, 1, "m0", 0, 0.1, 0.5), ("A", 2, 2, "m0", 0, 0.2, 0.5),
+    _write(p, [("A", 1, 1, "m0", 0, 0.1, 0.5, 7), ("A", 2, 2, "m0", 0, 0.2, 0.5, 8),
                ("R", 1, 1, "m0", 0.3, 0, 0), ("R", 2, 2, "m0", 0.4, 0, 0)])
     with pytest.raises(AssertionError, match="live holders of m0"):
         check_record(p)
@@ -41,4 +42,9 @@ def test_the_record_checker_finds_two_live_holders_and_long_waits(tmp_path):
         check_record(p)
     _write(p, [("T", 1, 1, "m1", 0, 1.6, 0.5)])
     with pytest.raises(AssertionError, match="waited"):
+        check_record(p)
+    # a later holder whose token is not above the earlier holder's
+    _write(p, [("A", 1, 1, "m0", 0, 0.1, 0.5, 8), ("A", 2, 2, "m0", 0, 0.2, 0.5, 8),
+               ("R", 2, 2, "m0", 0.3, 0, 0), ("D", 1, 0, "-", 0, 0, 0)])
+    with pytest.raises(AssertionError, match="token 8 of m0 not above"):
         check_record(p)

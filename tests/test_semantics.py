@@ -308,7 +308,8 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(events, backend, names, *, hooks=ActorHooks, workers=None, no_restart_flag=None):
+def cluster(events, backend, names, *, hooks=ActorHooks, workers=None, no_restart_flag=None,
+            native_config=None):
     """A running controller with one service per name (single container
     unless *workers* says otherwise); yields a Cluster once all are ready."""
     ports = {n: free_port() for n in names}
@@ -316,7 +317,7 @@ def cluster(events, backend, names, *, hooks=ActorHooks, workers=None, no_restar
     sdir = tempfile.mkdtemp(prefix="npt-")
 
     def build():
-        ctrl = netplex.Controller(socket_dir=sdir)
+        ctrl = netplex.Controller(socket_dir=sdir, native_config=native_config)
         for n in names:
             ctrl.add_service(netplex.Service(
                 n, actor_handler, hooks=hooks(events, backend, no_restart_flag),
@@ -596,27 +597,153 @@ def test_mutex_lock_with_timeout_returns_false_when_held(events, backend):
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is True
 
 
-def test_mutex_unlocked_by_another_container_can_be_locked_again(events, backend):
+def test_unlock_by_a_container_that_does_not_hold_it_raises_and_changes_nothing(events, backend):
     M = uniq("mtx")
     with cluster(events, backend, ["a", "b", "c"]) as c:
         assert c["a"].call("mutex.access(M).lock()", M=M) is True
-        assert c["b"].call("mutex.access(M).unlock()", M=M) is None
+        e = c["b"].error("mutex.access(M).unlock()", M=M)
+        assert "NotHolderError" in str(e)
+        assert c["c"].call("mutex.access(M).lock(timeout=0.2)", M=M) is False
+        assert c["b"].call("mutex.access(M).locked()", M=M) is True
+        assert c["a"].call("mutex.access(M).unlock()", M=M) is None
+        assert c["c"].call("mutex.access(M).lock(timeout=1)", M=M) is True
+
+
+def test_force_unlock_frees_a_mutex_held_by_another_container(events, backend):
+    M = uniq("mtx")
+    with cluster(events, backend, ["a", "b", "c"]) as c:
+        assert c["a"].call("mutex.access(M).lock()", M=M) is True
+        assert c["b"].call("mutex.access(M).unlock(force=True)", M=M) is None
         assert c["c"].call("mutex.access(M).lock(timeout=1)", M=M) is True
         assert c["a"].call("mutex.access(M).lock(timeout=0)", M=M) is False
 
 
-def test_unlock_of_an_unlocked_mutex_is_a_no_op(events, backend):
-    """Unlocking a free mutex (twice, and one never used) must not let two holders in."""
+def test_unlock_of_an_unlocked_mutex_raises_and_lets_no_two_holders_in(events, backend):
+    """Unlocking a free mutex (twice, and one never used) raises NotHolderError
+    and must not let two holders in; force on a free mutex is a no-op."""
     M = uniq("mtx")
     with cluster(events, backend, ["a", "b"]) as c:
         a, b = c["a"], c["b"]
-        assert a.call("[mutex.access(M).unlock(), mutex.access(M).unlock()]", M=M) == [None, None]
+        assert "NotHolderError" in str(a.error("mutex.access(M).unlock()", M=M))
+        assert "NotHolderError" in str(a.error("mutex.access(M).release()", M=M))
+        assert a.call("mutex.access(M).unlock(force=True)", M=M) is None
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is True
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is False
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is False   # not recursive
         a.call("mutex.access(M).unlock()", M=M)
+        assert "NotHolderError" in str(a.error("mutex.access(M).unlock()", M=M))
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is True
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is False
+
+
+def test_fencing_token_grows_for_every_later_holder_across_destroy_and_death(events, backend):
+    """Mutex.token: None unless this container holds it; every later holder's
+    token is larger, also after destroy/re-create and after a holder's SIGKILL."""
+    M = uniq("mtx")
+    with cluster(events, backend, ["a", "b", "c"]) as c:
+        a, b, cc = c["a"], c["b"], c["c"]
+        assert a.call("mutex.access(M).token", M=M) is None
+        t1 = a.call("[mutex.access(M).lock(), mutex.access(M).token, mutex.access(M).token]", M=M)
+        assert t1[0] is True and t1[1] == t1[2] and isinstance(t1[1], int) and t1[1] > 0
+        assert b.call("mutex.access(M).token", M=M) is None        # held, but not by b
+        a.call("mutex.access(M).unlock()", M=M)
+        assert a.call("mutex.access(M).token", M=M) is None
+        assert b.call("mutex.access(M).lock(timeout=2)", M=M) is True
+        t2 = b.call("mutex.access(M).token", M=M)
+        assert t2 > t1[1]
+        b.call("mutex.access(M).unlock()", M=M)
+        a.call("mutex.destroy(M)", M=M)                            # re-created on next use
+        assert cc.call("mutex.access(M).lock(timeout=2)", M=M) is True
+        t3 = cc.call("mutex.access(M).token", M=M)
+        assert t3 > t2
+        cc.kill()                                                  # dies holding it
+        assert a.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        t4 = a.call("mutex.access(M).token", M=M)
+        assert t4 > t3 and t4 < 2**63
+        a.call("mutex.access(M).unlock()", M=M)
+
+
+def test_mutex_handle_has_the_threading_lock_idiom_in_threads_too(events, backend):
+    """acquire(blocking, timeout) / release / locked / with, as threading.Lock:
+    a second thread of the holding container waits, and may release it."""
+    M = uniq("mtx")
+    with cluster(events, backend, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("""
+            import threading
+            m = mutex.access(M)
+            out = [m.locked(), m.acquire(), m.locked(), m.acquire(blocking=False)]
+            got = []
+            t = threading.Thread(target=lambda: got.append(mutex.access(M).acquire(timeout=0.2)))
+            t.start(); t.join(10)
+            out.append(got)
+            t = threading.Thread(target=m.release)     # any thread of the holder may release
+            t.start(); t.join(10)
+            out.append(m.locked())
+            with m:
+                out.append(m.locked())
+            out.append(m.locked())
+            try:
+                m.acquire(blocking=False, timeout=1)
+            except ValueError:
+                out.append("ValueError")
+            out.append(m.acquire(timeout=-1))
+            m.release()
+            result = out
+        """, M=M) == [False, True, True, False, [False], False, True, False, "ValueError", True]
+        assert b.call("mutex.access(M).acquire(timeout=0.05)", M=M) is True
+        e = a.error("mutex.access(M).release()", M=M)
+        assert e.type == "NotHolderError" and "RuntimeError" in e.mro and "NetplexError" in e.mro
+        assert a.call("""
+            m = mutex.access(M)
+            t = asyncio.ensure_future(m.acquire_async(timeout=10))
+            await asyncio.sleep(0.2)
+            first = t.done()
+            result = [first]
+        """, M=M) == [False]
+        b.call("mutex.access(M).release()", M=M)
+        settle(lambda: a.call("mutex.access(M).token", M=M) is not None,
+               what="the waiting acquire_async got the mutex")
+        assert a.call("""
+            m = mutex.access(M)
+            m.release()
+            async with m:
+                inside = m.locked()
+            result = [inside, m.locked()]
+        """, M=M) == [True, False]
+
+
+def test_semaphore_handle_has_the_threading_semaphore_idiom(events, backend):
+    S = uniq("sem")
+    with cluster(events, backend, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("semaphore.create(S, 2)", S=S) is True
+        assert a.call("""
+            s = semaphore.access(S)
+            out = [s.get(), s.acquire(), s.acquire(blocking=False), s.acquire(blocking=False),
+                   s.acquire(timeout=0.05), s.get()]
+            s.release(2)
+            out.append(s.get())
+            with s:
+                out.append(s.get())
+            out.append(s.get())
+            out += [s.decrement(), s.increment(), await s.decrement_async(wait=True, timeout=1)]
+            async with s:
+                out.append(s.get())
+            out.append(await s.acquire_async(timeout=0.05))
+            s.release()
+            for bad in (0, -1):
+                try:
+                    s.release(bad)
+                except ValueError:
+                    out.append("ValueError")
+            result = out
+        """, S=S) == [2, True, True, False, False, 0, 2, 1, 2, 1, 2, 1, 0, True, "ValueError", "ValueError"]
+        assert b.call("semaphore.access(S).get()", S=S) == 1
+        waiting = b.start("semaphore.access(S).acquire(timeout=20) and semaphore.access(S).acquire(timeout=20)", S=S)
+        c.wait_waiters(S, 1)
+        a.call("semaphore.access(S).release()", S=S)
+        assert waiting.result(10) is True
 
 
 @pytest.mark.parametrize("form", ["with", "async with"])
@@ -775,7 +902,7 @@ def test_lock_granted_to_a_cancelled_task_is_released(events, backend):
         a.call("store.__setitem__('t', asyncio.ensure_future(mutex.access(M).lock_async(timeout=30)))", M=M)
         c.wait_waiters(M, 1)
         assert a.call("""
-            mutex.access(M).unlock()    # any container may unlock: hands it to our waiting task...
+            mutex.access(M).unlock(force=True)   # hands it to our waiting task...
             t = store['t']
             t.cancel()                  # ... which is cancelled before it runs
             r = await asyncio.gather(t, return_exceptions=True)

@@ -12,6 +12,10 @@ slices.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue 
 return ``NP_EINTR`` when an internal guard is held by a stopped process for a whole
 slice; every call site here calls again, so Ctrl-C works there too.
 
+Awaitable waits (``asyncwait.py``) queue an *async waiter record* of the segment
+instead of a thread: ``create(waiters=..., waiter_quota=...)`` sizes that table and
+bounds what one process may hold.
+
 ``close()`` is a process leaving the domain: waits in other threads end (they raise
 SegmentError), what the process held through this Domain is given back as if it had
 died, its table entries are freed, and only then is the memory unmapped.
@@ -37,10 +41,14 @@ except ImportError as _e:  # pragma: no cover - exercised only without a build
 else:
     _import_error = None
 
+from ..loopcheck import native_block_hook as _block_hook
+
 try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
     from .. import _fast
 except ImportError:  # pragma: no cover - a build without it uses closures
     _fast = None
+else:
+    _fast.set_block_hook(_block_hook)
 
 __all__ = ["available", "Domain"]
 
@@ -54,6 +62,7 @@ if _lib is not None:
     _EDESTROYED = _lib.NP_EDESTROYED
     _ESTALE = _lib.NP_ESTALE
     _ECLOSED = _lib.NP_ECLOSED
+    _ENOTHOLDER = _lib.NP_ENOTHOLDER
     _ENOENT = _lib.NP_ENOENT
     _EEXIST = _lib.NP_EEXIST
     _SEM = _lib.NP_KIND_SEM
@@ -66,6 +75,7 @@ if _lib is not None:
         _lib.NP_ENOSPC_MTX: ("mutex", "mutexes"),
         _lib.NP_ENOSPC_PROC: ("process", "processes"),
         _lib.NP_ENOSPC_ACT: ("thread (actor)", "actors"),
+        _lib.NP_ENOSPC_WAIT: ("async waiter", "waiters"),
     }
     _SEGMENT_CODES = {
         _lib.NP_EBADSEG: "not a netplex segment, or one of another layout version",
@@ -81,7 +91,7 @@ def available() -> bool:
     return _lib is not None
 
 
-def _require():
+def _require() -> None:
     if _lib is None:
         raise errors.NativeUnavailableError(
             f"the native core netplex_native._core is not built ({_import_error}); "
@@ -100,6 +110,13 @@ def _check(rc: int, dom: "Domain | None" = None, name: str | None = None, kind: 
 
 
 def _error(rc, dom, name, kind):
+    if rc == _lib.NP_ENOSPC_WAIT:
+        cfg = dom.config if dom is not None else {}
+        return errors.TableFullError(
+            f"no async waiter record free: this process may hold {cfg.get('waiter_quota', '?')} "
+            f"(waiter_quota) of the {cfg.get('waiters', '?')} (waiters) of the segment; nothing "
+            f"was changed.  Create the domain with more: native_config={{'waiters': ..., "
+            f"'waiter_quota': ...}}")
     if rc in _TABLES:
         what, key = _TABLES[rc]
         cap = dom.config.get(key) if dom is not None else "?"
@@ -124,6 +141,10 @@ def _error(rc, dom, name, kind):
         return OverflowError(f"semaphore {name!r} would exceed {errors.VALUE_MAX}")
     if rc == _lib.NP_EBUSY:
         return RuntimeError("this thread is already queued on another semaphore or mutex")
+    if rc == _lib.NP_ENOTHOLDER:
+        return errors.NotHolderError(
+            f"mutex {name!r} is not held by this process (pid {os.getpid()}): nothing was "
+            f"unlocked; unlock(force=True) frees it whoever holds it")
     if rc == _lib.NP_ECLOSED:
         seg = dom.name if dom is not None else "?"
         return errors.SegmentError(f"native segment {seg} is closed")
@@ -141,7 +162,8 @@ class Domain:
         c = _ffi.new("np_config *")
         _lib.np_domain_config(d, c)
         self.config = {"semaphores": c.semaphores, "mutexes": c.mutexes,
-                       "processes": c.processes, "actors": c.actors}
+                       "processes": c.processes, "actors": c.actors,
+                       "waiters": c.waiters, "waiter_quota": c.waiter_quota or c.waiters}
         self._sems: dict[str, int] = {}
         self._mtxs: dict[str, int] = {}
         #: Called between wait slices (at most every 100 ms) in any waiting
@@ -149,6 +171,7 @@ class Domain:
         #: to end waits at shutdown.
         self.interrupt_check = None
         self._binder = None
+        self._aw = None                  # asyncwait.AsyncWaits of this process
         self._bind_fast_paths()
 
     def _bind_fast_paths(self) -> None:
@@ -179,6 +202,10 @@ class Domain:
                     if rc >= 0:
                         return rc
                 elif wait is True:
+                    rc = c_dec(d, h, nowait)
+                    if rc >= 0:
+                        return rc
+                    _block_hook(1)
                     try:
                         rc = c_dec(d, h, forever)      # one slice, at most 100 ms
                         if rc >= 0:
@@ -222,11 +249,12 @@ class Domain:
                     return True
             return slow_lock(name, timeout, cancel=cancel)
 
-        def mutex_unlock(name):
-            h = mtxs.get(name)
-            if h is not None and c_unlock(d, h) == 0:
-                return None
-            return slow_unlock(name)
+        def mutex_unlock(name, force=False):
+            if force is False:
+                h = mtxs.get(name)
+                if h is not None and c_unlock(d, h) == 0:
+                    return None
+            return slow_unlock(name, force)
 
         self.sem_decrement = sem_decrement
         self.sem_increment = sem_increment
@@ -236,15 +264,23 @@ class Domain:
     # ---- lifecycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, *, semaphores=1024, mutexes=1024, processes=256, actors=None, name=None) -> "Domain":
+    def create(cls, *, semaphores=1024, mutexes=1024, processes=256, actors=None, waiters=8192,
+               waiter_quota=None, name=None) -> "Domain":
+        """``waiters``: async waiter records (one per coroutine awaiting a
+        wait, asyncwait.py); ``waiter_quota``: how many one process may hold
+        at once (default: half of ``waiters``)."""
         _require()
         semaphores = errors.check_int(semaphores, "semaphores", 0, 2**28)
         mutexes = errors.check_int(mutexes, "mutexes", 0, 2**28)
         processes = errors.check_int(processes, "processes", 1, 2**20)
-        actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**23)
+        actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**19)
+        waiters = errors.check_int(waiters, "waiters", 0, 2**19)
+        waiter_quota = errors.check_int(max(1, waiters // 2) if waiter_quota is None else waiter_quota,
+                                        "waiter_quota", 1, 2**19)
         name = _segment_name(name)
         cfg = _ffi.new("np_config *", {"semaphores": semaphores, "mutexes": mutexes,
-                                       "processes": processes, "actors": actors})
+                                       "processes": processes, "actors": actors,
+                                       "waiters": waiters, "waiter_quota": waiter_quota})
         out = _ffi.new("np_domain **")
         _check(_lib.np_domain_create(name.encode(), cfg, out), None, name)
         return cls(out[0], name)
@@ -259,7 +295,9 @@ class Domain:
 
     @staticmethod
     def remove_stale(prefix="netplex-") -> list[str]:
-        """Unlink our segments in /dev/shm whose creator (pid + start time) is dead."""
+        """Unlink our segments in /dev/shm that nobody may still use: their
+        creator (pid + start time) and every process registered in them are
+        certainly dead (segment.c, G4)."""
         _require()
         removed = []
         try:
@@ -275,12 +313,16 @@ class Domain:
                 continue                      # not ours, or not readable by us
             d = out[0]
             try:
-                dead = not _lib.np_domain_creator_alive(d)
+                dead = not _lib.np_domain_in_use(d)
             finally:
                 _lib.np_domain_close(d)
             if dead and _lib.np_domain_unlink(name.encode()) == 0:
                 removed.append(name)
         return removed
+
+    def creator_alive(self) -> bool:
+        """False only when the process that created the segment is certainly gone."""
+        return bool(_lib.np_domain_creator_alive(self._dom()))
 
     def close(self) -> None:
         """Leave the domain and unmap it (the segment stays).  Waits in progress in
@@ -288,6 +330,8 @@ class Domain:
         Domain (protected counts, mutexes) is given back, as if it had died; its
         table entries are freed.  The Domain is unusable afterwards."""
         d, self._d = self._d, None
+        if self._aw is not None:
+            self._aw.closing()
         if self._binder is not None:
             self._binder.close()
         self._sems.clear()
@@ -467,6 +511,8 @@ class Domain:
                 return -1
         else:
             errors.check_bool(wait, "wait")
+            if timeout != 0:
+                _block_hook(_SEM)
             rc = self._wait(_SEM, name, _lib.np_sem_decrement, self._deadline(timeout), cancel)
         if rc >= 0:
             return rc
@@ -510,6 +556,8 @@ class Domain:
             rc = _lib.np_mutex_lock(self._d, h, _NOWAIT)
             if rc == 0:
                 return True
+        if timeout != 0:
+            _block_hook(_MTX)
         rc = self._wait(_MTX, name, _lib.np_mutex_lock, self._deadline(timeout), cancel)
         if rc == 0:
             return True
@@ -535,13 +583,46 @@ class Domain:
         _check(rc, self, name, _MTX)
         return True
 
-    def mutex_unlock(self, name) -> None:
-        """Unlock (any process may; a no-op when not locked)."""
-        h = self._mtxs.get(name)
-        if h is not None and self._d is not None and _lib.np_mutex_unlock(self._d, h) == 0:
-            return
-        rc = self._call(_MTX, name, _lib.np_mutex_unlock)
+    def mutex_unlock(self, name, force=False) -> None:
+        """Unlock a mutex this process holds; NotHolderError (nothing changed)
+        when it does not.  ``force=True``: unlock whoever holds it (a no-op
+        when free)."""
+        if force is False:
+            h = self._mtxs.get(name)
+            if h is not None and self._d is not None and _lib.np_mutex_unlock(self._d, h) == 0:
+                return
+            fn = _lib.np_mutex_unlock
+        else:
+            errors.check_bool(force, "force")
+            fn = _lib.np_mutex_force_unlock
+        rc = self._call(_MTX, name, fn, create=force)   # force: created on first use
+        if rc is None:                       # no such mutex: nobody holds it
+            errors.check_name(name)
+            rc = _ENOTHOLDER
         _check(rc, self, name, _MTX)
+
+    def mutex_token(self, name) -> int | None:
+        """The fencing token of this process's hold of *name*, or None when
+        it does not hold it."""
+        out = _ffi.new("int64_t *")
+        rc = self._call(_MTX, name, _lib.np_mutex_token, out, create=False)
+        if rc is None:
+            errors.check_name(name)
+            return None
+        _check(rc, self, name, _MTX)
+        return out[0] or None
+
+    def mutex_locked(self, name) -> bool:
+        """True while some process holds *name*."""
+        h = self._call(_MTX, name, lambda d, h: h, create=False)
+        if h is None:
+            errors.check_name(name)
+            return False
+        info = _ffi.new("np_obj_info_t *")
+        idx = h & 0xffffffff
+        if _check(_lib.np_obj_info(self._dom(), _MTX, idx - self.config["semaphores"], info), self) != 1:
+            return False
+        return info.value == 0
 
     def mutex_destroy(self, name) -> None:
         rc = self._call(_MTX, name, _lib.np_mutex_destroy, create=False)
@@ -575,7 +656,8 @@ class Domain:
 
     def mutexes(self) -> list[dict]:
         return [{"name": _ffi.string(info.name).decode(), "locked": info.value == 0,
-                 "owner_pid": info.owner_pid or None, "waiters": info.waiters}
+                 "owner_pid": info.owner_pid or None, "waiters": info.waiters,
+                 "token": info.token}
                 for info in self._objects(_MTX, self.config["mutexes"])]
 
     def processes(self) -> list[dict]:
@@ -586,7 +668,7 @@ class Domain:
             if _check(_lib.np_proc_info(d, i, info), self) == 1:
                 out.append({"pid": info.pid, "start_time": info.start_time,
                             "state": _PROC_STATES.get(info.state, str(info.state)),
-                            "threads": info.threads})
+                            "threads": info.threads, "async_waiters": info.async_waiters})
         return out
 
     def check(self) -> None:

@@ -7,51 +7,19 @@ every reaped container (before ``post_finish_hook``), and unlinks the segment
 at shutdown.  Recovery never blocks the controller's loop: it runs with a zero
 timeout, and what cannot finish now (an internal guard held by a stopped
 process, liveness that cannot be told at the fd limit) is retried from a timer
-with back-off until it does; nothing is lost meanwhile.  Process side: the backends call the core directly; waits in
-handlers (``*_async``) run in a worker thread so the loop keeps running.
+with back-off until it does; nothing is lost meanwhile.  Process side: the backends call the core directly; awaitable waits
+(``*_async``) queue an async waiter record and cost no thread (asyncwait.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
-import os
-import threading
+from typing import Any
 
 from ..errors import NativeUnavailableError, WouldBlockError, check_timeout
 from ..plugin import Plugin
 
 log = logging.getLogger("netplex_native")
-
-_executor = None
-_executor_pid = 0
-
-
-def _wait_executor() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for awaitable waits (one pool per process; forks get their own)."""
-    global _executor, _executor_pid
-    if _executor is None or _executor_pid != os.getpid():
-        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="netplex-wait")
-        _executor_pid = os.getpid()
-    return _executor
-
-
-async def _wait_in_thread(blocking, give_back):
-    """Run ``blocking(cancel_event)`` in a thread; if the awaiting task is
-    cancelled, stop the wait and hand back whatever it obtained anyway."""
-    cancel = threading.Event()
-    fut = asyncio.get_running_loop().run_in_executor(_wait_executor(), blocking, cancel)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        cancel.set()
-
-        def undo(f):
-            if not f.cancelled() and f.exception() is None:
-                give_back(f.result())
-        fut.add_done_callback(undo)
-        raise
 
 
 class NativeDomainPlugin(Plugin):
@@ -137,7 +105,7 @@ class _NativeSem:
     the Domain's own methods (no extra Python layer on the hot path); in the
     controller a wait that would block raises WouldBlockError instead."""
 
-    def __init__(self, dom, role):
+    def __init__(self, dom: Any, role: str) -> None:
         self._dom = dom
         self.increment = dom.sem_increment
         self.get = dom.sem_get
@@ -145,8 +113,8 @@ class _NativeSem:
         if role == "container":
             self.decrement = dom.sem_decrement
 
-    def create(self, name, initial, protected):
-        return self._dom.sem_create(name, initial, protected=protected)
+    def create(self, name: str, initial: int, protected: bool) -> bool:
+        return bool(self._dom.sem_create(name, initial, protected=protected))
 
     def decrement(self, name, wait=False, timeout=None):
         if wait is not True and wait is not False:  # checked before anything is taken
@@ -165,16 +133,17 @@ class _NativeSem:
         r = self._dom.sem_decrement(name)  # free now: no thread needed
         if r >= 0 or timeout == 0:
             return r
-        dom = self._dom
-        return await _wait_in_thread(
-            lambda cancel: dom.sem_decrement(name, wait=True, timeout=timeout, cancel=cancel),
-            lambda got: dom.sem_increment(name) if got >= 0 else None)
+        from .asyncwait import waits_of
+        from .domain import _SEM
+        return await waits_of(self._dom).acquire(_SEM, name, timeout)
 
 
 class _NativeMutex:
-    def __init__(self, dom, role):
+    def __init__(self, dom: Any, role: str) -> None:
         self._dom = dom
-        self.unlock = dom.mutex_unlock
+        self.unlock = dom.mutex_unlock          # (name, force=False)
+        self.token = dom.mutex_token
+        self.locked = dom.mutex_locked
         self.destroy = dom.mutex_destroy
         if role == "container":
             self.lock = dom.mutex_lock
@@ -193,7 +162,6 @@ class _NativeMutex:
             return True
         if timeout == 0:
             return False
-        dom = self._dom
-        return await _wait_in_thread(
-            lambda cancel: dom.mutex_lock(name, timeout, cancel=cancel),
-            lambda got: dom.mutex_unlock(name) if got else None)
+        from .asyncwait import waits_of
+        from .domain import _MTX
+        return await waits_of(self._dom).acquire(_MTX, name, timeout) == 0

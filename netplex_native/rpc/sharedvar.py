@@ -346,6 +346,22 @@ class _VarClient:
     async def wait_for_value_async(self, name, timeout=None):
         return _decode(*await self._ch.acall("var.wait", [check_name(name), check_timeout(timeout)]))
 
+    # the awaitable forms: the loop serves other connections meanwhile
+    async def create_var_async(self, name, own, ro, enc, timeout):
+        return (await self._ch.acall("var.create", list(_check_create(name, own, ro, enc, timeout))))[0]
+
+    async def set_value_async(self, name, value):
+        name = check_name(name)
+        jv, blob = _encode_value(value)
+        _check_size(name, jv, blob)
+        return (await self._ch.acall("var.set", [name, jv], blob))[0]
+
+    async def get_value_async(self, name):
+        return _decode(*await self._ch.acall("var.get", [check_name(name)]))
+
+    async def delete_var_async(self, name):
+        return (await self._ch.acall("var.delete", [check_name(name)]))[0]
+
 
 class _VarLocal:
     """In the controller process: direct, never blocking, never unpickling
@@ -399,3 +415,16 @@ class _VarLocal:
 
     async def wait_for_value_async(self, name, timeout=None):
         return self.wait_for_value(name, timeout)
+
+    # in the controller nothing blocks: the awaitable forms are the plain ones
+    async def create_var_async(self, name, own, ro, enc, timeout):
+        return self.create_var(name, own, ro, enc, timeout)
+
+    async def set_value_async(self, name, value):
+        return self.set_value(name, value)
+
+    async def get_value_async(self, name):
+        return self.get_value(name)
+
+    async def delete_var_async(self, name):
+        return self.delete_var(name)

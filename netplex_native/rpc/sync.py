@@ -11,10 +11,14 @@ Semantics (reference, defects fixed):
 - protected semaphores keep, per container, increments minus successful
   decrements; when the container ends that amount is subtracted (clamped at
   0) and waiters are served;
-- a mutex records its holder only: unlock by another container clears it,
-  with no per-container counter to skew (defect 2); a dead holder's mutex
-  goes to the next live waiter; a dead waiter is dropped, never handed the
-  lock (defect 3);
+- a mutex records its holder only, with no per-container counter to skew
+  (defect 2); unlock by a container that does not hold it raises
+  NotHolderError and changes nothing, ``force`` unlocks whoever holds it; a
+  dead holder's mutex goes to the next live waiter; a dead waiter is
+  dropped, never handed the lock (defect 3);
+- fencing: every grant of any mutex takes the next value of one
+  controller-wide counter (``token_hw``), so a later holder of a mutex always
+  has a larger token, across destroy/re-create and a holder's death too;
 - ``destroy`` removes the semaphore (a later ``create`` returns True) and
   answers every waiter with -1, each answer on its own (defect 4); a
   mutex's ``destroy`` answers its waiters False (as a timeout would) and a
@@ -32,9 +36,10 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from ..errors import (WouldBlockError, check_bool, check_int, check_name,
+from ..errors import (NotHolderError, WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, VALUE_MAX)
 from ..plugin import Plugin
+from ..loopcheck import warn_if_on_loop
 from ..logs import get_logger
 
 log = get_logger("netplex_native.rpc")
@@ -61,11 +66,12 @@ class _Sem:
 
 
 class _Mutex:
-    __slots__ = ("name", "owner", "waiters")
+    __slots__ = ("name", "owner", "token", "waiters")
 
     def __init__(self, name):
         self.name = name
         self.owner = None                  # container id, or "" for the controller
+        self.token = 0                     # fencing token of the current hold
         self.waiters: deque[_Waiter] = deque()
 
 
@@ -80,6 +86,7 @@ class SyncState:
         self._loop = loop_getter
         self.sems: dict[str, _Sem] = {}
         self.mutexes: dict[str, _Mutex] = {}
+        self.token_hw = 0                  # last fencing token handed out
 
     # ---- semaphores ----
     def _sem(self, name, implicit=True) -> _Sem | None:
@@ -217,10 +224,15 @@ class SyncState:
             m = self.mutexes[name] = _Mutex(name)
         return m
 
+    def grant(self, m: _Mutex, owner) -> None:
+        self.token_hw += 1
+        m.owner = owner
+        m.token = self.token_hw
+
     def mutex_lock(self, rec, owner, name, timeout, reply) -> None:
         m = self._mutex(name)
         if m.owner is None:
-            m.owner = owner
+            self.grant(m, owner)
             reply.ok(True)
             return
         if timeout == 0:
@@ -244,13 +256,30 @@ class SyncState:
             except Exception:  # one broken waiter must not leave the others unanswered
                 pass
 
-    def mutex_unlock(self, name) -> None:
+    def mutex_unlock(self, name, owner, force=False) -> None:
+        """Unlock if *owner* holds it (or *force*: whoever holds it)."""
         m = self.mutexes.get(name)
-        if m is None:
-            if name in self.sems:
-                raise _kind_error(name, "mutex", "semaphore")
-            return
+        if m is None and name in self.sems:
+            raise _kind_error(name, "mutex", "semaphore")
+        if m is None or m.owner is None or (m.owner != owner and not force):
+            if force:
+                return
+            who = "the controller" if owner == "" else f"container {owner}"
+            raise NotHolderError(f"mutex {name!r} is not held by {who}: nothing was unlocked; "
+                                 f"unlock(force=True) frees it whoever holds it")
         self._release(m)
+
+    def mutex_token(self, name, owner) -> int | None:
+        m = self.mutexes.get(name)
+        if m is None and name in self.sems:
+            raise _kind_error(name, "mutex", "semaphore")
+        return m.token if m is not None and m.owner is not None and m.owner == owner else None
+
+    def mutex_locked(self, name) -> bool:
+        m = self.mutexes.get(name)
+        if m is None and name in self.sems:
+            raise _kind_error(name, "mutex", "semaphore")
+        return m is not None and m.owner is not None
 
     def _release(self, m: _Mutex) -> None:
         m.owner = None
@@ -260,7 +289,7 @@ class SyncState:
                 w.timer.cancel()
             if not w.reply.alive or w.reply.done:
                 continue
-            m.owner = w.rec.id
+            self.grant(m, w.rec.id)
 
             def undo(m=m, cid=w.rec.id):
                 if m.owner == cid and self.mutexes.get(m.name) is m:
@@ -297,7 +326,7 @@ class SyncState:
                 for s in self.sems.values()],
             "mutexes": [
                 {"name": m.name, "locked": m.owner is not None, "owner": m.owner,
-                 "waiters": len(m.waiters)}
+                 "token": m.token if m.owner is not None else None, "waiters": len(m.waiters)}
                 for m in self.mutexes.values()],
         }
 
@@ -380,8 +409,13 @@ class MutexPlugin(Plugin):
             name, timeout = _args(args, 2, proc)
             st.mutex_lock(rec, rec.id, check_name(name), check_timeout(timeout), reply)
         elif proc == "unlock":
-            st.mutex_unlock(check_name(_args(args, 1, proc)[0]))
+            name, force = _args(args, 2, proc)
+            st.mutex_unlock(check_name(name), rec.id, check_bool(force, "force"))
             reply.ok(None)
+        elif proc == "token":
+            reply.ok(st.mutex_token(check_name(_args(args, 1, proc)[0]), rec.id))
+        elif proc == "locked":
+            reply.ok(st.mutex_locked(check_name(_args(args, 1, proc)[0])))
         elif proc == "destroy":
             st.mutex_destroy(check_name(_args(args, 1, proc)[0]))
             reply.ok(None)
@@ -425,6 +459,9 @@ class _SemClient:
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
         name = check_name(name)
+        if wait and timeout != 0:
+            warn_if_on_loop("semaphore.decrement(wait=True)",
+                            "await semaphore.decrement_async(name, wait=True)")
         return self._ch.call("sem.decrement", [name, wait, timeout], undo=self._undo(name))[0]
 
     async def decrement_async(self, name, wait=False, timeout=None):
@@ -477,19 +514,27 @@ class _MutexClient:
     def _undo(self, name):
         def undo(result):
             if result is True:
-                self._ch.notify("mutex.unlock", [name])
+                self._ch.notify("mutex.unlock", [name, False])
         return undo
 
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)
+        if timeout != 0:
+            warn_if_on_loop("Mutex.lock()", "await mutex.access(name).lock_async() or async with")
         return self._ch.call("mutex.lock", [name, timeout], undo=self._undo(name))[0]
 
     async def lock_async(self, name, timeout=None):
         timeout = check_timeout(timeout)
         return (await self._ch.acall("mutex.lock", [name, timeout], undo=self._undo(name)))[0]
 
-    def unlock(self, name):
-        self._ch.call("mutex.unlock", [name])
+    def unlock(self, name, force=False):
+        self._ch.call("mutex.unlock", [name, check_bool(force, "force")])
+
+    def token(self, name):
+        return self._ch.call("mutex.token", [check_name(name)])[0]
+
+    def locked(self, name):
+        return self._ch.call("mutex.locked", [check_name(name)])[0]
 
     def destroy(self, name):
         self._ch.call("mutex.destroy", [check_name(name)])
@@ -503,7 +548,7 @@ class _MutexLocal:
         timeout = check_timeout(timeout)
         m = self._st._mutex(name)
         if m.owner is None:
-            m.owner = ""
+            self._st.grant(m, "")
             return True
         if timeout == 0:
             return False
@@ -512,8 +557,14 @@ class _MutexLocal:
     async def lock_async(self, name, timeout=None):
         return self.lock(name, timeout)
 
-    def unlock(self, name):
-        self._st.mutex_unlock(name)
+    def unlock(self, name, force=False):
+        self._st.mutex_unlock(check_name(name), "", check_bool(force, "force"))
+
+    def token(self, name):
+        return self._st.mutex_token(check_name(name), "")
+
+    def locked(self, name):
+        return self._st.mutex_locked(check_name(name))
 
     def destroy(self, name):
         self._st.mutex_destroy(check_name(name))
