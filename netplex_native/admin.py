@@ -8,7 +8,8 @@ connection is closed; the controller never dies of it.
 Commands: ``list``, ``inspect``, ``message`` (pattern, name, args: to
 ``receive_admin_message``; an error when no service matches), ``restart``
 (service), ``restart-all``, ``enable``/``disable`` (service), ``scale``
-(service, workers), ``reload``, ``log-level`` (level), ``shutdown``.
+(service, workers), ``reload`` (answered once the new configuration is
+loaded: an error says why it was not), ``log-level`` (level), ``shutdown``.
 Bad input is an error answer naming what was wrong; nothing is changed.
 """
 
@@ -151,7 +152,7 @@ class AdminServer:
                 if dec.pending + len(data) > MAX_ADMIN_FRAME:
                     raise ProtocolError(f"admin frame larger than {MAX_ADMIN_FRAME} bytes")
                 for obj, _blob in dec.feed(data):
-                    await self._send(conn, self._answer(obj))
+                    await self._send(conn, await self._answer(obj))
         except ProtocolError as e:
             try:
                 await self._send(conn, wire.encode({"ok": False, "error": f"protocol error: {e}"}))
@@ -167,9 +168,11 @@ class AdminServer:
             self._conns.pop(conn, None)
             conn.close()
 
-    def _answer(self, req) -> bytes:
+    async def _answer(self, req) -> bytes:
         """The encoded answer; one too large for a frame becomes an error."""
         ans = self._handle(req)
+        if asyncio.iscoroutine(ans):
+            ans = await ans
         try:
             return wire.encode(ans)
         except (ValueError, TypeError) as e:
@@ -204,10 +207,7 @@ class AdminServer:
                     raise ValueError(f"workers must be an integer between 1 and 4096, got {workers!r}")
                 return {"ok": True, "previous": ctrl.scale(req.get("service"), workers)}
             if cmd == "reload":
-                if not ctrl.reload():
-                    return {"ok": False, "error": "reload failed (see the controller's log); "
-                                                  "the running configuration is kept"}
-                return {"ok": True}
+                return self._reload(ctrl._request_reload())
             if cmd == "log-level":
                 level = req.get("level")
                 if level not in LOG_LEVELS:
@@ -220,6 +220,14 @@ class AdminServer:
             return {"ok": False, "error": f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}"}
         except (TypeError, ValueError, NetplexError) as e:
             return {"ok": False, "error": str(e)}
+
+
+    @staticmethod
+    async def _reload(loaded: asyncio.Future) -> dict:
+        """Answered once the new configuration is loaded and valid (then it
+        is applied), or with the reason it was not."""
+        error = await loaded
+        return {"ok": True} if error is None else {"ok": False, "error": error}
 
 
 class AdminError(NetplexError):
@@ -237,14 +245,18 @@ def request(socket_dir: str, req: dict, timeout: float = 10.0) -> dict:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise AdminError(f"no controller is running with socket directory {socket_dir} "
                              f"({e.strerror})") from None
-        s.sendall(wire.encode(req))
         dec = wire.Decoder()
-        while True:
-            data = s.recv(65536)
-            if not data:
-                raise AdminError("the controller closed the admin connection without answering")
-            frames = dec.feed(data)
-            if frames:
-                return frames[0][0]
+        try:
+            s.sendall(wire.encode(req))
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    raise AdminError("the controller closed the admin connection without answering")
+                frames = dec.feed(data)
+                if frames:
+                    return frames[0][0]
+        except TimeoutError:
+            raise AdminError(f"no answer from the controller within {timeout:g} s "
+                             "(what was asked may still be done: see its log)") from None
     finally:
         s.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -126,21 +125,7 @@ def cmd_run(args) -> int:
     opts, services = config.load(args.config)
     socket_dir = args.socket_dir or opts.get("socket_dir")
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    backend = config.backend(services)
-    log = logging.getLogger("netplex_native.cli")
-
-    def reread():
-        """SIGHUP: the file again, validated before anything changes."""
-        new_opts, new_services = config.load(args.config, reload_modules=True)
-        if config.backend(new_services) != backend:
-            raise ValueError(f"{args.config}: plugins changed from {backend} to "
-                             f"{config.backend(new_services)}; that needs a restart")
-        if new_opts.get("socket_dir", opts.get("socket_dir")) != opts.get("socket_dir"):
-            log.warning("%s: controller.socket_dir changed; it takes effect at the next start", args.config)
-        ctrl.max_start_failures = new_opts.get("max_start_failures", 10)
-        ctrl.shutdown_timeout = new_opts.get("shutdown_timeout", 5.0)
-        ctrl.startup_timeout = new_opts.get("startup_timeout")
-        return new_services
+    source = config.FileSource(args.config, config.backend(services), opts.get("socket_dir"))
 
     from .controller import check_controller_name
     try:
@@ -148,8 +133,9 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise NetplexError(f"--name: {e}") from None
     ctrl = Controller(socket_dir, max_start_failures=opts.get("max_start_failures", 10),
-                      shutdown_timeout=opts.get("shutdown_timeout", 5.0), config_source=reread,
-                      name=name, startup_timeout=opts.get("startup_timeout"))
+                      shutdown_timeout=opts.get("shutdown_timeout", 5.0), config_source=source,
+                      name=name, startup_timeout=opts.get("startup_timeout"),
+                      reload_timeout=opts.get("reload_timeout", 30.0))
     for s in services:
         ctrl.add_service(s)
     if args.pid:
@@ -202,6 +188,9 @@ def _print_inspect(r: dict) -> None:
                   f"{' ro' if v['ro'] else ''} value {v['value']!r}")
 
 
+#: Seconds ``admin reload`` waits for its answer.
+RELOAD_ANSWER_TIMEOUT = 300.0
+
 _USAGE = {"message": "PATTERN NAME [ARGS...]", "restart": "SERVICE", "enable": "SERVICE",
           "disable": "SERVICE", "scale": "SERVICE WORKERS", "log-level": "LEVEL"}
 
@@ -234,7 +223,9 @@ def cmd_admin(args) -> int:
         req = {"cmd": "log-level", "level": a[0].lower()}
     else:
         req = {"cmd": c}
-    r = admin.request(_admin_socket_dir(args), req)
+    # a reload is answered once its configuration is loaded (up to the
+    # controller's reload_timeout, after the operation in progress)
+    r = admin.request(_admin_socket_dir(args), req, timeout=RELOAD_ANSWER_TIMEOUT if c == "reload" else 10.0)
     if args.json:
         print(json.dumps(r, indent=2))
     elif not r.get("ok"):

@@ -17,14 +17,31 @@
 Modules are imported relative to the file's directory first.  Every error
 names the file, the key and what was expected, and is raised before anything
 forks.
+
+A reload (``FileSource``, the controller's ``config_source`` for ``run``)
+reads the file again in a thread of the controller and imports the modules
+it names anew, each into a new module object from its source (never the
+bytecode cache, which a quick rewrite of the same size can leave stale):
+the running services' modules are never changed in place.  The new modules
+are in ``sys.modules`` while they load; the controller keeps them when it
+applies the load and ``discard()`` puts the old ones back when it does not
+(invalid, timed out: a timed-out load's later imports are refused).  A
+process forked while a load is in flight (a container restarted meanwhile)
+gets the old ones back at once, so it runs the running configuration's code.
+Not covered: a module that the load imports for the first time (normally)
+while the fork happens is left half-initialized in that child.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import sys
+import threading
 import tomllib
+import weakref
 
 from .errors import ServiceConfigError
 from .hooks import ProcessorHooks
@@ -33,7 +50,8 @@ from .service import Service, parse_address
 SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins", "max_connections",
                 "max_connections_jitter", "connections_per_container", "min_free_connections",
                 "max_free_connections"}
-CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout"}
+CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout",
+                   "reload_timeout"}
 PLUGIN_CHOICES = ("native", "rpc", "none")
 
 
@@ -45,17 +63,89 @@ class _Err:
         return ServiceConfigError(f"{self.path}: {where}: {msg}")
 
 
-def _resolve(ref, where, err, fresh=None):
-    """*fresh*: a set of module names already reloaded by this load (a
-    reload imports the application's modules anew, once each)."""
+class ModuleSwap:
+    """The modules one reload imports anew.  Each is a new module object,
+    executed from its source, put in ``sys.modules`` before it runs (as an
+    import does); ``restore()`` puts back the modules they replaced and
+    refuses this load's later imports (a load that timed out goes on in
+    its thread)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._old: dict = {}        # name -> the module it replaced (None: there was none)
+        self._new: dict = {}
+        self._closed = False
+        _in_flight.add(self)
+
+    def fresh_import(self, name: str):
+        if name in self._new:
+            return self._new[name]
+        parent = name.rpartition(".")[0]
+        path = importlib.import_module(parent).__path__ if parent else None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        module = importlib.util.module_from_spec(spec)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this configuration load was abandoned")
+            self._old.setdefault(name, sys.modules.get(name))
+            sys.modules[name] = module
+        loader = spec.loader
+        if isinstance(loader, importlib.machinery.SourceFileLoader):
+            code = loader.source_to_code(loader.get_data(spec.origin), spec.origin)
+            exec(code, module.__dict__)
+        elif loader is not None:
+            loader.exec_module(module)
+        self._new[name] = module
+        return module
+
+    def keep(self) -> None:
+        """The load is applied: its modules stay."""
+        with self._lock:
+            self._closed = True
+            self._old.clear()
+        _in_flight.discard(self)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._restore()
+
+    def _restore(self) -> None:
+        self._closed = True
+        for name, old in self._old.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+        self._old.clear()
+        _in_flight.discard(self)
+
+
+#: Loads neither kept nor restored yet.
+_in_flight: "weakref.WeakSet[ModuleSwap]" = weakref.WeakSet()
+
+
+def _restore_in_child() -> None:
+    """A child forked while a load was in flight: the old modules back (the
+    loading thread is not in the child, and may have held the lock)."""
+    for swap in list(_in_flight):
+        swap._lock = threading.Lock()
+        swap._restore()
+
+
+os.register_at_fork(after_in_child=_restore_in_child)
+
+
+def _resolve(ref, where, err, swap=None):
+    """*swap*: a reload's ModuleSwap (the modules are imported anew,
+    except netplex_native's own)."""
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise err(where, f"expected \"module:name\", got {ref!r}")
     mod_name, _, attr = ref.partition(":")
     try:
-        if (fresh is not None and mod_name not in fresh and mod_name in sys.modules
-                and mod_name.partition(".")[0] != "netplex_native"):
-            fresh.add(mod_name)
-            mod = importlib.reload(sys.modules[mod_name])
+        if swap is not None and mod_name.partition(".")[0] != "netplex_native":
+            mod = swap.fresh_import(mod_name)
         else:
             mod = importlib.import_module(mod_name)
     except ImportError as e:
@@ -102,11 +192,12 @@ def backend(services) -> str:
     return chosen.pop() if chosen else "none"
 
 
-def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
+def load(path: str, swap: ModuleSwap | None = None) -> tuple[dict, list[Service]]:
     """Parse and validate *path*; returns (controller options, services).
-    *reload_modules*: import the handler and hooks modules anew (SIGHUP)."""
+    *swap*: a reload's, to import the handler and hooks modules anew."""
     err = _Err(path)
-    fresh = set() if reload_modules else None
+    if swap is not None:
+        importlib.invalidate_caches()   # modules made since the last import are found
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -131,9 +222,9 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
     if "shutdown_timeout" in ctrl_opts and (type(ctrl_opts["shutdown_timeout"]) not in (int, float)
                                             or ctrl_opts["shutdown_timeout"] <= 0):
         raise err("controller.shutdown_timeout", "expected a number of seconds > 0")
-    if "startup_timeout" in ctrl_opts and (type(ctrl_opts["startup_timeout"]) not in (int, float)
-                                           or not ctrl_opts["startup_timeout"] > 0):
-        raise err("controller.startup_timeout", "expected a number of seconds > 0")
+    for k in ("startup_timeout", "reload_timeout"):
+        if k in ctrl_opts and (type(ctrl_opts[k]) not in (int, float) or not ctrl_opts[k] > 0):
+            raise err(f"controller.{k}", "expected a number of seconds > 0")
     services_doc = doc.get("service")
     if not isinstance(services_doc, list) or not services_doc:
         raise err("service", "expected at least one [[service]] table")
@@ -155,10 +246,10 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
         names.add(name)
         handler = None
         if "handler" in sd:
-            handler = _resolve(sd["handler"], f"{where}.handler", err, fresh)
+            handler = _resolve(sd["handler"], f"{where}.handler", err, swap)
         hooks = ProcessorHooks()
         if "hooks" in sd:
-            cls = _resolve(sd["hooks"], f"{where}.hooks", err, fresh)
+            cls = _resolve(sd["hooks"], f"{where}.hooks", err, swap)
             if not (isinstance(cls, type) and issubclass(cls, ProcessorHooks)):
                 raise err(f"{where}.hooks", "expected a ProcessorHooks subclass")
             try:
@@ -213,3 +304,44 @@ def load(path: str, reload_modules: bool = False) -> tuple[dict, list[Service]]:
         raise err("service.plugins", "all services share one controller, so they must use the same "
                   f"backend; got both {' and '.join(sorted(chosen))}")
     return ctrl_opts, services
+
+
+class FileSource:
+    """``run``'s ``config_source``: the file read again at each reload, in
+    the controller's loading thread; its ``[controller]`` options (but
+    ``socket_dir``, fixed at start) take effect when the load is applied."""
+
+    def __init__(self, path: str, backend: str, socket_dir):
+        self.path = path
+        self.backend = backend
+        self.socket_dir = socket_dir
+        self._swap: ModuleSwap | None = None
+        self._opts: dict = {}
+
+    def __call__(self) -> list[Service]:
+        swap = self._swap = ModuleSwap()
+        opts, services = load(self.path, swap)
+        if backend(services) != self.backend:
+            raise ValueError(f"{self.path}: plugins changed from {self.backend} to "
+                             f"{backend(services)}; that needs a restart")
+        self._opts = opts
+        return services
+
+    def discard(self) -> None:
+        if self._swap is not None:
+            self._swap.restore()
+            self._swap = None
+
+    def applied(self, ctrl) -> None:
+        import logging
+        if self._swap is not None:
+            self._swap.keep()
+            self._swap = None
+        opts = self._opts
+        if opts.get("socket_dir", self.socket_dir) != self.socket_dir:
+            logging.getLogger("netplex_native.cli").warning(
+                "%s: controller.socket_dir changed; it takes effect at the next start", self.path)
+        ctrl.max_start_failures = opts.get("max_start_failures", 10)
+        ctrl.shutdown_timeout = opts.get("shutdown_timeout", 5.0)
+        ctrl.startup_timeout = opts.get("startup_timeout")
+        ctrl.reload_timeout = opts.get("reload_timeout", 30.0)

@@ -7,10 +7,17 @@ A ``post_start_hook`` that raises is a failed start (gunicorn's "failed to
 boot"): the container exits with BOOT_FAILED without ever being ready, and
 the controller counts it toward disabling the service.
 
+Serving: the container accepts on the inherited listening socket itself
+(``_on_acceptable``) and counts a connection when it accepts it: the moment
+it reaches its ``max_connections`` it stops accepting, so it never takes
+more; every connection it accepted gets a handler task at once (in
+``handlers``), so none is dropped unserved by a regular end.
+
 Its end:
 - regular (the controller asked, or a hook returned False from
-  ``global_exception_handler``): stop accepting, let handlers finish (a few
-  seconds), ``pre_finish_hook``, exit 0;
+  ``global_exception_handler``): stop accepting, let handlers finish (the
+  grace the controller sends: its shutdown_timeout, 0 for a quick stop,
+  which closes every connection at once), ``pre_finish_hook``, exit 0;
 - the controller died (channel EOF, or SIGTERM from the parent-death signal):
   exit at once, within 2 s at the latest (a hard alarm backs it up).
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -39,6 +47,12 @@ log = get_logger("netplex_native.container")
 HANDLER_GRACE = 3.0
 #: Hard limit for an exit forced by the controller's death or SIGTERM.
 HARD_EXIT_AFTER = 1.5
+#: Most connections accepted per readiness of the listening socket (the
+#: others are left to the service's other containers).
+ACCEPT_BATCH = 16
+#: Seconds before accepting again after accept() failed for lack of
+#: resources (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+ACCEPT_RETRY_DELAY = 1.0
 
 _PR_SET_PDEATHSIG = 1
 #: Exit code of a container whose post_start_hook raised (gunicorn's WORKER_BOOT_ERROR).
@@ -149,8 +163,9 @@ class _Runtime:
         self.listen_sock = listen_sock
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timers: dict[int, Timer] = {}
-        self.handlers: set[asyncio.Task] = set()
-        self.server = None
+        self.handlers: set[asyncio.Task] = set()   # one per accepted connection, from its accept
+        self.listening = False      # the listening socket is in the loop's selector
+        self._unstarted: set = set()    # accepted sockets whose task has not run yet
         self.stop_reason: asyncio.Future | None = None
         self.stopping = False       # a shutdown message was handled
         self.shutdown_seen = False
@@ -203,13 +218,17 @@ class _Runtime:
                     self.channel.notify("ctl.system_shutdown_done", [])
                 except ControllerGoneError:
                     pass
-            elif obj[1] == "shutdown":
+            elif obj[1] == "shutdown":  # [grace]: seconds its connections may take; 0: close them now
                 if len(obj) > 2 and type(obj[2]) in (int, float) and 0 <= obj[2] <= 86400:
                     self.grace = obj[2]
                 if not self.shutdown_seen:     # a retiring container may hear it twice
                     self.shutdown_seen = True
                     self.hook("shutdown")
                 self.stop("regular")
+                self.stop_accepting()
+                if self.grace == 0:     # a quick stop, also of one already finishing
+                    for t in list(self.handlers):
+                        t.cancel()
             elif obj[1] == "log_level" and len(obj) > 2 and type(obj[2]) is int:
                 logging.getLogger().setLevel(obj[2])
                 logging.getLogger("netplex_native").setLevel(obj[2])
@@ -217,9 +236,7 @@ class _Runtime:
                 reopen_log_files()
             elif obj[1] == "disable":   # stop accepting; running connections go on
                 self.accepting = False
-                if self.server is not None:
-                    self.server.close()
-                    self.server = None
+                self.stop_accepting()
 
     def shutdown_pending(self) -> bool:
         """For blocking waits (any thread): has the system begun to stop?
@@ -236,19 +253,74 @@ class _Runtime:
         self.abort()
 
     def abort(self) -> None:
+        """End now (controller gone, SIGTERM): connections are closed, even
+        when a regular end already waits for them."""
         self.stopping = True
         signal.setitimer(signal.ITIMER_REAL, HARD_EXIT_AFTER)  # SIGALRM (default) ends us
         self.stop("abort")
+        self.stop_accepting()
+        for t in list(self.handlers):
+            t.cancel()
 
     # -- serving --
-    async def _client_connected(self, reader, writer) -> None:
-        task = asyncio.current_task()
-        self.handlers.add(task)
-        self.connections += 1
-        if self.report_load:
-            self._load()
-        if self.max_connections is not None and self.connections == self.max_connections:
-            self._recycle()
+    def start_accepting(self) -> None:
+        if self.listen_sock is None or self.listening or not self.accepting or self.stop_reason.done():
+            return
+        if self.max_connections is not None and self.connections >= self.max_connections:
+            return
+        self.loop.add_reader(self.listen_sock.fileno(), self._on_acceptable)
+        self.listening = True
+
+    def _pause_accepting(self) -> None:
+        if self.listening:
+            self.loop.remove_reader(self.listen_sock.fileno())
+            self.listening = False
+
+    def stop_accepting(self) -> None:
+        """For good: its copy of the listening socket is closed too (once
+        the controller's and every container's are, connections are refused)."""
+        self._pause_accepting()
+        if self.listen_sock is not None:
+            self.listen_sock.close()
+            self.listen_sock = None
+
+    def _on_acceptable(self) -> None:
+        """Accept up to ACCEPT_BATCH connections, never more than the
+        max_connections budget left; each is counted and gets its handler
+        task here, so it is served whatever happens next."""
+        for _ in range(ACCEPT_BATCH):
+            if not self.listening:
+                return
+            try:
+                conn, _addr = self.listen_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return                  # another container took it
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:        # EMFILE...: the connections wait in the backlog
+                log.warning("container %s (pid %d): accept failed: %s; retrying in %.1f s",
+                            self.cont.id, self.cont.pid, e, ACCEPT_RETRY_DELAY)
+                self._pause_accepting()
+                self.loop.call_later(ACCEPT_RETRY_DELAY, self.start_accepting)
+                return
+            self.connections += 1
+            self._unstarted.add(conn)
+            task = self.loop.create_task(self._serve(conn))
+            self.handlers.add(task)
+            task.add_done_callback(functools.partial(self._served, conn))
+            if self.report_load:
+                self._load()
+            if self.max_connections is not None and self.connections >= self.max_connections:
+                self._recycle()
+                return
+
+    async def _serve(self, conn) -> None:
+        self._unstarted.discard(conn)
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:                 # reset before we got to it
+            conn.close()
+            return
         try:
             await self.service.handler(reader, writer)
         except asyncio.CancelledError:
@@ -256,13 +328,17 @@ class _Runtime:
         except Exception as e:
             self.exception(e)
         finally:
-            self.handlers.discard(task)
-            try:
-                writer.close()
-            except Exception:
-                pass
-            if self.report_load:
-                self._load()
+            writer.close()
+
+    def _served(self, conn, task) -> None:
+        """A connection's task is done; one cancelled before it ran (an
+        abort) never saw its socket, which is closed here."""
+        self.handlers.discard(task)
+        if conn in self._unstarted:
+            self._unstarted.discard(conn)
+            conn.close()
+        if self.report_load and not self.stop_reason.done():
+            self._load()
 
     def _load(self) -> None:
         try:
@@ -275,9 +351,7 @@ class _Runtime:
         being served, then end regularly (the controller starts a new one)."""
         log.info("container %s (pid %d): %d connections served (max_connections); recycling",
                  self.cont.id, self.cont.pid, self.connections)
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        self.stop_accepting()
         try:                        # a new container takes its place at once
             self.channel.notify("ctl.recycle", [])
         except ControllerGoneError:
@@ -309,14 +383,9 @@ class _Runtime:
                 self.channel.notify("ctl.ready", [])
             except ControllerGoneError:
                 self.abort()
-        if self.listen_sock is not None and not self.stop_reason.done() and self.accepting:
-            self.server = await asyncio.start_server(self._client_connected, sock=self.listen_sock)
-            if not self.accepting:      # disabled meanwhile
-                self.server.close()
-                self.server = None
+        self.start_accepting()
         reason = await self.stop_reason
-        if self.server is not None:
-            self.server.close()
+        self.stop_accepting()
         for t in list(self.timers.values()):
             t.cancel()
         if reason == "regular":

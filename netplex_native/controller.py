@@ -17,21 +17,33 @@ life, top to bottom:
 
 Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
 
-``_on_signal``        SIGTERM graceful stop, SIGINT/SIGQUIT quick stop, SIGHUP
+``_on_signal``        SIGTERM graceful stop, SIGINT/SIGQUIT quick stop (grace 0:
+                      containers close their connections at once), SIGHUP
                       ``reload``, SIGTTIN/SIGTTOU one worker more/less per
-                      service, SIGUSR1 reopen log files; every other signal
-                      whose default would end the controller is logged, ignored
-``reload``            new services added, removed ones retired (``_remove``),
-                      the others replaced one service at a time (``_replace``:
-                      new containers first, then the old ones are retired)
+                      service (within its range), SIGUSR1 reopen log files;
+                      every other signal whose default would end the
+                      controller is logged, ignored
+``_run_ops``          THE place containers are replaced: reloads and rolling
+                      restarts (``restart_service``, ``enable``) run one at a
+                      time, in order; a request while one of its kind waits
+                      to start joins it (HUPs coalesce)
+``_do_reload``        ``_load`` (``config_source()`` in a thread, at most
+                      ``reload_timeout``; the loop keeps serving), then new
+                      services added, removed ones retired (``_remove``), the
+                      others replaced one service at a time (``_replace``)
+``_replace``          new containers first; the old ones retired once those
+                      are ready, else the old ones keep serving (rolled back)
 ``_adjust``           dynamic workload: a service's target follows the load its
                       containers report (``ctl.load``), within min..max
 ``scale``, ``disable``, ``enable``: change a service's target or accepting state;
                       ``_manage`` then starts or ``_retire``s containers
 
-A retiring container is asked to finish (``ctl shutdown``) and is SIGTERMed
-after ``shutdown_timeout``; it never counts toward a service's workers, its
-end is never a failure and it is not restarted.
+A retiring container is asked to finish (``ctl shutdown`` with its grace,
+``shutdown_timeout``) and is SIGTERMed 1 s after that; it never counts
+toward a service's workers, its end is never a failure and it is not
+restarted.  A service's listening socket is bound for its configured
+address (``bound_for``): a reload that moves a disabled service changes
+only the configuration, and ``enable`` binds the new address.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 
@@ -446,11 +459,35 @@ class _ContainerRecord:
                 "dropped_messages": conn.dropped if conn else 0}
 
 
+class _Op:
+    """An operation that replaces containers; ``Controller._run_ops`` runs
+    them one at a time, in order: a reload (``services``: given, or None to
+    load them) or the rolling restart of one service (``st``).  ``waiters``:
+    admin requests told whether the reload's configuration was loaded."""
+
+    __slots__ = ("kind", "st", "services", "waiters")
+
+    def __init__(self, kind: str, st=None, services=None):
+        self.kind = kind
+        self.st = st
+        self.services = services
+        self.waiters: list = []
+
+    def answer(self, error) -> None:
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_result(error)
+        self.waiters.clear()
+
+
 class _ServiceState:
     def __init__(self, service: Service):
         self.service = service
         self.sock: socket.socket | None = None
         self.bound = None
+        self.bound_for = None        # the configured address ``bound`` was bound for
+        self.moved_from = None       # (sock, bound, bound_for) of the address a reload moves from,
+                                     # until its new containers are ready (closed in every child)
         self.records: dict[str, _ContainerRecord] = {}
         self.seq = 0
         self.start_failures = 0      # consecutive, before ready: disables the service
@@ -468,6 +505,18 @@ class _ServiceState:
         """Its containers that count toward ``workers`` (not retiring)."""
         return [r for r in self.records.values() if not r.retiring]
 
+    def address(self):
+        """Where it listens, or will listen once enabled: the bound address
+        (a tcp port 0 resolved) while it is the configured one."""
+        if self.bound is not None and self.bound_for == self.service.address:
+            return self.bound
+        return self.service.address
+
+    def worker_range(self) -> tuple[int, int]:
+        """The workers a target may be: min..max of a dynamic workload, else 1..4096."""
+        svc = self.service
+        return (svc.workers, svc.max_workers) if svc.max_workers is not None else (1, 4096)
+
 
 class Controller:
     """The master process: forks and supervises the containers of its services.
@@ -479,14 +528,18 @@ class Controller:
     ``post_start_hook`` done); a slower one is killed and counts as a start
     failure.  None: no limit.
     ``config_source``: a callable returning the list of services to run;
-    ``reload()`` (SIGHUP) calls it (``netplex-native run`` re-reads its
-    file).  Without it a reload replaces every container, services unchanged.
+    ``reload()`` (SIGHUP) calls it in a thread of its own, for at most
+    ``reload_timeout`` seconds (``netplex-native run`` re-reads its file).
+    Optional methods: ``discard()`` undoes a load that is not used (timed
+    out, invalid), ``applied(ctrl)`` is told that one is.  Without a
+    config_source a reload replaces every container, services unchanged.
     """
 
     def __init__(self, socket_dir: str | None = None, *, max_start_failures: int = 10,
                  backoff: tuple[float, float] = (0.1, 5.0), shutdown_timeout: float = 5.0,
                  native_config: dict | None = None, admin_idle_timeout: float = 60.0,
-                 config_source=None, name: str | None = None, startup_timeout: float | None = None):
+                 config_source=None, name: str | None = None, startup_timeout: float | None = None,
+                 reload_timeout: float = 30.0):
         if name is None:
             script = sys.argv[0] if sys.argv and sys.argv[0] else ""
             stem = os.path.splitext(os.path.basename(script))[0]
@@ -499,6 +552,9 @@ class Controller:
         if startup_timeout is not None and (type(startup_timeout) not in (int, float) or not startup_timeout > 0):
             raise ValueError(f"startup_timeout must be a number of seconds > 0 or None, got {startup_timeout!r}")
         self.startup_timeout = startup_timeout
+        if type(reload_timeout) not in (int, float) or not reload_timeout > 0:
+            raise ValueError(f"reload_timeout must be a number of seconds > 0, got {reload_timeout!r}")
+        self.reload_timeout = reload_timeout
         if config_source is not None and not callable(config_source):
             raise TypeError("config_source must be a callable returning a list of Service")
         self.config_source = config_source
@@ -522,9 +578,11 @@ class Controller:
         self._state = "new"          # new -> running -> stopping -> stopped
         self._shutdown_task = None
         self._quick = False          # SIGINT/SIGQUIT: a quick shutdown
-        self._reload_task = None
-        self._pending_reload: list | None = None
-        self._tasks: set = set()     # operations running on the loop (enable)
+        self._ops: deque = deque()  # reloads and restarts waiting their turn (_run_ops)
+        self._op_task = None
+        self._load_thread = None     # a configuration load that timed out (still running?)
+        self._load_timeout = 0.0
+        self._load_timed_out = 0.0
         self._done: asyncio.Future | None = None
         self._reaped_event: asyncio.Event | None = None
         self._out_total = 0          # unsent bytes over all container channels
@@ -615,7 +673,7 @@ class Controller:
     def address_of(self, service_name: str) -> str | None:
         """The bound address of a service (a tcp port 0 resolved), while running."""
         st = self._services.get(service_name)
-        return str(st.bound) if st and st.bound else None
+        return str(st.address()) if st and st.address() else None
 
     def status(self) -> dict:
         """A JSON-serialisable snapshot (admin ``list``)."""
@@ -629,7 +687,7 @@ class Controller:
             "dropped_messages": self.dropped_messages,
             "services": [
                 {"name": st.service.name,
-                 "address": str(st.bound) if st.bound else None,
+                 "address": str(st.address()) if st.address() else None,
                  "workers": st.workers,
                  "disabled": st.disabled,
                  "accepting": st.accepting,
@@ -648,27 +706,27 @@ class Controller:
         return st
 
     def restart_service(self, name: str) -> int:
-        """Ask every container of a service to finish; the workload manager
-        starts new ones (a disabled service is enabled again).  Returns the count."""
+        """Replace every container of a service, rolling as gunicorn's HUP:
+        new ones are started and the old ones retired once the new ones are
+        ready (when none gets ready, the old ones keep serving).  A service
+        disabled by start failures is started again.  Queued behind the
+        operation in progress (``_run_ops``).  Returns how many are replaced."""
         st = self._service_state(name)
-        st.disabled = False
-        st.start_failures = 0
-        frame = wire.encode(["ctl", "shutdown"])
-        n = 0
-        for rec in st.records.values():
-            if rec.alive and rec.conn is not None:
-                rec.conn.send(frame)
-                n += 1
-        self._manage(st)
-        return n
+        self._queue_op(_Op("restart", st=st))
+        return len(st.active())
 
     # ---- operations: scale, disable/enable, reload ----
     def scale(self, name: str, workers: int) -> int:
-        """Set the number of containers of a service (1..4096): more are
-        started, the extra ones retired (oldest first).  Returns the old target."""
+        """Set the number of containers of a service (1..4096; a dynamic
+        workload: within its min..max, which its manager then keeps
+        adjusting): more are started, the extra ones retired (oldest first).
+        Returns the old target."""
         st = self._service_state(name)
         if type(workers) is not int or not 1 <= workers <= 4096:
             raise ValueError(f"workers must be an integer between 1 and 4096, got {workers!r}")
+        low, high = st.worker_range()
+        if not low <= workers <= high:
+            raise ValueError(f"service {name} has a dynamic workload of {low} to {high} workers; got {workers}")
         old, st.workers = st.workers, workers
         log.info("service %s: workers %d -> %d", name, old, workers)
         self._manage(st)
@@ -691,93 +749,193 @@ class Controller:
         return True
 
     def enable(self, name: str) -> bool:
-        """Accept connections again (the address bound anew, the containers
-        replaced gracefully), or restart a service disabled by start failures.
-        False if it was neither."""
+        """Accept connections again, on the configured address (a reload
+        meanwhile may have changed it), and replace the containers
+        gracefully; or restart a service disabled by start failures.  False
+        if it was neither."""
         st = self._service_state(name)
         changed = st.disabled
         st.disabled = False
         st.start_failures = 0
         if not st.accepting:
             if st.service.address is not None:
-                self._bind(st, st.bound or st.service.address)    # raises: nothing changed
+                self._bind(st, st.address())    # raises: nothing changed
             st.accepting = True
             changed = True
-            log.info("service %s enabled: accepting connections", name)
-            self._run_task(self._replace(st, st.service))
+            log.info("service %s enabled: accepting connections on %s", name, st.address())
+            self._queue_op(_Op("restart", st=st))   # its containers stopped accepting
         else:
             self._manage(st)
         return changed
 
     def reload(self, services=None) -> bool:
-        """Run *services* (default: ``config_source()``, or the same ones):
+        """Run *services*, or (None) what ``config_source()`` returns -- called
+        in a thread of its own for at most ``reload_timeout`` seconds, so that
+        the loop keeps serving; without a config_source, the same services:
         services added, removed ones retired, the others' containers replaced
-        gracefully, one service at a time.  Anything invalid is logged and
-        the running configuration kept (False)."""
+        gracefully, one service at a time.  False if *services* are invalid
+        (logged; nothing changes) or the controller is not running; else
+        True: requested (a load that fails is logged and the running
+        configuration kept)."""
         if self._state != "running":
             return False
-        try:
-            if services is None:
-                services = (self.config_source() if self.config_source is not None else
-                            [st.service for st in self._services.values() if not st.removing])
-            services = list(services)
-            names = set()
-            for s in services:
-                if not isinstance(s, Service):
-                    raise TypeError(f"expected Service objects, got {type(s).__name__}")
-                if s.name in names:
-                    raise ValueError(f"duplicate service name {s.name!r}")
-                names.add(s.name)
-            if not services:
-                raise ValueError("no services")
-        except (Exception, SystemExit, KeyboardInterrupt) as e:   # user code may sys.exit()
-            log.error("reload failed: %s; the running configuration is kept", e)
-            return False
-        log.info("reloading: %s", ", ".join(s.name for s in services))
-        self._pending_reload = services
-        if self._reload_task is None:
-            self._reload_task = self._loop.create_task(self._reload_loop())
+        if services is not None:
+            try:
+                services = _check_services(services)
+            except (Exception, SystemExit, KeyboardInterrupt) as e:   # user code may sys.exit()
+                log.error("reload failed: %s; the running configuration is kept", e)
+                return False
+        self._queue_op(_Op("reload", services=services))
         return True
 
-    def _run_task(self, coro) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _request_reload(self) -> asyncio.Future:
+        """``reload()`` for the admin socket: a future of None once the new
+        configuration is loaded and valid (it is then applied), or of the
+        reason why not."""
+        fut = self._loop.create_future()
+        if self._state != "running":
+            fut.set_result("the controller is not running")
+        else:
+            self._queue_op(_Op("reload")).waiters.append(fut)
+        return fut
 
-    async def _reload_loop(self) -> None:
+    def _queue_op(self, op: _Op) -> _Op:
+        """Queue an operation; one of the same kind (and service) that has
+        not started yet takes this one's place instead (HUPs coalesce)."""
+        for queued in self._ops:
+            if queued.kind == op.kind and queued.st is op.st:
+                queued.services = op.services
+                return queued
+        self._ops.append(op)
+        if self._op_task is None:
+            self._op_task = self._loop.create_task(self._run_ops())
+        return op
+
+    async def _run_ops(self) -> None:
+        """Reloads and restarts, one at a time, in order: never two
+        replacements of containers interleaved."""
+        op = None
         try:
-            while self._pending_reload is not None and self._state == "running":
-                services, self._pending_reload = self._pending_reload, None
-                new = {s.name for s in services}
-                for st in [st for name, st in self._services.items() if name not in new and not st.removing]:
-                    await self._remove(st)
-                for svc in services:
-                    if self._state != "running":
-                        return
-                    st = self._services.get(svc.name)
-                    if st is not None and st.removing:   # removed by a reload, added back by this one
-                        await self._wait_until(lambda: svc.name not in self._services,
-                                               self.shutdown_timeout + 5.0)
-                        st = self._services.get(svc.name)
-                    if st is None:
-                        try:
-                            self.add_service(svc)
-                            log.info("reload: service %s added", svc.name)
-                        except Exception as e:
-                            log.error("reload: service %s not added: %s", svc.name, e)
-                    else:
-                        await self._replace(st, svc)
-                log.info("reload done")
-        except Exception:
-            log.exception("reload failed")
+            while self._ops and self._state == "running":
+                op = self._ops.popleft()
+                try:
+                    if op.kind == "reload":
+                        await self._do_reload(op)
+                    elif self._services.get(op.st.service.name) is op.st and not op.st.removing:
+                        op.st.restarts += await self._replace(op.st, op.st.service)
+                except Exception as e:
+                    log.exception("%s failed", "reload" if op.kind == "reload" else f"restart of {op.st.service.name}")
+                    op.answer(f"{op.kind} failed: {e!r}")
+                op = None
         finally:
-            self._reload_task = None
+            self._op_task = None
+            for o in ([op] if op is not None else []) + list(self._ops):
+                o.answer("the controller is shutting down")
+            if self._state != "running":
+                self._ops.clear()
 
-    async def _replace(self, st: _ServiceState, svc: Service) -> None:
+    async def _do_reload(self, op: _Op) -> None:
+        services = op.services
+        if services is None and self.config_source is not None:
+            log.info("reload: loading the configuration")
+            services, error = await self._load()
+            if error is not None:
+                log.error("reload failed: %s; the running configuration is kept", error)
+                op.answer(f"reload failed: {error}; the running configuration is kept")
+                return
+        else:
+            log.info("reload: loading %s", "the given services" if services else "the same services")
+            if services is None:
+                services = [st.service for st in self._services.values() if not st.removing]
+        op.answer(None)
+        log.info("reloading: %s", ", ".join(s.name for s in services))
+        new = {s.name for s in services}
+        for st in [st for name, st in self._services.items() if name not in new and not st.removing]:
+            await self._remove(st)
+        for svc in services:
+            if self._state != "running":
+                return
+            st = self._services.get(svc.name)
+            if st is not None and st.removing:   # removed by a reload, added back by this one
+                await self._wait_until(lambda: svc.name not in self._services,
+                                       self.shutdown_timeout + 5.0)
+                st = self._services.get(svc.name)
+            if st is None:
+                try:
+                    self.add_service(svc)
+                    log.info("reload: service %s added", svc.name)
+                except Exception as e:
+                    log.error("reload: service %s not added: %s", svc.name, e)
+            else:
+                await self._replace(st, svc)
+        log.info("reload done")
+
+    async def _load(self):
+        """``config_source()`` in a thread (a module that works at import
+        must not stop the loop), for at most ``reload_timeout`` seconds;
+        (services, None) or (None, the reason).  A load that timed out goes
+        on in its thread (a thread cannot be stopped): until it ends no
+        other load starts.  The source's optional ``discard()`` undoes a
+        load that is not used, ``applied(ctrl)`` is told of one that is."""
+        t = self._load_thread
+        if t is not None and t.is_alive():
+            return None, (f"the load that did not finish within {self._load_timeout:g} s "
+                          f"{time.monotonic() - self._load_timed_out:.0f} s ago is still running "
+                          "(stuck in a module import?); no other load starts until it ends")
+        loop = self._loop
+        fut = loop.create_future()
+        source = self.config_source
+
+        def deliver(result, error):
+            if not fut.done():
+                fut.set_result((result, error))
+
+        def load_in_thread():
+            try:
+                result, error = list(source()), None     # a generator runs here too, not on the loop
+            except BaseException as e:     # a module's sys.exit() too
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(deliver, result, error)
+            except RuntimeError:           # the loop is closed: the controller ended
+                pass
+        t = threading.Thread(target=load_in_thread, name="netplex-native reload", daemon=True)
+        t.start()
+        try:
+            result, error = await asyncio.wait_for(asyncio.shield(fut), self.reload_timeout)
+        except asyncio.TimeoutError:
+            self._load_thread, self._load_timeout, self._load_timed_out = t, self.reload_timeout, time.monotonic()
+            self._discard_load()
+            fut.add_done_callback(
+                lambda f: log.warning("reload: the timed-out load finished; its result is discarded"))
+            return None, f"loading the configuration did not finish within {self.reload_timeout:g} s"
+        if error is None:
+            try:
+                services = _check_services(result)
+                applied = getattr(source, "applied", None)
+                if applied is not None:
+                    applied(self)
+                return services, None
+            except (Exception, SystemExit, KeyboardInterrupt) as e:
+                error = e
+        self._discard_load()
+        if isinstance(error, (NetplexError, ValueError, TypeError)):
+            return None, str(error)
+        return None, f"{type(error).__name__}: {error}"
+
+    def _discard_load(self) -> None:
+        discard = getattr(self.config_source, "discard", None)
+        if discard is not None:
+            _safely(discard, "discarding a configuration load")
+
+    async def _replace(self, st: _ServiceState, svc: Service) -> int:
         """Start the containers of *svc* in place of the service's current
-        ones; the old ones are retired once the new ones are ready (or could
-        not start within the time limit)."""
-        old_addr = st.service.address
+        ones; the old ones are retired once the new ones are ready.  When no
+        new one gets ready in time, the new ones are retired and the old ones
+        keep serving the old configuration, on the old address.  A new
+        address is bound first (a failure changes nothing); the old one is
+        closed once the old containers are retired.  Returns how many were
+        replaced."""
         old_service = st.service
         if svc is not st.service:
             # the hook first: if it fails, nothing (not even the address) has changed
@@ -786,18 +944,18 @@ class Controller:
             except (Exception, SystemExit, KeyboardInterrupt) as e:
                 log.error("reload: service %s: post_add_hook failed: %r; its old containers keep running",
                           svc.name, e)
-                return
-            if svc.address != old_addr and st.accepting:
+                return 0
+            if svc.address != st.service.address and st.accepting:
                 new_st = _ServiceState(svc)
                 try:
                     if svc.address is not None:
                         self._bind(new_st)
                 except ServiceConfigError as e:
-                    log.error("reload: service %s keeps running on %s: %s", svc.name, old_addr, e)
-                    return
-                self._close_socket(st)
-                st.sock, st.bound = new_st.sock, new_st.bound
-            st.service = svc
+                    log.error("reload: service %s keeps running on %s: %s", svc.name, st.address(), e)
+                    return 0
+                st.moved_from = (st.sock, st.bound, st.bound_for)
+                st.sock, st.bound, st.bound_for = new_st.sock, new_st.bound, new_st.bound_for
+            st.service = svc        # disabled: the new address is bound by ``enable``
             st.workers = svc.workers
         old = st.active()
         for rec in old:
@@ -810,9 +968,9 @@ class Controller:
         self._manage(st)
         # ready: at least one new container, and every new one (an empty set of
         # new containers -- all died, a restart pending -- is not ready)
+        limit = self.startup_timeout + 1.0 if self.startup_timeout else max(self.shutdown_timeout, 10.0)
         await self._wait_until(lambda: st.disabled or self._state != "running"
-                               or (st.active() and all(r.ready for r in st.active())),
-                               max(self.shutdown_timeout, 10.0))
+                               or (st.active() and all(r.ready for r in st.active())), limit)
         if self._state == "running" and old and (
                 st.disabled or not any(r.ready for r in st.active())):
             # The new containers did not start: the old ones keep serving (no
@@ -826,17 +984,25 @@ class Controller:
                 self._retire(rec)
             for rec in old:
                 rec.retiring = False
+            if st.moved_from is not None:
+                self._close_listening(st.sock, st.bound)
+                st.sock, st.bound, st.bound_for = st.moved_from
+                st.moved_from = None
             st.service = old_service
             st.workers = old_service.workers
             st.disabled = False
             st.start_failures = st.crash_streak = st.spawn_errors = 0
-            return
+            return 0
         for rec in old:
             if rec.pid in self._by_pid:
                 self._retire(rec)
+        if st.moved_from is not None:   # the old containers keep their copy until they end
+            self._close_listening(*st.moved_from[:2])
+            st.moved_from = None
         await self._wait_until(lambda: not any(r.pid in self._by_pid for r in old),
                                self.shutdown_timeout + 3.0)
         log.info("service %s: %d container(s) replaced", svc.name, len(old))
+        return len(old)
 
     async def _remove(self, st: _ServiceState) -> None:
         """Retire every container of a service; once they are gone the
@@ -922,15 +1088,21 @@ class Controller:
             log.info("SIGHUP: reload")
             self.reload()
         elif sig in (signal.SIGTTIN, signal.SIGTTOU):
+            # gunicorn's TTIN/TTOU, for one application; here every service
+            # (``admin scale`` is the verb for one service)
             if self._state != "running":
                 return
+            step = 1 if sig == signal.SIGTTIN else -1
             for st in list(self._services.values()):
-                if not st.removing:
-                    n = st.workers + (1 if sig == signal.SIGTTIN else -1)
-                    if 1 <= n <= 4096:
-                        self.scale(st.service.name, n)
-                    else:
-                        log.warning("%s: service %s stays at %d workers", name, st.service.name, st.workers)
+                if st.removing:
+                    continue
+                low, high = st.worker_range()
+                if low <= st.workers + step <= high:
+                    self.scale(st.service.name, st.workers + step)
+                else:
+                    dyn = (f" (dynamic workload: {low} to {high})" if st.service.max_workers is not None
+                           else "")
+                    log.warning("%s: service %s stays at %d workers%s", name, st.service.name, st.workers, dyn)
         elif sig == signal.SIGUSR1:
             self.reopen_logs()
         else:
@@ -1117,6 +1289,7 @@ class Controller:
         except OSError as e:
             raise ServiceConfigError(f"service {st.service.name!r}: cannot listen on {addr}: {e.strerror or e}") from e
         st.bound = bound_address(addr, st.sock)
+        st.bound_for = st.service.address
         log.info("service %s listening on %s", st.service.name, st.bound)
 
     # ---- workload ----
@@ -1258,6 +1431,8 @@ class Controller:
                     rec.conn.sock.close()
             if other is not st and other.sock is not None:
                 other.sock.close()
+            if other.moved_from is not None and other.moved_from[0] is not None:
+                other.moved_from[0].close()     # an address being left: never a child's
         if self._admin is not None:
             self._admin.close_in_child()
         signal.set_wakeup_fd(-1)
@@ -1444,9 +1619,8 @@ class Controller:
     # ---- shutdown ----
     async def _shutdown(self) -> None:
         log.info("shutting down%s", " (quick)" if self._quick else "")
-        for task in [self._reload_task, *self._tasks]:
-            if task is not None:
-                task.cancel()
+        if self._op_task is not None:
+            self._op_task.cancel()
         for st in self._services.values():
             if st.restart_handle is not None:
                 st.restart_handle.cancel()
@@ -1464,9 +1638,9 @@ class Controller:
         await self._wait_until(lambda: all(r.system_shutdown_done or not r.alive for r in self._records()),
                                min(0.5 if self._quick else 2.0, self.shutdown_timeout))
         # 2. then each is asked to finish (shutdown hook, pre_finish_hook, exit)
-        self._broadcast_ctl("shutdown")
+        self._broadcast_ctl("shutdown", 0 if self._quick else self.shutdown_timeout)
         await self._wait_until(lambda: not self._by_pid,
-                               min(1.0, self.shutdown_timeout) if self._quick else self.shutdown_timeout)
+                               min(1.0, self.shutdown_timeout) if self._quick else self.shutdown_timeout + 1.0)
         for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
             if not self._by_pid:
                 break
@@ -1494,8 +1668,8 @@ class Controller:
         for st in self._services.values():
             yield from st.records.values()
 
-    def _broadcast_ctl(self, what: str) -> None:
-        frame = wire.encode(["ctl", what])
+    def _broadcast_ctl(self, what: str, *args) -> None:
+        frame = wire.encode(["ctl", what, *args])
         for rec in self._records():
             if rec.alive and rec.conn is not None:
                 rec.conn.send(frame)
@@ -1522,14 +1696,22 @@ class Controller:
         """The controller's copy of a service's listening socket (a unix
         socket file removed); containers keep theirs until they end."""
         if st.sock is not None:
-            st.sock.close()
+            self._close_listening(st.sock, st.bound)
             st.sock = None
-            addr = st.bound
-            if addr is not None and addr.scheme == "unix":
-                try:
-                    os.unlink(addr.path)
-                except FileNotFoundError:
-                    pass
+        if st.moved_from is not None:
+            self._close_listening(*st.moved_from[:2])
+            st.moved_from = None
+
+    @staticmethod
+    def _close_listening(sock, addr) -> None:
+        if sock is None:
+            return
+        sock.close()
+        if addr is not None and addr.scheme == "unix":
+            try:
+                os.unlink(addr.path)
+            except FileNotFoundError:
+                pass
 
     def _unplug_all(self) -> None:
         for plugin in reversed(self._plugins):
@@ -1628,6 +1810,21 @@ def _match(pattern: str, name: str) -> bool:
             return False
         pos = i + len(part)
     return True
+
+
+def _check_services(services) -> list:
+    """A reload's services: a non-empty list of Service with unique names."""
+    services = list(services)
+    names = set()
+    for s in services:
+        if not isinstance(s, Service):
+            raise TypeError(f"expected Service objects, got {type(s).__name__}")
+        if s.name in names:
+            raise ValueError(f"duplicate service name {s.name!r}")
+        names.add(s.name)
+    if not services:
+        raise ValueError("no services")
+    return services
 
 
 def _safely(fn, what: str) -> None:

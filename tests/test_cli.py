@@ -163,6 +163,10 @@ def _try(fn):
      r"service 'echo'\.max_connections_jitter: needs max_connections"),
     (lambda s: s.replace("max_start_failures = 10", "startup_timeout = -1"),
      r"controller\.startup_timeout: expected a number of seconds > 0"),
+    (lambda s: s.replace("max_start_failures = 10", "reload_timeout = 0"),
+     r"controller\.reload_timeout: expected a number of seconds > 0"),
+    (lambda s: s.replace("max_start_failures = 10", 'reload_timeout = "1m"'),
+     r"controller\.reload_timeout: expected a number of seconds > 0"),
     (lambda s: s.replace("[[service]]", "[[service]\n"), r"not valid TOML"),
 ])
 def test_run_reports_config_errors_with_file_and_key_before_forking(echo_config, mutate, expect):

@@ -8,146 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-from harness import free_port, pid_alive, request, wait_until
+from harness import free_port, pid_alive, wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = [sys.executable, "-m", "netplex_native"]
-
-APP = '''
-import asyncio, os
-import netplex_native as netplex
-from netplex_native import cenv
-
-VERSION = "{version}"
-
-async def handle(reader, writer):
-    line = await reader.readline()
-    c = cenv.self_cont()
-    writer.write(f"{{c.id}} {{os.getpid()}} {{VERSION}}\\n".encode())
-    await writer.drain()
-    if line.strip() == b"HOLD":           # stay until the client closes
-        await reader.read()
-
-class FailBoot(netplex.ProcessorHooks):
-    def post_start_hook(self, cont):
-        raise RuntimeError("boom at boot")
-
-from netplex_native import semaphore, mutex
-
-class Holder(netplex.ProcessorHooks):
-    def post_start_hook(self, cont):
-        semaphore.create("ops.s", 2, protected=True)
-        semaphore.decrement("ops.s")
-        mutex.access("ops.m").lock()
-'''
-
-
-def service(name, port, workers=1, hooks=None):
-    extra = f'hooks = "ops_app:{hooks}"\n' if hooks else ""
-    return (f'[[service]]\nname = "{name}"\nhandler = "ops_app:handle"\n{extra}'
-            f'address = "tcp://127.0.0.1:{port}"\nworkers = {workers}\nplugins = "none"\n')
-
-
-CONTROLLER = "[controller]\nshutdown_timeout = 2.0\nmax_start_failures = 2\n"
-
-
-class Running:
-    """A ``netplex-native run`` process; its stderr in a file."""
-
-    def __init__(self, tmp_path, config_text, version="v1", name="ops"):
-        self.tmp = tmp_path
-        self.cfg = tmp_path / f"{name}.toml"
-        self.sock = str(tmp_path / "sock")
-        self.write(config_text, version)
-        self.err_path = tmp_path / "stderr.log"
-        self.err = open(self.err_path, "w")
-        self.p = subprocess.Popen(CLI + ["run", str(self.cfg), "--socket-dir", self.sock],
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err)
-        assert wait_until(lambda: os.path.exists(os.path.join(self.sock, "admin.sock")), 15), self.log()
-
-    def write(self, config_text, version=None):
-        if version is not None:
-            (self.tmp / "ops_app.py").write_text(APP.format(version=version))
-        tmp = self.cfg.with_suffix(".new")
-        tmp.write_text(config_text)
-        os.replace(tmp, self.cfg)
-
-    def log(self) -> str:
-        return self.err_path.read_text()
-
-    def admin(self, *args, timeout=20):
-        return subprocess.run(CLI + ["admin", "--socket-dir", self.sock] + list(args), cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def status(self) -> dict:
-        r = self.admin("--json", "list")
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def services(self) -> dict:
-        return {s["name"]: s for s in self.status()["services"]}
-
-    def pids(self, name, include_retiring=False) -> set:
-        s = self.services().get(name)
-        if s is None:
-            return set()
-        return {c["pid"] for c in s["containers"] if include_retiring or not c["retiring"]}
-
-    def ready(self, name, n) -> bool:
-        s = self.services().get(name)
-        return (s is not None and len(s["containers"]) == n
-                and all(c["ready"] and not c["retiring"] for c in s["containers"]))
-
-    def signal(self, sig):
-        self.p.send_signal(sig)
-
-    def stop(self):
-        try:
-            if self.p.poll() is None:
-                self.p.send_signal(signal.SIGTERM)
-                try:
-                    self.p.wait(20)
-                except subprocess.TimeoutExpired:
-                    self.p.kill()
-                    self.p.wait()
-        finally:
-            self.err.close()
-
-
-@pytest.fixture
-def running(tmp_path):
-    made = []
-
-    def start(config_text, **kw):
-        r = Running(tmp_path, config_text, **kw)
-        made.append(r)
-        return r
-    yield start
-    for r in made:
-        r.stop()
-
-
-def answer(port):
-    try:
-        return request(port, "hi", timeout=3)
-    except OSError:
-        return None
-
-
-def refused(port) -> bool:
-    s = socket.socket()
-    s.settimeout(2)
-    try:
-        s.connect(("127.0.0.1", port))
-    except ConnectionRefusedError:
-        return True
-    finally:
-        s.close()
-    return False
+from ops_harness import APP, CLI, CONTROLLER, ROOT, answer, refused, running, service  # noqa: F401
 
 
 @pytest.mark.timeout(90)
@@ -678,6 +544,8 @@ def test_reload_lets_an_old_container_finish_the_connection_it_serves(running):
     (dict(name=".hidden"), ValueError, "not starting with '.'"),
     (dict(name=5), TypeError, "controller name must be a str, not int"),
     (dict(startup_timeout=0), ValueError, "startup_timeout must be a number of seconds > 0 or None, got 0"),
+    (dict(reload_timeout=-1), ValueError, "reload_timeout must be a number of seconds > 0, got -1"),
+    (dict(reload_timeout=None), ValueError, "reload_timeout must be a number of seconds > 0, got None"),
     (dict(config_source="services.toml"), TypeError, "config_source must be a callable"),
 ])
 def test_controller_rejects_bad_operations_arguments_naming_them(kw, exc, expect):
