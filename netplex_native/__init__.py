@@ -9,7 +9,8 @@ See README.md.
 from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError,
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
-                     ServiceConfigError, RemoteError)
+                     ServiceConfigError, RemoteError, NotHolderError, LeaseLostError,
+                     EtcdUnavailableError)
 from .hooks import ProcessorHooks
 from .service import Service
 from .container import Container, Timer
@@ -25,4 +26,5 @@ __all__ = [
     "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
+    "NotHolderError", "LeaseLostError", "EtcdUnavailableError",
 ]

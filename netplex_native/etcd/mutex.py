@@ -1,0 +1,198 @@
+"""The mutex recipe on etcd (after etcd's Go ``concurrency/mutex.go``), with
+the mutex backend API the public ``mutex`` module calls.
+
+Recipe: to lock, a process puts a key of its own under the mutex's prefix,
+bound to its lease; the owner is the key of lowest create revision; a waiter
+watches only the key created just before its own (FIFO, no thundering herd)
+and looks again when that key is deleted.  The token is the owner key's
+create revision: etcd revisions only grow, so every later holder (after an
+unlock, a death, a destroy) has a larger one.
+
+Invariants:
+- Ownership is decided only by etcd's order of create revisions; this
+  process records what it holds (``held``) to answer ``token``/``unlock``
+  without a round trip, and to refuse ``unlock`` by a non-holder.
+- A waiter that gives up (timeout, cancel, etcd unreachable) deletes its
+  key, in the background until done if etcd does not answer: a waiter key
+  left behind would become a ghost owner.
+- An unlock deletes the key only if it is still ours (create revision
+  compare); a key that is gone because our lease expired raises
+  ``LeaseLostError``: someone else may hold the mutex now.
+- ``guarded_put`` writes a resource only while a given token still owns
+  the mutex (one transaction: our key exists with that create revision and
+  no key of the mutex is older).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..errors import LeaseLostError, NotHolderError, WouldBlockError, check_name, check_timeout
+from . import ops
+from .transport import DELETE, LeaseGone, deadline_in, pb
+from .waits import remaining, watch_until
+
+
+class EtcdMutex:
+    def __init__(self, session):
+        self.s = session
+        self.held: dict[str, tuple[bytes, int, int]] = {}    # name -> (key, token, lease)
+        self.tokens: dict[int, tuple[str, bytes]] = {}       # token -> (name, key), while held
+        self.controller = session.role != "container"
+
+    # ---- the recipe (runs on the client thread) ----
+    async def _enqueue(self, name):
+        s = self.s
+        pfx = s.keys.mutex(name)
+        while True:
+            lease = await s.lease_id()
+            key = s.keys.mutex_waiter(name, lease)
+            try:
+                r = await s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, b"", lease)], [ops.get(key)]))
+            except LeaseGone:
+                s.lease_gone(lease)
+                continue
+            if r.succeeded:
+                return pfx, key, r.responses[0].response_put.header.revision, lease
+            kv = ops.one(r, 0)     # our put was applied by an attempt whose answer was lost
+            return pfx, key, kv.create_revision, lease
+
+    async def _state(self, pfx, key, mine):
+        r = await self.s.t.txn(ops.txn((), [ops.get(key), ops.first(pfx), ops.first(pfx, before=mine)]))
+        return ops.one(r, 0) is not None, ops.one(r, 1), ops.one(r, 2), r.header.revision
+
+    async def lock(self, name, timeout):
+        s = self.s
+        deadline = deadline_in(timeout)
+        pfx, key, mine, lease = await self._enqueue(name)
+        done = False
+        try:
+            while True:
+                try:
+                    exists, owner, pred, rev = await self._state(pfx, key, mine)
+                except Exception:
+                    if timeout is None or remaining(deadline) > 0:
+                        await asyncio.sleep(0.05)   # etcd unreachable: a wait goes on
+                        continue
+                    raise
+                if not exists:        # destroyed, or our lease expired meanwhile
+                    done = True
+                    if await s.is_lost(lease):
+                        raise LeaseLostError(f"mutex {name!r}: this process's etcd lease expired while it waited")
+                    return False
+                if owner is not None and owner.create_revision == mine:
+                    self.held[name] = (key, mine, lease)
+                    self.tokens[mine] = (name, key)
+                    done = True
+                    return True
+                if timeout == 0 or remaining(deadline) == 0:
+                    return False
+                if pred is None:
+                    continue
+                await watch_until(s, pred.key, None, rev + 1, deadline,
+                                  lambda ev: ev.type == DELETE)
+        finally:
+            if not done:
+                s.cleanup(lambda: s.t.txn(ops.txn([ops.cmp_create(key, mine)], [ops.delete(key)])))
+
+    async def unlock(self, name, force):
+        s = self.s
+        held = self.held.pop(name, None)
+        if held is not None:
+            key, token, lease = held
+            self.tokens.pop(token, None)
+            r = await s.t.txn(ops.txn([ops.cmp_create(key, token)], [ops.delete(key)]))
+            if not r.succeeded and await s.is_lost(lease):
+                raise LeaseLostError(f"mutex {name!r}: this process's etcd lease expired while it held "
+                                     f"the mutex (token {token}); another process may hold it now")
+            return
+        if not force:
+            raise NotHolderError(f"mutex {name!r} is not held by this process")
+        pfx = s.keys.mutex(name)
+        while True:
+            r = await s.t.txn(ops.txn((), [ops.first(pfx)]))
+            owner = ops.one(r, 0)
+            if owner is None:
+                return
+            r = await s.t.txn(ops.txn([ops.cmp_create(owner.key, owner.create_revision)], [ops.delete(owner.key)]))
+            if r.succeeded:
+                return
+
+    async def locked(self, name):
+        pfx = self.s.keys.mutex(name)
+        r = await self.s.t.txn(ops.txn((), [ops.first(pfx, count_only=True)]))
+        return r.responses[0].response_range.count > 0
+
+    async def destroy(self, name):
+        await self.s.t.txn(ops.txn((), [ops.delete_prefix(self.s.keys.mutex(name))]))
+
+    async def guarded_put(self, name, token, rkey, value):
+        s = self.s
+        entry = self.tokens.get(token)
+        if entry is None or entry[0] != name:
+            held = self.held.get(name)
+            if held is None or held[1] != token:
+                return False       # not a token this process holds: refused
+            entry = (name, held[0])
+        key = entry[1]
+        pfx = s.keys.mutex(name)
+        older = pb.Compare(key=pfx, range_end=ops.prefix_end(pfx), target=ops.CREATE,
+                           result=pb.Compare.GREATER, create_revision=token - 1)
+        r = await s.t.txn(ops.txn([ops.cmp_create(key, token), older], [ops.put(s.keys.resource(rkey), value)]))
+        return r.succeeded
+
+    async def read(self, rkey):
+        r = await self.s.t.txn(ops.txn((), [ops.get(self.s.keys.resource(rkey))]))
+        kv = ops.one(r, 0)
+        return None if kv is None else kv.value
+
+    # ---- the backend API (any thread of the process) ----
+    def _give_back(self, name):
+        return lambda got: self.unlock(name, False) if got else None
+
+    def lock_sync(self, name, timeout=None):
+        timeout = check_timeout(timeout)
+        name = check_name(name)
+        if self.controller:
+            if self.s.runner.run(self.lock(name, 0), self._give_back(name)):
+                return True
+            if timeout == 0:
+                return False
+            raise WouldBlockError("lock() on a held mutex would block the controller's loop")
+        return self.s.runner.run(self.lock(name, timeout), self._give_back(name))
+
+    async def lock_async(self, name, timeout=None):
+        timeout = check_timeout(timeout)
+        name = check_name(name)
+        if self.controller:
+            return self.lock_sync(name, timeout)
+        return await self.s.runner.arun(self.lock(name, timeout), self._give_back(name))
+
+    def unlock_sync(self, name, force=False):
+        name = check_name(name)
+        if force is not True and force is not False:
+            raise TypeError(f"force must be a bool, not {type(force).__name__}")
+        self.s.runner.run(self.unlock(name, force))
+
+    def locked_sync(self, name):
+        return self.s.runner.run(self.locked(check_name(name)))
+
+    def token_sync(self, name):
+        held = self.held.get(check_name(name))
+        return held[1] if held else None
+
+    def destroy_sync(self, name):
+        self.s.runner.run(self.destroy(check_name(name)))
+
+
+class MutexBackend:
+    """What ``ctx.mutex`` is on the etcd backend."""
+
+    def __init__(self, impl: EtcdMutex):
+        self.impl = impl
+        self.lock = impl.lock_sync
+        self.lock_async = impl.lock_async
+        self.unlock = impl.unlock_sync
+        self.locked = impl.locked_sync
+        self.token = impl.token_sync
+        self.destroy = impl.destroy_sync
