@@ -41,6 +41,17 @@ from harness import run_controller, plugins_for, free_port, wait_until
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.fixture(params=["rpc", "native", "etcd"])
+def backend(request):
+    """Every semantic test on every backend (etcd: a real server, see conftest)."""
+    from harness import need_backend
+    if request.param == "etcd":
+        request.getfixturevalue("etcd_backend")
+    else:
+        need_backend(request.param)
+    return request.param
+
+
 # --------------------------------------------------------------------------
 # container side
 # --------------------------------------------------------------------------
@@ -600,7 +611,11 @@ def test_mutex_unlocked_by_another_container_can_be_locked_again(events, backend
     M = uniq("mtx")
     with cluster(events, backend, ["a", "b", "c"]) as c:
         assert c["a"].call("mutex.access(M).lock()", M=M) is True
-        assert c["b"].call("mutex.access(M).unlock()", M=M) is None
+        if backend == "etcd":   # the ownership contract (DESIGN): only force frees another's
+            assert c["b"].error("mutex.access(M).unlock()", M=M).type == "NotHolderError"
+            assert c["b"].call("ctx.mutex.unlock(M, True)", M=M) is None
+        else:
+            assert c["b"].call("mutex.access(M).unlock()", M=M) is None
         assert c["c"].call("mutex.access(M).lock(timeout=1)", M=M) is True
         assert c["a"].call("mutex.access(M).lock(timeout=0)", M=M) is False
 
@@ -610,7 +625,11 @@ def test_unlock_of_an_unlocked_mutex_is_a_no_op(events, backend):
     M = uniq("mtx")
     with cluster(events, backend, ["a", "b"]) as c:
         a, b = c["a"], c["b"]
-        assert a.call("[mutex.access(M).unlock(), mutex.access(M).unlock()]", M=M) == [None, None]
+        if backend == "etcd":   # the ownership contract (DESIGN): NotHolderError, force is a no-op
+            assert a.error("mutex.access(M).unlock()", M=M).type == "NotHolderError"
+            assert a.call("[ctx.mutex.unlock(M, True), ctx.mutex.unlock(M, True)]", M=M) == [None, None]
+        else:
+            assert a.call("[mutex.access(M).unlock(), mutex.access(M).unlock()]", M=M) == [None, None]
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is True
         assert b.call("mutex.access(M).lock(timeout=0)", M=M) is False
         assert a.call("mutex.access(M).lock(timeout=0)", M=M) is False   # not recursive
@@ -774,8 +793,9 @@ def test_lock_granted_to_a_cancelled_task_is_released(events, backend):
         assert b.call("mutex.access(M).lock()", M=M) is True
         a.call("store.__setitem__('t', asyncio.ensure_future(mutex.access(M).lock_async(timeout=30)))", M=M)
         c.wait_waiters(M, 1)
-        assert a.call("""
-            mutex.access(M).unlock()    # any container may unlock: hands it to our waiting task...
+        unlock = "ctx.mutex.unlock(M, True)" if backend == "etcd" else "mutex.access(M).unlock()"
+        assert a.call(f"""
+            {unlock}    # any container may (force-)unlock: hands it to our waiting task...
             t = store['t']
             t.cancel()                  # ... which is cancelled before it runs
             r = await asyncio.gather(t, return_exceptions=True)

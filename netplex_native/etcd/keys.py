@@ -8,6 +8,9 @@
     P s/NAME/d/LEASE        a protected holder's delta (increments minus
                             decrements), bound to the holder's lease
     P s/NAME/w/LEASE-RAND   a semaphore waiter (bound to the lease)
+    P n/NAME                "m": NAME is a mutex (semaphores and mutexes
+                            share one namespace; the ``v`` key marks a
+                            semaphore), until the mutex is destroyed
     P v/NAME                a shared variable (JSON: flags and value)
     P r/KEY                 a resource written by ``guarded_put``
 
@@ -53,6 +56,9 @@ class Keys:
 
     def mutex_waiter(self, name: str, lease: int) -> bytes:
         return self.mutex(name) + f"{lease:016x}-{rand()}".encode()
+
+    def mutex_mark(self, name: str) -> bytes:
+        return self._b(f"n/{esc(name)}")
 
     def sem(self, name: str) -> bytes:
         return self._b(f"s/{esc(name)}/")

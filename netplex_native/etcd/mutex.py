@@ -39,6 +39,18 @@ class EtcdMutex:
         self.held: dict[str, tuple[bytes, int, int]] = {}    # name -> (key, token, lease)
         self.tokens: dict[int, tuple[str, bytes]] = {}       # token -> (name, key), while held
         self.controller = session.role != "container"
+        self.known: set[str] = set()      # names this process saw marked as mutexes
+
+    async def _mark(self, name):
+        """Mark *name* a mutex (once per process): ValueError if it is a semaphore."""
+        if name in self.known:
+            return
+        k = self.s.keys
+        r = await self.s.t.txn(ops.txn([ops.cmp_create(k.sem_value(name), 0)],
+                                       [ops.put(k.mutex_mark(name), b"m")]))
+        if not r.succeeded:
+            raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")
+        self.known.add(name)
 
     # ---- the recipe (runs on the client thread) ----
     async def _enqueue(self, name):
@@ -64,6 +76,7 @@ class EtcdMutex:
     async def lock(self, name, timeout):
         s = self.s
         deadline = deadline_in(timeout)
+        await self._mark(name)
         pfx, key, mine, lease = await self._enqueue(name)
         done = False
         try:
@@ -106,6 +119,9 @@ class EtcdMutex:
                 raise LeaseLostError(f"mutex {name!r}: this process's etcd lease expired while it held "
                                      f"the mutex (token {token}); another process may hold it now")
             return
+        r = await s.t.txn(ops.txn((), [ops.get(s.keys.sem_value(name))]))
+        if ops.one(r, 0) is not None:
+            raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")
         if not force:
             raise NotHolderError(f"mutex {name!r} is not held by this process")
         pfx = s.keys.mutex(name)
@@ -124,7 +140,12 @@ class EtcdMutex:
         return r.responses[0].response_range.count > 0
 
     async def destroy(self, name):
-        await self.s.t.txn(ops.txn((), [ops.delete_prefix(self.s.keys.mutex(name))]))
+        k = self.s.keys
+        r = await self.s.t.txn(ops.txn((), [ops.get(k.sem_value(name))]))
+        if ops.one(r, 0) is not None:
+            raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")
+        await self.s.t.txn(ops.txn((), [ops.delete_prefix(k.mutex(name)), ops.delete(k.mutex_mark(name))]))
+        self.known.discard(name)
 
     async def guarded_put(self, name, token, rkey, value):
         s = self.s

@@ -87,11 +87,15 @@ class EtcdSemaphore:
     async def _create(self, name, initial, protected):
         wid = os.urandom(8).hex()
         key = self.s.keys.sem_value(name)
-        r = await self.s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, _enc(protected, initial, wid))],
-                                       [ops.get(key)]))
+        mark = self.s.keys.mutex_mark(name)
+        r = await self.s.t.txn(ops.txn([ops.cmp_create(key, 0), ops.cmp_create(mark, 0)],
+                                       [ops.put(key, _enc(protected, initial, wid))],
+                                       [ops.get(key), ops.get(mark)]))
         if r.succeeded:
             return True
         kv = ops.one(r, 0)
+        if kv is None and ops.one(r, 1) is not None:
+            raise ValueError(f"{name!r} is a mutex, not a semaphore (semaphores and mutexes share one namespace)")
         return kv is not None and _parse(kv)[2] == wid
 
     async def _write(self, name, sn, change, lease, extra=()):
@@ -224,6 +228,9 @@ class EtcdSemaphore:
         return (await self._read(name)).value
 
     async def destroy(self, name):
+        r = await self.s.t.txn(ops.txn((), [ops.get(self.s.keys.mutex_mark(name))]))
+        if ops.one(r, 0) is not None:
+            raise ValueError(f"{name!r} is a mutex, not a semaphore (semaphores and mutexes share one namespace)")
         await self.s.t.txn(ops.txn((), [ops.delete_prefix(self.s.keys.sem(name))]))
         self.taken.pop(name, None)
 
