@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import LeaseLostError, NotHolderError, WouldBlockError, check_name, check_timeout
+from ..errors import EtcdUnavailableError, LeaseLostError, NotHolderError, WouldBlockError, check_name, check_timeout
 from . import ops
 from .transport import DELETE, LeaseGone, deadline_in, pb
 from .waits import remaining, watch_until
@@ -41,26 +41,26 @@ class EtcdMutex:
         self.controller = session.role != "container"
         self.known: set[str] = set()      # names this process saw marked as mutexes
 
-    async def _mark(self, name):
+    async def _mark(self, name, dl=None):
         """Mark *name* a mutex (once per process): ValueError if it is a semaphore."""
         if name in self.known:
             return
         k = self.s.keys
         r = await self.s.t.txn(ops.txn([ops.cmp_create(k.sem_value(name), 0)],
-                                       [ops.put(k.mutex_mark(name), b"m")]))
+                                       [ops.put(k.mutex_mark(name), b"m")]), dl)
         if not r.succeeded:
             raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")
         self.known.add(name)
 
     # ---- the recipe (runs on the client thread) ----
-    async def _enqueue(self, name):
+    async def _enqueue(self, name, dl=None):
         s = self.s
         pfx = s.keys.mutex(name)
         while True:
             lease = await s.lease_id()
             key = s.keys.mutex_waiter(name, lease)
             try:
-                r = await s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, b"", lease)], [ops.get(key)]))
+                r = await s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, b"", lease)], [ops.get(key)]), dl)
             except LeaseGone:
                 s.lease_gone(lease)
                 continue
@@ -69,21 +69,29 @@ class EtcdMutex:
             kv = ops.one(r, 0)     # our put was applied by an attempt whose answer was lost
             return pfx, key, kv.create_revision, lease
 
-    async def _state(self, pfx, key, mine):
-        r = await self.s.t.txn(ops.txn((), [ops.get(key), ops.first(pfx), ops.first(pfx, before=mine)]))
+    async def _state(self, pfx, key, mine, dl):
+        r = await self.s.t.txn(ops.txn((), [ops.get(key), ops.first(pfx), ops.first(pfx, before=mine)]), dl)
         return ops.one(r, 0) is not None, ops.one(r, 1), ops.one(r, 2), r.header.revision
 
     async def lock(self, name, timeout):
         s = self.s
         deadline = deadline_in(timeout)
-        await self._mark(name)
-        pfx, key, mine, lease = await self._enqueue(name)
+        dl = deadline if timeout else None        # each request's: the wait's, or op_timeout
+        try:
+            await self._mark(name, dl)
+            pfx, key, mine, lease = await self._enqueue(name, dl)
+        except EtcdUnavailableError:
+            if dl is not None and remaining(dl) == 0:
+                return False           # timed out while etcd did not answer
+            raise
         done = False
         try:
             while True:
                 try:
-                    exists, owner, pred, rev = await self._state(pfx, key, mine)
+                    exists, owner, pred, rev = await self._state(pfx, key, mine, dl)
                 except Exception:
+                    if dl is not None and remaining(dl) == 0:
+                        return False
                     if timeout is None or remaining(deadline) > 0:
                         await asyncio.sleep(0.05)   # etcd unreachable: a wait goes on
                         continue

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from ..errors import (LeaseLostError, VALUE_MAX, WouldBlockError, check_bool, check_int, check_name,
+from ..errors import (EtcdUnavailableError, LeaseLostError, VALUE_MAX, WouldBlockError, check_bool, check_int, check_name,
                       check_timeout)
 from . import ops
 from .transport import DELETE, LeaseGone, deadline_in, pb
@@ -66,12 +66,12 @@ class EtcdSemaphore:
         self.controller = session.role != "container"
         self.taken: dict[str, tuple[int, int]] = {}    # name -> (lease, delta) while protected units are held
 
-    async def _snap(self, name, waiter=None, mine=0):
+    async def _snap(self, name, waiter=None, mine=0, dl=None):
         k = self.s.keys
         reqs = [ops.get(k.sem_value(name)), ops.all_under(k.sem_deltas(name)), ops.first(k.sem_waiters(name))]
         if waiter is not None:
             reqs += [ops.get(waiter), ops.first(k.sem_waiters(name), before=mine)]
-        r = await self.s.t.txn(ops.txn((), reqs))
+        r = await self.s.t.txn(ops.txn((), reqs), dl)
         sn = _Snap()
         sn.v = ops.one(r, 0)
         sn.deltas = ops.kvs(r, 1)
@@ -132,10 +132,10 @@ class EtcdSemaphore:
                 self.taken.pop(name, None)
         return max(0, raw + change)
 
-    async def _read(self, name, **kw):
+    async def _read(self, name, dl=None):
         while True:
-            sn = await self._snap(name, **kw)
-            if sn.v is not None or kw:
+            sn = await self._snap(name, dl=dl)
+            if sn.v is not None:
                 return sn
             await self._create(name, 0, True)     # implicit creation
 
@@ -175,9 +175,19 @@ class EtcdSemaphore:
             return None
 
     async def decrement(self, name, wait, timeout):
+        deadline = deadline_in(timeout)
+        dl = deadline if (wait and timeout) else None   # each request's: the wait's, or op_timeout
+        try:
+            return await self._decrement(name, wait, timeout, deadline, dl)
+        except EtcdUnavailableError:
+            if dl is not None and remaining(dl) == 0:
+                return -1              # timed out while etcd did not answer
+            raise
+
+    async def _decrement(self, name, wait, timeout, deadline, dl):
         s = self.s
         while True:     # without queueing: only if nobody queues
-            sn = await self._read(name)
+            sn = await self._read(name, dl=dl)
             if sn.value <= 0 or sn.first is not None:
                 break
             v = await self._try_take(name, sn)
@@ -185,11 +195,10 @@ class EtcdSemaphore:
                 return v
         if not wait or timeout == 0:
             return -1
-        deadline = deadline_in(timeout)
         lease = await s.lease_id() if not self.controller else 0
         waiter = s.keys.sem_waiter(name, lease)
         try:
-            r = await s.t.txn(ops.txn([ops.cmp_create(waiter, 0)], [ops.put(waiter, b"", lease)], [ops.get(waiter)]))
+            r = await s.t.txn(ops.txn([ops.cmp_create(waiter, 0)], [ops.put(waiter, b"", lease)], [ops.get(waiter)]), dl)
         except LeaseGone:
             s.lease_gone(lease)
             return await self.decrement(name, wait, remaining(deadline))
@@ -198,8 +207,10 @@ class EtcdSemaphore:
         try:
             while True:
                 try:
-                    sn = await self._snap(name, waiter=waiter, mine=mine)
+                    sn = await self._snap(name, waiter=waiter, mine=mine, dl=dl)
                 except Exception:
+                    if dl is not None and remaining(dl) == 0:
+                        return -1
                     if timeout is None or remaining(deadline) > 0:
                         await asyncio.sleep(0.05)
                         continue
