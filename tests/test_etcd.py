@@ -270,3 +270,46 @@ def test_no_lease_or_key_is_left_after_shutdown(events, etcd_backend, etcd_serve
     assert wait_until(lambda: not (set(etcd_server.leases()) - before), 5), etcd_server.leases()
     assert lease_keys(etcd_server, p) == []
     assert etcd_server.keys(p) == [f"{p}n/{M2}"]
+
+
+def test_a_toml_etcd_table_runs_services_on_the_etcd_backend(etcd_backend, etcd_server, tmp_path):
+    """``[etcd]`` + ``plugins = "etcd"``: the services' containers use the
+    etcd semaphores (seen in etcd), and a bad table is a clear error."""
+    from netplex_native import config
+    from netplex_native.errors import ServiceConfigError
+    mod = tmp_path / "etcdsvc.py"
+    mod.write_text("async def handler(r, w):\n    pass\n")
+    cfg = tmp_path / "svc.toml"
+    cfg.write_text(f"""
+[etcd]
+endpoints = ["{etcd_server.endpoint}"]
+prefix = "{etcd_backend.prefix}"
+lease_ttl = 2
+
+[[service]]
+name = "s"
+handler = "etcdsvc:handler"
+address = "tcp://127.0.0.1:0"
+plugins = "etcd"
+""")
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        opts, services = config.load(str(cfg))
+        hooks = services[0].hooks
+        assert hooks._etcd.endpoints == (etcd_server.endpoint,)
+        assert hooks._etcd.lease_ttl == 2.0 and hooks._etcd.prefix == etcd_backend.prefix
+        ctrl = netplex.Controller()
+        hooks.post_add_hook(services[0], ctrl)
+        assert {p.name for p in ctrl.plugins()} >= {f"mutex.etcd[{etcd_backend.prefix}]",
+                                                   f"semaphore.etcd[{etcd_backend.prefix}]"}
+        ctrl._unplug_all()
+        cfg.write_text(cfg.read_text().replace('lease_ttl = 2', 'lease_ttl = -1'))
+        with pytest.raises(ServiceConfigError, match="lease_ttl"):
+            config.load(str(cfg))
+        cfg.write_text('[[service]]\nname = "s"\nhandler = "etcdsvc:handler"\naddress = "tcp://127.0.0.1:0"\n'
+                       'plugins = "etcd"\n')
+        with pytest.raises(ServiceConfigError, match=r"\[etcd\]"):
+            config.load(str(cfg))
+    finally:
+        sys.path.remove(str(tmp_path))
