@@ -313,3 +313,49 @@ plugins = "etcd"
             config.load(str(cfg))
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_the_readme_example_runs_one_job_owner_across_machines_and_another_takes_over(
+        etcd_backend, etcd_server):
+    """examples/etcd_job_owner.py on two machines (controllers): one owner in
+    all; the owner's whole machine SIGKILLed, the other machine takes over."""
+    import subprocess
+    import sys
+    import threading
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "..", "examples", "etcd_job_owner.py")
+    env = dict(os.environ, JOB_INTERVAL="0.1", LEASE_TTL="1", ETCD_PREFIX=etcd_backend.prefix)
+    procs, lines = [], [[], []]
+
+    def read(i, p):
+        for line in p.stdout:
+            lines[i].append((time.monotonic(), line.split()))
+    try:
+        for i in range(2):
+            p = subprocess.Popen([sys.executable, script, etcd_server.endpoint], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 start_new_session=True)
+            procs.append(p)
+            threading.Thread(target=read, args=(i, p), daemon=True).start()
+        assert wait_until(lambda: sum(1 for m in lines for _, l in m if l[0] == "job") >= 10, 20)
+        owners = [(i, l[3]) for i, m in enumerate(lines) for _, l in m if l[0] == "owner"]
+        assert len(owners) == 1, owners
+        first, pid = owners[0]
+        assert {l[3] for _, l in lines[first] if l[0] == "job"} == {pid}
+        assert not [l for _, l in lines[1 - first] if l[0] == "job"]
+        t_kill = time.monotonic()
+        os.killpg(procs[first].pid, signal.SIGKILL)        # the owner's whole machine
+        other = lines[1 - first]
+        assert wait_until(lambda: any(l[0] == "owner" for _, l in other), etcd_backend.lease_ttl + 5)
+        t_owner = next(t for t, l in other if l[0] == "owner")
+        assert t_owner - t_kill < etcd_backend.lease_ttl + 2.0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

@@ -117,7 +117,7 @@ class Backend:
                                                ops.all_under(k.all() + b"s/", keys_only=True)]))
             return ops.kvs(r, 0), ops.kvs(r, 1)
         try:
-            m, s = keeper.runner.submit(go()).result(self.op_timeout)
+            m, s = keeper.runner.submit(go()).result(min(self.op_timeout, 2.0))  # the loop waits
         except Exception as e:
             return {"etcd": {"error": str(e)}}
         p = len(self.prefix) + 2

@@ -53,12 +53,15 @@ class EtcdMutex:
         self.known.add(name)
 
     # ---- the recipe (runs on the client thread) ----
-    async def _enqueue(self, name, dl=None):
+    async def _enqueue(self, name, dl, box):
+        """Put our waiter key; its name goes into *box* first, so that a
+        cancel or an error at any point can delete it."""
         s = self.s
         pfx = s.keys.mutex(name)
         while True:
             lease = await s.lease_id()
             key = s.keys.mutex_waiter(name, lease)
+            box.append(key)
             try:
                 r = await s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, b"", lease)], [ops.get(key)]), dl)
             except LeaseGone:
@@ -77,15 +80,16 @@ class EtcdMutex:
         s = self.s
         deadline = deadline_in(timeout)
         dl = deadline if timeout else None        # each request's: the wait's, or op_timeout
-        try:
-            await self._mark(name, dl)
-            pfx, key, mine, lease = await self._enqueue(name, dl)
-        except EtcdUnavailableError:
-            if dl is not None and remaining(dl) == 0:
-                return False           # timed out while etcd did not answer
-            raise
+        box = []                                  # our waiter key(s), once named
         done = False
         try:
+            try:
+                await self._mark(name, dl)
+                pfx, key, mine, lease = await self._enqueue(name, dl, box)
+            except EtcdUnavailableError:
+                if dl is not None and remaining(dl) == 0:
+                    return False           # timed out while etcd did not answer
+                raise
             while True:
                 try:
                     exists, owner, pred, rev = await self._state(pfx, key, mine, dl)
@@ -113,8 +117,9 @@ class EtcdMutex:
                 await watch_until(s, pred.key, None, rev + 1, deadline,
                                   lambda ev: ev.type == DELETE)
         finally:
-            if not done:
-                s.cleanup(lambda: s.t.txn(ops.txn([ops.cmp_create(key, mine)], [ops.delete(key)])))
+            if not done:        # our key names are unique: delete them, whatever their revision
+                for k in box:
+                    s.cleanup(lambda k=k: s.t.txn(ops.txn((), [ops.delete(k)])))
 
     async def unlock(self, name, force):
         s = self.s
@@ -122,11 +127,15 @@ class EtcdMutex:
         if held is not None:
             key, token, lease = held
             self.tokens.pop(token, None)
-            r = await s.t.txn(ops.txn([ops.cmp_create(key, token)], [ops.delete(key)]))
-            if not r.succeeded and await s.is_lost(lease):
+            info = {}
+            r = await s.t.txn(ops.txn([ops.cmp_create(key, token)], [ops.delete(key)]), None, info)
+            if r.succeeded or info.get("retried"):   # (a retried delete may be ours, applied)
+                return
+            if await s.is_lost(lease):
                 raise LeaseLostError(f"mutex {name!r}: this process's etcd lease expired while it held "
                                      f"the mutex (token {token}); another process may hold it now")
-            return
+            raise NotHolderError(f"mutex {name!r} is not held by this process any more "
+                                 f"(destroyed, or unlocked with force=True elsewhere)")
         r = await s.t.txn(ops.txn((), [ops.get(s.keys.sem_value(name))]))
         if ops.one(r, 0) is not None:
             raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")

@@ -52,7 +52,7 @@ class EtcdLeasePlugin(Plugin):
 
     def ctrl_unplugged(self, ctrl) -> None:
         keeper = ctrl.plugin_data(self)
-        if keeper is not None:
+        if keeper is not None and keeper.runner.pid == os.getpid():   # never in a forked child
             self.b._close_controller_session()
             keeper.close()
             ctrl.set_plugin_data(self, None)

@@ -120,7 +120,16 @@ class EtcdSemaphore:
             d = None
         wid = os.urandom(8).hex()
         succ.append(ops.put(vkey, _enc(sn.protected, base, wid)))
-        r = await self.s.t.txn(ops.txn(compares, succ, [ops.get(vkey)]))
+        fut = asyncio.ensure_future(self.s.t.txn(ops.txn(compares, succ, [ops.get(vkey)])))
+        try:
+            r = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if change < 0:      # a take that crossed a cancel: give it back once it is known
+                def undo(f):
+                    if not f.cancelled() and f.exception() is None and f.result().succeeded:
+                        self.s.cleanup(lambda: self.increment(name))
+                fut.add_done_callback(undo)
+            raise
         if not r.succeeded:
             kv = ops.one(r, 0)
             if kv is None or _parse(kv)[2] != wid:
@@ -197,14 +206,16 @@ class EtcdSemaphore:
             return -1
         lease = await s.lease_id() if not self.controller else 0
         waiter = s.keys.sem_waiter(name, lease)
-        try:
-            r = await s.t.txn(ops.txn([ops.cmp_create(waiter, 0)], [ops.put(waiter, b"", lease)], [ops.get(waiter)]), dl)
-        except LeaseGone:
-            s.lease_gone(lease)
-            return await self.decrement(name, wait, remaining(deadline))
-        mine = r.responses[0].response_put.header.revision if r.succeeded else ops.one(r, 0).create_revision
         got = None
         try:
+            try:
+                r = await s.t.txn(ops.txn([ops.cmp_create(waiter, 0)], [ops.put(waiter, b"", lease)],
+                                          [ops.get(waiter)]), dl)
+            except LeaseGone:
+                s.lease_gone(lease)
+                got = await self.decrement(name, wait, remaining(deadline))
+                return got
+            mine = r.responses[0].response_put.header.revision if r.succeeded else ops.one(r, 0).create_revision
             while True:
                 try:
                     sn = await self._snap(name, waiter=waiter, mine=mine, dl=dl)
@@ -232,8 +243,8 @@ class EtcdSemaphore:
                     p = s.keys.sem(name)
                     await watch_until(s, p, ops.prefix_end(p), sn.rev + 1, deadline, lambda ev: True)
         finally:
-            if got is None:
-                s.cleanup(lambda: s.t.txn(ops.txn([ops.cmp_create(waiter, mine)], [ops.delete(waiter)])))
+            if got is None:     # our key name is unique: delete it, whatever its revision
+                s.cleanup(lambda: s.t.txn(ops.txn((), [ops.delete(waiter)])))
 
     async def get(self, name):
         return (await self._read(name)).value

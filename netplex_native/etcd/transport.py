@@ -61,8 +61,10 @@ class _Base:
         self._cur = 0
         self.closed = False
 
-    async def _retry(self, what, attempt, deadline):
-        """attempt(endpoint_index, seconds) -> result; raises _Retry to go on."""
+    async def _retry(self, what, attempt, deadline, info=None):
+        """attempt(endpoint_index, seconds) -> result; raises _Retry to go on.
+        *info*: a dict; ``info["retried"]`` is set when a request was sent
+        again (so an earlier attempt may have been applied)."""
         if deadline is None:
             deadline = time.monotonic() + self.op_timeout
         delay = 0.005
@@ -78,6 +80,8 @@ class _Base:
                 return await attempt(self._cur, min(left, max(1.0, self.op_timeout)))
             except _Retry as e:
                 last = e.args[0] if e.args else "unavailable"
+                if info is not None:
+                    info["retried"] = True
                 if len(self.endpoints) > 1:
                     self._cur = (self._cur + 1) % len(self.endpoints)
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -122,20 +126,20 @@ class GrpcTransport(_Base):
             raise _Retry(f"{code.name}: {details}")
         raise EtcdUnavailableError(f"etcd refused: {code.name}: {details}")
 
-    async def _unary(self, what, stub_i, method, req, deadline):
+    async def _unary(self, what, stub_i, method, req, deadline, info=None):
         async def attempt(i, secs):
             stub = self._stubs(i)[stub_i]
             try:
                 return await getattr(stub, method)(req, timeout=max(secs, 0.001), wait_for_ready=True)
             except self._grpc.aio.AioRpcError as e:
                 self._error(e)
-        return await self._retry(what, attempt, deadline)
+        return await self._retry(what, attempt, deadline, info)
 
     async def range(self, req, deadline=None):
         return await self._unary("range", 1, "Range", req, deadline)
 
-    async def txn(self, req, deadline=None):
-        return await self._unary("txn", 1, "Txn", req, deadline)
+    async def txn(self, req, deadline=None, info=None):
+        return await self._unary("txn", 1, "Txn", req, deadline, info)
 
     async def lease_grant(self, ttl, deadline=None):
         return (await self._unary("lease grant", 2, "LeaseGrant", pb.LeaseGrantRequest(TTL=ttl), deadline)).ID
@@ -285,19 +289,19 @@ class GatewayTransport(_Base):
                 pass
         self._conn = None
 
-    async def _call(self, what, path, req, resp_cls, deadline):
+    async def _call(self, what, path, req, resp_cls, deadline, info=None):
         body = json_format.MessageToJson(req, preserving_proto_field_name=True, indent=None).encode()
 
         async def attempt(i, secs):
             data = self._post(i, path, body, secs)
             return json_format.Parse(data, resp_cls(), ignore_unknown_fields=True)
-        return await self._retry(what, attempt, deadline)
+        return await self._retry(what, attempt, deadline, info)
 
     async def range(self, req, deadline=None):
         return await self._call("range", "/v3/kv/range", req, pb.RangeResponse, deadline)
 
-    async def txn(self, req, deadline=None):
-        return await self._call("txn", "/v3/kv/txn", req, pb.TxnResponse, deadline)
+    async def txn(self, req, deadline=None, info=None):
+        return await self._call("txn", "/v3/kv/txn", req, pb.TxnResponse, deadline, info)
 
     async def lease_grant(self, ttl, deadline=None):
         r = await self._call("lease grant", "/v3/lease/grant", pb.LeaseGrantRequest(TTL=ttl),
