@@ -86,6 +86,8 @@ class EtcdServer:
         self.start()
 
     def stop(self) -> None:
+        if os.environ.get("NPT_ETCD_LOG"):
+            shutil.copy(self.log_path, os.environ["NPT_ETCD_LOG"])
         self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -359,3 +359,47 @@ def test_the_readme_example_runs_one_job_owner_across_machines_and_another_takes
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_unlock_after_a_force_unlock_elsewhere_raises_not_holder_and_changes_nothing(
+        events, etcd_backend, etcd_server):
+    M = uniq("mtx")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert a.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        assert b.call("ctx.mutex.unlock(M, True)", M=M) is None           # force, from elsewhere
+        assert b.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        assert a.error("mutex.access(M).unlock()", M=M).type == "NotHolderError"
+        assert b.call("[ctx.mutex.locked(M), ctx.mutex.token(M) is not None]", M=M) == [True, True]
+        assert a.call("ctx.mutex.token(M)", M=M) is None
+        b.call("mutex.access(M).unlock()", M=M)
+
+
+def test_cancels_at_random_points_leave_no_waiter_key_and_no_unit_taken(events, etcd_backend, etcd_server):
+    """200 waits cancelled after 0-4 ms (inside their first requests too):
+    no ghost waiter key is left (it would become the owner of nobody), and
+    the semaphore's units are all back."""
+    M, S = uniq("mtx"), uniq("sem")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert b.call("[mutex.access(M).lock(timeout=5), semaphore.create(S, 1, protected=True)]",
+                      M=M, S=S) == [True, True]
+        assert a.call("""
+            import random
+            for i in range(100):
+                t1 = asyncio.ensure_future(mutex.access(M).lock_async(timeout=30))
+                t2 = asyncio.ensure_future(semaphore.decrement_async(S, wait=True, timeout=30))
+                await asyncio.sleep(random.random() * 0.004)
+                t1.cancel()
+                t2.cancel()
+                got = await asyncio.gather(t1, t2, return_exceptions=True)
+                if got[1] == 0:              # done before the cancel: ours to give back
+                    semaphore.increment(S)
+            result = True""", M=M, S=S, timeout=60) is True
+        p = etcd_backend.prefix
+        assert wait_until(lambda: len([k for k in etcd_server.keys(p) if k.startswith(f"{p}m/")]) == 1
+                          and not [k for k in etcd_server.keys(p) if "/w/" in k], 10), etcd_server.keys(p)
+        b.call("mutex.access(M).unlock()", M=M)
+        assert a.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        assert wait_until(lambda: b.call("semaphore.get(S)", S=S) == 1, 5)
+        a.call("mutex.access(M).unlock()", M=M)

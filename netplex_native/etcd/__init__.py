@@ -107,15 +107,14 @@ class Backend:
 
     def _inspect(self, keeper) -> dict:
         """Mutexes and semaphores under the prefix, with their waiters."""
-        import base64  # noqa: F401
         from . import ops
         from .keys import Keys
 
         async def go():
             k = Keys(self.prefix)
-            r = await keeper.t.txn(ops.txn((), [ops.all_under(k.all() + b"m/", keys_only=True),
-                                               ops.all_under(k.all() + b"s/", keys_only=True)]))
-            return ops.kvs(r, 0), ops.kvs(r, 1)
+            m = await keeper.t.range(ops.rq_prefix(k.all() + b"m/", keys_only=True))
+            s = await keeper.t.range(ops.rq_prefix(k.all() + b"s/", keys_only=True))
+            return list(m.kvs), list(s.kvs)
         try:
             m, s = keeper.runner.submit(go()).result(min(self.op_timeout, 2.0))  # the loop waits
         except Exception as e:

@@ -73,8 +73,12 @@ class EtcdMutex:
             return pfx, key, kv.create_revision, lease
 
     async def _state(self, pfx, key, mine, dl):
-        r = await self.s.t.txn(ops.txn((), [ops.get(key), ops.first(pfx), ops.first(pfx, before=mine)]), dl)
-        return ops.one(r, 0) is not None, ops.one(r, 1), ops.one(r, 2), r.header.revision
+        """(our key exists, the owner's kv, our predecessor's kv, revision): one Range."""
+        r = await self.s.t.range(ops.rq_prefix(pfx, keys_only=True, by_create=True), dl)
+        kvs = list(r.kvs)
+        before = [kv for kv in kvs if kv.create_revision < mine]
+        return (any(kv.key == key for kv in kvs), kvs[0] if kvs else None,
+                before[-1] if before else None, r.header.revision)
 
     async def lock(self, name, timeout):
         s = self.s
@@ -136,15 +140,15 @@ class EtcdMutex:
                                      f"the mutex (token {token}); another process may hold it now")
             raise NotHolderError(f"mutex {name!r} is not held by this process any more "
                                  f"(destroyed, or unlocked with force=True elsewhere)")
-        r = await s.t.txn(ops.txn((), [ops.get(s.keys.sem_value(name))]))
-        if ops.one(r, 0) is not None:
+        r = await s.t.range(ops.rq_get(s.keys.sem_value(name)))
+        if r.kvs:
             raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")
         if not force:
             raise NotHolderError(f"mutex {name!r} is not held by this process")
         pfx = s.keys.mutex(name)
         while True:
-            r = await s.t.txn(ops.txn((), [ops.first(pfx)]))
-            owner = ops.one(r, 0)
+            r = await s.t.range(ops.rq_prefix(pfx, keys_only=True, limit=1, by_create=True))
+            owner = r.kvs[0] if r.kvs else None
             if owner is None:
                 return
             r = await s.t.txn(ops.txn([ops.cmp_create(owner.key, owner.create_revision)], [ops.delete(owner.key)]))
@@ -153,13 +157,13 @@ class EtcdMutex:
 
     async def locked(self, name):
         pfx = self.s.keys.mutex(name)
-        r = await self.s.t.txn(ops.txn((), [ops.first(pfx, count_only=True)]))
-        return r.responses[0].response_range.count > 0
+        r = await self.s.t.range(ops.rq_prefix(pfx, count_only=True))
+        return r.count > 0
 
     async def destroy(self, name):
         k = self.s.keys
-        r = await self.s.t.txn(ops.txn((), [ops.get(k.sem_value(name))]))
-        if ops.one(r, 0) is not None:
+        r = await self.s.t.range(ops.rq_get(k.sem_value(name)))
+        if r.kvs:
             raise ValueError(f"{name!r} is a semaphore, not a mutex (semaphores and mutexes share one namespace)")
         await self.s.t.txn(ops.txn((), [ops.delete_prefix(k.mutex(name)), ops.delete(k.mutex_mark(name))]))
         self.known.discard(name)
@@ -180,9 +184,8 @@ class EtcdMutex:
         return r.succeeded
 
     async def read(self, rkey):
-        r = await self.s.t.txn(ops.txn((), [ops.get(self.s.keys.resource(rkey))]))
-        kv = ops.one(r, 0)
-        return None if kv is None else kv.value
+        r = await self.s.t.range(ops.rq_get(self.s.keys.resource(rkey)))
+        return r.kvs[0].value if r.kvs else None
 
     # ---- the backend API (any thread of the process) ----
     def _give_back(self, name):

@@ -34,24 +34,6 @@ def get(key: bytes) -> pb.RequestOp:
     return pb.RequestOp(request_range=pb.RangeRequest(key=key))
 
 
-def first(p: bytes, before: int = 0, count_only: bool = False) -> pb.RequestOp:
-    """The key of lowest create revision under prefix *p* (or, with
-    *before*, the highest one created before revision *before*)."""
-    r = pb.RangeRequest(key=p, range_end=prefix_end(p), sort_target=pb.RangeRequest.CREATE,
-                        sort_order=pb.RangeRequest.ASCEND, limit=1)
-    if before:
-        r.max_create_revision = before - 1
-        r.sort_order = pb.RangeRequest.DESCEND
-    if count_only:
-        r.count_only = True
-        r.limit = 0
-    return pb.RequestOp(request_range=r)
-
-
-def all_under(p: bytes, keys_only: bool = False) -> pb.RequestOp:
-    return pb.RequestOp(request_range=pb.RangeRequest(key=p, range_end=prefix_end(p), keys_only=keys_only))
-
-
 def txn(compare=(), success=(), failure=()) -> pb.TxnRequest:
     return pb.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
 
@@ -64,3 +46,23 @@ def kvs(resp: pb.TxnResponse, i: int):
 def one(resp: pb.TxnResponse, i: int):
     k = kvs(resp, i)
     return k[0] if k else None
+
+
+# ---- reads: Range requests, never read-only transactions ----
+# etcd before 3.5.5 panics when a read-only transaction's request is
+# cancelled or times out while the server runs it (etcd-io/etcd#14110); a
+# Range in the same situation just fails.  So every read is a Range, and a
+# snapshot that needs several keys is one Range over their common prefix.
+
+def rq_get(key: bytes) -> pb.RangeRequest:
+    return pb.RangeRequest(key=key)
+
+
+def rq_prefix(p: bytes, keys_only: bool = False, count_only: bool = False, limit: int = 0,
+              by_create: bool = False) -> pb.RangeRequest:
+    r = pb.RangeRequest(key=p, range_end=prefix_end(p), keys_only=keys_only, count_only=count_only,
+                        limit=limit)
+    if by_create:
+        r.sort_target = pb.RangeRequest.CREATE
+        r.sort_order = pb.RangeRequest.ASCEND
+    return r

@@ -11,8 +11,11 @@ threads.
 Invariants:
 - One runner per process, made in that process (``runner()`` checks the
   pid): a forked child never uses its parent's thread or channels.
-- A cancelled awaitable call cancels the coroutine here; what it obtained
-  anyway (the grant crossed the cancel) is given back by *give_back*.
+- A cancelled awaitable call cancels the coroutine's task here, and the
+  task's own outcome decides: cancelled (the recipe cleaned up after
+  itself), or completed — what it obtained anyway (the grant crossed the
+  cancel) is given back by *give_back*.  The concurrent future is never
+  cancelled from outside, so a completed grant is never dropped unseen.
 - A synchronous call made from the runner thread itself is a bug and raises.
 """
 
@@ -45,7 +48,26 @@ class Runner:
                 pass
 
     def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Run *coro* as a task here; the future mirrors the task's outcome."""
+        cf = concurrent.futures.Future()
+        cf.task = None
+
+        def start():
+            if not cf.set_running_or_notify_cancel():
+                coro.close()
+                return
+            t = cf.task = self.loop.create_task(coro)
+
+            def done(t):
+                if t.cancelled():
+                    cf.set_exception(asyncio.CancelledError())
+                elif t.exception() is not None:
+                    cf.set_exception(t.exception())
+                else:
+                    cf.set_result(t.result())
+            t.add_done_callback(done)
+        self.loop.call_soon_threadsafe(start)
+        return cf
 
     def run(self, coro, give_back=None):
         """Run *coro* here and wait for it (a synchronous call)."""
@@ -63,14 +85,21 @@ class Runner:
     async def arun(self, coro, give_back=None):
         """Await *coro* run here, from another loop (a handler's)."""
         cf = self.submit(coro)
+        fut = asyncio.wrap_future(cf)
         try:
-            return await asyncio.shield(asyncio.wrap_future(cf))
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # retrieved
             self._abandon(cf, give_back)
             raise
 
     def _abandon(self, cf, give_back):
-        cf.cancel()
+        def cancel():                  # runs after start() (call_soon is FIFO)
+            t = cf.task
+            if t is not None and not t.done():
+                t.cancel()             # again every 50 ms until it ends: a library
+                self.loop.call_later(0.05, cancel)   # may swallow one cancellation
+        self.loop.call_soon_threadsafe(cancel)
         if give_back is None:
             return
 

@@ -35,7 +35,7 @@ import os
 from ..errors import (EtcdUnavailableError, LeaseLostError, VALUE_MAX, WouldBlockError, check_bool, check_int, check_name,
                       check_timeout)
 from . import ops
-from .transport import DELETE, LeaseGone, deadline_in, pb
+from .transport import DELETE, LeaseGone, deadline_in
 from .waits import remaining, watch_until
 
 
@@ -67,21 +67,30 @@ class EtcdSemaphore:
         self.taken: dict[str, tuple[int, int]] = {}    # name -> (lease, delta) while protected units are held
 
     async def _snap(self, name, waiter=None, mine=0, dl=None):
+        """The semaphore's value key, deltas and waiters: one Range over its prefix."""
         k = self.s.keys
-        reqs = [ops.get(k.sem_value(name)), ops.all_under(k.sem_deltas(name)), ops.first(k.sem_waiters(name))]
-        if waiter is not None:
-            reqs += [ops.get(waiter), ops.first(k.sem_waiters(name), before=mine)]
-        r = await self.s.t.txn(ops.txn((), reqs), dl)
+        vkey, dpfx, wpfx = k.sem_value(name), k.sem_deltas(name), k.sem_waiters(name)
+        r = await self.s.t.range(ops.rq_prefix(k.sem(name)), dl)
         sn = _Snap()
-        sn.v = ops.one(r, 0)
-        sn.deltas = ops.kvs(r, 1)
-        sn.first = ops.one(r, 2)
+        sn.v = sn.first = sn.mine = sn.pred = None
+        sn.deltas = []
+        waiters = []
+        for kv in r.kvs:
+            if kv.key == vkey:
+                sn.v = kv
+            elif kv.key.startswith(dpfx):
+                sn.deltas.append(kv)
+            elif kv.key.startswith(wpfx):
+                waiters.append(kv)
+        waiters.sort(key=lambda kv: kv.create_revision)
+        sn.first = waiters[0] if waiters else None
         sn.rev = r.header.revision
         if sn.v is not None:
             sn.protected, sn.base, sn.wid = _parse(sn.v)
         if waiter is not None:
-            sn.mine = ops.one(r, 3)
-            sn.pred = ops.one(r, 4)
+            sn.mine = next((kv for kv in waiters if kv.key == waiter), None)
+            before = [kv for kv in waiters if kv.create_revision < mine]
+            sn.pred = before[-1] if before else None
         return sn
 
     async def _create(self, name, initial, protected):
@@ -250,8 +259,8 @@ class EtcdSemaphore:
         return (await self._read(name)).value
 
     async def destroy(self, name):
-        r = await self.s.t.txn(ops.txn((), [ops.get(self.s.keys.mutex_mark(name))]))
-        if ops.one(r, 0) is not None:
+        r = await self.s.t.range(ops.rq_get(self.s.keys.mutex_mark(name)))
+        if r.kvs:
             raise ValueError(f"{name!r} is a mutex, not a semaphore (semaphores and mutexes share one namespace)")
         await self.s.t.txn(ops.txn((), [ops.delete_prefix(self.s.keys.sem(name))]))
         self.taken.pop(name, None)

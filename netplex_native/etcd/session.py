@@ -11,7 +11,9 @@ Invariants:
   under the old one raises ``LeaseLostError`` when used as a holder.
 - Cleanups (a waiter key left by a timeout or a cancel) are retried in the
   background until done or the lease is gone: a waiter key that stayed
-  would become a ghost owner.
+  would become a ghost owner.  A cleanup first waits for every request sent
+  before it (requests are never cancelled once sent, transport.py), so the
+  put it undoes cannot land after it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Session:
             ttl = await self.t.lease_ttl(lease)
         except LeaseGone:
             ttl = -1
-        if ttl <= 0:
+        if ttl < 0:             # -1: expired or unknown (0 is "under a second left")
             self.lease_gone(lease)
             return True
         return False
@@ -77,6 +79,9 @@ class Session:
     def cleanup(self, coro_fn) -> None:
         """Run ``coro_fn()`` on the client thread until it succeeds."""
         async def go():
+            earlier = list(getattr(self.t, "inflight", ()))
+            if earlier:          # what we clean up after may still be on its way: let it land first
+                await asyncio.wait(earlier)
             delay = 0.01
             while True:
                 try:

@@ -20,7 +20,6 @@ container stored.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
@@ -30,7 +29,7 @@ import pickle
 from ..errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_bool,
                       check_name, check_timeout)
 from . import ops
-from .transport import LeaseGone, deadline_in, pb
+from .transport import LeaseGone, deadline_in
 from .waits import remaining, watch_until
 
 #: Largest encoded value: etcd refuses requests over 1.5 MiB by default.
@@ -57,8 +56,8 @@ class EtcdVars:
         self.me = f"ctrl:{os.uname().nodename}:{os.getpid()}" if self.controller else "c"
 
     async def _read(self, name):
-        r = await self.s.t.txn(ops.txn((), [ops.get(self.s.keys.var(name))]))
-        kv = ops.one(r, 0)
+        r = await self.s.t.range(ops.rq_get(self.s.keys.var(name)))
+        kv = r.kvs[0] if r.kvs else None
         return kv, (json.loads(kv.value) if kv is not None else None), r.header.revision
 
     def _value(self, name, d):

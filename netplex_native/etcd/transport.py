@@ -38,8 +38,30 @@ except ImportError as e:     # pragma: no cover - the etcd extra is not installe
 DELETE = _Event.DELETE
 
 
+def _check_txn(req):
+    if not any(op.WhichOneof("request") in ("request_put", "request_delete_range")
+               for op in list(req.success) + list(req.failure)):
+        raise ValueError("a read-only etcd transaction (reads are Range requests: see ops.py)")
+
+
 class LeaseGone(Exception):
     """A request named a lease that etcd no longer has."""
+
+
+async def wait_for(aw, timeout):
+    """``asyncio.wait_for`` that never swallows a cancellation (on Python
+    3.11 it may, when the awaited completes as the cancel arrives: a wait
+    cancelled by its caller would go on waiting)."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    if not done:
+        fut.cancel()
+        raise asyncio.TimeoutError
+    return fut.result()
 
 
 def deadline_in(seconds: float | None) -> float | None:
@@ -105,6 +127,7 @@ class GrpcTransport(_Base):
         self._grpc = grpc
         self._g = g
         self._channels = {}
+        self.inflight: set = set()      # requests sent and not answered yet
 
     def _stubs(self, i):
         st = self._channels.get(i)
@@ -127,18 +150,35 @@ class GrpcTransport(_Base):
         raise EtcdUnavailableError(f"etcd refused: {code.name}: {details}")
 
     async def _unary(self, what, stub_i, method, req, deadline, info=None):
+        """A request is never cancelled once sent (neither by a cancelled
+        caller nor by a gRPC deadline): it runs as a task of its own, which a
+        caller that gives up leaves running.  So a write is never overtaken
+        by a later cleanup of it (``Session.cleanup`` waits for ``inflight``
+        first), and a read never meets etcd-io/etcd#14110."""
         async def attempt(i, secs):
             stub = self._stubs(i)[stub_i]
+            task = asyncio.ensure_future(getattr(stub, method)(req, wait_for_ready=False))
+            self.inflight.add(task)
+            task.add_done_callback(self._finished)
+            done, _ = await asyncio.wait({task}, timeout=max(secs, 0.001))
+            if not done:
+                raise _Retry("no answer in time")
             try:
-                return await getattr(stub, method)(req, timeout=max(secs, 0.001), wait_for_ready=True)
+                return task.result()
             except self._grpc.aio.AioRpcError as e:
                 self._error(e)
         return await self._retry(what, attempt, deadline, info)
+
+    def _finished(self, task):
+        self.inflight.discard(task)
+        if not task.cancelled():
+            task.exception()        # retrieved: an abandoned request's error is not an error
 
     async def range(self, req, deadline=None):
         return await self._unary("range", 1, "Range", req, deadline)
 
     async def txn(self, req, deadline=None, info=None):
+        _check_txn(req)
         return await self._unary("txn", 1, "Txn", req, deadline, info)
 
     async def lease_grant(self, ttl, deadline=None):
@@ -178,7 +218,7 @@ class GrpcTransport(_Base):
                 req.range_end = range_end
             try:
                 await call.write(pb.WatchRequest(create_request=req))
-                resp = await asyncio.wait_for(call.read(), max(secs, 0.001))
+                resp = await wait_for(call.read(), max(secs, 0.001))
             except asyncio.TimeoutError:
                 call.cancel()
                 raise _Retry("watch not created in time")
@@ -301,6 +341,7 @@ class GatewayTransport(_Base):
         return await self._call("range", "/v3/kv/range", req, pb.RangeResponse, deadline)
 
     async def txn(self, req, deadline=None, info=None):
+        _check_txn(req)
         return await self._call("txn", "/v3/kv/txn", req, pb.TxnResponse, deadline, info)
 
     async def lease_grant(self, ttl, deadline=None):

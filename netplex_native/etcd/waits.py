@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .transport import WatchBroken
+from .transport import WatchBroken, wait_for
 from ..errors import EtcdUnavailableError
 
 
@@ -37,7 +37,7 @@ async def watch_until(s, key, range_end, start_revision, deadline, pred) -> None
             if left == 0:
                 return
             try:
-                events = await asyncio.wait_for(w.next(), left)
+                events = await wait_for(w.next(), left)
             except asyncio.TimeoutError:
                 return
             except WatchBroken:
