@@ -62,15 +62,18 @@ class EtcdMutex:
             lease = await s.lease_id()
             key = s.keys.mutex_waiter(name, lease)
             box.append(key)
+            owner = pb.RequestOp(request_range=ops.rq_prefix(pfx, keys_only=True, limit=1, by_create=True))
             try:
-                r = await s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, b"", lease)], [ops.get(key)]), dl)
+                r = await s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, b"", lease), owner],
+                                          [ops.get(key)]), dl)
             except LeaseGone:
                 s.lease_gone(lease)
                 continue
-            if r.succeeded:
-                return pfx, key, r.responses[0].response_put.header.revision, lease
+            if r.succeeded:       # (with the owner read in the same revision: no wait, no read)
+                first = ops.one(r, 1)
+                return pfx, key, r.responses[0].response_put.header.revision, lease, first
             kv = ops.one(r, 0)     # our put was applied by an attempt whose answer was lost
-            return pfx, key, kv.create_revision, lease
+            return pfx, key, kv.create_revision, lease, None
 
     async def _state(self, pfx, key, mine, dl):
         """(our key exists, the owner's kv, our predecessor's kv, revision): one Range."""
@@ -89,21 +92,25 @@ class EtcdMutex:
         try:
             try:
                 await self._mark(name, dl)
-                pfx, key, mine, lease = await self._enqueue(name, dl, box)
+                pfx, key, mine, lease, first = await self._enqueue(name, dl, box)
             except EtcdUnavailableError:
                 if dl is not None and remaining(dl) == 0:
                     return False           # timed out while etcd did not answer
                 raise
             while True:
-                try:
-                    exists, owner, pred, rev = await self._state(pfx, key, mine, dl)
-                except Exception:
-                    if dl is not None and remaining(dl) == 0:
-                        return False
-                    if timeout is None or remaining(deadline) > 0:
-                        await asyncio.sleep(0.05)   # etcd unreachable: a wait goes on
-                        continue
-                    raise
+                if first is not None and first.create_revision == mine:
+                    exists, owner = True, first         # we own it at once
+                else:
+                    first = None
+                    try:
+                        exists, owner, pred, rev = await self._state(pfx, key, mine, dl)
+                    except Exception:
+                        if dl is not None and remaining(dl) == 0:
+                            return False
+                        if timeout is None or remaining(deadline) > 0:
+                            await asyncio.sleep(0.05)   # etcd unreachable: a wait goes on
+                            continue
+                        raise
                 if not exists:        # destroyed, or our lease expired meanwhile
                     done = True
                     if await s.is_lost(lease):
