@@ -116,10 +116,11 @@ def test_a_whole_machine_sigkilled_gives_back_within_the_ttl_and_the_next_token_
 
 def test_a_stopped_machine_past_its_ttl_loses_its_lease_and_its_stale_token_is_refused(
         events, etcd_backend, etcd_server):
-    M = uniq("mtx")
+    M, S = uniq("mtx"), uniq("sem")
     with two_machines(events) as (m1, m2):
         a, b = m1["a"], m2["b"]
         assert a.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        assert a.call("[semaphore.create(S, 1, protected=True), semaphore.decrement(S)]", S=S) == [True, 0]
         stale = a.call("ctx.mutex.token(M)", M=M)
         assert a.call("__import__('netplex_native.etcd', fromlist=['x']).guarded_put(M, T, 'res', 'from a')",
                       M=M, T=stale) is True
@@ -141,6 +142,9 @@ def test_a_stopped_machine_past_its_ttl_loses_its_lease_and_its_stale_token_is_r
         E = "__import__('netplex_native.etcd', fromlist=['x'])"
         assert a.call(f"{E}.guarded_put(M, T, 'res', 'stale a')", M=M, T=stale) is False
         assert a.error("mutex.access(M).unlock()", M=M).type == "LeaseLostError"
+        assert b.call("semaphore.get(S)", S=S) == 1              # the expired lease gave it back ...
+        assert a.error("semaphore.increment(S)", S=S).type == "LeaseLostError"   # ... not twice
+        assert b.call("semaphore.get(S)", S=S) == 1
         assert b.call(f"{E}.read('res').decode()") == "from b"
         # the stopped machine's container goes on with a new lease
         b.call("mutex.access(M).unlock()", M=M)
@@ -403,3 +407,23 @@ def test_cancels_at_random_points_leave_no_waiter_key_and_no_unit_taken(events, 
         assert a.call("mutex.access(M).lock(timeout=5)", M=M) is True
         assert wait_until(lambda: b.call("semaphore.get(S)", S=S) == 1, 5)
         a.call("mutex.access(M).unlock()", M=M)
+
+
+def test_a_stopped_container_alone_keeps_what_it_holds(events, etcd_backend, etcd_server):
+    """SIGSTOP of a container (its controller runs): it is alive, its
+    controller keeps its lease alive — past the TTL it still holds."""
+    M = uniq("mtx")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert a.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        token = a.call("ctx.mutex.token(M)", M=M)
+        apid = a.pid()
+        os.kill(apid, signal.SIGSTOP)
+        try:
+            assert b.call("mutex.access(M).lock(timeout=T)", M=M, T=etcd_backend.lease_ttl + 1.5,
+                          timeout=20) is False
+        finally:
+            os.kill(apid, signal.SIGCONT)
+        assert a.call("[ctx.mutex.token(M), mutex.access(M).unlock()]", M=M) == [token, None]
+        assert b.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        b.call("mutex.access(M).unlock()", M=M)
