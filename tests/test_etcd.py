@@ -19,7 +19,7 @@ import time
 import pytest
 
 import netplex_native as netplex
-from netplex_native import etcd, mutex, semaphore
+from netplex_native import etcd, mutex
 from harness import wait_until
 from test_semantics import ActorHooks, cluster, uniq
 
@@ -427,3 +427,34 @@ def test_a_stopped_container_alone_keeps_what_it_holds(events, etcd_backend, etc
         assert a.call("[ctx.mutex.token(M), mutex.access(M).unlock()]", M=M) == [token, None]
         assert b.call("mutex.access(M).lock(timeout=5)", M=M) is True
         b.call("mutex.access(M).unlock()", M=M)
+
+
+def test_bad_backend_arguments_and_two_backends_in_one_controller_are_refused(etcd_server):
+    with pytest.raises(TypeError):
+        etcd.Backend([])
+    with pytest.raises(ValueError, match="host:port"):
+        etcd.Backend(["localhost"])
+    with pytest.raises(ValueError, match="TLS"):
+        etcd.Backend(["https://h:2379"])
+    with pytest.raises(ValueError, match="lease_ttl"):
+        etcd.Backend([etcd_server.endpoint], lease_ttl=0)
+    with pytest.raises(TypeError, match="prefix"):
+        etcd.Backend([etcd_server.endpoint], prefix="")
+    assert etcd.Backend("http://127.0.0.1:2379,127.0.0.2:2379").endpoints == ("127.0.0.1:2379", "127.0.0.2:2379")
+    b1 = etcd.Backend([etcd_server.endpoint], prefix="one/")
+    b2 = etcd.Backend([etcd_server.endpoint], prefix="two/")
+    from harness import fork_call
+
+    def two():
+        ctrl = netplex.Controller()
+        ctrl.add_plugin(b1.mutex_plugin)
+        try:
+            ctrl.add_plugin(b2.semaphore_plugin)
+        except ValueError as e:
+            assert "one etcd backend per controller" in str(e)
+        else:
+            raise AssertionError("a second etcd backend was accepted")
+        finally:
+            ctrl._unplug_all()
+    pid = fork_call(two)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..errors import LeaseLostError, EtcdUnavailableError, check_name   # noqa: F401  (re-exported)
+from ..errors import LeaseLostError, EtcdUnavailableError, check_name  # noqa: F401  (re-exported)
 
 
 def _endpoint(e) -> str:

@@ -26,6 +26,10 @@ class EtcdLeasePlugin(Plugin):
         self.name = f"etcd.lease[{backend.prefix}]"
 
     def ctrl_added(self, ctrl) -> None:
+        for other in ctrl.plugins():
+            if isinstance(other, EtcdLeasePlugin) and other is not self:
+                raise ValueError(f"one etcd backend per controller: {other.b!r} was added already, "
+                                 f"not also {self.b!r}")
         if ctrl.plugin_data(self) is None:
             ctrl.set_plugin_data(self, LeaseKeeper(self.b))
 

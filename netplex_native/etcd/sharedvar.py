@@ -206,18 +206,14 @@ class VarBackend:
 
     def wait_for_value(self, name, timeout=None):
         name, timeout = check_name(name), check_timeout(timeout)
-        if self.impl.controller:
-            v = self._run(self.impl.wait_for_value(name, 0))
-            if v is None and timeout != 0 and self.get_value(name) is None:
-                pass
-            return v if v is not None or timeout == 0 else self._controller_wait(name, v)
-        return self._run(self.impl.wait_for_value(name, timeout))
-
-    def _controller_wait(self, name, v):
-        kv_exists = self._run(self.impl._read(name))[0] is not None
-        if kv_exists:
+        if self.impl.controller:        # never blocks: a value now, or None, or WouldBlockError
+            kv, d, _ = self._run(self.impl._read(name))
+            if kv is None:
+                return None
+            if d["set"] or timeout == 0:
+                return self._run(self.impl.wait_for_value(name, 0))
             raise WouldBlockError("wait_for_value on a variable never set would block the controller's loop")
-        return None
+        return self._run(self.impl.wait_for_value(name, timeout))
 
     async def wait_for_value_async(self, name, timeout=None):
         name, timeout = check_name(name), check_timeout(timeout)

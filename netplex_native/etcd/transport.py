@@ -225,9 +225,12 @@ class GrpcTransport(_Base):
             except self._grpc.aio.AioRpcError as e:
                 call.cancel()
                 self._error(e)
-            if resp is None or not resp.created or resp.canceled:
+            except BaseException:          # cancelled: the stream goes too
                 call.cancel()
-                if resp is not None and resp.compact_revision:
+                raise
+            if resp is None or resp is self._grpc.aio.EOF or not resp.created or resp.canceled:
+                call.cancel()
+                if resp is not None and resp is not self._grpc.aio.EOF and resp.compact_revision:
                     return _Compacted()
                 raise _Retry("watch refused")
             return Watch(call, self._grpc)
