@@ -91,14 +91,16 @@ def test_enc_variable_holds_dicts_lists_and_custom_objects(events, backend):
             assert b.call(f"sharedvar.wait_for_value(V, timeout=1) == {value}", V=V) is True
 
 
-def test_own_variable_goes_with_the_last_container_of_its_service_and_not_before(events, backend, tmp_path):
+@pytest.mark.parametrize("T", [None, 60])
+def test_own_variable_goes_with_the_last_container_of_its_service_and_not_before(events, backend, tmp_path, T):
+    """(also with a timeout: the variable goes with its service all the same)"""
     V = uniq("var")
     flag = str(tmp_path / "no-restart")
     with cluster(events, backend, ["owner", "other"], workers={"owner": 2}, no_restart_flag=flag) as c:
         owner, other = c["owner"], c["other"]
         pids = [e["pid"] for e in events.all("ready", service="owner")]
         assert len(pids) == 2
-        assert owner.call("sharedvar.create_var(V, own=True)", V=V) is True
+        assert owner.call("sharedvar.create_var(V, own=True, timeout=T)", V=V, T=T) is True
         assert other.call("sharedvar.set_value(V, 'v')", V=V) is True
         # another service's container ending does not touch it
         other.kill()

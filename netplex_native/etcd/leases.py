@@ -22,6 +22,10 @@ import concurrent.futures
 import logging
 import math
 
+import json
+
+from . import ops
+from .keys import Keys
 from .runner import Runner
 from .transport import GatewayTransport, LeaseGone
 
@@ -138,9 +142,22 @@ class LeaseKeeper:
                             "retrying in the background", rec.id, REVOKE_WAIT)
 
     def service_gone(self, service):
+        """The controller's last container of *service* ended: its ``own``
+        variables go (the service lease; those with a timeout lease of their
+        own name it in ``sl`` and are deleted here)."""
         lease = self.services.pop(service, None)
         if lease:
-            self.runner.submit(self._revoke(lease))
+            self.runner.submit(self._service_gone(lease))
+
+    async def _service_gone(self, lease):
+        await self._revoke(lease)
+        try:
+            r = await self.t.range(ops.rq_prefix(Keys(self.cfg.prefix).vars()))
+            for kv in r.kvs:
+                if kv.lease and json.loads(kv.value).get("sl") == lease:
+                    await self.t.txn(ops.txn([ops.cmp_mod(kv.key, kv.mod_revision)], [ops.delete(kv.key)]))
+        except Exception as e:
+            log.warning("etcd: deleting the own variables with a timeout of a finished service failed: %s", e)
 
     def close(self, timeout=5.0):
         leases = list(self.containers.values()) + list(self.services.values()) + ([self.own] if self.own else [])

@@ -5,7 +5,9 @@ holding its flags and value as JSON.
   granted by the creating container's controller and revoked when that
   controller's last container of the service ends (so the variable goes
   with it, as in the reference; with several machines, with the creating
-  machine's last container of the service).
+  machine's last container of the service).  With a ``timeout`` too, the
+  key is bound to the timeout's lease and records the service's (``sl``):
+  the controller deletes it when it revokes that lease.
 - ``timeout``: the key is bound to a lease of its own whose TTL is the
   timeout (whole seconds, at least 1), refreshed by every get and set.
 - ``wait_for_value``: read; if never set, watch the key from the revision
@@ -79,13 +81,13 @@ class EtcdVars:
                 pass
 
     async def create_var(self, name, own, ro, enc, timeout):
-        lease = 0
-        if timeout is not None:
+        lease = service = 0
+        if (own or ro) and not self.controller:
+            lease = service = await self._service_lease()
+        if timeout is not None:      # bound to its own lease; "sl" names the service's for its end
             lease = await self.s.t.lease_grant(max(1, math.ceil(timeout)))
-        elif (own or ro) and not self.controller:
-            lease = await self._service_lease()
         d = {"enc": enc, "owner": (self.service if (own or ro) else None), "ro": ro, "timeout": timeout,
-             "set": False, "v": None if enc else "", "id": os.urandom(8).hex()}
+             "set": False, "v": None if enc else "", "id": os.urandom(8).hex(), "sl": service}
         key = self.s.keys.var(name)
         r = await self.s.t.txn(ops.txn([ops.cmp_create(key, 0)], [ops.put(key, json.dumps(d).encode(), lease)],
                                        [ops.get(key)]))
