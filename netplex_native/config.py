@@ -244,6 +244,11 @@ def _etcd_backend(table, err):
     except ImportError as e:
         raise err("etcd", f"the etcd backend is not installed ({e}): pip install 'netplex_native[etcd]'") from None
     try:
-        return Backend(table["endpoints"], **{k: v for k, v in table.items() if k != "endpoints"})
+        b = Backend(table["endpoints"], **{k: v for k, v in table.items() if k != "endpoints"})
     except (TypeError, ValueError) as e:
         raise err("etcd", str(e)) from None
+    # the same table gives the same Backend (a reload keeps the plugins the controller has)
+    return _ETCD_BACKENDS.setdefault((b.endpoints, b.prefix, b.lease_ttl, b.op_timeout), b)
+
+
+_ETCD_BACKENDS: dict = {}

@@ -303,6 +303,7 @@ plugins = "etcd"
         hooks = services[0].hooks
         assert hooks._etcd.endpoints == (etcd_server.endpoint,)
         assert hooks._etcd.lease_ttl == 2.0 and hooks._etcd.prefix == etcd_backend.prefix
+        assert config.load(str(cfg))[1][0].hooks._etcd is hooks._etcd    # a reload: the same plugins
         ctrl = netplex.Controller()
         hooks.post_add_hook(services[0], ctrl)
         assert {p.name for p in ctrl.plugins()} >= {f"mutex.etcd[{etcd_backend.prefix}]",
