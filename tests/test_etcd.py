@@ -276,9 +276,11 @@ def test_no_lease_or_key_is_left_after_shutdown(events, etcd_backend, etcd_serve
     assert etcd_server.keys(p) == [f"{p}n/{M2}"]
 
 
-def test_a_toml_etcd_table_runs_services_on_the_etcd_backend(etcd_backend, etcd_server, tmp_path):
-    """``[etcd]`` + ``plugins = "etcd"``: the services' containers use the
-    etcd semaphores (seen in etcd), and a bad table is a clear error."""
+def test_a_toml_etcd_table_gives_the_services_the_etcd_plugins_and_a_bad_one_is_refused(
+        etcd_backend, etcd_server, tmp_path):
+    """``[etcd]`` + ``plugins = "etcd"``: the services' hooks add the etcd
+    plugins of one Backend made from the table (the same one on a reload);
+    a bad table is a clear error."""
     from netplex_native import config
     from netplex_native.errors import ServiceConfigError
     mod = tmp_path / "etcdsvc.py"
