@@ -147,9 +147,12 @@ def peer_takeover(srv, rounds):
 import asyncio, aetcd, sys
 async def main():
     c = aetcd.Client(host="127.0.0.1", port={srv.client_port})
-    await c.lock(b"bench.pt", ttl=1).acquire()
+    lk = c.lock(b"bench.pt", ttl=1)
+    await lk.acquire()
     print("held", flush=True)
-    await asyncio.sleep(60)
+    while True:                      # kept alive, as a live holder would: only the kill ends it
+        await asyncio.sleep(0.2)
+        await lk.refresh()
 asyncio.run(main())
 """
     waiter = f"""
