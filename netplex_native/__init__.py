@@ -10,7 +10,8 @@ from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, Wou
                      NotHolderError,
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
-                     ServiceConfigError, RemoteError)
+                     ServiceConfigError, RemoteError, LeaseLostError,
+                     EtcdUnavailableError)
 from .hooks import ProcessorHooks
 from .service import Service
 from .container import Container, Timer
@@ -27,4 +28,5 @@ __all__ = [
     "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
+    "LeaseLostError", "EtcdUnavailableError",
 ]

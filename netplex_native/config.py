@@ -52,7 +52,7 @@ SERVICE_KEYS = {"name", "handler", "hooks", "address", "workers", "plugins", "ma
                 "max_free_connections"}
 CONTROLLER_KEYS = {"socket_dir", "max_start_failures", "shutdown_timeout", "startup_timeout",
                    "reload_timeout"}
-PLUGIN_CHOICES = ("native", "rpc", "none")
+PLUGIN_CHOICES = ("native", "rpc", "none", "etcd")
 
 
 class _Err:
@@ -164,9 +164,10 @@ def _resolve(ref, where, err, swap=None):
 class _PluginHooks(ProcessorHooks):
     """Wraps a service's hooks to add the configured plugins first."""
 
-    def __init__(self, inner: ProcessorHooks, plugins: str):
+    def __init__(self, inner: ProcessorHooks, plugins: str, etcd=None):
         self._inner = inner
         self._plugins = plugins
+        self._etcd = etcd           # the etcd.Backend of the [etcd] table (plugins = "etcd")
 
     def post_add_hook(self, service, ctrl):
         from . import semaphore, mutex, sharedvar
@@ -176,12 +177,16 @@ class _PluginHooks(ProcessorHooks):
         elif self._plugins == "rpc":
             ctrl.add_plugin(semaphore.plugin)
             ctrl.add_plugin(mutex.plugin)
-        if self._plugins != "none":
+        elif self._plugins == "etcd":
+            ctrl.add_plugin(self._etcd.semaphore_plugin)
+            ctrl.add_plugin(self._etcd.mutex_plugin)
+            ctrl.add_plugin(self._etcd.sharedvar_plugin)
+        if self._plugins not in ("none", "etcd"):
             ctrl.add_plugin(sharedvar.plugin)
         self._inner.post_add_hook(service, ctrl)
 
     def __getattribute__(self, name):
-        if name in ("post_add_hook", "_inner", "_plugins"):
+        if name in ("post_add_hook", "_inner", "_plugins", "_etcd"):
             return object.__getattribute__(self, name)
         return getattr(object.__getattribute__(self, "_inner"), name)
 
@@ -205,9 +210,11 @@ def load(path: str, swap: ModuleSwap | None = None) -> tuple[dict, list[Service]
         raise ServiceConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ServiceConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(doc) - {"controller", "service"}
+    unknown = set(doc) - {"controller", "service", "etcd"}
     if unknown:
-        raise err(", ".join(sorted(unknown)), "unknown top-level key; expected [controller] and [[service]]")
+        raise err(", ".join(sorted(unknown)), "unknown top-level key; expected [controller], [[service]] "
+                                              "and [etcd]")
+    etcd_backend = _etcd_backend(doc.get("etcd"), err)
     ctrl_opts = doc.get("controller", {})
     if not isinstance(ctrl_opts, dict):
         raise err("controller", "expected a table [controller]")
@@ -285,6 +292,8 @@ def load(path: str, swap: ModuleSwap | None = None) -> tuple[dict, list[Service]
         plugins = sd.get("plugins", "native")
         if plugins not in PLUGIN_CHOICES:
             raise err(f"{where}.plugins", f"expected one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
+        if plugins == "etcd" and etcd_backend is None:
+            raise err(f"{where}.plugins", "plugins = \"etcd\" needs an [etcd] table with endpoints")
         limits = {}
         for k, low in (("max_connections", 1), ("max_connections_jitter", 0)):
             if k in sd:
@@ -294,7 +303,7 @@ def load(path: str, swap: ModuleSwap | None = None) -> tuple[dict, list[Service]
         if "max_connections_jitter" in limits and "max_connections" not in limits:
             raise err(f"{where}.max_connections_jitter", "needs max_connections")
         try:
-            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins), address=address, workers=workers,
+            svc = Service(name, handler, hooks=_PluginHooks(hooks, plugins, etcd_backend), address=address, workers=workers,
                           **limits, **dynamic)
         except (TypeError, ValueError) as e:
             raise err(where, str(e)) from None
@@ -345,3 +354,33 @@ class FileSource:
         ctrl.shutdown_timeout = opts.get("shutdown_timeout", 5.0)
         ctrl.startup_timeout = opts.get("startup_timeout")
         ctrl.reload_timeout = opts.get("reload_timeout", 30.0)
+
+
+ETCD_KEYS = {"endpoints", "prefix", "lease_ttl", "op_timeout"}
+
+
+def _etcd_backend(table, err):
+    """The etcd.Backend of an ``[etcd]`` table (endpoints, prefix, lease_ttl,
+    op_timeout), or None without one."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise err("etcd", "expected a table [etcd]")
+    for k in table:
+        if k not in ETCD_KEYS:
+            raise err(f"etcd.{k}", f"unknown key; expected one of {sorted(ETCD_KEYS)}")
+    if "endpoints" not in table:
+        raise err("etcd.endpoints", "required: a list of 'host:port' strings")
+    try:
+        from .etcd import Backend
+    except ImportError as e:
+        raise err("etcd", f"the etcd backend is not installed ({e}): pip install 'netplex_native[etcd]'") from None
+    try:
+        b = Backend(table["endpoints"], **{k: v for k, v in table.items() if k != "endpoints"})
+    except (TypeError, ValueError) as e:
+        raise err("etcd", str(e)) from None
+    # the same table gives the same Backend (a reload keeps the plugins the controller has)
+    return _ETCD_BACKENDS.setdefault((b.endpoints, b.prefix, b.lease_ttl, b.op_timeout), b)
+
+
+_ETCD_BACKENDS: dict = {}

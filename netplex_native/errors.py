@@ -71,6 +71,19 @@ class ServiceConfigError(NetplexError, ValueError):
     """A service definition or configuration file is invalid."""
 
 
+class LeaseLostError(NetplexError, RuntimeError):
+    """etcd backend: this process's lease expired (its machine was cut off
+    or stopped for longer than the lease TTL), so what it held has been
+    given back and others may hold it now.  Raised by operations that act
+    as a holder (unlock, a protected increment, a guarded write); the
+    process gets a new lease for what it does next."""
+
+
+class EtcdUnavailableError(NetplexError, ConnectionError):
+    """etcd backend: no etcd endpoint answered within the operation's time
+    (``Backend(op_timeout=...)``, or the wait's own timeout)."""
+
+
 class RemoteError(NetplexError):
     """An error raised in the controller while serving a container's request,
     of a kind that has no local class."""
@@ -83,6 +96,7 @@ REMOTE_ERRORS: dict[str, type[BaseException]] = {
         NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError, NotHolderError,
         TableFullError, SharedVarPermissionError, SharedVarTypeError,
         ControllerGoneError, ProtocolError, RemoteError, TypeError, ValueError, OverflowError,
+        NotHolderError, LeaseLostError, EtcdUnavailableError,
     )
 }
 

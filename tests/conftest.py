@@ -41,3 +41,26 @@ def dom(request, monkeypatch):
     request.addfinalizer(d.close)
     request.addfinalizer(d.unlink)
     return d
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """A real etcd for the whole session (tests/etcd_server.py), killed after."""
+    from etcd_server import EtcdServer
+    srv = EtcdServer()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def etcd_backend(etcd_server):
+    """An etcd Backend under a prefix of its own (1-s leases); afterwards no
+    lease-bound key of it is left."""
+    import uuid
+    import harness
+    from netplex_native import etcd
+    b = etcd.Backend([etcd_server.endpoint], prefix=f"t-{uuid.uuid4().hex[:8]}/", lease_ttl=1)
+    harness.ETCD = b
+    yield b
+    harness.ETCD = None

@@ -25,9 +25,17 @@ import traceback
 BACKENDS = ["rpc", "native"]
 
 
+#: The etcd backend of the running test (set by the ``etcd_backend`` fixture;
+#: forked controllers inherit it).
+ETCD = None
+
+
 def plugins_for(backend: str):
     """(semaphore plugin, mutex plugin) for a backend name."""
     from netplex_native import semaphore, mutex
+    if backend == "etcd":
+        assert ETCD is not None, "the etcd backend needs the etcd_backend fixture"
+        return ETCD.semaphore_plugin, ETCD.mutex_plugin
     if backend == "rpc":
         return semaphore.plugin, mutex.plugin
     if backend == "native":

@@ -41,6 +41,17 @@ from harness import run_controller, plugins_for, free_port, wait_until
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.fixture(params=["rpc", "native", "etcd"])
+def backend(request):
+    """Every semantic test on every backend (etcd: a real server, see conftest)."""
+    from harness import need_backend
+    if request.param == "etcd":
+        request.getfixturevalue("etcd_backend")
+    else:
+        need_backend(request.param)
+    return request.param
+
+
 # --------------------------------------------------------------------------
 # container side
 # --------------------------------------------------------------------------
@@ -132,7 +143,11 @@ class ActorHooks(netplex.ProcessorHooks):
         sem_plugin, mutex_plugin = plugins_for(self.backend)
         ctrl.add_plugin(sem_plugin)
         ctrl.add_plugin(mutex_plugin)
-        ctrl.add_plugin(sharedvar.plugin)
+        if self.backend == "etcd":          # every primitive on etcd
+            import harness
+            ctrl.add_plugin(harness.ETCD.sharedvar_plugin)
+        else:
+            ctrl.add_plugin(sharedvar.plugin)
 
     def pre_start_hook(self, service, ctrl, container_id):
         if self.no_restart_flag and os.path.exists(self.no_restart_flag):

@@ -1,5 +1,6 @@
-"""Shared variables (one backend: the RPC plugin, values in the controller),
-with real forked controllers and containers.  Infrastructure: test_semantics.py."""
+"""Shared variables on both of their backends (the RPC plugin, values in the
+controller; the etcd plugin, values in etcd), with real forked controllers
+and containers.  Infrastructure: test_semantics.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import pytest
 from test_semantics import cluster, uniq, settle
 
 pytestmark = pytest.mark.timeout(60)
-BACKEND = "rpc"   # the semaphore/mutex backend is irrelevant here
+
+
+@pytest.fixture(params=["rpc", "etcd"])
+def backend(request):
+    if request.param == "etcd":
+        request.getfixturevalue("etcd_backend")
+    return request.param
 
 
 class Point:
@@ -24,17 +31,26 @@ class Point:
         return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
 
 
-def test_create_var_returns_true_then_false(events):
+def wait_waiters(c, backend, name, count):
+    """Waiters queued on *name* per admin inspect; on etcd a wait is a watch
+    of the container's own, which no controller sees: give it time instead."""
+    if backend == "etcd":
+        time.sleep(0.5)
+    else:
+        c.wait_waiters(name, count)
+
+
+def test_create_var_returns_true_then_false(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["a", "b"]) as c:
+    with cluster(events, backend, ["a", "b"]) as c:
         assert c["a"].call("sharedvar.create_var(V)", V=V) is True
         assert c["b"].call("sharedvar.create_var(V, enc=True)", V=V) is False
         assert c["b"].call("sharedvar.get_value(V)", V=V) == ""   # still the plain one
 
 
-def test_set_get_delete_and_missing_variables(events):
+def test_set_get_delete_and_missing_variables(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["a", "b"]) as c:
+    with cluster(events, backend, ["a", "b"]) as c:
         a, b = c["a"], c["b"]
         assert a.call("sharedvar.get_value(V)", V=V) is None
         assert a.call("sharedvar.set_value(V, 'x')", V=V) is False
@@ -49,9 +65,9 @@ def test_set_get_delete_and_missing_variables(events):
         assert b.call("sharedvar.create_var(V)", V=V) is True
 
 
-def test_plain_variable_rejects_non_str_with_sharedvar_type_error(events):
+def test_plain_variable_rejects_non_str_with_sharedvar_type_error(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["a"]) as c:
+    with cluster(events, backend, ["a"]) as c:
         a = c["a"]
         assert a.call("[sharedvar.create_var(V), sharedvar.set_value(V, 'keep')]", V=V) == [True, True]
         for value in ("5", "b'x'", "{'a': 1}", "None"):
@@ -61,9 +77,9 @@ def test_plain_variable_rejects_non_str_with_sharedvar_type_error(events):
         assert a.call("sharedvar.get_value(V)", V=V) == "keep"
 
 
-def test_enc_variable_holds_dicts_lists_and_custom_objects(events):
+def test_enc_variable_holds_dicts_lists_and_custom_objects(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["a", "b"]) as c:
+    with cluster(events, backend, ["a", "b"]) as c:
         a, b = c["a"], c["b"]
         assert a.call("sharedvar.create_var(V, enc=True)", V=V) is True
         assert b.call("sharedvar.get_value(V) is None", V=V) is True
@@ -75,14 +91,16 @@ def test_enc_variable_holds_dicts_lists_and_custom_objects(events):
             assert b.call(f"sharedvar.wait_for_value(V, timeout=1) == {value}", V=V) is True
 
 
-def test_own_variable_goes_with_the_last_container_of_its_service_and_not_before(events, tmp_path):
+@pytest.mark.parametrize("T", [None, 60])
+def test_own_variable_goes_with_the_last_container_of_its_service_and_not_before(events, backend, tmp_path, T):
+    """(also with a timeout: the variable goes with its service all the same)"""
     V = uniq("var")
     flag = str(tmp_path / "no-restart")
-    with cluster(events, BACKEND, ["owner", "other"], workers={"owner": 2}, no_restart_flag=flag) as c:
+    with cluster(events, backend, ["owner", "other"], workers={"owner": 2}, no_restart_flag=flag) as c:
         owner, other = c["owner"], c["other"]
         pids = [e["pid"] for e in events.all("ready", service="owner")]
         assert len(pids) == 2
-        assert owner.call("sharedvar.create_var(V, own=True)", V=V) is True
+        assert owner.call("sharedvar.create_var(V, own=True, timeout=T)", V=V, T=T) is True
         assert other.call("sharedvar.set_value(V, 'v')", V=V) is True
         # another service's container ending does not touch it
         other.kill()
@@ -95,9 +113,9 @@ def test_own_variable_goes_with_the_last_container_of_its_service_and_not_before
         settle(lambda: other.call("sharedvar.get_value(V)", V=V) is None, what="own variable deleted")
 
 
-def test_ro_variable_can_only_be_set_by_its_owner(events):
+def test_ro_variable_can_only_be_set_by_its_owner(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["owner", "other"]) as c:
+    with cluster(events, backend, ["owner", "other"]) as c:
         owner, other = c["owner"], c["other"]
         assert owner.call("sharedvar.create_var(V, ro=True)", V=V) is True
         assert owner.call("sharedvar.set_value(V, 'mine')", V=V) is True
@@ -108,26 +126,29 @@ def test_ro_variable_can_only_be_set_by_its_owner(events):
         assert owner.call("sharedvar.set_value(V, 'again')", V=V) is True
 
 
-def test_timeout_deletes_after_that_many_seconds_without_access(events):
+def test_timeout_deletes_after_that_many_seconds_without_access(events, backend):
+    """(etcd: the timeout is a lease's TTL, whole seconds and at least 1, and
+    etcd expires leases up to about 0.5 s late.)"""
     V = uniq("var")
-    with cluster(events, BACKEND, ["a", "b"]) as c:
+    T, idle = (0.3, 0.6) if backend == "rpc" else (1, 2.0)
+    with cluster(events, backend, ["a", "b"]) as c:
         a, b = c["a"], c["b"]
-        assert a.call("sharedvar.create_var(V, timeout=0.3)", V=V) is True
-        # accessed every 0.1 s for 0.9 s: it stays
+        assert a.call("sharedvar.create_var(V, timeout=T)", V=V, T=T) is True
+        # accessed every T/3 s for 3 T: it stays
         for i in range(9):
-            time.sleep(0.1)
+            time.sleep(T / 3)
             if i % 2:
                 assert b.call("sharedvar.get_value(V)", V=V) is not None, f"expired while accessed ({i})"
             else:
                 assert a.call("sharedvar.set_value(V, str(i))", V=V, i=i) is True, f"expired while accessed ({i})"
-        time.sleep(0.6)                    # 0.3 s without access, and some
+        time.sleep(idle)                   # T s without access, and some
         assert b.call("sharedvar.get_value(V)", V=V) is None
         assert b.call("sharedvar.create_var(V)", V=V) is True
 
 
-def test_wait_for_value_returns_at_once_when_ever_set(events):
+def test_wait_for_value_returns_at_once_when_ever_set(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["a", "b"]) as c:
+    with cluster(events, backend, ["a", "b"]) as c:
         assert c["a"].call("[sharedvar.create_var(V), sharedvar.set_value(V, 'x')]", V=V) == [True, True]
         value, waited = c["b"].call("""
             t0 = time.monotonic()
@@ -140,21 +161,21 @@ def test_wait_for_value_returns_at_once_when_ever_set(events):
         assert c["b"].call("sharedvar.wait_for_value(V, timeout=0)", V=V) == ""
 
 
-def test_wait_for_value_blocks_until_the_next_set(events):
+def test_wait_for_value_blocks_until_the_next_set(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["w1", "w2", "s"]) as c:
+    with cluster(events, backend, ["w1", "w2", "s"]) as c:
         assert c["s"].call("sharedvar.create_var(V)", V=V) is True
         waits = [c["w1"].start("sharedvar.wait_for_value(V, timeout=20)", V=V),
                  c["w2"].start("await sharedvar.wait_for_value_async(V, timeout=20)", V=V)]
-        c.wait_waiters(V, 2)
+        wait_waiters(c, backend, V, 2)
         assert not waits[0].done(0.2) and not waits[1].done()
         assert c["s"].call("sharedvar.set_value(V, 'now')", V=V) is True
         assert [w.result(5) for w in waits] == ["now", "now"]
 
 
-def test_wait_for_value_returns_none_when_deleted_while_waiting_or_on_timeout(events):
+def test_wait_for_value_returns_none_when_deleted_while_waiting_or_on_timeout(events, backend):
     V = uniq("var")
-    with cluster(events, BACKEND, ["w", "d"]) as c:
+    with cluster(events, backend, ["w", "d"]) as c:
         w, d = c["w"], c["d"]
         assert w.call("sharedvar.wait_for_value(V, timeout=1)", V=V) is None   # missing
         assert d.call("sharedvar.create_var(V)", V=V) is True
@@ -165,6 +186,6 @@ def test_wait_for_value_returns_none_when_deleted_while_waiting_or_on_timeout(ev
         """, V=V)
         assert value is None and 0.25 <= waited < 1.5
         waiting = w.start("sharedvar.wait_for_value(V, timeout=20)", V=V)
-        c.wait_waiters(V, 1)
+        wait_waiters(c, backend, V, 1)
         assert d.call("sharedvar.delete_var(V)", V=V) is True
         assert waiting.result(5) is None
