@@ -10,7 +10,7 @@ from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, Wou
                      NotHolderError,
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
-                     ServiceConfigError, RemoteError)
+                     ServiceConfigError, RemoteError, AsyncWaitHelperError)
 from .hooks import ProcessorHooks
 from .service import Service
 from .container import Container, Timer
@@ -27,4 +27,5 @@ __all__ = [
     "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
+    "AsyncWaitHelperError",
 ]

@@ -690,3 +690,8 @@ def _segment_name(name) -> str:
     if "/" in name[1:] or len(name) > 250:
         raise ValueError(f"segment name must be one path component of at most 250 characters: {name!r}")
     return name
+
+
+# Imported with the backend, not on the first await: a process at its fd limit
+# could not open the module then (OSError 24).
+from . import asyncwait as _asyncwait  # noqa: E402,F401
