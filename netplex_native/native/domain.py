@@ -268,7 +268,9 @@ class Domain:
                waiter_quota=None, name=None) -> "Domain":
         """``waiters``: async waiter records (one per coroutine awaiting a
         wait, asyncwait.py); ``waiter_quota``: how many one process may hold
-        at once (default: half of ``waiters``)."""
+        at once (default: half of ``waiters``; at most ``waiters``).  The
+        quota bounds one process only: k processes at their quota hold
+        k * waiter_quota records, so two at the default fill the table."""
         _require()
         semaphores = errors.check_int(semaphores, "semaphores", 0, 2**28)
         mutexes = errors.check_int(mutexes, "mutexes", 0, 2**28)
@@ -276,7 +278,7 @@ class Domain:
         actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**19)
         waiters = errors.check_int(waiters, "waiters", 0, 2**19)
         waiter_quota = errors.check_int(max(1, waiters // 2) if waiter_quota is None else waiter_quota,
-                                        "waiter_quota", 1, 2**19)
+                                        "waiter_quota", 1, max(1, waiters))
         name = _segment_name(name)
         cfg = _ffi.new("np_config *", {"semaphores": semaphores, "mutexes": mutexes,
                                        "processes": processes, "actors": actors,
