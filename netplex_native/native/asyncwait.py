@@ -84,7 +84,7 @@ class AsyncWaits:
         self._live: dict[int, tuple] = {}            # record -> (seq, loop) while claimed
         self._seq = itertools.count(1)
         self._orphans = collections.deque()          # records taken off their loop: the helper releases
-        self._mu = threading.Lock()
+        self._mu = threading.RLock()   # re-entered if a collection finalizes a waiter inside _take
         self._thread = None
         self._closed = False
 
@@ -158,7 +158,8 @@ class AsyncWaits:
                 try:
                     reason = await fut
                 finally:
-                    self._futs.pop(rec, None)
+                    if self._futs.get(rec) is fut:   # not once the record went to another wait
+                        self._futs.pop(rec, None)
                     if timer is not None:
                         timer.cancel()
                 if reason == _TIMEOUT:
