@@ -26,8 +26,9 @@
  *     is reported exactly once, and none is lost, because the arming reads
  *     `wake' under the guard that any later release takes before waking.
  *  W3 Quota: a process holds at most `waiter_quota' records at once (counted
- *     in the process, reset in a forked child), so one busy container cannot
- *     take the table from the others.  The process also keeps a bitmap of
+ *     in the process, reset in a forked child), so one busy container leaves
+ *     waiters - waiter_quota records to the others (the quota bounds each
+ *     process, not their sum).  The process also keeps a bitmap of
  *     its records (a hint: the record's own word decides), so the helper's
  *     scan reads only those.
  *  W4 Leaving (cancellation, a timeout, the end of a wait): np_aw_release

@@ -11,7 +11,7 @@ from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, Wou
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
                      ServiceConfigError, RemoteError, LeaseLostError,
-                     EtcdUnavailableError)
+                     EtcdUnavailableError, AsyncWaitHelperError)
 from .hooks import ProcessorHooks
 from .service import Service
 from .container import Container, Timer
@@ -28,5 +28,5 @@ __all__ = [
     "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
-    "LeaseLostError", "EtcdUnavailableError",
+    "LeaseLostError", "EtcdUnavailableError", "AsyncWaitHelperError",
 ]

@@ -67,18 +67,27 @@ class Domain:
     # ---- lifecycle ----
     @classmethod
     def create(cls, *, semaphores: int = 1024, mutexes: int = 1024, processes: int = 256,
-               actors: int | None = None, name: str | None = None,
-               export: bool = True) -> "Domain":
+               actors: int | None = None, waiters: int = 8192, waiter_quota: int | None = None,
+               name: str | None = None, export: bool = True) -> "Domain":
         """Create a new segment (in the supervisor, before workers fork or are
         spawned).  First removes every netplex segment whose creator is dead.
         Capacities are fixed for its life; running out raises TableFullError.
+        *waiters*: async waiter records, one per coroutine awaiting a wait
+        (``lock_async``, ``decrement_async``, ``async with``) in any process.
+        *waiter_quota*: how many of them one process may hold at once
+        (default ``waiters // 2``, at most *waiters*); beyond it that process
+        gets TableFullError.  The quota bounds each process, not their sum:
+        one busy process leaves ``waiters - waiter_quota`` to the others, but
+        two at the default quota fill the table; to guarantee every one of
+        *processes* its quota, make ``waiters >= processes * waiter_quota``.
         *name*: the segment's name (default: an unguessable one).  *export*:
         put the name in ``os.environ["NETPLEX_DOMAIN"]`` so that spawned
         children find it with :meth:`attach`."""
         core = _core()
         core.Domain.remove_stale()
         d = cls(core.Domain.create(semaphores=semaphores, mutexes=mutexes, processes=processes,
-                                   actors=actors, name=name))
+                                   actors=actors, waiters=waiters, waiter_quota=waiter_quota,
+                                   name=name))
         d._creator_pid = os.getpid()
         if export:
             os.environ[ENV] = d.name
@@ -111,7 +120,7 @@ class Domain:
 
     @property
     def config(self) -> dict[str, int]:
-        """Capacities: semaphores, mutexes, processes, actors."""
+        """Capacities: semaphores, mutexes, processes, actors, waiters, waiter_quota."""
         return dict(self._core.config)        # type: ignore[attr-defined]
 
     def recover(self, pid: int, timeout: float | None = None) -> int:

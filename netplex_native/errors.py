@@ -63,6 +63,12 @@ class SegmentError(NetplexError, OSError):
     """The native shared-memory segment could not be created, mapped or is corrupt."""
 
 
+class AsyncWaitHelperError(NetplexError, RuntimeError):
+    """An awaitable native wait needs this process's helper thread (one per
+    process and domain) and it could not be started (RLIMIT_NPROC, memory);
+    nothing was queued.  Raise the limit, or wait synchronously."""
+
+
 class NativeUnavailableError(NetplexError, ImportError):
     """The compiled native core (netplex_native._core) is not importable."""
 

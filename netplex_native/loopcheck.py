@@ -6,7 +6,8 @@ A handler runs on its container's event loop; a synchronous wait there
 until it returns.  The backends call :func:`warn_if_on_loop` just before
 such a wait may block (not on the uncontended fast path): if the calling
 thread runs an event loop, one warning is logged per call site (the first
-frame outside this package), naming the awaitable form to use instead.
+frame outside this package), naming the awaitable form to use instead: a
+handle's (``s.acquire()`` names ``await s.acquire_async(...)``).
 Runs in any process; costs one C call when no loop runs.
 """
 
@@ -25,28 +26,49 @@ _warned: set = set()
 #: (what, instead) by the kind code the native accelerator passes (csrc/fast.c)
 NATIVE_KINDS = {
     1: ("semaphore.decrement(wait=True)", "await semaphore.decrement_async(name, wait=True)"),
-    2: ("Mutex.lock()", "await mutex.access(name).lock_async() or async with"),
+    2: ("Mutex.lock()", "await m.lock_async() or async with m"),
+}
+
+
+#: (what, instead) by the handle method the user called (the last frame of
+#: this package before the call site): a handle's wait names the handle's form.
+HANDLE_FORMS = {
+    ("semaphore.py", "Semaphore.decrement"):
+        ("Semaphore.decrement(wait=True)", "await s.decrement_async(wait=True, ...)"),
+    ("semaphore.py", "Semaphore.acquire"): ("Semaphore.acquire()", "await s.acquire_async(...)"),
+    ("semaphore.py", "Semaphore.__enter__"): ("'with' on a Semaphore", "async with s"),
+    ("mutex.py", "Mutex.lock"): ("Mutex.lock()", "await m.lock_async() or async with m"),
+    ("mutex.py", "BoundMutex.lock"): ("Mutex.lock()", "await m.lock_async() or async with m"),
+    ("mutex.py", "_PyMutexBase.lock"): ("Mutex.lock()", "await m.lock_async() or async with m"),
+    ("mutex.py", "Mutex.acquire"): ("Mutex.acquire()", "await m.acquire_async() or async with m"),
+    ("mutex.py", "Mutex.__enter__"): ("'with' on a Mutex", "async with m"),
 }
 
 
 def _call_site():
+    """(file, line) of the first frame outside this package, and the
+    (file name, qualified name) of the package's frame it called."""
     f = sys._getframe(2)
+    api = None
     while f is not None and (f.f_code.co_filename.startswith(_PKG)
                              or f.f_code.co_filename.startswith("<frozen")):
+        if f.f_code.co_filename.startswith(_PKG):
+            api = (os.path.basename(f.f_code.co_filename), f.f_code.co_qualname)
         f = f.f_back
     if f is None:
-        return ("?", 0)
-    return (f.f_code.co_filename, f.f_lineno)
+        return ("?", 0), api
+    return (f.f_code.co_filename, f.f_lineno), api
 
 
 def warn_if_on_loop(what: str, instead: str) -> None:
     """Log a warning, once per call site, if the calling thread runs an event loop."""
     if _get_running_loop() is None:
         return
-    site = _call_site()
+    site, api = _call_site()
     if site in _warned:
         return
     _warned.add(site)
+    what, instead = HANDLE_FORMS.get(api, (what, instead))
     log.warning("%s:%d: %s on the event loop's thread blocks every connection of this "
                 "container while it waits; use %s", site[0], site[1], what, instead)
 

@@ -297,6 +297,45 @@ def test_a_synchronous_wait_on_the_loop_thread_warns_once_per_call_site(events, 
         assert len(msgs) == 4, msgs
 
 
+HANDLE_SYNC_WAITS = """
+import logging
+seen = []
+class H(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+h = H(logging.WARNING)
+logging.getLogger("netplex_native").addHandler(h)
+try:
+    semaphore.create(S, 0)
+    s = semaphore.access(S)
+    m = mutex.access(M)
+    assert await m.lock_async(timeout=1)
+    s.acquire(timeout=0.02)
+    s.decrement(wait=True, timeout=0.02)
+    m.acquire(timeout=0.02)
+    m.lock(timeout=0.02)
+finally:
+    logging.getLogger("netplex_native").removeHandler(h)
+m.unlock()
+result = [s for s in seen if "event loop" in s]
+"""
+
+
+def test_a_handles_synchronous_wait_on_the_loop_names_the_handles_awaitable_form(events, backend):
+    """s.acquire() on the loop names ``await s.acquire_async(...)``, not the
+    module's ``semaphore.decrement``; the same for the other handle waits."""
+    S, M = uniq("aw.hw"), uniq("aw.hwm")
+    with cluster(events, backend, ["a"]) as c:
+        msgs = c["a"].call(HANDLE_SYNC_WAITS, timeout=20, S=S, M=M)
+        assert len(msgs) == 4, msgs
+        acq, dec, macq, mlock = msgs
+        assert "Semaphore.acquire()" in acq and "await s.acquire_async(" in acq, acq
+        assert "Semaphore.decrement(wait=True)" in dec and "await s.decrement_async(" in dec, dec
+        assert "Mutex.acquire()" in macq and "await m.acquire_async()" in macq, macq
+        assert "Mutex.lock()" in mlock and "await m.lock_async()" in mlock, mlock
+        assert not any("semaphore.decrement" in m or "mutex.access(name)" in m for m in msgs), msgs
+
+
 def test_destroying_a_semaphore_ends_every_awaiting_coroutine(events, backend):
     """Far more than one wake-up batch (64) of coroutines wait; destroy from
     another container ends all of them with -1, promptly."""

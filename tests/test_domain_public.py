@@ -288,3 +288,70 @@ def test_a_lock_taken_by_a_coroutine_gets_the_next_token(dom):
             m.release()
     t2 = asyncio.run(take())
     assert t2 is not None and t2 > t
+
+
+def test_create_sizes_the_async_waiter_table_and_the_quota_bounds_each_process_not_their_sum():
+    """waiters/waiter_quota: validated; one process at its quota leaves the
+    rest to the others, two at their quota fill the table (as documented)."""
+    for bad, exc in (({"waiter_quota": 9}, ValueError), ({"waiters": -1}, ValueError),
+                     ({"waiter_quota": 0}, ValueError), ({"waiter_quota": "4"}, TypeError),
+                     ({"waiters": 1.5}, TypeError)):
+        with pytest.raises(exc, match="waiter"):
+            Domain.create(semaphores=4, mutexes=4, processes=4, export=False,
+                          **{"waiters": 8, **bad})
+    d = Domain.create(semaphores=4, mutexes=4, processes=8, waiters=8, waiter_quota=4,
+                      export=False)
+    pids = []
+    try:
+        assert d.config["waiters"] == 8 and d.config["waiter_quota"] == 4
+        m = d.mutex("m")
+        assert m.lock(timeout=0)
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+
+        def fill(n):
+            """Await m n times; report how many queued and whether one more
+            was refused (TableFullError); stay until told."""
+            async def main():
+                ts = [asyncio.ensure_future(m.lock_async(timeout=30)) for _ in range(n)]
+                await asyncio.sleep(0.2)
+                try:
+                    await m.lock_async(timeout=30)
+                    extra = "granted"
+                except netplex.TableFullError:
+                    extra = "full"
+                os.write(w, f"{sum(not t.done() for t in ts)} {extra}\n".encode()[:16].ljust(16))
+                await asyncio.get_running_loop().run_in_executor(None, os.read, go_r, 1)
+                for t in ts:
+                    t.cancel()
+                await asyncio.gather(*ts, return_exceptions=True)
+            asyncio.run(main())
+
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(30)
+                try:
+                    fill(4)
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        reports = sorted(os.read(r, 16).decode().split() for _ in pids)
+        assert reports == [["4", "full"], ["4", "full"]], reports
+
+        async def one_more():
+            return await m.lock_async(timeout=0.5)
+        with pytest.raises(netplex.TableFullError):     # this process holds none: the table is full
+            asyncio.run(one_more())
+        for _ in pids:
+            os.write(go_w, b"G")
+        for pid in pids:
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        pids.clear()
+        assert asyncio.run(one_more()) is False           # records free again: it queues, times out
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        d.unlink()
+        d.close()

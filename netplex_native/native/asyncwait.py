@@ -27,13 +27,25 @@ Invariants kept here
    wait behind (progress without the supervisor) and, when the domain's
    ``interrupt_check`` says so (container shutdown), ends every wait as a
    timeout would.
+ - A record is released exactly once, by whoever first takes it out of
+   ``_live`` (``_take``): its coroutine on its loop's thread, or else the
+   helper thread.  A waiter whose loop is closed (the helper sees it when it
+   delivers a wake-up and every slice) or whose coroutine was finalized off
+   its loop (garbage collection) leaves the queue as a cancelled one does:
+   the helper releases its record, passing the wake-up on.  A loop that is
+   merely not running keeps its waiters queued, as a paused thread would.
+ - The helper thread is started before a record is claimed: when it cannot
+   be (RLIMIT_NPROC), AsyncWaitHelperError is raised and nothing is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import os
 import threading
+import weakref
 
 from .. import errors
 from . import domain as _d
@@ -57,6 +69,11 @@ def _resolve(futs, reason):
             f.set_result(reason)
 
 
+class _Wait:
+    """Held by the waiting coroutine's frame: its collection releases the record."""
+    __slots__ = ("__weakref__",)
+
+
 class AsyncWaits:
     """The async waits of one process on one Domain, and their helper thread."""
 
@@ -64,9 +81,27 @@ class AsyncWaits:
         self.pid = os.getpid()
         self._dom = dom
         self._futs: dict[int, asyncio.Future] = {}   # record -> future of its waiting coroutine
-        self._mu = threading.Lock()
+        self._live: dict[int, tuple] = {}            # record -> (seq, loop) while claimed
+        self._seq = itertools.count(1)
+        self._orphans = collections.deque()          # records taken off their loop: the helper releases
+        self._mu = threading.RLock()   # re-entered if a collection finalizes a waiter inside _take
         self._thread = None
         self._closed = False
+
+    def _take(self, rec: int, seq: int) -> bool:
+        """True once for (rec, seq): the caller then releases the record."""
+        with self._mu:
+            e = self._live.get(rec)
+            if e is None or e[0] != seq:
+                return False
+            del self._live[rec]
+            self._futs.pop(rec, None)
+            return True
+
+    def _orphaned(self, rec: int, seq: int) -> None:
+        """The record's waiter is gone without releasing it (collected, or finalized
+        off its loop): the helper releases it.  Takes no lock (runs in a collection)."""
+        self._orphans.append((rec, seq))
 
     # ---- the loop thread -------------------------------------------------
 
@@ -78,9 +113,14 @@ class AsyncWaits:
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
         cache = dom._sems if kind == _d._SEM else dom._mtxs
+        self._start_helper()                   # before anything is queued
         rec = _d._check(lib.np_aw_claim(dom._dom()), dom, name, kind)
+        seq = next(self._seq)
+        self._live[rec] = (seq, loop)
+        me = _Wait()
+        fin = weakref.finalize(me, self._orphaned, rec, seq)
+        fin.atexit = False
         try:
-            self._start_helper()
             final = 0
             h = None        # the incarnation the record queues on: kept while queued
             while True:
@@ -118,7 +158,8 @@ class AsyncWaits:
                 try:
                     reason = await fut
                 finally:
-                    self._futs.pop(rec, None)
+                    if self._futs.get(rec) is fut:   # not once the record went to another wait
+                        self._futs.pop(rec, None)
                     if timer is not None:
                         timer.cancel()
                 if reason == _TIMEOUT:
@@ -128,7 +169,11 @@ class AsyncWaits:
                 elif reason == _CLOSED:
                     raise errors.SegmentError(f"native segment {dom.name} is closed")
         finally:
-            if dom._d is not None:
+            fin.detach()
+            del me
+            if asyncio._get_running_loop() is not loop:
+                self._orphaned(rec, seq)        # finalized off its loop: the helper releases it
+            elif self._take(rec, seq) and dom._d is not None:
                 lib.np_aw_release(dom._d, rec)
 
     # ---- the helper thread -----------------------------------------------
@@ -138,21 +183,51 @@ class AsyncWaits:
             return
         with self._mu:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._helper, name="netplex-asyncwait",
-                                                daemon=True)
-                self._thread.start()
+                t = threading.Thread(target=self._helper, name="netplex-asyncwait", daemon=True)
+                try:
+                    t.start()
+                except RuntimeError as e:       # RLIMIT_NPROC, no memory for a stack
+                    raise errors.AsyncWaitHelperError(
+                        f"an awaitable wait needs this process's helper thread and it could not "
+                        f"be started ({e}); nothing was queued.  Raise the process limit "
+                        f"(ulimit -u, RLIMIT_NPROC) or wait synchronously") from e
+                self._thread = t
 
     def _deliver(self, recs, reason) -> None:
         by_loop: dict = {}
         for r in recs:
             f = self._futs.get(r)
             if f is not None:
-                by_loop.setdefault(f.get_loop(), []).append(f)
-        for loop, futs in by_loop.items():
+                by_loop.setdefault(f.get_loop(), []).append((r, f))
+        for loop, rfs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, futs, reason)
-            except RuntimeError:                # that loop is closed
-                pass
+                if loop.is_closed():
+                    raise RuntimeError("closed")
+                loop.call_soon_threadsafe(_resolve, [f for _, f in rfs], reason)
+            except RuntimeError:                # that loop is closed: its waiters leave
+                self._abandon([r for r, _ in rfs])
+
+    def _abandon(self, recs) -> None:
+        """The helper: release the records of waiters whose loop is closed."""
+        for r in recs:
+            e = self._live.get(r)
+            if e is not None:
+                self._orphans.append((r, e[0]))
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        d = self._dom._d
+        while self._orphans:
+            r, seq = self._orphans.popleft()
+            if self._take(r, seq) and d is not None:
+                _d._lib.np_aw_release(d, r)
+
+    def _reap(self) -> None:
+        """The helper, every slice: waiters of closed loops, and gone ones, leave."""
+        closed = [r for r, (_, loop) in list(self._live.items()) if loop.is_closed()]
+        if closed:
+            self._abandon(closed)
+        self._reap_orphans()
 
     def _helper(self) -> None:
         lib, ffi, dom = _d._lib, _d._ffi, self._dom
@@ -167,12 +242,13 @@ class AsyncWaits:
                 break
             if n > 0:
                 self._deliver(list(buf[0:n]), _WAKE)
-                if lib.np_now() < next_tick:
+                if lib.np_now() < next_tick and not self._orphans:
                     continue
             now = lib.np_now()
-            if now < next_tick:
+            if now < next_tick and not self._orphans:
                 continue
             next_tick = now + _SLICE_NS
+            self._reap()
             if not self._futs:
                 continue
             check = dom.interrupt_check

@@ -268,7 +268,9 @@ class Domain:
                waiter_quota=None, name=None) -> "Domain":
         """``waiters``: async waiter records (one per coroutine awaiting a
         wait, asyncwait.py); ``waiter_quota``: how many one process may hold
-        at once (default: half of ``waiters``)."""
+        at once (default: half of ``waiters``; at most ``waiters``).  The
+        quota bounds one process only: k processes at their quota hold
+        k * waiter_quota records, so two at the default fill the table."""
         _require()
         semaphores = errors.check_int(semaphores, "semaphores", 0, 2**28)
         mutexes = errors.check_int(mutexes, "mutexes", 0, 2**28)
@@ -276,7 +278,7 @@ class Domain:
         actors = errors.check_int(4 * processes if actors is None else actors, "actors", 1, 2**19)
         waiters = errors.check_int(waiters, "waiters", 0, 2**19)
         waiter_quota = errors.check_int(max(1, waiters // 2) if waiter_quota is None else waiter_quota,
-                                        "waiter_quota", 1, 2**19)
+                                        "waiter_quota", 1, max(1, waiters))
         name = _segment_name(name)
         cfg = _ffi.new("np_config *", {"semaphores": semaphores, "mutexes": mutexes,
                                        "processes": processes, "actors": actors,
@@ -690,3 +692,8 @@ def _segment_name(name) -> str:
     if "/" in name[1:] or len(name) > 250:
         raise ValueError(f"segment name must be one path component of at most 250 characters: {name!r}")
     return name
+
+
+# Imported with the backend, not on the first await: a process at its fd limit
+# could not open the module then (OSError 24).
+from . import asyncwait as _asyncwait  # noqa: E402,F401

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import NativeUnavailableError, WouldBlockError, check_timeout
 from ..plugin import Plugin
+from . import asyncwait as _aw, domain as _nd   # now: an await at the fd limit imports nothing
 
 log = logging.getLogger("netplex_native")
 
@@ -133,9 +134,7 @@ class _NativeSem:
         r = self._dom.sem_decrement(name)  # free now: no thread needed
         if r >= 0 or timeout == 0:
             return r
-        from .asyncwait import waits_of
-        from .domain import _SEM
-        return await waits_of(self._dom).acquire(_SEM, name, timeout)
+        return await _aw.waits_of(self._dom).acquire(_nd._SEM, name, timeout)
 
 
 class _NativeMutex:
@@ -162,6 +161,4 @@ class _NativeMutex:
             return True
         if timeout == 0:
             return False
-        from .asyncwait import waits_of
-        from .domain import _MTX
-        return await waits_of(self._dom).acquire(_MTX, name, timeout) == 0
+        return await _aw.waits_of(self._dom).acquire(_nd._MTX, name, timeout) == 0

@@ -520,7 +520,7 @@ class _MutexClient:
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)
         if timeout != 0:
-            warn_if_on_loop("Mutex.lock()", "await mutex.access(name).lock_async() or async with")
+            warn_if_on_loop("Mutex.lock()", "await m.lock_async() or async with m")
         return self._ch.call("mutex.lock", [name, timeout], undo=self._undo(name))[0]
 
     async def lock_async(self, name, timeout=None):
