@@ -130,6 +130,8 @@ int np_domain_create(const char *name, const np_config *cfg, np_domain **out)
     memset(&tmp, 0, sizeof tmp);
     tmp.cfg = *cfg;
     layout(cfg, &tmp);
+    tmp.fresh[0] = 0;                   /* names.c N6: nothing used, no free list */
+    tmp.fresh[1] = cfg->semaphores;
     int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return NP_ESYS;

@@ -671,6 +671,15 @@ class Domain:
                             "threads": info.threads, "async_waiters": info.async_waiters})
         return out
 
+    def name_stats(self) -> dict:
+        """The name table: capacity, entries, tombstones (at most 1: the hole a
+        destroy is closing), longest probe of a present name, free objects."""
+        out = _ffi.new("np_name_stats_t *")
+        _check(_lib.np_name_stats(self._dom(), out), self)
+        return {"capacity": out.capacity, "entries": out.entries,
+                "tombstones": out.tombstones, "longest_probe": out.longest_probe,
+                "free_semaphores": out.free_semaphores, "free_mutexes": out.free_mutexes}
+
     def check(self) -> None:
         """Raise errors.SegmentError describing the first inconsistency found
         (meaningful on a quiescent segment)."""
