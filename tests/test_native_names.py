@@ -1,0 +1,108 @@
+"""The name table at scale (csrc/names.c N4, N6): create, destroy and lookup stay
+O(1) whatever the number of names and however long the churn, because a free
+object is popped from a free list (not searched for) and a destroyed name leaves
+no tombstone behind (its hole is closed by backward shifts).  Cost is measured in
+bench/ (names section); these tests check the structure that makes it flat:
+at most one tombstone at any time, none at rest, every free object on its list
+(np_check), and fencing tokens that keep growing across destroy and re-create."""
+
+import random
+
+import pytest
+
+from netplex_native import errors
+from netplex_native.native import domain as _native
+
+
+@pytest.fixture
+def big():
+    d = _native.Domain.create(semaphores=131072, mutexes=64, processes=4, actors=16, waiters=16)
+    yield d
+    d.close()
+    d.unlink()
+
+
+@pytest.mark.timeout(240)
+def test_131072_names_are_created_found_and_destroyed_and_the_table_is_then_empty(big):
+    n = 131072
+    for i in range(n):
+        assert big.sem_create(f"user.{i}", i % 7)
+    with pytest.raises(errors.TableFullError):
+        big.sem_create("one.too.many", 1)
+    stats = big.name_stats()
+    assert stats["entries"] == n and stats["free_semaphores"] == 0 and stats["tombstones"] == 0
+    big.check()
+    big._sems.clear()                           # every lookup goes to the table
+    for i in range(0, n, 97):
+        assert big.sem_get(f"user.{i}") == i % 7
+    for i in range(n):
+        big.sem_destroy(f"user.{i}")
+        if i % 8191 == 0:
+            assert big.name_stats()["tombstones"] == 0
+    stats = big.name_stats()
+    assert stats == {"capacity": stats["capacity"], "entries": 0, "tombstones": 0,
+                     "longest_probe": 0, "free_semaphores": n, "free_mutexes": 64}
+    big.check()
+    assert big.sem_create("after", 3) and big.sem_get("after") == 3
+
+
+@pytest.mark.timeout(240)
+def test_churn_of_distinct_names_leaves_no_tombstone_and_a_full_free_list(big):
+    """Per-user rate limiters: 1,000 live names, 100,000 created and destroyed
+    (each a new name), in random order.  The old table kept every destroyed
+    name's tombstone: 100,000 here."""
+    rng = random.Random(15)
+    live = []
+    for i in range(100_000):
+        name = f"rate.{i}"
+        assert big.sem_create(name, 1)
+        live.append(name)
+        if len(live) > 1000:
+            big.sem_destroy(live.pop(rng.randrange(len(live))))
+        if i % 10_000 == 0:
+            assert big.name_stats()["tombstones"] == 0
+    stats = big.name_stats()
+    assert stats["entries"] == len(live) and stats["tombstones"] == 0
+    assert stats["free_semaphores"] == 131072 - len(live)
+    big.check()
+    big._sems.clear()
+    for name in live:
+        assert big.sem_get(name) == 1
+    for name in live:
+        big.sem_destroy(name)
+    assert big.name_stats()["entries"] == 0
+    big.check()
+
+
+@pytest.mark.timeout(120)
+def test_a_full_table_reuses_the_object_a_destroy_freed(big):
+    """The free list: with every mutex in use, a destroy frees exactly one, and a
+    create takes it (generation bumped: the old handle is stale)."""
+    names = [f"m.{i}" for i in range(64)]
+    for name in names:
+        big.mutex_unlock(name, force=True)      # implicit creation
+    with pytest.raises(errors.TableFullError):
+        big.mutex_unlock("m.extra", force=True)
+    for round_ in range(200):
+        victim = names[round_ % 64]
+        big.mutex_destroy(victim)
+        assert big.name_stats()["free_mutexes"] == 1
+        big.mutex_unlock(victim, force=True)
+        assert big.name_stats()["free_mutexes"] == 0
+    big.check()
+
+
+@pytest.mark.timeout(120)
+def test_fencing_tokens_keep_growing_across_destroy_and_create_churn(big):
+    """T2 with the free list: the same object comes back at once (LIFO), and its
+    first token is still above every token handed out before."""
+    last = 0
+    for i in range(2000):
+        name = f"lock.{i % 3}"
+        assert big.mutex_trylock(name) is True
+        t = big.mutex_token(name)
+        assert t > last, (i, t, last)
+        last = t
+        big.mutex_unlock(name)
+        big.mutex_destroy(name)
+    big.check()
