@@ -14,7 +14,10 @@ library: every figure is a median over ALTERNATING rounds (A, B, C, A, B, C,
 every verdict is a ratio against a peer measured in the same run.
 
 Sections: uncontended, contention, handoff, recovery, syscalls, memory,
-asyncwaits (bench/asyncwaits.py: awaiting coroutines, issue 10).
+asyncwaits (bench/asyncwaits.py: awaiting coroutines, issue 10), names
+(bench/names.py: the name table at 1k / 16k / 128k names and after 1M churn).
+The machine (CPU, kernel, cost of one futex system call: bench/machine.py)
+heads the output.
 Writes OUT/results.json (raw figures, targets) and OUT/contention.png.
 """
 
@@ -44,7 +47,8 @@ if HERE not in sys.path:
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SECTIONS = ["uncontended", "contention", "handoff", "recovery", "syscalls", "memory", "asyncwaits"]
+SECTIONS = ["uncontended", "contention", "handoff", "recovery", "syscalls", "memory", "asyncwaits",
+            "names"]
 
 
 def log(msg: str) -> None:
@@ -1126,6 +1130,13 @@ def print_table(results):
                          if m[b].get("total_pss_kb") else ""))
     from asyncwaits import print_asyncwaits
     print_asyncwaits(results)
+    from names import print_names
+    print_names(results)
+    mc = results.get("machine", {})
+    print(f"\nmachine: {mc.get('nproc')} CPUs, {mc.get('cpu')}, kernel {mc.get('kernel')}, "
+          f"Python {mc.get('python')}; one futex syscall (FUTEX_WAKE, no waiter) "
+          f"{mc.get('futex_syscall_ns') or float('nan'):.0f} ns; load average "
+          f"{(mc.get('loadavg_start') or ['?'])[0]} at start, {(mc.get('loadavg_end') or ['?'])[0]} at end")
     print()
     print("targets:")
     for t in results.get("targets", []):
@@ -1168,17 +1179,8 @@ def plot(results, out_dir):
 
 
 def machine():
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from machine import machine as record      # bench/machine.py
+    return record()
 
 
 def main(argv=None) -> int:
@@ -1224,6 +1226,9 @@ def main(argv=None) -> int:
         try:
             if sec == "syscalls":
                 bench_syscalls(args.quick, results, args.out)
+            elif sec == "names":
+                from names import bench_names
+                bench_names(args.quick, results, log)
             elif sec == "asyncwaits":
                 from asyncwaits import bench_asyncwaits
                 bench_asyncwaits(args.quick, results, Session, log)
@@ -1241,6 +1246,7 @@ def main(argv=None) -> int:
         results["targets"] = []
         results.setdefault("errors", {})["targets"] = repr(e)
     results["elapsed_s"] = time.monotonic() - t_start
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
