@@ -93,7 +93,8 @@ def _table(lib, ffi, dom, n, rounds, rng, churn=0):
     missing = [f"absent.{i}" for i in range(4 * BATCH)]
     res = _measure(lib, ffi, d, names, missing, rounds, rng)
     res["fill_create"] = {"median": fill, "n": 1}
-    res["stats"] = dom.name_stats()
+    # (a build older than the free list has no name_stats: compare with it too)
+    res["stats"] = dom.name_stats() if hasattr(dom, "name_stats") else {}
     if churn_s is not None:
         res["churn_s"] = churn_s
     dom.check()
@@ -130,4 +131,4 @@ def print_names(results):
     print(f"  {'names':<22}" + "".join(f"{c:>13}" for c in cols) + f"{'longest probe':>15}")
     for label, r in rows.items():
         print(f"  {label:<22}" + "".join(f"{r[c]['median']:>13.0f}" for c in cols)
-              + f"{r['stats']['longest_probe']:>15}")
+              + f"{r['stats'].get('longest_probe', '-'):>15}")

@@ -390,6 +390,15 @@ class SemaphorePlugin(Plugin):
         else:
             raise ValueError(f"semaphore: no procedure {proc!r}")
 
+    def _hot_calls(self, ctrl):
+        """Binary ops answered at once by the controller (_Conn._serve_hot):
+        fn(rec, name, flags) -> result, with the checks of ctrl_receive_call."""
+        st = ctrl.plugin_data(_sync_base)
+        inc, dec, get = st.sem_increment, st.sem_try_decrement, st.sem_get
+        return {1: lambda rec, name, flags: inc(rec.id, check_name(name)),
+                2: lambda rec, name, flags: dec(rec.id, check_name(name)),   # no wait
+                3: lambda rec, name, flags: get(check_name(name))}
+
     def backend(self, ctrl, role):
         if role == "container":
             from .._context import ctx
@@ -421,6 +430,15 @@ class MutexPlugin(Plugin):
             reply.ok(None)
         else:
             raise ValueError(f"mutex: no procedure {proc!r}")
+
+    def _hot_calls(self, ctrl):
+        """As SemaphorePlugin._hot_calls: unlock (a lock may wait: not here)."""
+        st = ctrl.plugin_data(_sync_base)
+        unlock = st.mutex_unlock
+
+        def unlock_now(rec, name, flags):
+            unlock(check_name(name), rec.id, flags == 1)
+        return {5: unlock_now}
 
     def backend(self, ctrl, role):
         if role == "container":
