@@ -37,7 +37,7 @@ import logging
 from collections import deque
 
 from ..errors import (NotHolderError, WouldBlockError, check_bool, check_int, check_name,
-                     check_timeout, VALUE_MAX)
+                     check_timeout, NAME_MAX_BYTES, VALUE_MAX)
 from ..plugin import Plugin
 from ..loopcheck import warn_if_on_loop
 from ..logs import get_logger
@@ -449,6 +449,20 @@ class MutexPlugin(Plugin):
 
 # ---- backends: what the public modules call ----
 
+def _name_bytes(name) -> bytes:
+    """*name* in UTF-8 when check_name accepts it as it is; else check_name
+    raises (or normalises a str subclass).  The calls that go as binary
+    frames (Channel.call_op) need the bytes anyway."""
+    if type(name) is str:
+        try:
+            nb = name.encode("utf-8")
+        except UnicodeEncodeError:
+            nb = None
+        if nb and len(nb) <= NAME_MAX_BYTES and b"\x00" not in nb:
+            return nb
+    return check_name(name).encode("utf-8")
+
+
 def _check_wait(wait, timeout):
     if wait is not True and wait is not False:
         raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
@@ -466,7 +480,7 @@ class _SemClient:
                                             check_bool(protected, "protected")])[0]
 
     def increment(self, name):
-        return self._ch.call("sem.increment", [check_name(name)])[0]
+        return self._ch.call_op(1, _name_bytes(name))[0]
 
     def _undo(self, name):
         def undo(result):
@@ -476,8 +490,11 @@ class _SemClient:
 
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
+        if not wait:
+            nb = _name_bytes(name)
+            return self._ch.call_op(2, nb, 0, self._undo(name))[0]
         name = check_name(name)
-        if wait and timeout != 0:
+        if timeout != 0:
             warn_if_on_loop("semaphore.decrement(wait=True)",
                             "await semaphore.decrement_async(name, wait=True)")
         return self._ch.call("sem.decrement", [name, wait, timeout], undo=self._undo(name))[0]
@@ -488,7 +505,7 @@ class _SemClient:
         return (await self._ch.acall("sem.decrement", [name, wait, timeout], undo=self._undo(name)))[0]
 
     def get(self, name):
-        return self._ch.call("sem.get", [check_name(name)])[0]
+        return self._ch.call_op(3, _name_bytes(name))[0]
 
     def destroy(self, name):
         self._ch.call("sem.destroy", [check_name(name)])
@@ -546,7 +563,7 @@ class _MutexClient:
         return (await self._ch.acall("mutex.lock", [name, timeout], undo=self._undo(name)))[0]
 
     def unlock(self, name, force=False):
-        self._ch.call("mutex.unlock", [name, check_bool(force, "force")])
+        self._ch.call_op(5, _name_bytes(name), 1 if check_bool(force, "force") else 0)
 
     def token(self, name):
         return self._ch.call("mutex.token", [check_name(name)])[0]
