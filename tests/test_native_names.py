@@ -106,3 +106,22 @@ def test_fencing_tokens_keep_growing_across_destroy_and_create_churn(big):
         big.mutex_unlock(name)
         big.mutex_destroy(name)
     big.check()
+
+
+@pytest.mark.timeout(120)
+def test_the_handle_cache_of_a_process_stays_bounded_when_others_destroy_its_names(big, monkeypatch):
+    """Another process (here: another Domain on the segment) destroys every name
+    this one used: the stale handles it caches are bounded, and still work."""
+    monkeypatch.setattr(_native, "HANDLE_CACHE_MAX", 1000, raising=False)
+    other = _native.Domain.attach(big.name)
+    try:
+        for i in range(5000):
+            name = f"seen.{i}"
+            assert big.sem_create(name, 1)
+            assert other.sem_get(name) == 1             # cached in other
+            big.sem_destroy(name)
+        assert len(other._sems) <= 1000
+        big.sem_create("seen.4999", 7)                  # other's cached handle is stale
+        assert other.sem_get("seen.4999") == 7
+    finally:
+        other.close()
