@@ -139,6 +139,7 @@ typedef struct {
     uint32_t fresh[2];
     uint32_t name_hole;
     uint32_t pad1;
+    uint64_t name_key[2];       /* N7: the name hash's key, random, set at creation */
 } np_hdr;
 
 /* Semaphores are objects [0, S), mutexes [S, S + M): one array, two tables. */

@@ -29,20 +29,70 @@
  *     plus the objects never used (index >= h->fresh): create pops, destroy
  *     pushes, in the intent that flips `used' (N1).  Create, destroy and
  *     lookup are O(1) expected whatever the number of names.
+ *  N7 The hash is keyed by a random key drawn at the segment's creation
+ *     (h->name_key): its probes are short for any set of names.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
 
 #include <string.h>
 
-static uint64_t name_hash(const char *s)
+static inline uint64_t rotl(uint64_t x, int b)
 {
-    uint64_t h = 1469598103934665603ULL;       /* FNV-1a */
-    for (const char *end = s + NP_NAME_MAX + 1; s < end && *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
+    return (x << b) | (x >> (64 - b));
+}
+
+#define SIPROUND do { \
+        v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32); \
+        v2 += v3; v3 = rotl(v3, 16); v3 ^= v2; \
+        v0 += v3; v3 = rotl(v3, 21); v3 ^= v0; \
+        v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32); \
+    } while (0)
+
+/* N7: SipHash-1-3 of the name under the segment's random key, so that names
+ * chosen by an outsider (a user id in a rate limiter's name) cannot be made
+ * to collide: probes stay short whoever picks the names. */
+static uint64_t name_hash(const uint64_t key[2], const char *s)
+{
+    size_t len = strnlen(s, NP_NAME_MAX + 1);
+    const unsigned char *p = (const unsigned char *)s;
+    uint64_t v0 = key[0] ^ 0x736f6d6570736575ULL, v1 = key[1] ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = key[0] ^ 0x6c7967656e657261ULL, v3 = key[1] ^ 0x7465646279746573ULL;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t m = 0;
+        for (int k = 0; k < 8; k++)
+            m |= (uint64_t)p[i + k] << (8 * k);
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
     }
-    return h;
+    uint64_t b = (uint64_t)len << 56;
+    for (int k = 0; i + k < len; k++)
+        b |= (uint64_t)p[i + k] << (8 * k);
+    v3 ^= b;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+uint32_t np_name_home(np_domain *d, const char *name)
+{
+    return (uint32_t)name_hash(d->h->name_key, name) & (d->name_cap - 1);
+}
+
+int64_t np_name_home_of(np_domain *d, const char *name)
+{
+    NP_ENTER(d);
+    int64_t rc = NP_EINVAL;
+    if (name)
+        rc = np_name_home(d, name);
+    NP_LEAVE(d);
+    return rc;
 }
 
 /* Under the name guard.  Returns object + 1 or 0; *slot: where it is, or
@@ -69,11 +119,6 @@ uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot)
     }
     *slot = ins;
     return 0;
-}
-
-uint32_t np_name_home(np_domain *d, const char *name)
-{
-    return (uint32_t)name_hash(name) & (d->name_cap - 1);
 }
 
 static inline uint32_t home_of(np_domain *d, uint32_t e)

@@ -250,6 +250,9 @@ typedef struct {
     uint32_t free_mutexes;
 } np_name_stats_t;
 int64_t np_name_stats(np_domain *d, np_name_stats_t *out);
+/* The home entry of name in the name table (its keyed hash, N7): for tests
+ * that build probe clusters. */
+int64_t np_name_home_of(np_domain *d, const char *name);
 /* Consistency check of a quiescent segment: 0 when consistent, else
  * NP_ECORRUPT with a description written into buf. */
 int64_t np_check(np_domain *d, char *buf, size_t len);

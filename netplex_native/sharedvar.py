@@ -61,12 +61,12 @@ async def wait_for_value_async(name: str, timeout: float | None = None) -> Any:
 async def create_var_async(name: str, *, own: bool = False, ro: bool = False, enc: bool = False,
                            timeout: float | None = None) -> bool:
     """create_var, awaitable."""
-    return await ctx.var.create_var_async(name, own, ro, enc, timeout)
+    return bool(await ctx.var.create_var_async(name, own, ro, enc, timeout))
 
 
 async def set_value_async(name: str, value: Any) -> bool:
     """set_value, awaitable."""
-    return await ctx.var.set_value_async(name, value)
+    return bool(await ctx.var.set_value_async(name, value))
 
 
 async def get_value_async(name: str) -> Any:
@@ -76,4 +76,4 @@ async def get_value_async(name: str) -> Any:
 
 async def delete_var_async(name: str) -> bool:
     """delete_var, awaitable."""
-    return await ctx.var.delete_var_async(name)
+    return bool(await ctx.var.delete_var_async(name))

@@ -171,19 +171,18 @@ def test_sem_destroy_is_atomic_at_every_crash_point(dom):
                       lambda: dom.sem_destroy("s"), verify)
 
 
-def name_home(name, capacity):
-    """The name table's home entry of name (FNV-1a, as csrc/names.c)."""
-    h = 1469598103934665603
-    for b in name.encode():
-        h = ((h ^ b) * 1099511628211) & (2**64 - 1)
-    return h & (capacity - 1)
+def name_home(dom, name):
+    """The name table's home entry of name (its keyed hash: csrc/names.c N7)."""
+    h = _native._lib.np_name_home_of(dom._dom(), name.encode())
+    assert h >= 0
+    return h
 
 
-def colliding_names(capacity, homes, prefix="c"):
-    """One distinct name per wanted home entry, in order."""
+def colliding_names(dom, homes, prefix="c"):
+    """One distinct name per wanted home entry of dom's table, in order."""
     out, i = [], 0
     for want in homes:
-        while name_home(f"{prefix}{i}", capacity) != want:
+        while name_home(dom, f"{prefix}{i}") != want:
             i += 1
         out.append(f"{prefix}{i}")
         i += 1
@@ -194,9 +193,8 @@ def cluster(dom):
     """Five names in one probe cluster from an empty stretch at h: A and B both
     at home h, C at h+1, D at h+2 (each shifted one on), E at home h+4.  Destroying A
     closes its hole by three backward shifts (B, C, D move; E cannot)."""
-    cap = dom.name_stats()["capacity"]
     h = 40                                  # above what other names of the test occupy
-    names = colliding_names(cap, [h, h, h + 1, h + 2, h + 4])
+    names = colliding_names(dom, [h, h, h + 1, h + 2, h + 4])
     for i, n in enumerate(names):
         assert dom.sem_create(n, 10 + i)
     assert dom.name_stats()["longest_probe"] >= 2

@@ -144,8 +144,7 @@ def test_processes_churning_colliding_names_and_dying_inside_operations_leave_th
 
     dom = _native.Domain.create(semaphores=32, mutexes=32, processes=16)
     try:
-        cap = dom.name_stats()["capacity"]
-        names = colliding_names(cap, [7] * 6 + [8, 9], prefix="k")
+        names = colliding_names(dom, [7] * 6 + [8, 9], prefix="k")
 
         def churn(seed):
             os.environ["NETPLEX_CORE_TEST"] = "1"
@@ -194,3 +193,24 @@ def test_processes_churning_colliding_names_and_dying_inside_operations_leave_th
     finally:
         dom.close()
         dom.unlink()
+
+
+def test_names_made_to_collide_in_one_segment_do_not_collide_in_another():
+    """N7: the hash is keyed per segment, so a set of names crafted to share one
+    probe cluster (a user picking ids) is spread out in any other segment."""
+    from test_native_crash_steps import colliding_names, name_home
+
+    a = _native.Domain.create(semaphores=16, mutexes=16, processes=4)
+    b = _native.Domain.create(semaphores=16, mutexes=16, processes=4)
+    try:
+        names = colliding_names(a, [5] * 8, prefix="evil.")
+        assert {name_home(a, n) for n in names} == {5}
+        assert len({name_home(b, n) for n in names}) > 1
+        for n in names:
+            assert b.sem_create(n, 1)
+        assert b.name_stats()["longest_probe"] < 8
+        b.check()
+    finally:
+        for d in (a, b):
+            d.close()
+            d.unlink()
