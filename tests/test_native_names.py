@@ -214,3 +214,34 @@ def test_names_made_to_collide_in_one_segment_do_not_collide_in_another():
         for d in (a, b):
             d.close()
             d.unlink()
+
+
+def test_a_probe_cluster_that_wraps_around_the_table_closes_its_holes():
+    """Backward shifts across the end of the table (entries at home cap-2 and
+    cap-1 spill over to 0, 1, ...): destroying each name in turn leaves every
+    other one found and no tombstone."""
+    from test_native_crash_steps import colliding_names
+
+    dom = _native.Domain.create(semaphores=16, mutexes=16, processes=4)
+    try:
+        cap = dom.name_stats()["capacity"]
+        homes = [cap - 2, cap - 2, cap - 1, cap - 1, 0, 1, 3]
+        for order in (range(7), reversed(range(7)), [2, 0, 5, 1, 6, 3, 4]):
+            names = colliding_names(dom, homes, prefix=f"w{id(order)}.")
+            for i, n in enumerate(names):
+                assert dom.sem_create(n, i)
+            assert dom.name_stats()["longest_probe"] >= 3
+            gone = set()
+            for k in order:
+                dom.sem_destroy(names[k])
+                gone.add(k)
+                assert dom.name_stats()["tombstones"] == 0
+                dom._sems.clear()
+                for i, n in enumerate(names):
+                    if i not in gone:
+                        assert dom.sem_get(n) == i, (k, n)
+                dom.check()
+            assert dom.name_stats()["entries"] == 0
+    finally:
+        dom.close()
+        dom.unlink()
