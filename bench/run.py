@@ -14,7 +14,10 @@ library: every figure is a median over ALTERNATING rounds (A, B, C, A, B, C,
 every verdict is a ratio against a peer measured in the same run.
 
 Sections: uncontended, contention, handoff, recovery, syscalls, memory,
-asyncwaits (bench/asyncwaits.py: awaiting coroutines, issue 10).
+asyncwaits (bench/asyncwaits.py: awaiting coroutines, issue 10), names
+(bench/names.py: the name table at 1k / 16k / 128k names and after 1M churn).
+The machine (CPU, kernel, cost of one futex system call: bench/machine.py)
+heads the output.
 Writes OUT/results.json (raw figures, targets) and OUT/contention.png.
 """
 
@@ -44,7 +47,8 @@ if HERE not in sys.path:
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SECTIONS = ["uncontended", "contention", "handoff", "recovery", "syscalls", "memory", "asyncwaits"]
+SECTIONS = ["uncontended", "contention", "handoff", "recovery", "syscalls", "memory", "asyncwaits",
+            "names"]
 
 
 def log(msg: str) -> None:
@@ -482,6 +486,57 @@ def job_uncontended(jc: JobCtx):
                 os.waitpid(pid, 0)
             return loop, cleanup
 
+        def c_sock_asyncio():
+            # The same round trips against an echo peer that serves them from
+            # an asyncio loop (add_reader, as the controller does): the part
+            # of the RPC pair's cost that is the event loop's alone.
+            req1 = wire.encode([123, "sem.decrement", ["u.sem", False, None]])
+            req2 = wire.encode([124, "sem.increment", ["u.sem"]])
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    import asyncio
+                    a.close()
+                    b.setblocking(False)
+                    loop = asyncio.new_event_loop()
+
+                    def echo():
+                        try:
+                            d = b.recv(65536)
+                        except BlockingIOError:
+                            return
+                        if not d:
+                            loop.stop()
+                            return
+                        b.send(d)
+                    loop.add_reader(b.fileno(), echo)
+                    loop.call_later(3600, lambda: None)     # a timer, as the controller has
+                    loop.run_forever()
+                finally:
+                    os._exit(0)
+            b.close()
+            peers.append(pid)
+            send, recv = a.sendall, a.recv
+            l1, l2 = len(req1), len(req2)
+
+            def loop(n):
+                for _ in range(n):
+                    send(req1)
+                    got = len(recv(65536))
+                    while got < l1:
+                        got += len(recv(65536))
+                    send(req2)
+                    got = len(recv(65536))
+                    while got < l2:
+                        got += len(recv(65536))
+
+            def cleanup():
+                a.close()
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            return loop, cleanup
+
         def c_manager():
             mgr = multiprocessing.Manager()
             peers.append(mgr._process.pid)
@@ -495,9 +550,10 @@ def job_uncontended(jc: JobCtx):
             return loop, mgr.shutdown
 
         cands.update({"rpc_sem": public_sem("u.sem"), "rpc_mutex": public_mutex, "socketpair_floor": c_sock,
-                      "mp_manager_sem": c_manager})
-        order = ["rpc_sem", "socketpair_floor", "mp_manager_sem", "rpc_mutex", "posix_ipc_sem"]
-        for base in ("rpc_sem", "socketpair_floor", "mp_manager_sem"):
+                      "socketpair_asyncio_echo": c_sock_asyncio, "mp_manager_sem": c_manager})
+        order = ["rpc_sem", "socketpair_floor", "socketpair_asyncio_echo", "mp_manager_sem", "rpc_mutex",
+                 "posix_ipc_sem"]
+        for base in ("rpc_sem", "socketpair_floor", "socketpair_asyncio_echo", "mp_manager_sem"):
             for pl in PLACEMENTS[1:]:
                 placed[f"{base}@{pl}"] = (base, pl)
         order += list(placed)
@@ -998,7 +1054,9 @@ def targets(results):
             add("RPC sem pair <= 1.5x bare socketpair floor (worst pinned placement)", r, 1.5, r <= 1.5,
                 "; ".join(f"{k[1:]}: {m('rpc_sem' + (k if k != '@any' else '')) / 1000:.1f} vs "
                           f"{m('socketpair_floor' + (k if k != '@any' else '')) / 1000:.1f} us = {v:.2f}x"
-                          for k, v in rs.items()))
+                          for k, v in rs.items())
+                + "".join(f"; {k[1:]}: asyncio echo peer {m('socketpair_asyncio_echo' + (k if k != '@any' else '')) / m('socketpair_floor' + (k if k != '@any' else '')):.2f}x the floor"
+                          for k in rs if "socketpair_asyncio_echo" + (k if k != "@any" else "") in u))
             rs = {pl or "@any": m("mp_manager_sem" + pl) / m("rpc_sem" + pl) for pl in pl_ok + info}
             r = min(rs[pl or "@any"] for pl in pl_ok)
             add("RPC sem pair faster than multiprocessing.Manager (worst pinned placement)", r, 1.0, r > 1.0,
@@ -1047,6 +1105,7 @@ REFS = {  # row -> reference row for the ratio column
         "native_domain_mutex": "flock", "native_mutex": "flock", "flock": "flock", "mp_lock": "flock",
         "rpc_sem": "socketpair_floor", "socketpair_floor": "socketpair_floor",
         "mp_manager_sem": "socketpair_floor", "rpc_mutex": "socketpair_floor",
+        "socketpair_asyncio_echo": "socketpair_floor",
         "posix_ipc_sem@rpc": "posix_ipc_sem@rpc",
     },
 }
@@ -1126,6 +1185,13 @@ def print_table(results):
                          if m[b].get("total_pss_kb") else ""))
     from asyncwaits import print_asyncwaits
     print_asyncwaits(results)
+    from names import print_names
+    print_names(results)
+    mc = results.get("machine", {})
+    print(f"\nmachine: {mc.get('nproc')} CPUs, {mc.get('cpu')}, kernel {mc.get('kernel')}, "
+          f"Python {mc.get('python')}; one futex syscall (FUTEX_WAKE, no waiter) "
+          f"{mc.get('futex_syscall_ns') or float('nan'):.0f} ns; load average "
+          f"{(mc.get('loadavg_start') or ['?'])[0]} at start, {(mc.get('loadavg_end') or ['?'])[0]} at end")
     print()
     print("targets:")
     for t in results.get("targets", []):
@@ -1168,17 +1234,8 @@ def plot(results, out_dir):
 
 
 def machine():
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from machine import machine as record      # bench/machine.py
+    return record()
 
 
 def main(argv=None) -> int:
@@ -1224,6 +1281,9 @@ def main(argv=None) -> int:
         try:
             if sec == "syscalls":
                 bench_syscalls(args.quick, results, args.out)
+            elif sec == "names":
+                from names import bench_names
+                bench_names(args.quick, results, log)
             elif sec == "asyncwaits":
                 from asyncwaits import bench_asyncwaits
                 bench_asyncwaits(args.quick, results, Session, log)
@@ -1241,6 +1301,7 @@ def main(argv=None) -> int:
         results["targets"] = []
         results.setdefault("errors", {})["targets"] = repr(e)
     results["elapsed_s"] = time.monotonic() - t_start
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)

@@ -56,7 +56,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 6u
+#define NP_LAYOUT_VERSION 7u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -67,7 +67,8 @@
 #define NP_TAG_INC_MASK   0x7ffu
 #define NP_ACTORS_MAX     0x000ffffeu     /* so that index + 1 fits NP_TAG_ACTOR */
 
-/* Name table entry: 0 empty, NP_NAME_TOMB deleted, else object index + 1. */
+/* Name table entry: 0 empty, NP_NAME_TOMB deleted (at most one, being
+ * compacted: names.c N4), else object index + 1. */
 #define NP_NAME_TOMB      0xffffffffu
 
 /* ---- process slot word (64 bits), every transition one CAS:
@@ -130,6 +131,15 @@ typedef struct {
     /* T2: at least the last fencing token of every destroyed mutex; a
      * created mutex starts from it.  Written under the name guard, logged. */
     uint64_t token_hw;
+    /* N6 (names.c): per kind (0 semaphores, 1 mutexes), the first free object
+     * (index + 1, 0: none; linked by np_obj.next_free) and the next object
+     * never used; N4: slot + 1 of the one tombstone being compacted, or 0.
+     * Written under the name guard, logged. */
+    uint32_t free_head[2];
+    uint32_t fresh[2];
+    uint32_t name_hole;
+    uint32_t pad1;
+    uint64_t name_key[2];       /* N7: the name hash's key, random, set at creation */
 } np_hdr;
 
 /* Semaphores are objects [0, S), mutexes [S, S + M): one array, two tables. */
@@ -145,6 +155,7 @@ typedef struct {
     int32_t  rel_cpu;           /* hint: CPU of the last release (not logged) */
     uint32_t purge;             /* hint: a queued actor gave up (not logged) */
     uint64_t token;             /* mutex: fencing token of the last grant (T1) */
+    uint32_t next_free;         /* while free: next free object + 1 (names.c, N6) */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
@@ -435,6 +446,7 @@ static inline void np_give_up(np_obj *o, np_actor *a)
 
 /* ---- names.c ---- */
 uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot);
+uint32_t np_name_home(np_domain *d, const char *name);     /* hash & (name_cap - 1) */
 
 /* ---- recovery.c ---- */
 /* Recover slot p if its process is certainly dead (or its recovery was

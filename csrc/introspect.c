@@ -8,7 +8,8 @@
  * actors, names and objects in one-to-one correspondence, mutex value and
  * owner agreeing, no mutex owned by a free or dead slot, no slot left in
  * recovery or registration by a dead process, the reserve free, no actor of
- * a free slot.
+ * a free slot, at most one tombstone (the pending hole, N4) and every free
+ * object on its kind's free list exactly once (N6).
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -144,9 +145,15 @@ static int64_t check(np_domain *d, char *buf, size_t len)
             && np_q_pos(d, &d->objs[w - 1], x) == UINT32_MAX)
             FAIL("actor %u waits on object %u but is not in its queue", x, w - 1);
     }
+    uint32_t tombs = 0, hole = d->h->name_hole;
     for (uint32_t pos = 0; pos < d->name_cap; pos++) {
         uint32_t e = d->names[pos];
-        if (e == 0 || e == NP_NAME_TOMB)
+        if (e == NP_NAME_TOMB) {
+            if (++tombs > 1 || hole != pos + 1)
+                FAIL("tombstone at name entry %u (pending hole %u)", pos, hole);
+            continue;
+        }
+        if (e == 0)
             continue;
         if (e > d->nobj || !d->objs[e - 1].used)
             FAIL("name entry %u points to free object %u", pos, e - 1);
@@ -154,6 +161,27 @@ static int64_t check(np_domain *d, char *buf, size_t len)
     }
     if (entries != used)
         FAIL("%u name entries for %u objects", entries, used);
+    if (hole && !tombs)
+        FAIL("pending hole %u is not a tombstone", hole);
+    for (int k = 0; k < 2; k++) {       /* N6: every free object listed once */
+        uint32_t lo = k ? d->nsem : 0, hi = k ? d->nobj : d->nsem;
+        uint32_t fresh = d->h->fresh[k], n = 0, nfree = 0;
+        const char *what = k ? "mutex" : "semaphore";
+        if (fresh < lo || fresh > hi)
+            FAIL("%s high-water %u outside [%u, %u]", what, fresh, lo, hi);
+        for (uint32_t i = lo; i < hi; i++) {
+            if (i >= fresh && d->objs[i].used)
+                FAIL("%s %u used above the high-water %u", what, i - lo, fresh - lo);
+            if (i < fresh && !d->objs[i].used)
+                nfree++;
+        }
+        for (uint32_t cur = d->h->free_head[k]; cur; cur = d->objs[cur - 1].next_free) {
+            if (cur - 1 < lo || cur - 1 >= fresh || d->objs[cur - 1].used || ++n > nfree)
+                FAIL("%s free list broken at %u", what, cur - 1);
+        }
+        if (n != nfree)
+            FAIL("%s free list has %u of %u free objects", what, n, nfree);
+    }
     for (uint32_t p = 0; p < d->nproc; p++) {
         uint64_t w = d->procs[p].w;
         if (w && PW_STATE(w) == NP_PS_RECOVERING)
@@ -173,6 +201,50 @@ static int64_t check(np_domain *d, char *buf, size_t len)
     return 0;
 }
 
+
+/* Lock-free and approximate while the table changes: a reading for tests
+ * and benchmarks. */
+static int64_t name_stats(np_domain *d, np_name_stats_t *out)
+{
+    uint32_t mask = d->name_cap - 1;
+    memset(out, 0, sizeof *out);
+    out->capacity = d->name_cap;
+    for (uint32_t pos = 0; pos < d->name_cap; pos++) {
+        uint32_t e = __atomic_load_n(&d->names[pos], __ATOMIC_RELAXED);
+        if (e == NP_NAME_TOMB) {
+            out->tombstones++;
+        } else if (e && e <= d->nobj) {
+            char name[NP_NAME_MAX + 1];
+            memcpy(name, d->objs[e - 1].name, NP_NAME_MAX);
+            name[NP_NAME_MAX] = 0;
+            uint32_t dist = (pos - np_name_home(d, name)) & mask;
+            out->entries++;
+            if (dist + 1 > out->longest_probe)
+                out->longest_probe = dist + 1;
+        }
+    }
+    out->free_semaphores = d->nsem - d->h->fresh[0];
+    out->free_mutexes = d->nobj - d->h->fresh[1];
+    for (int k = 0; k < 2; k++) {
+        uint32_t n = 0;
+        for (uint32_t cur = d->h->free_head[k]; cur && cur <= d->nobj && n <= d->nobj;
+             cur = d->objs[cur - 1].next_free)
+            n++;
+        if (k)
+            out->free_mutexes += n;
+        else
+            out->free_semaphores += n;
+    }
+    return 0;
+}
+
+int64_t np_name_stats(np_domain *d, np_name_stats_t *out)
+{
+    NP_ENTER(d);
+    int64_t rc = name_stats(d, out);
+    NP_LEAVE(d);
+    return rc;
+}
 
 int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out)
 {

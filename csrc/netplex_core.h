@@ -239,6 +239,20 @@ int64_t np_aw_tick(np_domain *d, int64_t deadline);
 /* ---- introspection ---- */
 int64_t np_obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_t *out);  /* 1 used, 0 free */
 int64_t np_proc_info(np_domain *d, uint32_t index, np_proc_info_t *out);               /* 1 used, 0 free */
+/* The name table (names.c): entries, tombstones (at most 1), the longest
+ * probe of a present name, free objects of each kind.  0. */
+typedef struct {
+    uint32_t capacity;
+    uint32_t entries;
+    uint32_t tombstones;
+    uint32_t longest_probe;
+    uint32_t free_semaphores;
+    uint32_t free_mutexes;
+} np_name_stats_t;
+int64_t np_name_stats(np_domain *d, np_name_stats_t *out);
+/* The home entry of name in the name table (its keyed hash, N7): for tests
+ * that build probe clusters. */
+int64_t np_name_home_of(np_domain *d, const char *name);
 /* Consistency check of a quiescent segment: 0 when consistent, else
  * NP_ECORRUPT with a description written into buf. */
 int64_t np_check(np_domain *d, char *buf, size_t len);

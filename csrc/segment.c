@@ -30,11 +30,29 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 static uint64_t domain_serial;
+
+/* 16 random bytes (the name hash's key); -1 with errno if none could be had. */
+static int random_key(uint64_t key[2])
+{
+    char *p = (char *)key;
+    size_t got = 0;
+    while (got < 2 * sizeof(uint64_t)) {
+        ssize_t n = getrandom(p + got, 2 * sizeof(uint64_t) - got, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        got += (size_t)n;
+    }
+    return 0;
+}
 
 #define ALIGN64(x) (((x) + 63) & ~(uint64_t)63)
 
@@ -130,6 +148,10 @@ int np_domain_create(const char *name, const np_config *cfg, np_domain **out)
     memset(&tmp, 0, sizeof tmp);
     tmp.cfg = *cfg;
     layout(cfg, &tmp);
+    tmp.fresh[0] = 0;                   /* names.c N6: nothing used, no free list */
+    tmp.fresh[1] = cfg->semaphores;
+    if (random_key(tmp.name_key) < 0)   /* names.c N7 */
+        return NP_ESYS;
     int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return NP_ESYS;

@@ -615,6 +615,19 @@ class _Hostile(netplex.ProcessorHooks):
         r = _raw_exchange(sock, HDR.pack(4 + len(body), len(body)) + body + frame([107, "var.get", ["hz.v"]]),
                           [106, 107])
         res["huge_proc"] = [r.get(106, (None,))[0], len(json.dumps(r.get(106, (0, ""))[1])), r.get(107)]
+        # binary calls of the operations the controller answers at once, one per write
+        # (each read is that one frame: the controller's hot path): bad names, the
+        # wrong kind, an unlock by a non-holder, then plain answers
+        mutex.access("hz.k").lock(timeout=1)
+        mutex.access("hz.k").unlock()
+        hot = {}
+        for rid, op, flags, name in ((108, 1, 0, b"a\x00b"), (109, 1, 0, b"n" * 300), (110, 1, 0, b"hz.k"),
+                                     (111, 5, 0, b"hz.k"), (112, 2, 0, b"hz.zero"), (113, 3, 0, b"hz.zero"),
+                                     (114, 5, 1, b"hz.k"), (115, 1, 0, b"hz.zero")):
+            r = _raw_exchange(sock, _bin_call(op, rid, flags, name=name), [rid], timeout=10)
+            ok, result = r.get(rid, (None, None))
+            hot[rid] = [ok, result if ok else (result or [None])[0]]
+        res["hot"] = hot
         # 3000 waits on a held mutex with call id 0 (nobody reads their answers)
         assert mutex.access("hz.m").lock(timeout=1)
         _send_all(sock, b"".join(frame([0, "mutex.lock", ["hz.m", None]]) for _ in range(3000)))
@@ -652,6 +665,11 @@ def test_well_formed_hostile_frames_get_errors_and_harm_no_one(events):
         assert a["huge_proc"][2] == [True, "honest"], a   # the rest of the batch was served
         assert a["waiters"] == 1, a                       # the 3000 unanswerable waits were not queued
         assert a["inspect"] is True
+        hot = {int(k): v for k, v in a["hot"].items()}
+        assert hot[108] == [False, "ValueError"] and hot[109] == [False, "ValueError"], hot   # NUL, too long
+        assert hot[110][0] is False and hot[111] == [False, "NotHolderError"], hot
+        assert hot[112] == [True, -1] and hot[113] == [True, 0], hot
+        assert hot[114] == [True, None] and hot[115] == [True, 1], hot
         h = events.wait("honest", timeout=20)[0]
         assert h["got"] is True, "the honest waiter never got the mutex"
         assert proc.alive()

@@ -171,6 +171,99 @@ def test_sem_destroy_is_atomic_at_every_crash_point(dom):
                       lambda: dom.sem_destroy("s"), verify)
 
 
+def name_home(dom, name):
+    """The name table's home entry of name (its keyed hash: csrc/names.c N7)."""
+    h = _native._lib.np_name_home_of(dom._dom(), name.encode())
+    assert h >= 0
+    return h
+
+
+def colliding_names(dom, homes, prefix="c"):
+    """One distinct name per wanted home entry of dom's table, in order."""
+    out, i = [], 0
+    for want in homes:
+        while name_home(dom, f"{prefix}{i}") != want:
+            i += 1
+        out.append(f"{prefix}{i}")
+        i += 1
+    return out
+
+
+def cluster(dom):
+    """Five names in one probe cluster from an empty stretch at h: A and B both
+    at home h, C at h+1, D at h+2 (each shifted one on), E at home h+4.  Destroying A
+    closes its hole by three backward shifts (B, C, D move; E cannot)."""
+    h = 40                                  # above what other names of the test occupy
+    names = colliding_names(dom, [h, h, h + 1, h + 2, h + 4])
+    for i, n in enumerate(names):
+        assert dom.sem_create(n, 10 + i)
+    assert dom.name_stats()["longest_probe"] >= 2
+    return names
+
+
+def found_value(dom, name):
+    """The value of name, found by a lookup in the name table (not the handle
+    cache); a name the table lost would be created again with value 0."""
+    dom._sems.pop(name, None)
+    return dom.sem_get(name)
+
+
+@pytest.mark.timeout(120)
+def test_destroy_closing_its_hole_is_atomic_at_every_crash_point(dom):
+    """The child destroys the head of a probe cluster and dies at any step of
+    the transaction or of the backward shifts that close the hole: every other
+    name is still found with its value, at most one tombstone is left, and the
+    next holder of the name table's guard closes it."""
+    names = cluster(dom)
+    def setup():
+        for n in names:
+            dom.sem_destroy(n)
+        for i, n in enumerate(names):
+            assert dom.sem_create(n, 10 + i)
+    def verify(_, crashed, n):
+        a = sem(dom, names[0])
+        assert a is None or a["value"] == 10, n
+        for i, name in enumerate(names[1:], 1):
+            assert found_value(dom, name) == 10 + i, (n, name)
+        assert dom.name_stats()["tombstones"] <= 1
+        dom.sem_destroy("missing")          # takes the name guard: closes a pending hole
+        assert dom.name_stats()["tombstones"] == 0, n
+        dom.check()
+    steps = enumerate_crashes(dom, "sem destroy closing a hole", setup, lambda: None,
+                              lambda: dom.sem_destroy(names[0]), verify)
+    assert steps >= 12                      # the shifts have their own crash points
+
+
+@pytest.mark.timeout(120)
+def test_the_next_lookup_closing_a_dead_destroyers_hole_is_atomic_at_every_crash_point(dom):
+    """A destroyer died right after removing the name (the hole left open); a
+    second process looks a name up, which first closes the hole, and dies at
+    any step of it: the names are intact and the hole is still closed later."""
+    names = cluster(dom)
+    def setup():
+        for n in names:
+            dom.sem_destroy(n)
+        for i, n in enumerate(names):
+            assert dom.sem_create(n, 10 + i)
+        for k in range(1, MAX_STEPS):       # the destroyer dies with the hole open
+            pid = run_child(dom, k, lambda: None, lambda: dom.sem_destroy(names[0]))
+            assert reap(pid)
+            dom.recover(pid)
+            dom.check()
+            if sem(dom, names[0]) is None:
+                break
+        assert dom.name_stats()["tombstones"] == 1
+    def verify(_, crashed, n):
+        assert dom.name_stats()["tombstones"] <= (1 if crashed else 0), n
+        for i, name in enumerate(names[1:], 1):
+            assert found_value(dom, name) == 10 + i, (n, name)
+        dom.sem_destroy("missing")
+        assert dom.name_stats()["tombstones"] == 0, n
+        dom.check()
+    enumerate_crashes(dom, "lookup closing a dead destroyer's hole", setup, lambda: None,
+                      lambda: dom.sem_destroy("absent"), verify)
+
+
 def _lock_unlock(dom, name):
     """Take and give back *name* in the parent: its token, and the mutex free."""
     assert dom.mutex_trylock(name) is True

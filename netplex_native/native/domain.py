@@ -82,6 +82,13 @@ if _lib is not None:
         _lib.NP_ECORRUPT: "the segment failed a consistency check",
     }
 
+#: Names whose handles one Domain keeps, per kind.  A handle of a name that
+#: another process destroyed stays cached until it is used (it is then stale
+#: and looked up again); past this many the cache starts over (every entry
+#: is only a shortcut), so a churn of distinct names (per-user rate limiters)
+#: costs no memory that grows with it.
+HANDLE_CACHE_MAX = 65536
+
 _KIND_NAMES = {1: "semaphore", 2: "mutex"}
 _PROC_STATES = {0: "free", 1: "alive", 2: "recovering", 3: "registering"}
 
@@ -416,6 +423,8 @@ class Domain:
         if rc == _ENOENT and not create:
             return None
         _check(rc, self, name, kind)
+        if len(cache) >= HANDLE_CACHE_MAX:
+            cache.clear()
         cache[name] = rc
         return rc
 
@@ -483,7 +492,10 @@ class Domain:
             rc = _lib.np_lookup(self._dom(), _SEM, name.encode(), flags, initial, _NOWAIT)
         if rc == _EEXIST:
             return False
-        self._sems[name] = _check(rc, self, name, _SEM)
+        h = _check(rc, self, name, _SEM)
+        if len(self._sems) >= HANDLE_CACHE_MAX:
+            self._sems.clear()
+        self._sems[name] = h
         return True
 
     def sem_increment(self, name) -> int:
@@ -672,6 +684,15 @@ class Domain:
                             "state": _PROC_STATES.get(info.state, str(info.state)),
                             "threads": info.threads, "async_waiters": info.async_waiters})
         return out
+
+    def name_stats(self) -> dict:
+        """The name table: capacity, entries, tombstones (at most 1: the hole a
+        destroy is closing), longest probe of a present name, free objects."""
+        out = _ffi.new("np_name_stats_t *")
+        _check(_lib.np_name_stats(self._dom(), out), self)
+        return {"capacity": out.capacity, "entries": out.entries,
+                "tombstones": out.tombstones, "longest_probe": out.longest_probe,
+                "free_semaphores": out.free_semaphores, "free_mutexes": out.free_mutexes}
 
     def check(self) -> None:
         """Raise errors.SegmentError describing the first inconsistency found

@@ -37,7 +37,7 @@ import logging
 from collections import deque
 
 from ..errors import (NotHolderError, WouldBlockError, check_bool, check_int, check_name,
-                     check_timeout, VALUE_MAX)
+                     check_timeout, NAME_MAX_BYTES, VALUE_MAX)
 from ..plugin import Plugin
 from ..loopcheck import warn_if_on_loop
 from ..logs import get_logger
@@ -390,6 +390,15 @@ class SemaphorePlugin(Plugin):
         else:
             raise ValueError(f"semaphore: no procedure {proc!r}")
 
+    def _hot_calls(self, ctrl):
+        """Binary ops answered at once by the controller (_Conn._serve_hot):
+        fn(rec, name, flags) -> result, with the checks of ctrl_receive_call."""
+        st = ctrl.plugin_data(_sync_base)
+        inc, dec, get = st.sem_increment, st.sem_try_decrement, st.sem_get
+        return {1: lambda rec, name, flags: inc(rec.id, check_name(name)),
+                2: lambda rec, name, flags: dec(rec.id, check_name(name)),   # no wait
+                3: lambda rec, name, flags: get(check_name(name))}
+
     def backend(self, ctrl, role):
         if role == "container":
             from .._context import ctx
@@ -422,6 +431,15 @@ class MutexPlugin(Plugin):
         else:
             raise ValueError(f"mutex: no procedure {proc!r}")
 
+    def _hot_calls(self, ctrl):
+        """As SemaphorePlugin._hot_calls: unlock (a lock may wait: not here)."""
+        st = ctrl.plugin_data(_sync_base)
+        unlock = st.mutex_unlock
+
+        def unlock_now(rec, name, flags):
+            unlock(check_name(name), rec.id, flags == 1)
+        return {5: unlock_now}
+
     def backend(self, ctrl, role):
         if role == "container":
             from .._context import ctx
@@ -430,6 +448,20 @@ class MutexPlugin(Plugin):
 
 
 # ---- backends: what the public modules call ----
+
+def _name_bytes(name) -> bytes:
+    """*name* in UTF-8 when check_name accepts it as it is; else check_name
+    raises (or normalises a str subclass).  The calls that go as binary
+    frames (Channel.call_op) need the bytes anyway."""
+    if type(name) is str:
+        try:
+            nb = name.encode("utf-8")
+        except UnicodeEncodeError:
+            nb = None
+        if nb and len(nb) <= NAME_MAX_BYTES and b"\x00" not in nb:
+            return nb
+    return check_name(name).encode("utf-8")
+
 
 def _check_wait(wait, timeout):
     if wait is not True and wait is not False:
@@ -448,7 +480,7 @@ class _SemClient:
                                             check_bool(protected, "protected")])[0]
 
     def increment(self, name):
-        return self._ch.call("sem.increment", [check_name(name)])[0]
+        return self._ch.call_op(1, _name_bytes(name))[0]
 
     def _undo(self, name):
         def undo(result):
@@ -458,8 +490,11 @@ class _SemClient:
 
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
+        if not wait:
+            nb = _name_bytes(name)
+            return self._ch.call_op(2, nb, 0, self._undo(name))[0]
         name = check_name(name)
-        if wait and timeout != 0:
+        if timeout != 0:
             warn_if_on_loop("semaphore.decrement(wait=True)",
                             "await semaphore.decrement_async(name, wait=True)")
         return self._ch.call("sem.decrement", [name, wait, timeout], undo=self._undo(name))[0]
@@ -470,7 +505,7 @@ class _SemClient:
         return (await self._ch.acall("sem.decrement", [name, wait, timeout], undo=self._undo(name)))[0]
 
     def get(self, name):
-        return self._ch.call("sem.get", [check_name(name)])[0]
+        return self._ch.call_op(3, _name_bytes(name))[0]
 
     def destroy(self, name):
         self._ch.call("sem.destroy", [check_name(name)])
@@ -528,7 +563,7 @@ class _MutexClient:
         return (await self._ch.acall("mutex.lock", [name, timeout], undo=self._undo(name)))[0]
 
     def unlock(self, name, force=False):
-        self._ch.call("mutex.unlock", [name, check_bool(force, "force")])
+        self._ch.call_op(5, _name_bytes(name), 1 if check_bool(force, "force") else 0)
 
     def token(self, name):
         return self._ch.call("mutex.token", [check_name(name)])[0]
