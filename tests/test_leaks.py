@@ -7,8 +7,8 @@ right after ``ready``, so the controller restarts them at once without
 back-off; each one first uses a protected semaphore and a mutex so that it is
 registered in the native process table and has something to give back.
 
-Run length: NETPLEX_LEAK_SECONDS (default 6 per backend: about 1000-1300
-restarts on two cores at ~200/s).
+Run length: NETPLEX_LEAK_SECONDS (default 6 per backend), and at least 300
+restarts after the warm-up however long they take (a count, not a rate).
 
 Other test runs may share /dev/shm, so the checks name our own segment
 (from ``inspect``) rather than diffing the directory; an RPC-only
@@ -105,7 +105,7 @@ def _sample(pid, seconds):
     return min(fds), max(fds), max(rss)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_restarts_do_not_leak(events, backend, tmp_path):
     addr_path = str(tmp_path / "svc.sock")
 
@@ -122,10 +122,13 @@ def test_restarts_do_not_leak(events, backend, tmp_path):
         seg = _segment(sdir, proc.pid, backend)
         t0 = time.monotonic()
         # warm-up: imports, allocator arenas, caches settle
-        assert wait_until(lambda: _restarts(sdir)[0] >= 100, 30, 0.1), "restarts too slow"
+        assert wait_until(lambda: _restarts(sdir)[0] >= 100, 60, 0.1), "restarts too slow"
         r0 = _restarts(sdir)[0]
         fd0_min, fd0_max, rss0 = _sample(proc.pid, 0.5)
         time.sleep(max(0.0, SECONDS - (time.monotonic() - t0)))
+        # and at least 300 restarts: a count, not a rate (a loaded machine takes longer)
+        assert wait_until(lambda: _restarts(sdir)[0] - r0 >= 300, 120, 0.2), \
+            f"fewer than 300 restarts in 120 s after the warm-up ({_restarts(sdir)[0] - r0})"
         r1, st = _restarts(sdir)
         fd1_min, fd1_max, rss1 = _sample(proc.pid, 0.5)
         n = r1 - r0
