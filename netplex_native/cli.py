@@ -153,7 +153,6 @@ def cmd_run(args) -> int:
     finally:
         if args.pid:
             _remove_pid_file(args.pid)
-    _exit_now(0)
     return 0
 
 
@@ -371,12 +370,15 @@ def main(argv=None) -> int:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
     except NetplexError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    if args.cmd == "run":
+        _exit_now(code)     # a module's non-daemon thread must not keep the process
+    return code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ names the file, the key and what was expected, and is raised before anything
 forks.
 
 A reload (``FileSource``, the controller's ``config_source`` for ``run``)
-reads the file again in a thread of the controller and imports the modules
+first loads the file in a throwaway trial process (config_check.py: a
+module that ends the process, forks or hangs at import fails the reload
+there, never in the controller), then reads the file again in a thread of
+the controller and imports the modules
 it names anew, each into a new module object from its source (never the
 bytecode cache, which a quick rewrite of the same size can leave stale):
 the running services' modules are never changed in place.  The new modules

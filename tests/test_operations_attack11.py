@@ -126,7 +126,7 @@ def test_sigterm_ends_the_process_after_a_reload_imported_a_module_with_a_non_da
     r = running(CONTROLLER + service("a", pa, 1))
     assert wait_until(lambda: r.ready("a", 1), 15), r.log()
     write_module(r, "\nimport threading, time\n"
-                    "threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)]).start()\n")
+                    "threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)], daemon=False).start()\n")
     res = r.admin("reload")
     assert res.returncode == 0, res.stderr
     assert wait_until(lambda: r.ready("a", 1) and answer(pa).endswith(" v2"), 20), r.log()
@@ -261,7 +261,8 @@ def test_sigterm_ends_a_container_blocked_in_a_synchronous_call_at_once(running)
 
 
 @pytest.mark.timeout(60)
-def test_quick_stop_with_a_handler_in_a_synchronous_call_ends_within_the_documented_bound(running):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_with_a_handler_in_a_synchronous_call_ends_it_by_sigterm_at_once(running, sig):
     pa = free_port()
     r = running(CONTROLLER + service("a", pa, 1))
     assert wait_until(lambda: r.ready("a", 1), 15), r.log()
@@ -273,51 +274,19 @@ def test_quick_stop_with_a_handler_in_a_synchronous_call_ends_within_the_documen
     try:
         s.sendall(b"BLOCK\n")
         assert s.makefile().readline().strip() == "blocking"
-        r.signal(signal.SIGINT)
+        r.signal(sig)
         assert r.p.wait(20) == 0
     finally:
         s.close()
     log = r.log()
-    # README: at most 0.5 s + 1 s, then SIGTERM, which ends it at once
+    # README: SIGINT: at most 0.5 s + 1 s, SIGTERM: 2 s + shutdown_timeout + 1 s, then
+    # SIGTERM, which ends it at once (not the hard alarm 1.5 s later)
     assert f"container a.2 (pid {pid}) did not finish; sending SIGTERM" in log, log
     assert f"(pid {pid}) killed by signal {int(signal.SIGTERM)}" in log, log
     assert "SIGKILL" not in log, log
 
 
-# ---- 5. admin at the connection cap: a one-line error ----
-
-@pytest.mark.timeout(60)
-def test_admin_at_the_connection_cap_gives_a_one_line_error(running):
-    from netplex_native.admin import MAX_ADMIN_CONNECTIONS
-    pa = free_port()
-    r = running(CONTROLLER + service("a", pa, 1))
-    assert wait_until(lambda: r.ready("a", 1), 15), r.log()
-    held = []
-    try:
-        for _ in range(MAX_ADMIN_CONNECTIONS + 8):
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            c.connect(os.path.join(r.sock, "admin.sock"))
-            held.append(c)
-        refusals = []
-
-        def refused_once():
-            res = r.admin("list")
-            if res.returncode != 0:
-                refusals.append(res)
-            return bool(refusals)
-        assert wait_until(refused_once, 20, interval=0.2), "the cap was never reached"
-        for _ in range(4):
-            refused_once()
-        for res in refusals:
-            assert "Traceback" not in res.stderr, res.stderr
-            assert res.stderr.strip().count("\n") == 0, res.stderr
-            assert res.stderr.startswith("error: "), res.stderr
-    finally:
-        for c in held:
-            c.close()
-    assert wait_until(lambda: r.admin("list").returncode == 0, 10)
-    assert r.p.poll() is None
-
+# ---- 5. admin when the server closes the connection: a one-line error ----
 
 @pytest.mark.timeout(60)
 def test_admin_whose_connection_is_reset_gives_a_one_line_error(tmp_path):
