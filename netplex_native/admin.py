@@ -247,16 +247,25 @@ def request(socket_dir: str, req: dict, timeout: float = 10.0) -> dict:
                              f"({e.strerror})") from None
         dec = wire.Decoder()
         try:
-            s.sendall(wire.encode(req))
+            try:
+                s.sendall(wire.encode(req))
+            except (BrokenPipeError, ConnectionResetError):
+                pass        # it may have answered before closing (its connection cap): read that
             while True:
-                data = s.recv(65536)
+                try:
+                    data = s.recv(65536)
+                except ConnectionResetError:
+                    data = b""
                 if not data:
-                    raise AdminError("the controller closed the admin connection without answering")
+                    raise AdminError("the controller closed the admin connection without answering "
+                                     "(is it shutting down?)")
                 frames = dec.feed(data)
                 if frames:
                     return frames[0][0]
         except TimeoutError:
             raise AdminError(f"no answer from the controller within {timeout:g} s "
                              "(what was asked may still be done: see its log)") from None
+        except OSError as e:
+            raise AdminError(f"admin connection to {path} failed: {e.strerror or e}") from None
     finally:
         s.close()

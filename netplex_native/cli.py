@@ -125,7 +125,8 @@ def cmd_run(args) -> int:
     opts, services = config.load(args.config)
     socket_dir = args.socket_dir or opts.get("socket_dir")
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    source = config.FileSource(args.config, config.backend(services), opts.get("socket_dir"))
+    source = config.FileSource(args.config, config.backend(services), opts.get("socket_dir"),
+                               check_timeout=opts.get("reload_timeout", 30.0))
 
     from .controller import check_controller_name
     try:
@@ -136,6 +137,13 @@ def cmd_run(args) -> int:
                       shutdown_timeout=opts.get("shutdown_timeout", 5.0), config_source=source,
                       name=name, startup_timeout=opts.get("startup_timeout"),
                       reload_timeout=opts.get("reload_timeout", 30.0))
+    if socket_dir is not None:      # one that cannot be made: named as the other errors
+        from .controller import _private_dir
+        try:
+            _private_dir(os.path.abspath(socket_dir))
+        except OSError as e:
+            where = "--socket-dir" if args.socket_dir else f"{args.config}: controller.socket_dir"
+            raise NetplexError(f"{where}: cannot create {socket_dir}: {e.strerror or e}") from None
     for s in services:
         ctrl.add_service(s)
     if args.pid:
@@ -146,6 +154,21 @@ def cmd_run(args) -> int:
         if args.pid:
             _remove_pid_file(args.pid)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """The controller stopped and cleaned up: exit now, as gunicorn's
+    arbiter does, even if a module started a non-daemon thread (the
+    interpreter's exit would wait for it for ever).  Logs and stdio are
+    flushed first."""
+    import logging
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _print_list(r: dict) -> None:
@@ -213,6 +236,8 @@ def cmd_admin(args) -> int:
         req = {"cmd": c, "service": a[0]}
     elif c == "scale":
         try:
+            if not (a[1].isascii() and a[1].isdigit()):     # int() takes ' 3', '+3', '٣'
+                raise ValueError(a[1])
             workers = int(a[1], 10)
         except ValueError:
             print(f"error: admin scale: WORKERS must be an integer between 1 and 4096, got {a[1]!r}",
@@ -345,12 +370,15 @@ def main(argv=None) -> int:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
     except NetplexError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    if args.cmd == "run":
+        _exit_now(code)     # a module's non-daemon thread must not keep the process
+    return code
 
 
 if __name__ == "__main__":

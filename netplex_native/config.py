@@ -19,7 +19,10 @@ names the file, the key and what was expected, and is raised before anything
 forks.
 
 A reload (``FileSource``, the controller's ``config_source`` for ``run``)
-reads the file again in a thread of the controller and imports the modules
+first loads the file in a throwaway trial process (config_check.py: a
+module that ends the process, forks or hangs at import fails the reload
+there, never in the controller), then reads the file again in a thread of
+the controller and imports the modules
 it names anew, each into a new module object from its source (never the
 bytecode cache, which a quick rewrite of the same size can leave stale):
 the running services' modules are never changed in place.  The new modules
@@ -43,6 +46,7 @@ import threading
 import tomllib
 import weakref
 
+from . import options
 from .errors import ServiceConfigError
 from .hooks import ProcessorHooks
 from .service import Service, parse_address
@@ -221,17 +225,11 @@ def load(path: str, swap: ModuleSwap | None = None) -> tuple[dict, list[Service]
     for k in ctrl_opts:
         if k not in CONTROLLER_KEYS:
             raise err(f"controller.{k}", f"unknown key; expected one of {sorted(CONTROLLER_KEYS)}")
-    if "socket_dir" in ctrl_opts and not isinstance(ctrl_opts["socket_dir"], str):
-        raise err("controller.socket_dir", "expected a string (a directory path)")
-    for k in ("max_start_failures",):
-        if k in ctrl_opts and (type(ctrl_opts[k]) is not int or ctrl_opts[k] < 1):
-            raise err(f"controller.{k}", "expected an integer >= 1")
-    if "shutdown_timeout" in ctrl_opts and (type(ctrl_opts["shutdown_timeout"]) not in (int, float)
-                                            or ctrl_opts["shutdown_timeout"] <= 0):
-        raise err("controller.shutdown_timeout", "expected a number of seconds > 0")
-    for k in ("startup_timeout", "reload_timeout"):
-        if k in ctrl_opts and (type(ctrl_opts[k]) not in (int, float) or not ctrl_opts[k] > 0):
-            raise err(f"controller.{k}", "expected a number of seconds > 0")
+    for k, v in ctrl_opts.items():     # the checks Controller() makes (options.py)
+        try:
+            options.TOML_CHECKS[k](k, v)
+        except (TypeError, ValueError):
+            raise err(f"controller.{k}", f"expected {options.EXPECTED[k]}, got {v!r}") from None
     services_doc = doc.get("service")
     if not isinstance(services_doc, list) or not services_doc:
         raise err("service", "expected at least one [[service]] table")
@@ -320,14 +318,50 @@ class FileSource:
     the controller's loading thread; its ``[controller]`` options (but
     ``socket_dir``, fixed at start) take effect when the load is applied."""
 
-    def __init__(self, path: str, backend: str, socket_dir):
+    def __init__(self, path: str, backend: str, socket_dir, check_timeout: float = 30.0):
         self.path = path
         self.backend = backend
         self.socket_dir = socket_dir
+        self.check_timeout = check_timeout      # the trial load's (reload_timeout)
         self._swap: ModuleSwap | None = None
         self._opts: dict = {}
 
+    def check(self) -> None:
+        """The trial load in a throwaway process (config_check.py): raises
+        ValueError when it fails, ends the process or forks, TimeoutError
+        when it takes more than ``check_timeout`` (it is then killed)."""
+        import json
+        import subprocess
+        import tempfile
+        from .config_check import PATH_ENV
+        with tempfile.TemporaryDirectory(prefix="netplex-check-") as d:
+            result, errlog = os.path.join(d, "result.json"), os.path.join(d, "stderr")
+            env = dict(os.environ, **{PATH_ENV: json.dumps(sys.path)})
+            with open(errlog, "wb") as err_f:
+                p = subprocess.Popen([sys.executable, "-m", "netplex_native.config_check", self.path, result],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_f,
+                                     env=env, close_fds=True)
+                try:
+                    code = p.wait(self.check_timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    raise TimeoutError(f"{self.path}: loading it (importing its modules) did not finish "
+                                       f"within {self.check_timeout:g} s in a trial process") from None
+            try:
+                with open(result) as f:
+                    outcome = json.load(f)
+            except (OSError, ValueError):
+                with open(errlog, "rb") as f:
+                    tail = f.read()[-300:].decode(errors="replace").strip().splitlines()
+                how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+                raise ValueError(f"{self.path}: the trial load {how} before it finished (a module "
+                                 "ends the process at import?)" + (f": {tail[-1]}" if tail else "")) from None
+        if not outcome.get("ok"):
+            raise ValueError(outcome.get("error") or f"{self.path}: the trial load failed")
+
     def __call__(self) -> list[Service]:
+        self.check()            # import-time os._exit, fork, hang: caught outside the controller
         swap = self._swap = ModuleSwap()
         opts, services = load(self.path, swap)
         if backend(services) != self.backend:
@@ -353,7 +387,7 @@ class FileSource:
         ctrl.max_start_failures = opts.get("max_start_failures", 10)
         ctrl.shutdown_timeout = opts.get("shutdown_timeout", 5.0)
         ctrl.startup_timeout = opts.get("startup_timeout")
-        ctrl.reload_timeout = opts.get("reload_timeout", 30.0)
+        ctrl.reload_timeout = self.check_timeout = opts.get("reload_timeout", 30.0)
 
 
 ETCD_KEYS = {"endpoints", "prefix", "lease_ttl", "op_timeout"}

@@ -19,7 +19,9 @@ Its end:
   grace the controller sends: its shutdown_timeout, 0 for a quick stop,
   which closes every connection at once), ``pre_finish_hook``, exit 0;
 - the controller died (channel EOF, or SIGTERM from the parent-death signal):
-  exit at once, within 2 s at the latest (a hard alarm backs it up).
+  exit at once, within 2 s at the latest (a hard alarm backs it up);
+- SIGTERM while the loop's thread is in a synchronous call (the loop cannot
+  run): killed by that SIGTERM at once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import ctypes
 import functools
 import logging
 import os
+import selectors
 import signal
 import sys
 import threading
@@ -367,7 +370,12 @@ class _Runtime:
         loop = self.loop = asyncio.get_running_loop()
         self.stop_reason = loop.create_future()
         def on_sigterm(signum, frame):
-            # arm the hard exit here: the loop may be blocked (sleep, a CPU loop)
+            if not _loop_is_idle(frame):
+                # the loop's thread is in a synchronous call (sleep, a CPU loop,
+                # a blocking wait): the loop cannot run abort, so end at once,
+                # by the SIGTERM itself (the controller reaps and recovers us)
+                _die_by(signal.SIGTERM)
+            # arm the hard exit here too: a callback may still block the loop
             signal.setitimer(signal.ITIMER_REAL, HARD_EXIT_AFTER)
             loop.call_soon_threadsafe(self.abort)
         signal.signal(signal.SIGTERM, on_sigterm)
@@ -400,6 +408,31 @@ class _Runtime:
         if self.handlers:
             await asyncio.wait(list(self.handlers), timeout=0.5)
         return 0
+
+
+#: Files of the asyncio machinery: a signal handler called from a frame of
+#: these runs while the loop waits or dispatches, never inside user code.
+_LOOP_FILES = frozenset(m.__file__ for m in (selectors, asyncio.base_events, asyncio.events,
+                                              asyncio.selector_events))
+
+
+def _loop_is_idle(frame) -> bool:
+    """Was the main thread, when the signal came, in the event loop itself
+    (its select, between callbacks) rather than in a synchronous call?"""
+    return frame is not None and frame.f_code.co_filename in _LOOP_FILES
+
+
+def _die_by(sig: int) -> None:
+    """End this process now by *sig*'s default action (logs flushed first)."""
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)         # not reached
 
 
 def _set_parent_death_signal(parent_pid: int) -> None:

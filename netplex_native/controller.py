@@ -61,7 +61,7 @@ import threading
 import time
 from collections import deque
 
-from . import wire
+from . import options, wire
 from ._context import ctx
 from .container import Container, run_container
 from .logs import get_logger, reopen_log_files, set_title
@@ -535,6 +535,7 @@ class _ServiceState:
         self.spawn_errors = 0        # consecutive failed socketpair()/fork(): back-off, retried
         self.restarts = 0
         self.disabled = False        # after max_start_failures (``enable`` clears it)
+        self.replacing = False       # _replace waits for new containers while old ones serve
         self.accepting = True        # False after admin ``disable``
         self.removing = False        # dropped by a reload: its containers are retiring
         self.workers = service.workers   # the target (``scale``, SIGTTIN/SIGTTOU change it)
@@ -589,12 +590,16 @@ class Controller:
             if name.startswith("."):
                 name = "python" + name
         self.name = check_controller_name(name)
-        if startup_timeout is not None and (type(startup_timeout) not in (int, float) or not startup_timeout > 0):
-            raise ValueError(f"startup_timeout must be a number of seconds > 0 or None, got {startup_timeout!r}")
-        self.startup_timeout = startup_timeout
-        if type(reload_timeout) not in (int, float) or not reload_timeout > 0:
-            raise ValueError(f"reload_timeout must be a number of seconds > 0, got {reload_timeout!r}")
-        self.reload_timeout = reload_timeout
+        # every option checked here, as the TOML file's (options.py): a bad
+        # one never reaches run() (nan or inf seconds: a wait never ends)
+        self.startup_timeout = options.seconds("startup_timeout", startup_timeout, optional=True)
+        self.reload_timeout = options.seconds("reload_timeout", reload_timeout)
+        socket_dir = options.socket_dir("socket_dir", socket_dir)
+        max_start_failures = options.count("max_start_failures", max_start_failures)
+        backoff = options.backoff("backoff", backoff)
+        shutdown_timeout = options.seconds("shutdown_timeout", shutdown_timeout)
+        native_config = options.native_config("native_config", native_config)
+        admin_idle_timeout = options.seconds("admin_idle_timeout", admin_idle_timeout)
         if config_source is not None and not callable(config_source):
             raise TypeError("config_source must be a callable returning a list of Service")
         self.config_source = config_source
@@ -927,7 +932,8 @@ class Controller:
         if t is not None and t.is_alive():
             return None, (f"the load that did not finish within {self._load_timeout:g} s "
                           f"{time.monotonic() - self._load_timed_out:.0f} s ago is still running "
-                          "(stuck in a module import?); no other load starts until it ends")
+                          "(stuck in a module import?); no other load starts until it ends, and "
+                          "a thread cannot be stopped: only a restart of the controller clears it")
         loop = self._loop
         fut = loop.create_future()
         source = self.config_source
@@ -983,6 +989,7 @@ class Controller:
         closed once the old containers are retired.  Returns how many were
         replaced."""
         old_service = st.service
+        old_workers = st.workers     # the running target (``scale``, TTIN/TTOU): a rollback keeps it
         if svc is not st.service:
             # the hook first: if it fails, nothing (not even the address) has changed
             try:
@@ -1011,12 +1018,16 @@ class Controller:
             st.restart_handle = None
         st.disabled = False
         st.start_failures = st.crash_streak = st.spawn_errors = 0
-        self._manage(st)
-        # ready: at least one new container, and every new one (an empty set of
-        # new containers -- all died, a restart pending -- is not ready)
-        limit = self.startup_timeout + 1.0 if self.startup_timeout else max(self.shutdown_timeout, 10.0)
-        await self._wait_until(lambda: st.disabled or self._state != "running"
-                               or (st.active() and all(r.ready for r in st.active())), limit)
+        st.replacing = bool(old)
+        try:
+            self._manage(st)
+            # ready: at least one new container, and every new one (an empty set of
+            # new containers -- all died, a restart pending -- is not ready)
+            limit = self.startup_timeout + 1.0 if self.startup_timeout else max(self.shutdown_timeout, 10.0)
+            await self._wait_until(lambda: st.disabled or self._state != "running"
+                                   or (st.active() and all(r.ready for r in st.active())), limit)
+        finally:
+            st.replacing = False
         if self._state == "running" and old and (
                 st.disabled or not any(r.ready for r in st.active())):
             # The new containers did not start: the old ones keep serving (no
@@ -1035,7 +1046,7 @@ class Controller:
                 st.sock, st.bound, st.bound_for = st.moved_from
                 st.moved_from = None
             st.service = old_service
-            st.workers = old_service.workers
+            st.workers = old_workers
             st.disabled = False
             st.start_failures = st.crash_streak = st.spawn_errors = 0
             return 0
@@ -1323,7 +1334,10 @@ class Controller:
             self._own_socket_dir = True
         else:
             d = os.path.abspath(self._socket_dir_arg)
-            _private_dir(d)
+            try:
+                _private_dir(d)
+            except OSError as e:        # /proc/x, a file in the way, no permission: one line
+                raise ServiceConfigError(f"socket_dir: cannot create {d}: {e.strerror or e}") from None
         self._socket_dir = d
 
     def _bind(self, st: _ServiceState, addr=None) -> None:
@@ -1497,9 +1511,13 @@ class Controller:
     def _start_failed(self, st: _ServiceState) -> None:
         st.start_failures += 1
         if st.start_failures >= self.max_start_failures:
-            st.disabled = True
-            log.error("service %s disabled after %d consecutive start failures",
-                      st.service.name, st.start_failures)
+            st.disabled = True      # no more starts; a replacement then rolls back (_replace)
+            if st.replacing:
+                log.error("service %s: its new containers failed %d consecutive starts; no more are "
+                          "started and the old containers keep serving", st.service.name, st.start_failures)
+            else:
+                log.error("service %s disabled after %d consecutive start failures",
+                          st.service.name, st.start_failures)
 
     def _schedule_restart(self, st: _ServiceState) -> None:
         if st.disabled or self._state != "running":
@@ -1804,8 +1822,10 @@ def default_socket_dir(name: str) -> str:
 def check_controller_name(name) -> str:
     if not isinstance(name, str):
         raise TypeError(f"controller name must be a str, not {type(name).__name__}")
-    if not name or name.startswith(".") or "/" in name or "\x00" in name or len(name) > 64:
-        raise ValueError(f"controller name must be 1..64 characters, no '/', not starting with '.': {name!r}")
+    if (not name or name.startswith(".") or "/" in name or len(name) > 64
+            or any(not c.isprintable() for c in name)):
+        raise ValueError(f"controller name must be 1..64 characters, no '/' or control character, "
+                         f"not starting with '.': {name!r}")
     return name
 
 

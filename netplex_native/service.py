@@ -142,6 +142,8 @@ class Service:
         self.name = check_name(name, "service name")
         if any(c in self.name for c in "*/"):
             raise ValueError(f"service name must not contain '*' or '/': {name!r}")
+        if any(not c.isprintable() for c in self.name):   # '\n' would forge log lines
+            raise ValueError(f"service name must not contain control characters: {name!r}")
         if handler is not None:
             if not callable(handler):
                 raise TypeError(f"handler must be an async function (reader, writer), not {type(handler).__name__}")

@@ -162,11 +162,25 @@ def _try(fn):
     (lambda s: s.replace('workers = 4', 'workers = 4\nmax_connections_jitter = 5'),
      r"service 'echo'\.max_connections_jitter: needs max_connections"),
     (lambda s: s.replace("max_start_failures = 10", "startup_timeout = -1"),
-     r"controller\.startup_timeout: expected a number of seconds > 0"),
+     r"controller\.startup_timeout: expected a finite number of seconds > 0"),
     (lambda s: s.replace("max_start_failures = 10", "reload_timeout = 0"),
-     r"controller\.reload_timeout: expected a number of seconds > 0"),
+     r"controller\.reload_timeout: expected a finite number of seconds > 0"),
     (lambda s: s.replace("max_start_failures = 10", 'reload_timeout = "1m"'),
-     r"controller\.reload_timeout: expected a number of seconds > 0"),
+     r"controller\.reload_timeout: expected a finite number of seconds > 0"),
+    # nan passed `<= 0` and inf `> 0`: SIGTERM then waited for ever
+    (lambda s: s.replace("max_start_failures = 10", "shutdown_timeout = nan"),
+     r"controller\.shutdown_timeout: expected a finite number of seconds > 0, got nan"),
+    (lambda s: s.replace("max_start_failures = 10", "shutdown_timeout = inf"),
+     r"controller\.shutdown_timeout: expected a finite number of seconds > 0, got inf"),
+    (lambda s: s.replace("max_start_failures = 10", "startup_timeout = inf"),
+     r"controller\.startup_timeout: expected a finite number of seconds > 0, got inf"),
+    (lambda s: s.replace("max_start_failures = 10", "reload_timeout = -nan"),
+     r"controller\.reload_timeout: expected a finite number of seconds > 0, got nan"),
+    (lambda s: s.replace("max_start_failures = 10", "max_start_failures = 0"),
+     r"controller\.max_start_failures: expected an integer >= 1, got 0"),
+    # a socket directory that cannot be made: one line, not a traceback
+    (lambda s: s.replace("max_start_failures = 10", 'socket_dir = "/proc/netplex-none/x"'),
+     r"controller\.socket_dir: cannot create /proc/netplex-none/x: "),
     (lambda s: s.replace("[[service]]", "[[service]\n"), r"not valid TOML"),
 ])
 def test_run_reports_config_errors_with_file_and_key_before_forking(echo_config, mutate, expect):

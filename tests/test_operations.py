@@ -543,9 +543,9 @@ def test_reload_lets_an_old_container_finish_the_connection_it_serves(running):
     (dict(name="a/b"), ValueError, "controller name must be 1..64 characters, no '/'"),
     (dict(name=".hidden"), ValueError, "not starting with '.'"),
     (dict(name=5), TypeError, "controller name must be a str, not int"),
-    (dict(startup_timeout=0), ValueError, "startup_timeout must be a number of seconds > 0 or None, got 0"),
-    (dict(reload_timeout=-1), ValueError, "reload_timeout must be a number of seconds > 0, got -1"),
-    (dict(reload_timeout=None), ValueError, "reload_timeout must be a number of seconds > 0, got None"),
+    (dict(startup_timeout=0), ValueError, "startup_timeout must be a finite number of seconds > 0 or None, got 0"),
+    (dict(reload_timeout=-1), ValueError, "reload_timeout must be a finite number of seconds > 0, got -1"),
+    (dict(reload_timeout=None), TypeError, "reload_timeout must be a finite number of seconds > 0, got None"),
     (dict(config_source="services.toml"), TypeError, "config_source must be a callable"),
 ])
 def test_controller_rejects_bad_operations_arguments_naming_them(kw, exc, expect):

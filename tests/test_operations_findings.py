@@ -193,7 +193,11 @@ def test_a_reload_whose_import_does_not_finish_in_reload_timeout_keeps_the_old_c
     r = running(ctl + service("a", pa, 2))
     assert wait_until(lambda: r.ready("a", 2), 15), r.log()
     before = r.pids("a")
-    (r.tmp / "slow_app.py").write_text(SLOW_MODULE + APP.format(version="v2"))
+    # slow only in the controller's loading thread (the trial process, which
+    # imports in its main thread, passes): the load stuck in the controller
+    slow_in_thread = SLOW_MODULE.replace("while not", "import threading\n"
+                                         "while threading.current_thread() is not threading.main_thread() and not")
+    (r.tmp / "slow_app.py").write_text(slow_in_thread + APP.format(version="v2"))
     r.write(ctl + slow_service(pa, 2))
     res = r.admin("reload", timeout=30)
     assert res.returncode == 1, (res.stdout, res.stderr)
@@ -203,6 +207,8 @@ def test_a_reload_whose_import_does_not_finish_in_reload_timeout_keeps_the_old_c
     # while that import is still stuck, another reload is refused, saying why
     res = r.admin("reload", timeout=30)
     assert res.returncode == 1 and "still running" in res.stderr, res.stderr
+    assert re.search(r"did not finish within 1 s \d+ s ago", res.stderr), res.stderr
+    assert "only a restart of the controller clears it" in res.stderr, res.stderr
     (r.tmp / "go").touch()
     assert wait_until(lambda: "timed-out load finished" in r.log(), 15), r.log()
     res = r.admin("reload", timeout=30)
