@@ -19,6 +19,8 @@
  *   asyncwait.c   waits that cost no thread: records queued like actors,
  *                 the per-process doorbell (W1-W4)
  *   introspect.c  obj_info, proc_info, check
+ *   deathwatch.c  a mutex waiter learns of the holder's death from the
+ *                 kernel (robust-futex death word, futex_waitv, pidfd)
  *   testpoints.c  crash points (test builds only: crashpoint.h)
  *
  * Invariants every file keeps (each file states its own on top):
@@ -56,7 +58,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 6u
+#define NP_LAYOUT_VERSION 7u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -157,6 +159,9 @@ typedef struct {
     uint64_t gen;               /* generation of the last registration */
     uint32_t bell;              /* doorbell: bumped when one of its async records is woken (W2) */
     uint32_t bell_sleeping;     /* 1 while its helper thread may sleep on `bell' */
+    uint32_t death;             /* death-watch word: watcher tid | FUTEX_WAITERS |
+                                 * FUTEX_OWNER_DIED set by the kernel (deathwatch.c) */
+    uint32_t pad1;
 } np_proc;
 
 typedef struct {
@@ -223,6 +228,8 @@ struct np_domain {
     int        inside;          /* calls in progress in this process (segment.c) */
     int        closing;         /* np_domain_close has begun */
     np_domain *next;            /* list of open domains (thread exit) */
+    struct np_dw *dw;           /* this process's death-watch thread (deathwatch.c) */
+    uint64_t   dw_epoch;        /* fork epoch it belongs to */
 };
 
 /* ---- process-local state (identity.c) ---- */
@@ -432,6 +439,12 @@ static inline void np_give_up(np_obj *o, np_actor *a)
     __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
 }
+
+/* ---- deathwatch.c ---- */
+void np_dw_start(np_domain *d, uint32_t p);
+void np_dw_stop(np_domain *d);
+int  np_dw_sleep(np_domain *d, uint32_t *wake, uint32_t w, int64_t until, uint32_t p);
+void np_dw_dead(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t pw, int64_t until);
 
 /* ---- names.c ---- */
 uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot);
