@@ -144,7 +144,7 @@ def test_a_closed_domain_leaves_no_false_death_signal(dom):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("n", range(1, 40, 3))
+@pytest.mark.parametrize("n", range(1, 61))
 def test_the_waiter_killed_at_any_crash_point_of_its_death_recovery(dom, n):
     """The waiter W is SIGKILLed at its n-th crash point from the start of its
     lock() -- its queueing, its wake-up by the kernel, the recovery of the dead
@@ -177,3 +177,28 @@ def test_the_waiter_killed_at_any_crash_point_of_its_death_recovery(dom, n):
     dom.mutex_unlock("m")
     assert sorted(pids(dom)) == [os.getpid()]
     dom.check()
+
+
+def test_the_crash_point_range_above_covers_the_whole_death_path(dom):
+    """The waiter of the test above passes fewer than 60 crash points from its
+    lock() to its grant: every one of them is a kill point there."""
+    holder = _holder(dom, "m")
+    r, w = os.pipe()
+
+    def waiter():
+        dom.register()
+        dom.mutex_trylock("other")
+        os.write(w, b"w")
+        from netplex_native.native import domain as _native
+        assert _native._lib.np_test_crash_after(10**6) == 0      # count, never fire
+        got = dom.mutex_lock("m", 5)
+        os.write(w, str(_native._lib.np_test_crash_count()).encode().ljust(16))
+        os._exit(7 if got else 8)
+    wp = child(waiter)
+    os.read(r, 1)
+    time.sleep(0.05)
+    kill_and_reap(holder)
+    passed = int(os.read(r, 16))
+    assert os.WEXITSTATUS(reap(wp)) == 7
+    assert 10 < passed < 60, passed
+    dom.recover(holder, timeout=5)
