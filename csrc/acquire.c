@@ -60,6 +60,8 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         return rc;
     if ((rc = my_actor(d, &ai, &tag)) < 0)
         return rc;
+    if (unlikely(kind == NP_KIND_MUTEX && !d->dw_ready))
+        np_dw_ready(d);                 /* A6: our own death will be signalled */
     uint32_t gen = handle_gen(handle);
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];

@@ -22,13 +22,17 @@
  *  D2 The word names its watcher by tid and the kernel only touches a word
  *     holding the exiting thread's own tid: a word left by an earlier
  *     process of the slot is never changed by anyone else's death.
- *     Registration zeroes it (S1, identity.c) before the slot is ALIVE, and
- *     the thread stores its tid before the registration returns, so a
- *     process owns nothing before its death can be signalled.
- *  D3 close stops the thread (it clears the word from its own exact value,
- *     so a later registrant's word is never clobbered, and empties its
- *     robust list) and joins it before the slot is left and the segment
- *     unmapped: the kernel never walks into an unmapped segment.  After
+ *     Registration zeroes it (S1, identity.c) before the slot is ALIVE; the
+ *     thread stores its tid when it first runs.  Registration does not wait
+ *     for that (under load it would cost every process a scheduling delay);
+ *     a process's first mutex lock does (np_dw_ready, bounded), so a mutex
+ *     is never held by a process whose death would go unsignalled.
+ *  D3 close, before the slot is left and the segment unmapped, clears the
+ *     word from the watcher's exact value (a later registrant's word is
+ *     never clobbered) and empties the watcher's robust list (it lives in
+ *     our memory, the kernel reads it only when the thread exits): the
+ *     kernel never walks into an unmapped or reused address.  The thread
+ *     (detached) then leaves when it is scheduled and frees its record.  After
  *     fork() the child has no such thread: it registers anew and starts its
  *     own (the epoch check below).
  *  D4 Without futex_waitv (ENOSYS) or when the thread could not be started,
@@ -67,82 +71,103 @@ struct np_dw {
     struct robust_list_head head;       /* registered with set_robust_list */
     struct robust_list entry;           /* entry + futex_offset == word */
     uint32_t *word;                     /* &procs[slot].death (shared) */
-    uint32_t stop;                      /* private futex: 1 = exit */
-    uint32_t ready;                     /* private futex: 1 started, 2 failed */
+    pthread_mutex_t mu;                 /* orders the thread's arming with close */
+    uint32_t stop;                      /* private futex: 1 = leave (under mu) */
+    uint32_t armed;                     /* the word holds tid (under mu) */
+    uint32_t started;                   /* private futex: 1 once it ran (np_dw_ready) */
     uint32_t tid;
-    pthread_t th;
 };
 
 static int waitv_missing;               /* ENOSYS seen: plain waits (D4) */
 
+/* What an exiting watcher leaves registered: nothing to walk. */
+static struct robust_list_head empty_head = {{&empty_head.list}, 0, NULL};
+
 static void *dw_main(void *arg)
 {
     struct np_dw *w = arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);     /* signals go to the others */
     w->entry.next = &w->head.list;
     w->head.list.next = &w->entry;
     w->head.futex_offset = (long)((char *)w->word - (char *)&w->entry);
     w->head.list_op_pending = NULL;
-    if (syscall(SYS_set_robust_list, &w->head, sizeof w->head) != 0) {
-        __atomic_store_n(&w->ready, 2, __ATOMIC_SEQ_CST);
-        syscall(SYS_futex, &w->ready, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
-        return NULL;
+    pthread_mutex_lock(&w->mu);
+    if (!w->stop && syscall(SYS_set_robust_list, &w->head, sizeof w->head) == 0) {
+        w->tid = (uint32_t)syscall(SYS_gettid) & FUTEX_TID_MASK;
+        /* seq_cst: visible to waiters at once (D2). */
+        __atomic_store_n(w->word, w->tid, __ATOMIC_SEQ_CST);
+        w->armed = 1;
     }
-    w->tid = (uint32_t)syscall(SYS_gettid) & FUTEX_TID_MASK;
-    /* seq_cst: the word names us before the registration returns (D2). */
-    __atomic_store_n(w->word, w->tid, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&w->ready, 1, __ATOMIC_SEQ_CST);
-    syscall(SYS_futex, &w->ready, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    __atomic_store_n(&w->started, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &w->started, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+    pthread_mutex_unlock(&w->mu);
     while (!__atomic_load_n(&w->stop, __ATOMIC_SEQ_CST))
         syscall(SYS_futex, &w->stop, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
-    /* D3: clear the word from our exact value (waiters flag themselves in
-     * it), wake them (they fall back to their ordinary wait), unlist it. */
-    uint32_t v = __atomic_load_n(w->word, __ATOMIC_SEQ_CST);
-    while ((v & FUTEX_TID_MASK) == w->tid
-           && !__atomic_compare_exchange_n(w->word, &v, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-        ;
-    np_futex_wake(w->word, 0x7fffffff);
-    w->head.list.next = &w->head.list;
+    /* close has cleared the word and emptied our list (np_dw_stop); once it
+     * has let go of w, nothing else refers to it. */
+    syscall(SYS_set_robust_list, &empty_head, sizeof empty_head);
+    pthread_mutex_lock(&w->mu);
+    pthread_mutex_unlock(&w->mu);
+    pthread_mutex_destroy(&w->mu);
+    free(w);
     return NULL;
 }
 
 /* Start the death-watch thread of this process for slot p (just registered).
- * Waits until the thread has stored its tid, or failed (D4). */
+ * It arms the word when it first runs; until then a death is not signalled
+ * (D1: the slice and the supervisor still find it).  Nothing waits for it. */
 void np_dw_start(np_domain *d, uint32_t p)
 {
     struct np_dw *w = calloc(1, sizeof *w);
     if (!w)
         return;
     w->word = &d->procs[p].death;
+    pthread_mutex_init(&w->mu, NULL);
     pthread_attr_t attr;
+    pthread_t th;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);     /* born with every signal blocked */
-    int rc = pthread_create(&w->th, &attr, dw_main, w);
+    int rc = pthread_create(&th, &attr, dw_main, w);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
     if (rc != 0) {
-        free(w);
-        return;
-    }
-    uint32_t r;
-    while ((r = __atomic_load_n(&w->ready, __ATOMIC_SEQ_CST)) == 0)
-        syscall(SYS_futex, &w->ready, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
-    if (r != 1) {
-        pthread_join(w->th, NULL);
+        pthread_mutex_destroy(&w->mu);
         free(w);
         return;
     }
     d->dw = w;
     d->dw_epoch = np_fork_epoch;
+    d->dw_ready = 0;
 }
 
-/* Stop and join it (close, before the slot is left: D3).  A child after
- * fork() has no thread: the parent's descriptor is not ours to free. */
+/* Before this process's first mutex grant (acquire.c): wait, a bounded
+ * while, until its watcher has run, so that a mutex it holds is released by
+ * its death at kernel speed even if it dies at once (D2).  Once per process
+ * and domain; processes that never lock a mutex never wait. */
+NOINLINE void np_dw_ready(np_domain *d)
+{
+    struct np_dw *w = d->dw;
+    if (w && d->dw_epoch == np_fork_epoch) {
+        int64_t end = np_now() + 100000000LL;
+        while (!__atomic_load_n(&w->started, __ATOMIC_SEQ_CST)) {
+            int64_t left = end - np_now();
+            if (left <= 0)
+                break;
+            struct timespec ts = {left / 1000000000LL, left % 1000000000LL};
+            syscall(SYS_futex, &w->started, FUTEX_WAIT_PRIVATE, 0, &ts, NULL, 0);
+        }
+    }
+    d->dw_ready = 1;
+}
+
+/* close, before the slot is left and the segment unmapped (D3): the word is
+ * cleared from its exact value (a later registrant's is never clobbered),
+ * its sleepers woken (they go back to their ordinary wait), the thread's
+ * list emptied -- all by us, now, so the thread may take its time to leave
+ * (it frees w).  A child after fork() has no such thread: not ours. */
 void np_dw_stop(np_domain *d)
 {
     struct np_dw *w = d->dw;
@@ -151,10 +176,19 @@ void np_dw_stop(np_domain *d)
     d->dw = NULL;
     if (d->dw_epoch != np_fork_epoch)
         return;
+    pthread_mutex_lock(&w->mu);
+    w->stop = 1;
+    if (w->armed) {
+        uint32_t v = __atomic_load_n(w->word, __ATOMIC_SEQ_CST);
+        while ((v & FUTEX_TID_MASK) == w->tid
+               && !__atomic_compare_exchange_n(w->word, &v, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            ;
+        __atomic_store_n(&w->head.list.next, &w->head.list, __ATOMIC_SEQ_CST);
+        np_futex_wake(w->word, 0x7fffffff);
+    }
     __atomic_store_n(&w->stop, 1, __ATOMIC_SEQ_CST);
     syscall(SYS_futex, &w->stop, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
-    pthread_join(w->th, NULL);
-    free(w);
+    pthread_mutex_unlock(&w->mu);
 }
 
 /* Sleep on *wake while it holds w, until `until' (CLOCK_MONOTONIC ns), and
