@@ -202,3 +202,52 @@ def test_the_crash_point_range_above_covers_the_whole_death_path(dom):
     assert os.WEXITSTATUS(reap(wp)) == 7
     assert 10 < passed < 60, passed
     dom.recover(holder, timeout=5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", range(1, 31))
+def test_the_holder_killed_at_any_crash_point_of_unlock_and_relock_while_a_waiter_watches(dom, n):
+    """H holds m, W sleeps on m (and on H's death word); H is SIGKILLed at its
+    n-th crash point of unlock-then-lock-again: W (or whoever comes next)
+    recovers H exactly -- m is held by at most one process, its token only
+    grows, and the table holds only the living."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def holder():
+        dom.mutex_lock("m")
+        os.write(w, b"h")
+        os.read(go_r, 1)
+        arm(n)
+        dom.mutex_unlock("m")
+        dom.mutex_lock("m", 5)
+        dom.mutex_unlock("m")
+        os._exit(0)
+
+    def waiter():
+        dom.register()
+        dom.mutex_trylock("other")
+        os.write(w, b"w")
+        got = dom.mutex_lock("m", 5)
+        if got:
+            dom.mutex_unlock("m")
+        os._exit(7 if got else 8)
+    hp = child(holder)
+    os.read(r, 1)
+    t0 = mtx(dom, "m")["token"]
+    wp = child(waiter)
+    os.read(r, 1)
+    time.sleep(0.05)
+    os.write(go_w, b"g")
+    st_h = reap(hp)
+    st_w = reap(wp)
+    assert os.WEXITSTATUS(st_w) == 7 if not killed(st_w) else True
+    assert killed(st_h) or os.WEXITSTATUS(st_h) == 0
+    for p in (hp, wp):
+        assert dom.recover(p, timeout=5) >= 0
+    assert dom.mutex_lock("m", 5) is True
+    info = mtx(dom, "m")
+    assert info["owner_pid"] == os.getpid() and info["token"] > t0
+    dom.mutex_unlock("m")
+    assert pids(dom) == [os.getpid()]
+    dom.check()
