@@ -7,7 +7,7 @@ time until the first woken coroutine runs again (which then awaits again,
 so N stays constant): the wake-up latency.  Memory per waiter, measured in
 a separate phase: the Python heap the N waiting coroutines add in the
 container (tracemalloc: the task, the coroutine, the futures, the channel's
-or the record's bookkeeping), plus for native the segment's record (360
+or the record's bookkeeping), plus for native the segment's record (384
 bytes), plus for RPC the growth of the controller's RSS where it keeps the
 deferred replies (measured at the first N = 10,000, before any reuse).  Candidates: native, RPC, and ``asyncio.Semaphore`` in the same
 container (the floor: no other process, no shared state).  The native and
@@ -100,7 +100,7 @@ async def _measure(kind: str, n: int, rounds: int) -> dict:
         semaphore.destroy(name)
     del loop
     return {"latency_ns": lat, "heap_per_waiter_b": heap,
-            "segment_per_waiter_b": 360 if kind == "native" else 0,
+            "segment_per_waiter_b": 384 if kind == "native" else 0,
             "controller_rss_per_waiter_b": (prss1 - prss0) * 1024 / n}
 
 

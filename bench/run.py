@@ -689,7 +689,7 @@ def job_contention(jc: JobCtx):
 
 
 def bench_contention(q, results):
-    Ks = [2, 4, 8]
+    Ks = [2, 4, 8, 16, 32]
     dur = 0.3 if q else 0.8
     rounds = 3 if q else 7
     import posix_ipc

@@ -22,6 +22,10 @@
  *     all, so no token is handed out twice.
  *  A4 destroy bumps the generation; a queued waiter that finds another
  *     generation returns NP_EDESTROYED and is no longer queued.
+ *  A6 A waiter for a mutex held by another process also sleeps on that
+ *     process's death word (deathwatch.c): when the kernel reports the
+ *     holder's death, the waiter recovers its slot itself (exact liveness,
+ *     once per call), without waiting for the slice or the supervisor.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -56,11 +60,13 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         return rc;
     if ((rc = my_actor(d, &ai, &tag)) < 0)
         return rc;
+    if (unlikely(kind == NP_KIND_MUTEX && !d->dw_ready))
+        np_dw_ready(d);                 /* A6: our own death will be signalled */
     uint32_t gen = handle_gen(handle);
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
     int64_t slice_end = 0;
-    int spun = 0;
+    int spun = 0, death_checked = 0;
 
     for (;;) {
         rc = guard_lock(d, &o->guard, tag, deadline == NP_NOWAIT ? NP_GUARD_TRY : deadline);
@@ -175,16 +181,33 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             np_tx_q_append(d, a, ai, o, idx, now);
             tx_commit(d, a);
         }
+        /* A6: a mutex held by another process: sleep on its death word too. */
+        uint32_t holder = 0;
+        uint64_t hw = 0;
+        if (kind == NP_KIND_MUTEX && !death_checked && o->owner && o->owner <= d->nproc
+                && o->owner != d->my_proc) {
+            holder = o->owner;
+            hw = __atomic_load_n(&d->procs[holder - 1].w, __ATOMIC_ACQUIRE);
+        }
         /* acquire: read under the guard, so any later post changes it. */
         uint32_t w = __atomic_load_n(&a->wake, __ATOMIC_ACQUIRE);
         guard_unlock(&o->guard);
         CRASHPOINT();
         int64_t until = deadline < slice_end ? deadline : slice_end;
+        int died = 0;
         /* seq_cst: pairs with np_wake_actors (Q4). */
         __atomic_store_n(&a->sleeping, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&a->wake, __ATOMIC_SEQ_CST) == w && !closing(d))
-            np_futex_wait(&a->wake, w, until - now);
+        if (__atomic_load_n(&a->wake, __ATOMIC_SEQ_CST) == w && !closing(d)) {
+            if (holder)
+                died = np_dw_sleep(d, &a->wake, w, until, holder - 1);
+            else
+                np_futex_wait(&a->wake, w, until - now);
+        }
         __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
+        if (died) {
+            death_checked = 1;          /* once per call: D1 of deathwatch.c */
+            np_dw_dead(d, ai, tag, holder - 1, hw, until);
+        }
     }
 }
 

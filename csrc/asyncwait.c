@@ -155,6 +155,8 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
         return rc;
     if (!mine(d, r))
         return NP_EINVAL;
+    if (unlikely(kind == NP_KIND_MUTEX && !d->dw_ready))
+        np_dw_ready(d);                 /* a holder's death is signalled (deathwatch.c) */
     uint32_t gen = handle_gen(handle);
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai], *x = &d->actors[r];

@@ -19,6 +19,8 @@
  *   asyncwait.c   waits that cost no thread: records queued like actors,
  *                 the per-process doorbell (W1-W4)
  *   introspect.c  obj_info, proc_info, check
+ *   deathwatch.c  a mutex waiter learns of the holder's death from the
+ *                 kernel (robust-futex death word, futex_waitv, pidfd)
  *   testpoints.c  crash points (test builds only: crashpoint.h)
  *
  * Invariants every file keeps (each file states its own on top):
@@ -39,6 +41,7 @@
  *  T2 destroy raises the header's token_hw to the destroyed mutex's token
  *     and create starts a mutex at token_hw, both in the transaction that
  *     changes the name (names.c): tokens also grow across destroy/create.
+ *  L1 Cache lines: see np_obj / np_actor below.
  *  I4 Dead means dead: only certain evidence (ESRCH/ENOENT, another start
  *     time, a zombie with no live thread) lets anyone act on a process's
  *     behalf.  "Cannot tell" is treated as alive.
@@ -156,6 +159,7 @@ typedef struct {
     uint32_t purge;             /* hint: a queued actor gave up (not logged) */
     uint64_t token;             /* mutex: fencing token of the last grant (T1) */
     uint32_t next_free;         /* while free: next free object + 1 (names.c, N6) */
+    uint32_t pad_hot;           /* L1: everything above is one cache line */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
@@ -168,6 +172,9 @@ typedef struct {
     uint64_t gen;               /* generation of the last registration */
     uint32_t bell;              /* doorbell: bumped when one of its async records is woken (W2) */
     uint32_t bell_sleeping;     /* 1 while its helper thread may sleep on `bell' */
+    uint32_t death;             /* death-watch word: watcher tid | FUTEX_WAITERS |
+                                 * FUTEX_OWNER_DIED set by the kernel (deathwatch.c) */
+    uint32_t pad1;
 } np_proc;
 
 typedef struct {
@@ -201,7 +208,17 @@ typedef struct {
     uint32_t armed;             /* async records: 1 while a wake-up is to be reported (W2) */
     uint32_t seen;              /* async records: `wake' when it was armed */
     np_redo  intent[NP_INTENT_MAX];
+    uint32_t pad_line[6];       /* L1: no line shared with the next actor */
 } np_actor;
+
+/* L1: an object's fields that an operation reads and writes (guard, value,
+ * owner, token, queue ends, hints) are one cache line, and no two objects or
+ * actors share a line (the arrays start 64-aligned, segment.c): an
+ * uncontended operation's shared footprint is that one line; its redo log
+ * is in its own actor's lines. */
+_Static_assert(__builtin_offsetof(np_obj, name) == 64, "np_obj: hot fields in one line");
+_Static_assert(sizeof(np_obj) % 64 == 0, "np_obj: a multiple of a cache line");
+_Static_assert(sizeof(np_actor) % 64 == 0, "np_actor: a multiple of a cache line");
 
 typedef struct {
     uint32_t gen;               /* object generation the delta belongs to */
@@ -234,6 +251,9 @@ struct np_domain {
     int        inside;          /* calls in progress in this process (segment.c) */
     int        closing;         /* np_domain_close has begun */
     np_domain *next;            /* list of open domains (thread exit) */
+    struct np_dw *dw;           /* this process's death-watch thread (deathwatch.c) */
+    uint64_t   dw_epoch;        /* fork epoch it belongs to */
+    int        dw_ready;        /* its watcher has run (np_dw_ready) */
 };
 
 /* ---- process-local state (identity.c) ---- */
@@ -443,6 +463,13 @@ static inline void np_give_up(np_obj *o, np_actor *a)
     __atomic_store_n(&a->cancel_pending, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&o->purge, 1, __ATOMIC_SEQ_CST);
 }
+
+/* ---- deathwatch.c ---- */
+void np_dw_start(np_domain *d, uint32_t p);
+void np_dw_stop(np_domain *d);
+void np_dw_ready(np_domain *d);
+int  np_dw_sleep(np_domain *d, uint32_t *wake, uint32_t w, int64_t until, uint32_t p);
+void np_dw_dead(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t pw, int64_t until);
 
 /* ---- names.c ---- */
 uint32_t np_name_find(np_domain *d, const char *name, uint32_t *slot);

@@ -34,7 +34,9 @@
  * Python method does (never re-created and locked behind the caller's back).
  * Just before such a wait may block (its non-blocking attempt failed), the
  * block hook (set_block_hook: netplex_native/loopcheck.py) is called with
- * the kind, so a synchronous wait on an event loop's thread is reported.
+ * the kind, so a synchronous wait on an event loop's thread is reported --
+ * only when a loop runs on this thread, and once per call site (a small
+ * cache of the sites already reported, see about_to_block).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -79,19 +81,63 @@ static inline PyObject *slow(PyObject *fn, PyObject *const *args, size_t nargsf,
 }
 
 static PyObject *block_hook;         /* set_block_hook(): called with the kind before a blocking wait */
+static PyObject *loop_getter;        /* asyncio._get_running_loop (set_block_hook's second argument) */
+
+/* Call sites (code object, line) the hook has already reported: it warns
+ * once per call site, so calling it again from one of them does nothing
+ * (about a microsecond of Python on every blocking wait on a loop's thread,
+ * which is most of a hand-off on one CPU).  The hook says when its call site
+ * is our caller's own frame (True): only then is the site cached.  Strong
+ * references: a cached code object is never freed and replaced at its
+ * address. */
+#define SITES 64
+static struct { PyObject *code; int line; } sites[SITES];
+
+static inline unsigned site_slot(PyObject *code, int line)
+{
+    uintptr_t h = ((uintptr_t)code >> 4) ^ ((uintptr_t)line * 2654435761u);
+    return (unsigned)(h % SITES);
+}
 
 /* 0, or -1 with an exception set by the hook. */
 static int about_to_block(int kind)
 {
     if (!block_hook)
         return 0;
+    if (loop_getter) {
+        PyObject *l = PyObject_CallNoArgs(loop_getter);
+        if (!l)
+            return -1;
+        int none = l == Py_None;
+        Py_DECREF(l);
+        if (none)
+            return 0;                   /* no loop runs here: nothing to report */
+    }
+    PyFrameObject *f = PyEval_GetFrame();          /* borrowed: our caller's */
+    PyObject *code = f ? (PyObject *)PyFrame_GetCode(f) : NULL;
+    int line = f ? PyFrame_GetLineNumber(f) : -1;
+    unsigned i = code ? site_slot(code, line) : 0;
+    if (code && sites[i].code == code && sites[i].line == line) {
+        Py_DECREF(code);
+        return 0;                       /* reported already */
+    }
     PyObject *k = PyLong_FromLong(kind);
-    if (!k)
+    if (!k) {
+        Py_XDECREF(code);
         return -1;
+    }
     PyObject *r = PyObject_CallOneArg(block_hook, k);
     Py_DECREF(k);
-    if (!r)
+    if (!r) {
+        Py_XDECREF(code);
         return -1;
+    }
+    if (code && r == Py_True) {
+        Py_XSETREF(sites[i].code, code);            /* takes our reference */
+        sites[i].line = line;
+    } else {
+        Py_XDECREF(code);
+    }
     Py_DECREF(r);
     return 0;
 }
@@ -546,17 +592,26 @@ static PyObject *set_context(PyObject *Py_UNUSED(m), PyObject *ctx)
     Py_RETURN_NONE;
 }
 
-static PyObject *set_block_hook(PyObject *Py_UNUSED(m), PyObject *fn)
+static PyObject *set_block_hook(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t n)
 {
-    Py_INCREF(fn);
-    Py_XSETREF(block_hook, fn == Py_None ? (Py_DECREF(fn), NULL) : fn);
+    if (n < 1 || n > 2) {
+        PyErr_SetString(PyExc_TypeError, "set_block_hook(fn, running_loop=None)");
+        return NULL;
+    }
+    PyObject *fn = args[0], *gl = n > 1 ? args[1] : Py_None;
+    Py_XSETREF(block_hook, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_XSETREF(loop_getter, gl == Py_None ? NULL : Py_NewRef(gl));
+    for (int i = 0; i < SITES; i++)
+        Py_CLEAR(sites[i].code);        /* a new hook has reported nothing yet */
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"set_context", set_context, METH_O, "set_context(ctx): the context whose .mutex MutexBase uses."},
-    {"set_block_hook", set_block_hook, METH_O,
-     "set_block_hook(fn): fn(kind) is called before a wait that may block (None: none)."},
+    {"set_block_hook", (PyCFunction)(void (*)(void))set_block_hook, METH_FASTCALL,
+     "set_block_hook(fn, running_loop=None): fn(kind) is called before a wait that may block "
+     "(None: none) when running_loop() is not None; fn returns True when its report concerns "
+     "its caller's own line, which is then not reported again."},
     {NULL, NULL, 0, NULL}
 };
 

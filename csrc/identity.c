@@ -156,6 +156,7 @@ static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
     __atomic_store_n(&s->gen, g, __ATOMIC_RELAXED);
     __atomic_store_n(&s->start_time, np_my_start, __ATOMIC_RELAXED);
     __atomic_store_n(&s->pidns, np_my_pidns, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->death, 0, __ATOMIC_RELAXED);  /* D2 (deathwatch.c) */
     CRASHPOINT();
     /* release: start_time and pidns are visible to whoever sees ALIVE.  A
      * REGISTERING slot is judged only within its namespace, and by its pid,
@@ -356,6 +357,7 @@ static int register_process(np_domain *d)
             if (__atomic_load_n(&d->procs[p].w, __ATOMIC_RELAXED) == 0 && take_slot(d, p, 0)) {
                 d->my_proc = p + 1;
                 d->my_epoch = np_fork_epoch;
+                np_dw_start(d, p);      /* D2: before we can own anything */
                 return 0;
             }
         if (attempt == 0 && reclaim(d) <= 0)

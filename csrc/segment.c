@@ -128,6 +128,7 @@ static void unmap_domain(np_domain *d)
         }
     pthread_mutex_unlock(&np_dom_mu);
     np_tcache_drop(d);
+    np_dw_stop(d);                      /* D3: before the unmap */
     munmap(d->base, d->size);
     /* The descriptor itself is kept (a few hundred bytes): a late call from
      * a thread that still has the pointer finds it closed (NP_ECLOSED)
@@ -293,6 +294,7 @@ void np_domain_close(np_domain *d)
         int64_t deadline = np_now() + NP_RECLAIM_NS;
         /* new calls stay refused; guard waits may now run again */
         __atomic_store_n(&d->closing, 2, __ATOMIC_SEQ_CST);
+        np_dw_stop(d);                  /* D3: before the slot is left */
         if (my_actor(d, &me, &tag) == 0)
             np_i_wait_cancel(d);
         else if (borrow_actor(d, &me, &tag))

@@ -60,21 +60,27 @@ def _call_site():
     return (f.f_code.co_filename, f.f_lineno), api
 
 
-def warn_if_on_loop(what: str, instead: str) -> None:
-    """Log a warning, once per call site, if the calling thread runs an event loop."""
+def warn_if_on_loop(what: str, instead: str) -> tuple[str, int] | None:
+    """Log a warning, once per call site, if the calling thread runs an event loop.
+    Returns the call site (file, line) when a loop runs, else None."""
     if _get_running_loop() is None:
-        return
+        return None
     site, api = _call_site()
     if site in _warned:
-        return
+        return site
     _warned.add(site)
     what, instead = HANDLE_FORMS.get(api, (what, instead))
     log.warning("%s:%d: %s on the event loop's thread blocks every connection of this "
                 "container while it waits; use %s", site[0], site[1], what, instead)
+    return site
 
 
-def native_block_hook(kind: int) -> None:
-    """Called by the native backend (and the accelerator) before a wait that may block."""
+def native_block_hook(kind: int) -> bool:
+    """Called by the native backend (and the accelerator) before a wait that may block.
+    True when the call site it reported is its caller's own line: the accelerator
+    then skips later calls from that line (they would report nothing new)."""
     if _get_running_loop() is None:
-        return
-    warn_if_on_loop(*NATIVE_KINDS.get(kind, ("a synchronous wait", "its *_async form")))
+        return False
+    site = warn_if_on_loop(*NATIVE_KINDS.get(kind, ("a synchronous wait", "its *_async form")))
+    caller = sys._getframe(1)
+    return site == (caller.f_code.co_filename, caller.f_lineno)

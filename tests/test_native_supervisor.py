@@ -87,7 +87,10 @@ def test_sigkilled_holder_mutex_is_released_to_waiter(dom):
     time.sleep(0.15)                        # the waiter is in its slices
     t0 = time.monotonic()
     kill_and_reap(holder)
-    assert dom.recover(holder) == 1
+    # 0: the waiter, woken by the kernel's death signal, recovered it first
+    # (csrc/deathwatch.c); either way exactly one recovery happened
+    assert dom.recover(holder) in (0, 1)
+    assert holder not in [p["pid"] for p in dom.processes()]
     t1 = float(os.read(tr, 64))
     assert t1 - t0 < 0.05, f"waiter took {1000 * (t1 - t0):.1f} ms"
     _, status = os.waitpid(wpid, 0)

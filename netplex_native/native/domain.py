@@ -48,7 +48,8 @@ try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
 except ImportError:  # pragma: no cover - a build without it uses closures
     _fast = None
 else:
-    _fast.set_block_hook(_block_hook)
+    from asyncio import _get_running_loop
+    _fast.set_block_hook(_block_hook, _get_running_loop)
 
 __all__ = ["available", "Domain"]
 
