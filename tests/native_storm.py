@@ -173,6 +173,8 @@ def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines=0, se
             import traceback
             traceback.print_exc()
             code = 1
+        # E: this process ends here (its other threads die with it)
+        _Recorder(rec_path).write("E", f"{os.getpid()}.{serial}", 0, "-", _now(), _now(), code)
         os._exit(code)
     return pid
 
@@ -324,8 +326,9 @@ def check_record(path: str) -> dict:
     A worker is named by "pid.serial" (the supervisor's spawn counter): a recycled
     pid names another worker.  A holder is dead, so no longer a holder, at line i
     only when both hold: it writes nothing after line i, and before line i it was
-    doomed: the supervisor wrote K (before its SIGKILL) or the worker wrote C
-    (before arming a crash point, the only other way a worker dies).  A holder
+    doomed: the supervisor wrote K (before its SIGKILL), or the worker wrote C
+    (before arming a crash point) or E (before it exits): the only ways a worker
+    dies.  A holder
     that was not yet doomed was alive at line i, whatever it wrote later.  A torn
     record is ignored, but must be its writer's last record and come after its
     doom: the writer died writing it."""
@@ -337,9 +340,9 @@ def check_record(path: str) -> dict:
             # the fragment names its writer only if the name is complete
             if len(rest) >= 3:
                 last_line_of[rest[1]] = i
-        elif kind in ("K", "C"):
+        elif kind in ("K", "C", "E"):
             doomed_at.setdefault(rest[0], i)
-            if kind == "C":
+            if kind != "K":                # C and E are the worker's own
                 last_line_of[rest[0]] = i
         elif kind not in ("D", "S"):       # D, S, K are the supervisor's
             last_line_of[rest[0]] = i
@@ -367,7 +370,7 @@ def check_record(path: str) -> dict:
     longest = 0.0
     last_token: dict[str, int] = {}
     for i, ln in enumerate(lines):
-        if ln[0] in ("torn", "K", "C", "D", "S", "X"):
+        if ln[0] in ("torn", "K", "C", "E", "D", "S", "X"):
             continue
         kind, pid, tid, obj, t0, t1, timeout, *token = ln
         tid = int(tid)
