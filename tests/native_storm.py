@@ -4,14 +4,18 @@ dead; in each process, coroutines on an event loop do the same through async
 waiter records (asyncwait.py), with their timeouts or cancelled by
 ``asyncio.wait_for``; crash points are armed at random inside operations and inside recovery; the
 supervisor SIGKILLs a random worker at random moments and recovers it only later
-(or never, leaving it to the workers).  Every acquire, release, timeout and death is
-appended to a record file (one O_APPEND write per line, so lines never interleave
-and their order is the order of the writes); the checker then replays it.
+(or never, leaving it to the workers).  Every acquire, release, timeout, kill and
+death is appended to a record file (one O_APPEND write per record, so records never
+interleave and their order is the order of the writes; a write cut short by the
+writer's SIGKILL leaves a torn record, framed so that it is recognised); the
+checker then replays it.
 
 Checked exactly, from the record file and the segment:
   - a mutex never has two live holders, a semaphore never more than its count (a
-    holder that writes nothing after a later acquire is dead by then: dead means
-    dead, so it cannot be a live holder);
+    holder is dead at a later acquire only if it writes nothing after it and was
+    doomed before it: the supervisor's K, written before its SIGKILL, or its own
+    C, written before it arms a crash point; workers are named pid.serial, so a
+    recycled pid is another worker);
   - every holder of a mutex has a fencing token larger than every earlier
     holder's (the record's order is the order of the holds: a live holder
     writes its acquire before it unlocks, a dead one writes nothing more);
@@ -46,18 +50,26 @@ def _now() -> float:
 
 
 class _Recorder:
+    """One record per os.write, framed "<fields>\n".  A write cut short (the
+    kernel ends a write to a file early when a SIGKILL arrives while it copies)
+    leaves a torn record with no closing ">" that the next record follows on the
+    same line; the framing lets the checker tell it apart.  A short write that
+    did not kill us kills us here, so a torn record is always its writer's last."""
+
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def write(self, *fields) -> None:
-        os.write(self.fd, (" ".join(str(f) for f in fields) + "\n").encode())
+        data = ("<" + " ".join(str(f) for f in fields) + ">\n").encode()
+        if os.write(self.fd, data) != len(data):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threads: int,
-            crash_rate: float, coroutines: int = 0) -> None:
+            crash_rate: float, coroutines: int = 0, serial: int = 0) -> None:
     os.environ["NETPLEX_CORE_TEST"] = "1"
     rec = _Recorder(rec_path)
-    pid = os.getpid()
+    pid = f"{os.getpid()}.{serial}"     # who: pids are recycled, (pid, serial) is not
     rec.write("X", pid, 0, "-", _now(), _now(), 0)
     parent = os.getppid()
 
@@ -66,7 +78,9 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
         tid = threading.get_native_id()
         while os.getppid() == parent:
             if rnd.random() < crash_rate:
-                # die somewhere inside the next operation (or recovery)
+                # die somewhere inside the next operation (or recovery): from
+                # here on this process may die at any moment (the checker's C)
+                rec.write("C", pid, tid, "-", _now(), _now(), 0)
                 _native._lib.np_test_crash_after(rnd.randint(1, 40))
             r = rnd.random()
             timeout = rnd.choice([0.0, 0.01, 0.05, 0.2, 0.5])
@@ -149,16 +163,18 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
     loop(0)
 
 
-def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines=0) -> int:
+def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines=0, serial=0) -> int:
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            _worker(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines)
+            _worker(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines, serial)
         except BaseException:
             import traceback
             traceback.print_exc()
             code = 1
+        # E: this process ends here (its other threads die with it)
+        _Recorder(rec_path).write("E", f"{os.getpid()}.{serial}", 0, "-", _now(), _now(), code)
         os._exit(code)
     return pid
 
@@ -173,6 +189,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
     rec_path = os.path.join(workdir, f"storm-{seed}.rec")
     dead_path = os.path.join(workdir, f"storm-{seed}.dead")
     open(dead_path, "w").close()
+    open(rec_path, "w").close()            # a kept workdir's earlier record is not replayed
     rec = _Recorder(rec_path)
     stats = {"kills": 0, "crash_point_deaths": 0, "clean_exits": 0, "recovered_late": 0,
              "recover_incomplete": 0, "stops": 0}
@@ -185,6 +202,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
             dom.mutex_unlock(name, force=True)     # implicit creation
         live: set[int] = set()
         pending: list[tuple[float, int]] = []       # (when, pid) to recover
+        serial_of: dict[int, int] = {}              # pid -> the worker's serial
         seq = 0
 
         def reap_some(block=False):
@@ -200,7 +218,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                         stats["crash_point_deaths"] += 1
                 else:
                     stats["clean_exits"] += 1
-                rec.write("D", pid, 0, "-", _now(), _now(), 0)
+                rec.write("D", f"{pid}.{serial_of[pid]}", 0, "-", _now(), _now(), 0)
                 with open(dead_path, "a") as f:
                     f.write(f"{pid}\n")
                 # recover later, or (one in four) leave it to the workers
@@ -215,8 +233,10 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
         while _now() < end:
             while len(live) < workers:
                 seq += 1
-                live.add(_spawn(dom, rec_path, dead_path, seed * 7919 + seq, threads,
-                                crash_rate, coroutines))
+                child = _spawn(dom, rec_path, dead_path, seed * 7919 + seq, threads,
+                               crash_rate, coroutines, seq)
+                serial_of[child] = seq
+                live.add(child)
             time.sleep(rnd.uniform(0, 2 * kill_every))
             now = _now()
             for pid, (since, when) in list(stopped.items()):
@@ -225,7 +245,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                         os.kill(pid, signal.SIGCONT)
                     # its own waits were stretched by this much: the checker
                     # does not count it against their timeouts
-                    rec.write("S", pid, 0, "-", since, _now(), 0)
+                    rec.write("S", f"{pid}.{serial_of[pid]}", 0, "-", since, _now(), 0)
                     del stopped[pid]
             if live and rnd.random() < stop_rate:
                 # a live process stopped anywhere (inside a guard, holding a
@@ -237,6 +257,8 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                     stats["stops"] += 1
             if live:
                 victim = rnd.choice(sorted(live))
+                # K before the kill: the victim may be dead from here on
+                rec.write("K", f"{victim}.{serial_of[victim]}", 0, "-", _now(), _now(), 0)
                 os.kill(victim, signal.SIGKILL)
                 killed_by_us.add(victim)
                 stats["kills"] += 1
@@ -251,6 +273,7 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                 else:
                     stats["recovered_late"] += 1
         for pid in list(live):
+            rec.write("K", f"{pid}.{serial_of[pid]}", 0, "-", _now(), _now(), 0)
             os.kill(pid, signal.SIGKILL)
             killed_by_us.add(pid)
         while live:
@@ -275,29 +298,82 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
         dom.close()
 
 
+def read_record(path: str) -> tuple[list[list[str]], list[tuple[int, str]]]:
+    """The records of the file, in order, and its torn ones as (index among the
+    records, fragment).  A torn record (its writer killed while writing it) has
+    no closing ">"; the next record follows it on the same line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    recs: list[list[str]] = []
+    torn: list[tuple[int, str]] = []
+    if not text:
+        return recs, torn
+    assert text.startswith("<"), f"the record does not start with a record: {text[:40]!r}"
+    for chunk in text[1:].split("<"):
+        if chunk.endswith(">\n") and ">" not in chunk[:-2]:
+            recs.append(chunk[:-2].split())
+        else:
+            assert "\n" not in chunk and ">" not in chunk, f"not a record: {chunk!r}"
+            torn.append((len(recs), chunk))
+            recs.append(["torn"] + chunk.split())
+    return recs, torn
+
+
 def check_record(path: str) -> dict:
     """Replay the record file: never two live holders of a mutex, never more live
-    holders of a semaphore than its count, no wait longer than timeout + 1 s."""
-    with open(path) as f:
-        lines = [ln.split() for ln in f if ln.strip()]
-    last_line_of: dict[int, int] = {}
-    for i, (kind, pid, *_rest) in enumerate(lines):
-        if kind not in ("D", "S"):         # written by the supervisor
-            last_line_of[int(pid)] = i
+    holders of a semaphore than its count, no wait longer than timeout + 1 s.
+
+    A worker is named by "pid.serial" (the supervisor's spawn counter): a recycled
+    pid names another worker.  A holder is dead, so no longer a holder, at line i
+    only when both hold: it writes nothing after line i, and before line i it was
+    doomed: the supervisor wrote K (before its SIGKILL), or the worker wrote C
+    (before arming a crash point) or E (before it exits): the only ways a worker
+    dies.  A holder
+    that was not yet doomed was alive at line i, whatever it wrote later.  A torn
+    record is ignored, but must be its writer's last record and come after its
+    doom: the writer died writing it."""
+    lines, torn = read_record(path)
+    last_line_of: dict[str, int] = {}
+    doomed_at: dict[str, int] = {}
+    for i, (kind, *rest) in enumerate(lines):
+        if kind == "torn":
+            # the fragment names its writer only if the name is complete
+            if len(rest) >= 3:
+                last_line_of[rest[1]] = i
+        elif kind in ("K", "C", "E"):
+            doomed_at.setdefault(rest[0], i)
+            if kind != "K":                # C and E are the worker's own
+                last_line_of[rest[0]] = i
+        elif kind not in ("D", "S"):       # D, S, K are the supervisor's
+            last_line_of[rest[0]] = i
+    for i, frag in torn:
+        f = frag.split()
+        if len(f) >= 3:                    # its writer's name is complete
+            who = f[1]
+            assert last_line_of.get(who) == i, (
+                f"line {i}: torn record {frag!r} is not the last of {who}: a live writer")
+            assert doomed_at.get(who, len(lines)) < i, (
+                f"line {i}: torn record {frag!r} of {who}, which was never killed")
     capacity = dict(SEMS, **{m: 1 for m in MUTEXES})
-    stops: dict[int, list[tuple[float, float]]] = {}
-    for kind, pid, _tid, _obj, t0, t1, _timeout, *_token in lines:
+    stops: dict[str, list[tuple[float, float]]] = {}
+    for kind, pid, *rest in lines:
         if kind == "S":
-            stops.setdefault(int(pid), []).append((float(t0), float(t1)))
+            stops.setdefault(pid, []).append((float(rest[2]), float(rest[3])))
 
     def stopped_during(pid, a, b):
         return sum(max(0.0, min(b, y) - max(a, x)) for x, y in stops.get(pid, ()))
-    holders: dict[str, list[tuple[int, int]]] = {name: [] for name in capacity}
+
+    def dead_at(who, i):
+        return last_line_of.get(who, -1) < i and doomed_at.get(who, i) < i
+    holders: dict[str, list[tuple[str, int]]] = {name: [] for name in capacity}
     ops = timeouts = tokens = async_ops = async_timeouts = 0
     longest = 0.0
     last_token: dict[str, int] = {}
-    for i, (kind, pid, tid, obj, t0, t1, timeout, *token) in enumerate(lines):
-        pid, tid = int(pid), int(tid)
+    for i, ln in enumerate(lines):
+        if ln[0] in ("torn", "K", "C", "E", "D", "S", "X"):
+            continue
+        kind, pid, tid, obj, t0, t1, timeout, *token = ln
+        tid = int(tid)
         if kind in ("A", "T"):
             # a waiter that was itself stopped meanwhile waited that much longer
             waited = float(t1) - float(t0) - stopped_during(pid, float(t0), float(t1))
@@ -309,8 +385,7 @@ def check_record(path: str) -> dict:
             ops += 1
             async_ops += tid >= ASYNC_TID
             hs = holders[obj]
-            # holders that write nothing after this line were dead by then
-            hs[:] = [h for h in hs if last_line_of.get(h[0], -1) > i]
+            hs[:] = [h for h in hs if not dead_at(h[0], i)]
             hs.append((pid, tid))
             assert len(hs) <= capacity[obj], (
                 f"line {i}: {len(hs)} live holders of {obj} (capacity {capacity[obj]}): {hs}")
@@ -329,11 +404,9 @@ def check_record(path: str) -> dict:
         elif kind == "T":
             timeouts += 1
             async_timeouts += tid >= ASYNC_TID
-        elif kind == "S":
-            continue
     return {"operations": ops, "timeouts": timeouts, "async_operations": async_ops,
             "async_timeouts": async_timeouts, "longest_wait_s": round(longest, 4),
-            "records": len(lines), "tokens_checked": tokens}
+            "records": len(lines), "tokens_checked": tokens, "torn_records": len(torn)}
 
 
 def main(argv=None) -> int:
@@ -346,8 +419,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--coroutines", type=int, default=8)
+    ap.add_argument("--keep", metavar="DIR",
+                    help="write the record file (storm-SEED.rec) into DIR and keep it")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="netplex-storm-") as d:
+    with tempfile.TemporaryDirectory(prefix="netplex-storm-") as tmp:
+        d = args.keep or tmp
+        if args.keep:
+            os.makedirs(d, exist_ok=True)
         t0 = time.monotonic()
         stats = run_storm(d, args.seconds, args.seed, workers=args.workers, threads=args.threads,
                           coroutines=args.coroutines)
