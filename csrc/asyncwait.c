@@ -263,7 +263,7 @@ static int64_t aw_release(np_domain *d, uint32_t r)
             /* W4: a stopped holder; whoever purges the queue frees it */
             np_give_up(o, x);
             mine_set(d, r, 0);
-            __atomic_store_n(&x->orphan, 1, __ATOMIC_SEQ_CST);
+            __atomic_store_n(&x->orphan, orphan_mark(x->inc), __ATOMIC_SEQ_CST);
             __atomic_sub_fetch(&d->aw_count, 1, __ATOMIC_RELAXED);
             np_release_orphan(d, r);    /* purged meanwhile: free it ourselves */
             return 1;

@@ -196,7 +196,7 @@ typedef struct {
     uint32_t wake;              /* futex word this actor sleeps on */
     uint32_t sleeping;          /* 1 while it may be in futex_wait on `wake' */
     uint32_t cancel_pending;    /* 1: gave up a wait it could not leave (owner-written) */
-    uint32_t orphan;            /* 1: its thread left it in a queue (Q5); 2: being freed */
+    uint32_t orphan;            /* orphan_mark(inc): its thread left it in a queue (Q5); else 0 */
     uint32_t qnext;             /* next in the wait queue (actor + 1) */
     uint32_t waiting_on;        /* object index + 1 of the queue it is in */
     uint32_t wait_gen;          /* generation of that object when queued */
@@ -336,6 +336,11 @@ int  np_reserve_enter(np_domain *d, uint32_t *actor, uint32_t *tag, int64_t dead
 void np_reserve_leave(np_domain *d);
 void np_abandon_actor(np_domain *d, uint32_t x);
 int  np_release_orphan(np_domain *d, uint32_t x);
+/* An orphan mark names the incarnation it was set in: freeing an entry bumps
+ * its incarnation, so a mark left behind by a freed orphan never matches the
+ * next owner, who claims the entry (one CAS on `own') a few instructions
+ * before it clears the mark (S2, Q5). */
+static inline uint32_t orphan_mark(uint32_t inc) { return (inc << 1) | 1u; }
 int  np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline);
 void np_tcache_drop(np_domain *d);
 void np_identity_init(void);

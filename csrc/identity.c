@@ -492,7 +492,7 @@ void np_abandon_actor(np_domain *d, uint32_t x)
             break;
         }
     /* seq_cst: against the purge (np_release_orphan) */
-    __atomic_store_n(&ax->orphan, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&ax->orphan, orphan_mark(ax->inc), __ATOMIC_SEQ_CST);
     np_release_orphan(d, x);            /* purged meanwhile: free it ourselves */
 }
 
@@ -503,7 +503,11 @@ int np_release_orphan(np_domain *d, uint32_t x)
 {
     np_actor *ax = &d->actors[x];
     uint64_t own = __atomic_load_n(&ax->own, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&ax->orphan, __ATOMIC_SEQ_CST) == 0
+    /* The mark must be this incarnation's: a stale one (the entry was freed
+     * and claimed again, its new owner not yet past clearing it) names the
+     * previous incarnation, and the entry is not ours to free. */
+    if ((uint32_t)own == 0
+        || __atomic_load_n(&ax->orphan, __ATOMIC_SEQ_CST) != orphan_mark((uint32_t)(own >> 32))
         || __atomic_load_n(&ax->waiting_on, __ATOMIC_SEQ_CST) != 0)
         return 0;
     return np_free_actor(d, x, own);

@@ -18,7 +18,8 @@
  *  Q5 A thread that cannot leave such a queue (its object's guard still held)
  *     abandons its actor (orphan) and takes a fresh one, so it can go on with
  *     other objects; the purge that removes the orphan also frees it (once:
- *     orphan 1 -> 2 by CAS, against the thread freeing it itself).
+ *     the CAS of np_free_actor, against the thread freeing it itself; the
+ *     mark names the incarnation, so a stale one frees nothing: identity.c).
  *  Q6 Async records (asyncwait.c) are queue entries like actors: every
  *     function here takes either; only np_wake_actors tells them apart (it
  *     also rings the record's process's doorbell, W2).
@@ -166,7 +167,7 @@ int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
             CRASHPOINT();
             uint32_t who[NP_WAKE_BATCH];
             int k = 0;
-            if (ax->orphan && ax->waiting_on == w) {
+            if (ax->orphan == orphan_mark(ax->inc) && ax->proc && ax->waiting_on == w) {
                 tx_begin(a, w - 1, 0);
                 if (o->used && ax->wait_gen == o->gen)
                     np_tx_q_remove(d, a, o, x);

@@ -40,11 +40,27 @@ class NativeDomainPlugin(Plugin):
         if not _native.available():
             raise NativeUnavailableError("the native core (netplex_native._core) is not built; "
                                          "reinstall with a C compiler or use the RPC plugins")
-        for stale in _native.Domain.remove_stale():
-            log.warning("removed shared-memory segment %s left by a dead controller", stale)
+        self._sweep()
         dom = _native.Domain.create(**ctrl.native_config)
         ctrl.set_plugin_data(self, dom)
         log.info("native segment %s created (%d bytes)", dom.name, dom.size)
+
+    @staticmethod
+    def _sweep() -> None:
+        """Remove segments nobody may still use (segment.c, G4)."""
+        from . import domain as _native
+        for stale in _native.Domain.remove_stale():
+            log.warning("removed shared-memory segment %s left by a dead controller", stale)
+
+    def ctrl_started(self, ctrl) -> None:
+        # A segment is stale only once its creator and every process
+        # registered in it are certainly dead; the containers of a controller
+        # that was SIGKILLed may still be exiting when we start (a zombie
+        # whose other threads still run counts as alive, I4): look again.
+        loop = ctrl._loop
+        if loop is not None and ctrl.plugin_data(self) is not None:
+            for delay in (2.0, 20.0):
+                loop.call_later(delay, self._sweep)
 
     def ctrl_container_reaped(self, ctrl, rec) -> None:
         self._recover(ctrl, rec.pid, 0.01)
