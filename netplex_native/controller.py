@@ -1232,7 +1232,21 @@ class Controller:
                 self._loop = None
 
     def shutdown(self) -> None:
-        """Begin an orderly shutdown (idempotent; safe from hooks and signal handlers)."""
+        """Begin an orderly shutdown (idempotent; safe from hooks, signal
+        handlers and any other thread: from another thread it is handed to
+        the controller's loop)."""
+        loop = self._loop
+        if loop is not None and self._state == "running":
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if not on_loop:
+                try:
+                    loop.call_soon_threadsafe(self.shutdown)
+                except RuntimeError:
+                    pass                    # the loop closed meanwhile: stopped already
+                return
         if self._state == "new":
             self._state = "stopped"
             return

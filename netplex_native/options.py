@@ -93,6 +93,10 @@ def native_config(name: str, value) -> dict:
         if not lo <= v <= hi:
             raise ValueError(f"{name}[{k!r}] must be an integer between {lo} and {hi}, got {v!r}")
         out[k] = v
+    waiters = out.get("waiters", 8192)
+    if out.get("waiter_quota", 1) > max(1, waiters):
+        raise ValueError(f"{name}['waiter_quota'] must be at most {name}['waiters'] ({waiters}), "
+                         f"got {out['waiter_quota']}")
     return out
 
 

@@ -317,3 +317,36 @@ def test_admin_whose_connection_is_reset_gives_a_one_line_error(tmp_path):
     assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
     assert res.stderr.startswith("error: the controller closed the admin connection without answering"), \
         res.stderr
+
+
+def test_shutdown_from_another_thread_ends_run():
+    """Controller.shutdown() called from a thread that is not the loop's is
+    handed to the loop: run() returns (it waited for the next wake-up of the
+    loop, possibly forever, before)."""
+    import subprocess
+    import sys
+    import textwrap
+    src = textwrap.dedent("""
+        import threading, time
+        import netplex_native as netplex
+        ctrl = netplex.Controller()
+        ctrl.add_service(netplex.Service("idle", workers=1))
+        def stop():
+            while not ctrl.containers():
+                time.sleep(0.05)
+            ctrl.shutdown()
+        threading.Thread(target=stop, daemon=True).start()
+        ctrl.run()
+        print("returned", flush=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "returned" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+
+
+def test_native_config_waiter_quota_above_waiters_is_refused_at_construction():
+    import netplex_native as netplex
+    with pytest.raises(ValueError, match="waiter_quota"):
+        netplex.Controller(native_config={"waiters": 1, "waiter_quota": 2})
+    with pytest.raises(ValueError, match="waiter_quota"):
+        netplex.Controller(native_config={"waiter_quota": 9000})
+    netplex.Controller(native_config={"waiters": 4, "waiter_quota": 4})

@@ -171,7 +171,7 @@ class Domain:
         _lib.np_domain_config(d, c)
         self.config = {"semaphores": c.semaphores, "mutexes": c.mutexes,
                        "processes": c.processes, "actors": c.actors,
-                       "waiters": c.waiters, "waiter_quota": c.waiter_quota or c.waiters}
+                       "waiters": c.waiters, "waiter_quota": min(c.waiter_quota or c.waiters, c.waiters)}
         self._sems: dict[str, int] = {}
         self._mtxs: dict[str, int] = {}
         #: Called between wait slices (at most every 100 ms) in any waiting
