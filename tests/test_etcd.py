@@ -21,7 +21,7 @@ import pytest
 import netplex_native as netplex
 from netplex_native import etcd, mutex
 from harness import wait_until
-from test_semantics import ActorHooks, cluster, uniq
+from test_semantics import ActorHooks, cluster, settle, uniq
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -461,3 +461,51 @@ def test_bad_backend_arguments_and_two_backends_in_one_controller_are_refused(et
             ctrl._unplug_all()
     pid = fork_call(two)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+class _LockOnStart(ActorHooks):
+    """Each container holds a mutex of its own (named by its pid) from its start."""
+
+    def on_start(self, cont):
+        assert mutex.access(f"t.onstart.{os.getpid()}").lock(timeout=10) is True
+
+
+def test_containers_reaped_while_etcd_is_stopped_never_block_the_controller_and_are_revoked_after(
+        events, etcd_backend, etcd_server, tmp_path):
+    """Attack finding: the controller waited up to 0.5 s per reaped container
+    for its revoke while etcd did not answer — 16 kills froze ``admin list``
+    for 8 s.  The revoke is fired, never awaited: the admin socket answers at
+    once, and the leases are revoked as soon as etcd answers again (long
+    TTL here, so an expiry cannot pass for a revoke)."""
+    import harness
+    from netplex_native.admin import request
+    N = 8
+    long_ttl = etcd.Backend([etcd_server.endpoint], prefix=etcd_backend.prefix, lease_ttl=60)
+    harness.ETCD = long_ttl
+    flag = str(tmp_path / "no-restart")
+    prefix = etcd_backend.prefix + "m/"
+    with cluster(events, BACKEND, ["a"], hooks=_LockOnStart, workers={"a": N}, no_restart_flag=flag) as m1:
+        pids = [e["pid"] for e in events.all("ready", service="a")]
+        assert len(pids) == N
+        settle(lambda: len([k for k in etcd_server.keys(prefix) if "t.onstart." in k]) == N, 10, "N mutexes")
+        open(flag, "w").close()
+        os.kill(etcd_server.proc.pid, signal.SIGSTOP)
+        try:
+            for p in pids:
+                os.kill(p, signal.SIGKILL)
+            worst = 0.0
+            t_end = time.monotonic() + N * 0.5 + 1.0
+            while time.monotonic() < t_end:
+                t0 = time.monotonic()
+                ans = request(m1.socket_dir, {"cmd": "list"}, timeout=60)
+                worst = max(worst, time.monotonic() - t0)
+                assert ans.get("ok"), ans
+                time.sleep(0.05)
+            assert worst < 2.0, f"admin list took {worst:.2f} s while etcd was stopped"
+            settle(lambda: not request(m1.socket_dir, {"cmd": "list"}, timeout=60)["services"][0]["containers"],
+                   10, "every container reaped")
+        finally:
+            os.kill(etcd_server.proc.pid, signal.SIGCONT)
+        settle(lambda: not [k for k in etcd_server.keys(prefix) if "t.onstart." in k], 15,
+               "the reaped containers' leases revoked after etcd came back (TTL is 60 s)")
+    harness.ETCD = etcd_backend
