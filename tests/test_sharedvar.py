@@ -189,3 +189,22 @@ def test_wait_for_value_returns_none_when_deleted_while_waiting_or_on_timeout(ev
         wait_waiters(c, backend, V, 1)
         assert d.call("sharedvar.delete_var(V)", V=V) is True
         assert waiting.result(5) is None
+
+
+@pytest.mark.parametrize("kind", ["rpc", "native", "etcd"])
+def test_a_nul_in_a_value_round_trips_and_the_channel_lives_on(events, kind, request):
+    """Attack finding: on the RPC plugin beside the native semaphores and
+    mutexes, ``set_value("v", "a\\x00b")`` returned True and then every call
+    of that container raised ControllerGoneError."""
+    if kind == "etcd":
+        request.getfixturevalue("etcd_backend")
+    V = uniq("var")
+    with cluster(events, kind, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("sharedvar.create_var(V)", V=V) is True
+        assert a.call("sharedvar.set_value(V, 'a\\x00b')", V=V) is True
+        assert a.call("sharedvar.get_value(V)", V=V) == "a\x00b"
+        assert b.call("sharedvar.get_value(V)", V=V) == "a\x00b"
+        assert a.call("sharedvar.set_value(V, '\\x00')", V=V) is True
+        assert b.call("sharedvar.wait_for_value(V, timeout=5)", V=V) == "\x00"
+        assert a.call("sharedvar.delete_var(V)", V=V) is True
