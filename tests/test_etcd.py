@@ -509,3 +509,47 @@ def test_containers_reaped_while_etcd_is_stopped_never_block_the_controller_and_
         settle(lambda: not [k for k in etcd_server.keys(prefix) if "t.onstart." in k], 15,
                "the reaped containers' leases revoked after etcd came back (TTL is 60 s)")
     harness.ETCD = etcd_backend
+
+
+def test_backend_arguments_out_of_etcds_range_are_refused_naming_the_argument(etcd_server):
+    """Attack finding: lease_ttl 0.5, 1.5 or 1e300 were accepted (etcd has whole
+    seconds up to its MaxLeaseTTL, 9e9 s)."""
+    ep = [etcd_server.endpoint]
+    for bad in (0.5, 1.5, float("nan"), float("inf"), -1, 9_000_000_001, 1e300):
+        with pytest.raises(ValueError, match="lease_ttl"):
+            etcd.Backend(ep, lease_ttl=bad)
+    for bad in (0, -1.0, float("nan"), float("inf"), 1e300):
+        with pytest.raises(ValueError, match="op_timeout"):
+            etcd.Backend(ep, op_timeout=bad)
+    with pytest.raises(TypeError, match="lease_ttl"):
+        etcd.Backend(ep, lease_ttl="5")
+    with pytest.raises(ValueError, match="prefix"):
+        etcd.Backend(ep, prefix="a\ud800/")
+    with pytest.raises(ValueError, match="prefix"):
+        etcd.Backend(ep, prefix="p" * 1025)
+    assert etcd.Backend(ep, lease_ttl=9_000_000_000, op_timeout=0.5).lease_ttl == 9e9
+    assert etcd.Backend(ep, lease_ttl=2.0).lease_ttl == 2
+
+
+def test_variable_timeouts_and_value_sizes_at_etcds_limits(events, etcd_backend, etcd_server):
+    """Attack findings: timeout=1e300 raised a raw ValueError from protobuf;
+    the 1 MB limit counted the whole record, so a 1 MB value did not fit; the
+    surrogate's position counted in the record's JSON, not in the value."""
+    from netplex_native.etcd.sharedvar import MAX_VALUE
+    V, W, X = uniq("var"), uniq("var"), uniq("var")
+    with cluster(events, BACKEND, ["a"]) as m:
+        a = m["a"]
+        e = a.error("sharedvar.create_var(V, timeout=1e300)", V=V)
+        assert e.type == "ValueError" and "largest lease TTL" in str(e), e
+        assert a.call("sharedvar.create_var(V, timeout=math.inf)", V=V) is True   # no timeout
+        assert a.call("sharedvar.create_var(W, timeout=1.2)", W=W) is True        # rounded up to 2 s
+        time.sleep(2.5)
+        assert a.call("[sharedvar.get_value(V), sharedvar.get_value(W)]", V=V, W=W) == ["", None]
+        assert a.call("sharedvar.create_var(X)", X=X) is True
+        assert a.call("sharedvar.set_value(X, 'x' * (N - 2))", X=X, N=MAX_VALUE) is True   # + 2 quotes
+        assert a.call("len(sharedvar.get_value(X))", X=X) == MAX_VALUE - 2
+        e = a.error("sharedvar.set_value(X, 'x' * (N - 1))", X=X, N=MAX_VALUE)
+        assert e.type == "ValueError" and "encoded size" in str(e) and str(MAX_VALUE + 1) in str(e), e
+        e = a.error("sharedvar.set_value(X, 'ab\\ud800')", X=X)
+        assert e.type == "ValueError" and "position 2" in str(e), e
+        assert a.call("sharedvar.delete_var(V) and sharedvar.delete_var(X)", V=V, X=X) is True
