@@ -553,3 +553,52 @@ def test_variable_timeouts_and_value_sizes_at_etcds_limits(events, etcd_backend,
         e = a.error("sharedvar.set_value(X, 'ab\\ud800')", X=X)
         assert e.type == "ValueError" and "position 2" in str(e), e
         assert a.call("sharedvar.delete_var(V) and sharedvar.delete_var(X)", V=V, X=X) is True
+
+
+def test_token_is_none_as_soon_as_the_mutex_is_not_held_any_more(events, etcd_backend, etcd_server):
+    """Attack finding: ``Mutex.token`` stayed set after a force-unlock
+    elsewhere, a destroy, or the expiry of the holder's lease."""
+    M, D, L = uniq("mtx"), uniq("mtx"), uniq("mtx")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert a.call("[mutex.access(M).lock(timeout=5), mutex.access(D).lock(timeout=5)]", M=M, D=D) == [True, True]
+        assert type(a.call("mutex.access(M).token", M=M)) is int
+        assert b.call("ctx.mutex.unlock(M, True)", M=M) is None         # force-unlocked elsewhere
+        assert a.call("mutex.access(M).token", M=M) is None
+        assert a.error("mutex.access(M).unlock()", M=M).type == "NotHolderError"
+        assert b.call("ctx.mutex.destroy(D)", D=D) is None               # destroyed elsewhere
+        assert a.call("mutex.access(D).token", D=D) is None
+        # the lease expires: the machine's controller stops past the TTL
+        assert a.call("mutex.access(L).lock(timeout=5)", L=L) is True
+        os.kill(m1.proc.pid, signal.SIGSTOP)
+        try:
+            assert b.call("mutex.access(L).lock(timeout=T)", L=L, T=etcd_backend.lease_ttl + 5, timeout=20) is True
+        finally:
+            os.kill(m1.proc.pid, signal.SIGCONT)
+        assert a.call("mutex.access(L).token", L=L) is None
+        assert a.error("mutex.access(L).unlock()", L=L).type == "LeaseLostError"
+        b.call("mutex.access(L).unlock()", L=L)
+
+
+def test_a_waiter_whose_lease_expired_queues_again_and_gets_the_mutex(events, etcd_backend, etcd_server):
+    """Attack finding: ``lock()`` while waiting raised LeaseLostError when the
+    waiter's lease expired (its machine cut off past the TTL) — a waiter holds
+    nothing: it queues again under a new lease and goes on waiting."""
+    M = uniq("mtx")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert b.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        pa = a.start("""
+            ok = await mutex.access(M).lock_async(timeout=30)
+            result = [ok, ctx.mutex.token(M)]""", M=M)
+        m2.wait_waiters(M, 1)
+        os.kill(m1.proc.pid, signal.SIGSTOP)          # no keep-alive: a's lease expires
+        try:
+            settle(lambda: m2.waiters(M) == 0, etcd_backend.lease_ttl + 10, "a's waiter key gone with its lease")
+        finally:
+            os.kill(m1.proc.pid, signal.SIGCONT)
+        first = b.call("ctx.mutex.token(M)", M=M)
+        b.call("mutex.access(M).unlock()", M=M)
+        ok, token = pa.result(20)
+        assert ok is True and token > first
+        assert a.call("mutex.access(M).unlock()", M=M) is None
