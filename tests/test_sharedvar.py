@@ -208,3 +208,28 @@ def test_a_nul_in_a_value_round_trips_and_the_channel_lives_on(events, kind, req
         assert a.call("sharedvar.set_value(V, '\\x00')", V=V) is True
         assert b.call("sharedvar.wait_for_value(V, timeout=5)", V=V) == "\x00"
         assert a.call("sharedvar.delete_var(V)", V=V) is True
+
+
+@pytest.mark.parametrize("kind", ["rpc", "native"])
+def test_synchronous_calls_from_a_thread_while_the_loop_is_idle_never_lose_their_reply(events, kind):
+    """The real cause of the NUL finding above: a synchronous call from a
+    thread of the container sent its frame, the container's idle loop read
+    the reply first (delivered it), and the thread then took the reader role
+    and blocked in recv for a reply that had come already — for ever (until
+    the controller shut down and closed the channel).  Every call here must
+    come back (bounded)."""
+    V = uniq("var")
+    with cluster(events, kind, ["a"]) as c:
+        a = c["a"]
+        assert a.call("sharedvar.create_var(V)", V=V) is True
+        n = a.call("""
+            def work():
+                done = 0
+                for i in range(1500):
+                    assert sharedvar.set_value(V, str(i)) is True
+                    assert sharedvar.get_value(V) == str(i)
+                    done += 1
+                return done
+            loop = asyncio.get_running_loop()
+            result = await asyncio.wait_for(loop.run_in_executor(None, work), 40)""", V=V, timeout=60)
+        assert n == 1500
