@@ -14,7 +14,9 @@ Invariants:
   the inbox).  A synchronous call, on any thread, reads for itself when no
   one else does, else waits on ``_cond`` until its reply is delivered or the
   reader role is free: no call needs the loop, so a worker thread's call is
-  served while the loop thread is blocked in a call of its own.
+  served while the loop thread is blocked in a call of its own.  A caller
+  that takes the reader role reads only while its reply has not been
+  delivered yet (another reader may have delivered it since the send).
 - The inbox is bounded (INBOX_MAX_MESSAGES, INBOX_MAX_BYTES): messages that
   arrive while nobody can run their hooks (the loop thread is in a
   synchronous call) are queued up to the bound, then dropped and counted
@@ -197,7 +199,9 @@ class Channel:
             if self._rlock.acquire(False):
                 self._reader = threading.get_ident()
                 try:
-                    if not self._decoder.pending:
+                    # (the loop may have read and delivered our reply between the send
+                    # and here: then a recv would wait for a reply that has come)
+                    if rid not in results and not self._decoder.pending:
                         # the usual case: the next read is exactly our plain binary reply
                         data = self._recv_blocking()
                         if len(data) == _REPLY_SIZE and data.startswith(_REPLY_HEAD):

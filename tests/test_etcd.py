@@ -21,7 +21,7 @@ import pytest
 import netplex_native as netplex
 from netplex_native import etcd, mutex
 from harness import wait_until
-from test_semantics import ActorHooks, cluster, uniq
+from test_semantics import ActorHooks, cluster, settle, uniq
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -461,3 +461,144 @@ def test_bad_backend_arguments_and_two_backends_in_one_controller_are_refused(et
             ctrl._unplug_all()
     pid = fork_call(two)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+class _LockOnStart(ActorHooks):
+    """Each container holds a mutex of its own (named by its pid) from its start."""
+
+    def on_start(self, cont):
+        assert mutex.access(f"t.onstart.{os.getpid()}").lock(timeout=10) is True
+
+
+def test_containers_reaped_while_etcd_is_stopped_never_block_the_controller_and_are_revoked_after(
+        events, etcd_backend, etcd_server, tmp_path):
+    """Attack finding: the controller waited up to 0.5 s per reaped container
+    for its revoke while etcd did not answer — 16 kills froze ``admin list``
+    for 8 s.  The revoke is fired, never awaited: the admin socket answers at
+    once, and the leases are revoked as soon as etcd answers again (long
+    TTL here, so an expiry cannot pass for a revoke)."""
+    import harness
+    from netplex_native.admin import request
+    N = 8
+    long_ttl = etcd.Backend([etcd_server.endpoint], prefix=etcd_backend.prefix, lease_ttl=60)
+    harness.ETCD = long_ttl
+    flag = str(tmp_path / "no-restart")
+    prefix = etcd_backend.prefix + "m/"
+    with cluster(events, BACKEND, ["a"], hooks=_LockOnStart, workers={"a": N}, no_restart_flag=flag) as m1:
+        pids = [e["pid"] for e in events.all("ready", service="a")]
+        assert len(pids) == N
+        settle(lambda: len([k for k in etcd_server.keys(prefix) if "t.onstart." in k]) == N, 10, "N mutexes")
+        open(flag, "w").close()
+        os.kill(etcd_server.proc.pid, signal.SIGSTOP)
+        try:
+            for p in pids:
+                os.kill(p, signal.SIGKILL)
+            worst = 0.0
+            t_end = time.monotonic() + N * 0.5 + 1.0
+            while time.monotonic() < t_end:
+                t0 = time.monotonic()
+                ans = request(m1.socket_dir, {"cmd": "list"}, timeout=60)
+                worst = max(worst, time.monotonic() - t0)
+                assert ans.get("ok"), ans
+                time.sleep(0.05)
+            assert worst < 2.0, f"admin list took {worst:.2f} s while etcd was stopped"
+            settle(lambda: not request(m1.socket_dir, {"cmd": "list"}, timeout=60)["services"][0]["containers"],
+                   10, "every container reaped")
+        finally:
+            os.kill(etcd_server.proc.pid, signal.SIGCONT)
+        settle(lambda: not [k for k in etcd_server.keys(prefix) if "t.onstart." in k], 15,
+               "the reaped containers' leases revoked after etcd came back (TTL is 60 s)")
+    harness.ETCD = etcd_backend
+
+
+def test_backend_arguments_out_of_etcds_range_are_refused_naming_the_argument(etcd_server):
+    """Attack finding: lease_ttl 0.5, 1.5 or 1e300 were accepted (etcd has whole
+    seconds up to its MaxLeaseTTL, 9e9 s)."""
+    ep = [etcd_server.endpoint]
+    for bad in (0.5, 1.5, float("nan"), float("inf"), -1, 9_000_000_001, 1e300):
+        with pytest.raises(ValueError, match="lease_ttl"):
+            etcd.Backend(ep, lease_ttl=bad)
+    for bad in (0, -1.0, float("nan"), float("inf"), 1e300):
+        with pytest.raises(ValueError, match="op_timeout"):
+            etcd.Backend(ep, op_timeout=bad)
+    with pytest.raises(TypeError, match="lease_ttl"):
+        etcd.Backend(ep, lease_ttl="5")
+    with pytest.raises(ValueError, match="prefix"):
+        etcd.Backend(ep, prefix="a\ud800/")
+    with pytest.raises(ValueError, match="prefix"):
+        etcd.Backend(ep, prefix="p" * 1025)
+    assert etcd.Backend(ep, lease_ttl=9_000_000_000, op_timeout=0.5).lease_ttl == 9e9
+    assert etcd.Backend(ep, lease_ttl=2.0).lease_ttl == 2
+
+
+def test_variable_timeouts_and_value_sizes_at_etcds_limits(events, etcd_backend, etcd_server):
+    """Attack findings: timeout=1e300 raised a raw ValueError from protobuf;
+    the 1 MB limit counted the whole record, so a 1 MB value did not fit; the
+    surrogate's position counted in the record's JSON, not in the value."""
+    from netplex_native.etcd.sharedvar import MAX_VALUE
+    V, W, X = uniq("var"), uniq("var"), uniq("var")
+    with cluster(events, BACKEND, ["a"]) as m:
+        a = m["a"]
+        e = a.error("sharedvar.create_var(V, timeout=1e300)", V=V)
+        assert e.type == "ValueError" and "largest lease TTL" in str(e), e
+        assert a.call("sharedvar.create_var(V, timeout=math.inf)", V=V) is True   # no timeout
+        assert a.call("sharedvar.create_var(W, timeout=1.2)", W=W) is True        # rounded up to 2 s
+        time.sleep(2.5)
+        assert a.call("[sharedvar.get_value(V), sharedvar.get_value(W)]", V=V, W=W) == ["", None]
+        assert a.call("sharedvar.create_var(X)", X=X) is True
+        assert a.call("sharedvar.set_value(X, 'x' * (N - 2))", X=X, N=MAX_VALUE) is True   # + 2 quotes
+        assert a.call("len(sharedvar.get_value(X))", X=X) == MAX_VALUE - 2
+        e = a.error("sharedvar.set_value(X, 'x' * (N - 1))", X=X, N=MAX_VALUE)
+        assert e.type == "ValueError" and "encoded size" in str(e) and str(MAX_VALUE + 1) in str(e), e
+        e = a.error("sharedvar.set_value(X, 'ab\\ud800')", X=X)
+        assert e.type == "ValueError" and "position 2" in str(e), e
+        assert a.call("sharedvar.delete_var(V) and sharedvar.delete_var(X)", V=V, X=X) is True
+
+
+def test_token_is_none_as_soon_as_the_mutex_is_not_held_any_more(events, etcd_backend, etcd_server):
+    """Attack finding: ``Mutex.token`` stayed set after a force-unlock
+    elsewhere, a destroy, or the expiry of the holder's lease."""
+    M, D, L = uniq("mtx"), uniq("mtx"), uniq("mtx")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert a.call("[mutex.access(M).lock(timeout=5), mutex.access(D).lock(timeout=5)]", M=M, D=D) == [True, True]
+        assert type(a.call("mutex.access(M).token", M=M)) is int
+        assert b.call("ctx.mutex.unlock(M, True)", M=M) is None         # force-unlocked elsewhere
+        assert a.call("mutex.access(M).token", M=M) is None
+        assert a.error("mutex.access(M).unlock()", M=M).type == "NotHolderError"
+        assert b.call("ctx.mutex.destroy(D)", D=D) is None               # destroyed elsewhere
+        assert a.call("mutex.access(D).token", D=D) is None
+        # the lease expires: the machine's controller stops past the TTL
+        assert a.call("mutex.access(L).lock(timeout=5)", L=L) is True
+        os.kill(m1.proc.pid, signal.SIGSTOP)
+        try:
+            assert b.call("mutex.access(L).lock(timeout=T)", L=L, T=etcd_backend.lease_ttl + 5, timeout=20) is True
+        finally:
+            os.kill(m1.proc.pid, signal.SIGCONT)
+        assert a.call("mutex.access(L).token", L=L) is None
+        assert a.error("mutex.access(L).unlock()", L=L).type == "LeaseLostError"
+        b.call("mutex.access(L).unlock()", L=L)
+
+
+def test_a_waiter_whose_lease_expired_queues_again_and_gets_the_mutex(events, etcd_backend, etcd_server):
+    """Attack finding: ``lock()`` while waiting raised LeaseLostError when the
+    waiter's lease expired (its machine cut off past the TTL) — a waiter holds
+    nothing: it queues again under a new lease and goes on waiting."""
+    M = uniq("mtx")
+    with two_machines(events) as (m1, m2):
+        a, b = m1["a"], m2["b"]
+        assert b.call("mutex.access(M).lock(timeout=5)", M=M) is True
+        pa = a.start("""
+            ok = await mutex.access(M).lock_async(timeout=30)
+            result = [ok, ctx.mutex.token(M)]""", M=M)
+        m2.wait_waiters(M, 1)
+        os.kill(m1.proc.pid, signal.SIGSTOP)          # no keep-alive: a's lease expires
+        try:
+            settle(lambda: m2.waiters(M) == 0, etcd_backend.lease_ttl + 10, "a's waiter key gone with its lease")
+        finally:
+            os.kill(m1.proc.pid, signal.SIGCONT)
+        first = b.call("ctx.mutex.token(M)", M=M)
+        b.call("mutex.access(M).unlock()", M=M)
+        ok, token = pa.result(20)
+        assert ok is True and token > first
+        assert a.call("mutex.access(M).unlock()", M=M) is None

@@ -189,3 +189,47 @@ def test_wait_for_value_returns_none_when_deleted_while_waiting_or_on_timeout(ev
         wait_waiters(c, backend, V, 1)
         assert d.call("sharedvar.delete_var(V)", V=V) is True
         assert waiting.result(5) is None
+
+
+@pytest.mark.parametrize("kind", ["rpc", "native", "etcd"])
+def test_a_nul_in_a_value_round_trips_and_the_channel_lives_on(events, kind, request):
+    """Attack finding: on the RPC plugin beside the native semaphores and
+    mutexes, ``set_value("v", "a\\x00b")`` returned True and then every call
+    of that container raised ControllerGoneError."""
+    if kind == "etcd":
+        request.getfixturevalue("etcd_backend")
+    V = uniq("var")
+    with cluster(events, kind, ["a", "b"]) as c:
+        a, b = c["a"], c["b"]
+        assert a.call("sharedvar.create_var(V)", V=V) is True
+        assert a.call("sharedvar.set_value(V, 'a\\x00b')", V=V) is True
+        assert a.call("sharedvar.get_value(V)", V=V) == "a\x00b"
+        assert b.call("sharedvar.get_value(V)", V=V) == "a\x00b"
+        assert a.call("sharedvar.set_value(V, '\\x00')", V=V) is True
+        assert b.call("sharedvar.wait_for_value(V, timeout=5)", V=V) == "\x00"
+        assert a.call("sharedvar.delete_var(V)", V=V) is True
+
+
+@pytest.mark.parametrize("kind", ["rpc", "native"])
+def test_synchronous_calls_from_a_thread_while_the_loop_is_idle_never_lose_their_reply(events, kind):
+    """The real cause of the NUL finding above: a synchronous call from a
+    thread of the container sent its frame, the container's idle loop read
+    the reply first (delivered it), and the thread then took the reader role
+    and blocked in recv for a reply that had come already — for ever (until
+    the controller shut down and closed the channel).  Every call here must
+    come back (bounded)."""
+    V = uniq("var")
+    with cluster(events, kind, ["a"]) as c:
+        a = c["a"]
+        assert a.call("sharedvar.create_var(V)", V=V) is True
+        n = a.call("""
+            def work():
+                done = 0
+                for i in range(1500):
+                    assert sharedvar.set_value(V, str(i)) is True
+                    assert sharedvar.get_value(V) == str(i)
+                    done += 1
+                return done
+            loop = asyncio.get_running_loop()
+            result = await asyncio.wait_for(loop.run_in_executor(None, work), 40)""", V=V, timeout=60)
+        assert n == 1500

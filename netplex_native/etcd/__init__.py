@@ -26,6 +26,13 @@ import os
 from ..errors import LeaseLostError, EtcdUnavailableError, check_name  # noqa: F401  (re-exported)
 
 
+#: etcd's largest lease TTL (its MaxLeaseTTL), in seconds: the bound of
+#: ``lease_ttl``, ``op_timeout`` and a shared variable's finite timeout.
+MAX_TTL = 9_000_000_000
+#: Longest key prefix accepted (UTF-8 bytes): every key starts with it.
+MAX_PREFIX = 1024
+
+
 def _endpoint(e) -> str:
     if not isinstance(e, str) or not e:
         raise TypeError(f"an etcd endpoint must be a non-empty str 'host:port', not {e!r}")
@@ -47,7 +54,7 @@ class Backend:
     ``mutex_plugin``, ``sharedvar_plugin`` instead of the RPC or native
     ones.  Controllers with the same endpoints and prefix share everything.
 
-    *lease_ttl*: seconds (whole, at least 1) after which a dead machine's
+    *lease_ttl*: seconds (whole, 1 to ``MAX_TTL``, else ValueError) after which a dead machine's
     holdings are given back.  *op_timeout*: how long an operation that does
     not wait retries while no etcd endpoint answers before it raises
     ``EtcdUnavailableError`` (waits with a timeout retry until it; waits
@@ -62,10 +69,21 @@ class Backend:
         self.endpoints = tuple(_endpoint(e) for e in endpoints)
         if not isinstance(prefix, str) or not prefix:
             raise TypeError("prefix must be a non-empty str")
+        try:
+            plen = len(prefix.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError(f"prefix {prefix!r} is not valid Unicode text (a lone surrogate)") from None
+        if plen > MAX_PREFIX:
+            raise ValueError(f"prefix is {plen} bytes (UTF-8); at most {MAX_PREFIX}")
         self.prefix = prefix
         for what, v in (("lease_ttl", lease_ttl), ("op_timeout", op_timeout)):
-            if type(v) is bool or not isinstance(v, (int, float)) or not (v > 0) or math.isinf(v):
-                raise ValueError(f"{what} must be a finite number of seconds > 0, got {v!r}")
+            if type(v) is bool or not isinstance(v, (int, float)):
+                raise TypeError(f"{what} must be a number of seconds, not {type(v).__name__}")
+            if not (v > 0) or math.isinf(v) or v > MAX_TTL:
+                raise ValueError(f"{what} must be a finite number of seconds > 0 and at most {MAX_TTL}, got {v!r}")
+        if lease_ttl < 1 or lease_ttl != int(lease_ttl):
+            raise ValueError(f"lease_ttl must be a whole number of seconds >= 1 (etcd leases are whole "
+                             f"seconds), got {lease_ttl!r}")
         self.lease_ttl = float(lease_ttl)
         self.op_timeout = float(op_timeout)
         from .plugins import EtcdLeasePlugin, _Provides

@@ -5,10 +5,13 @@ lease per service for its ``own`` shared variables; the controller's own.
 
 Runs on the controller's etcd client thread over the JSON gateway (never
 gRPC: the controller forks).  Invariants:
-- A lease granted for a container that was reaped meanwhile is revoked at
-  once; a reaped container's lease is revoked before its restart is
-  scheduled (waiting at most ``REVOKE_WAIT`` for etcd, then in the
-  background until done).
+- The controller's loop never waits on etcd: a reaped container's lease is
+  revoked by a task on the client thread, fired at the reap and never
+  awaited there; it retries until etcd answers (so the lease goes as soon
+  as etcd answers) or until ``revoke_give_up`` seconds have passed, after
+  which the lease has expired by its TTL anyway (it is no longer kept
+  alive from the reap on).  A lease granted for a container that was
+  reaped meanwhile is revoked the same way.
 - A lease whose keep-alive says it expired is forgotten; the container gets
   a new one when it asks again (its operations as a holder under the old one
   raise ``LeaseLostError``).
@@ -18,9 +21,9 @@ gRPC: the controller forks).  Invariants:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
+import time
 
 import json
 
@@ -31,8 +34,6 @@ from .transport import GatewayTransport, LeaseGone
 
 log = logging.getLogger("netplex_native.etcd")
 
-#: How long the reaping controller waits for etcd to confirm a revoke.
-REVOKE_WAIT = 0.5
 
 
 class LeaseKeeper:
@@ -80,16 +81,26 @@ class LeaseKeeper:
             log.warning("etcd lease %x expired; its holder gets a new one", lease)
             forget()
 
-    async def _revoke(self, lease):
+    @property
+    def revoke_give_up(self) -> float:
+        """Seconds after which a revoke that etcd never answered is given
+        up: by then the lease (no longer kept alive) has expired."""
+        return 2 * self.ttl + self.cfg.op_timeout + 5.0
+
+    async def _revoke(self, lease, give_up=None):
+        deadline = time.monotonic() + (give_up if give_up is not None else self.revoke_give_up)
         delay = 0.01
         while True:
             try:
-                await self.t.lease_revoke(lease)
+                await self.t.lease_revoke(lease, deadline=min(deadline, time.monotonic() + self.cfg.op_timeout))
                 return
             except Exception as e:
+                if time.monotonic() >= deadline:
+                    log.warning("etcd: revoke of lease %x not confirmed; it expires by its TTL (%s)", lease, e)
+                    return
                 log.debug("revoke of lease %x failed (%s); retrying", lease, e)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.2)
 
     # ---- on the controller's loop ----
     def start(self):
@@ -132,14 +143,10 @@ class LeaseKeeper:
         self.runner.submit(go()).add_done_callback(done)
 
     def reaped(self, rec):
+        """Fire the revoke of *rec*'s lease; never waits (the loop's thread)."""
         lease = self.containers.pop(rec.id, None)
         if lease:
-            cf = self.runner.submit(self._revoke(lease))
-            try:
-                cf.result(REVOKE_WAIT)
-            except concurrent.futures.TimeoutError:
-                log.warning("etcd did not confirm the revoke of container %s's lease in %.1f s; "
-                            "retrying in the background", rec.id, REVOKE_WAIT)
+            self.runner.submit(self._revoke(lease))
 
     def service_gone(self, service):
         """The controller's last container of *service* ended: its ``own``

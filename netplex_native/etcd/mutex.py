@@ -10,8 +10,13 @@ unlock, a death, a destroy) has a larger one.
 
 Invariants:
 - Ownership is decided only by etcd's order of create revisions; this
-  process records what it holds (``held``) to answer ``token``/``unlock``
-  without a round trip, and to refuse ``unlock`` by a non-holder.
+  process records what it holds (``held``) to refuse ``unlock`` by a
+  non-holder without a round trip.  ``token`` checks with etcd (one Range)
+  that our key is still there: it is None once the mutex was force-unlocked
+  elsewhere, destroyed, or lost with our lease.
+- A waiter whose lease expired (an outage longer than the TTL) holds
+  nothing: it queues again under a new lease, at the back, and goes on
+  waiting until its timeout; ``LeaseLostError`` is only for holders.
 - A waiter that gives up (timeout, cancel, etcd unreachable) deletes its
   key, in the background until done if etcd does not answer: a waiter key
   left behind would become a ghost owner.
@@ -112,9 +117,18 @@ class EtcdMutex:
                             continue
                         raise
                 if not exists:        # destroyed, or our lease expired meanwhile
-                    done = True
                     if await s.is_lost(lease):
-                        raise LeaseLostError(f"mutex {name!r}: this process's etcd lease expired while it waited")
+                        # a waiter holds nothing: it queues again under a new lease (at the back)
+                        if timeout == 0 or remaining(deadline) == 0:
+                            return False
+                        try:
+                            pfx, key, mine, lease, first = await self._enqueue(name, dl, box)
+                        except EtcdUnavailableError:
+                            if dl is not None and remaining(dl) == 0:
+                                return False
+                            raise
+                        continue
+                    done = True
                     return False
                 if owner is not None and owner.create_revision == mine:
                     self.held[name] = (key, mine, lease)
@@ -225,9 +239,24 @@ class EtcdMutex:
     def locked_sync(self, name):
         return self.s.runner.run(self.locked(check_name(name)))
 
+    async def token(self, name):
+        """Our token if our key is still there with it (one Range): a key
+        deleted by a force-unlock, a destroy or the expiry of our lease is
+        no longer ours, and nobody can get ahead of a key that is."""
+        held = self.held.get(name)
+        if held is None:
+            return None
+        key, token, _lease = held
+        r = await self.s.t.range(ops.rq_get(key))
+        if r.kvs and r.kvs[0].create_revision == token and self.held.get(name) == held:
+            return token
+        return None
+
     def token_sync(self, name):
-        held = self.held.get(check_name(name))
-        return held[1] if held else None
+        name = check_name(name)
+        if name not in self.held:
+            return None
+        return self.s.runner.run(self.token(name))
 
     def destroy_sync(self, name):
         self.s.runner.run(self.destroy(check_name(name)))

@@ -9,7 +9,9 @@ holding its flags and value as JSON.
   key is bound to the timeout's lease and records the service's (``sl``):
   the controller deletes it when it revokes that lease.
 - ``timeout``: the key is bound to a lease of its own whose TTL is the
-  timeout (whole seconds, at least 1), refreshed by every get and set.
+  timeout rounded up to whole seconds (at least 1; ``math.inf`` is no
+  timeout; above etcd's MaxLeaseTTL a ValueError), refreshed by every get
+  and set.
 - ``wait_for_value``: read; if never set, watch the key from the revision
   read and read again on any change (create the watch from the read's
   revision: nothing in between is missed).
@@ -30,11 +32,14 @@ import pickle
 
 from ..errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_bool,
                       check_name, check_timeout)
-from . import ops
+from . import MAX_TTL, ops
 from .transport import LeaseGone, deadline_in
 from .waits import remaining, watch_until
 
 #: Largest encoded value: etcd refuses requests over 1.5 MiB by default.
+#: Largest encoded value (the JSON text of a str value in UTF-8, or the base64
+#: of a pickle); with the record's few hundred bytes of metadata a put stays
+#: below etcd's default request limit of 1.5 MiB.
 MAX_VALUE = 1024 * 1024
 
 
@@ -46,6 +51,11 @@ def _check_create(name, own, ro, enc, timeout):
     timeout = check_timeout(timeout)
     if timeout == 0:
         raise ValueError("timeout must be > 0 seconds (or None for no timeout)")
+    if timeout is not None and math.isinf(timeout):
+        timeout = None                   # math.inf: no timeout
+    elif timeout is not None and timeout > MAX_TTL:
+        raise ValueError(f"timeout {timeout!r} exceeds etcd's largest lease TTL ({MAX_TTL} s); "
+                         f"use None or math.inf for no timeout")
     return name, own, ro, enc, timeout
 
 
@@ -121,15 +131,18 @@ class EtcdVars:
                     f"shared variable {name!r} holds str values; create it with enc=True for other types")
             if d["enc"] and not enc_value:
                 v = base64.b64encode(pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL)).decode()
-            d.update(v=v, set=True, by=self.me)
             try:
-                data = json.dumps(d, ensure_ascii=False).encode()
-            except UnicodeEncodeError as e:
+                size = len(json.dumps(v, ensure_ascii=False).encode())
+            except UnicodeEncodeError as e:     # e.start counts in the JSON text: find it in the value
+                pos = next((i for i, ch in enumerate(v) if 0xD800 <= ord(ch) <= 0xDFFF), e.start)
                 raise ValueError(f"shared variable {name!r}: the value is not valid Unicode text "
-                                 f"(a lone surrogate at position {e.start})") from None
-            if len(data) > MAX_VALUE:
-                raise ValueError(f"shared variable {name!r}: a value of {len(data)} bytes exceeds the "
-                                 f"etcd backend's limit of {MAX_VALUE} bytes")
+                                 f"(a lone surrogate at position {pos})") from None
+            if size > MAX_VALUE:
+                raise ValueError(f"shared variable {name!r}: the value's encoded size ({size} bytes: its "
+                                 f"JSON text in UTF-8, or the base64 of its pickle) exceeds the etcd "
+                                 f"backend's limit of {MAX_VALUE} bytes")
+            d.update(v=v, set=True, by=self.me)
+            data = json.dumps(d, ensure_ascii=False).encode()
             try:
                 r = await self.s.t.txn(ops.txn([ops.cmp_mod(kv.key, kv.mod_revision)],
                                                 [ops.put(kv.key, data, kv.lease)]))
