@@ -79,18 +79,8 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         CRASHPOINT();
         if (unlikely(__atomic_load_n(&o->purge, __ATOMIC_RELAXED)))
             np_q_purge(d, a, o);
-        if (unlikely(!o->used || o->gen != gen)) {
-            if (a->waiting_on == idx + 1 && a->wait_gen == gen) {
-                tx_begin(a, idx, 0);
-                TX32(d, a, a->waiting_on, 0);
-                tx_commit(d, a);
-                guard_unlock(&o->guard);
-                CRASHPOINT();
-                return NP_EDESTROYED;
-            }
-            guard_unlock(&o->guard);
-            return NP_ESTALE;
-        }
+        if (unlikely((rc = obj_gone(d, a, a, o, idx, gen)) != 0))
+            return rc;
         int queued = a->waiting_on == idx + 1 && a->wait_gen == gen;
         if (unlikely(queued && a->cancel_pending)) {
             /* a wait of ours given up earlier (Q3): start afresh */

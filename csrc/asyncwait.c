@@ -87,23 +87,13 @@ static int claim(np_domain *d)
     for (uint32_t k = 0; k < d->nwt; k++) {
         uint32_t r = d->wbase + (start + k) % d->nwt;
         np_actor *x = &d->actors[r];
-        uint64_t o = __atomic_load_n(&x->own, __ATOMIC_RELAXED);
-        if ((uint32_t)o != 0)
-            continue;
-        /* acquire: the previous owner's (or recovery's) stores are visible. */
-        if (!__atomic_compare_exchange_n(&x->own, &o, o | mp, 0, __ATOMIC_ACQUIRE,
-                                         __ATOMIC_RELAXED))
+        if (!entry_claim(x, mp))
             continue;
         CRASHPOINT();
         x->tid = 0;
-        x->qnext = 0;
-        x->waiting_on = 0;
-        x->cancel_pending = 0;
-        x->orphan = 0;
-        x->intent_n = 0;
+        entry_reset(x);
         x->sleeping = 0;
         __atomic_store_n(&x->armed, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&x->intent_valid, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&d->aw_cursor, (start + k + 1) % d->nwt, __ATOMIC_RELAXED);
         mine_set(d, r, 1);
         return (int)r;
@@ -166,18 +156,8 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
     CRASHPOINT();
     if (unlikely(__atomic_load_n(&o->purge, __ATOMIC_RELAXED)))
         np_q_purge(d, a, o);
-    if (unlikely(!o->used || o->gen != gen)) {
-        if (x->waiting_on == idx + 1 && x->wait_gen == gen) {
-            tx_begin(a, idx, 0);
-            TX32(d, a, x->waiting_on, 0);
-            tx_commit(d, a);
-            guard_unlock(&o->guard);
-            CRASHPOINT();
-            return NP_EDESTROYED;
-        }
-        guard_unlock(&o->guard);
-        return NP_ESTALE;
-    }
+    if (unlikely((rc = obj_gone(d, a, x, o, idx, gen)) != 0))
+        return rc;
     if (unlikely(x->waiting_on == idx + 1 && x->wait_gen != o->gen)) {
         /* queued on an earlier incarnation, destroyed since (A4) */
         tx_begin(a, idx, 0);
@@ -269,16 +249,8 @@ static int64_t aw_release(np_domain *d, uint32_t r)
             return 1;
         }
         CRASHPOINT();
-        if (x->waiting_on == w) {
-            tx_begin(a, w - 1, 0);
-            if (o->used && x->wait_gen == o->gen)
-                np_tx_q_remove(d, a, o, r);
-            else
-                TX32(d, a, x->waiting_on, 0);
-            tx_commit(d, a);
-            if (o->used && o->value > 0 && o->qlen)
-                n = np_q_collect(d, o, who);    /* we may have been entitled */
-        }
+        if (x->waiting_on == w)
+            n = np_q_leave(d, a, r, o, w, who);
         guard_unlock(&o->guard);
         CRASHPOINT();
         np_wake_actors(d, who, n);

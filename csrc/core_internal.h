@@ -341,6 +341,30 @@ int  np_release_orphan(np_domain *d, uint32_t x);
  * next owner, who claims the entry (one CAS on `own') a few instructions
  * before it clears the mark (S2, Q5). */
 static inline uint32_t orphan_mark(uint32_t inc) { return (inc << 1) | 1u; }
+
+/* Claim free actor-table entry x (a thread's actor or an async record) for
+ * process slot mp (+1): one CAS on `own' (S2).  The caller then resets it
+ * with entry_reset, after a crash point. */
+static inline int entry_claim(np_actor *x, uint32_t mp)
+{
+    uint64_t o = __atomic_load_n(&x->own, __ATOMIC_RELAXED);
+    if ((uint32_t)o != 0)
+        return 0;
+    /* acquire: the previous owner's (or recovery's) stores are visible. */
+    return __atomic_compare_exchange_n(&x->own, &o, o | mp, 0, __ATOMIC_ACQUIRE,
+                                       __ATOMIC_RELAXED);
+}
+
+/* A claimed entry's queue state and log, as new (its owner's stores only). */
+static inline void entry_reset(np_actor *x)
+{
+    x->qnext = 0;
+    x->waiting_on = 0;
+    x->cancel_pending = 0;
+    x->orphan = 0;
+    x->intent_n = 0;
+    __atomic_store_n(&x->intent_valid, 0, __ATOMIC_RELAXED);
+}
 int  np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline);
 void np_tcache_drop(np_domain *d);
 void np_identity_init(void);
@@ -452,12 +476,39 @@ static inline void tx_commit(np_domain *d, np_actor *a)
     CRASHPOINT();
 }
 
+/* With object idx's guard held by actor a: 0 if the handle's generation
+ * `gen' is still the object's.  Otherwise the guard is released and the
+ * result is NP_EDESTROYED when waiter x (a itself, or a's async record) was
+ * queued on that generation -- its mark cleared, logged (A4) -- else
+ * NP_ESTALE (the caller looks the name up again). */
+static inline int obj_gone(np_domain *d, np_actor *a, np_actor *x, np_obj *o, uint32_t idx,
+                           uint32_t gen)
+{
+    if (likely(o->used && o->gen == gen))
+        return 0;
+    if (x->waiting_on == idx + 1 && x->wait_gen == gen) {
+        tx_begin(a, idx, 0);
+        TX32(d, a, x->waiting_on, 0);
+        tx_commit(d, a);
+        guard_unlock(&o->guard);
+        CRASHPOINT();
+        return NP_EDESTROYED;
+    }
+    guard_unlock(&o->guard);
+    return NP_ESTALE;
+}
+
 /* ---- queue.c (caller holds the object's guard) ---- */
 uint32_t np_q_pos(np_domain *d, np_obj *o, uint32_t a);
 void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim);
 void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
 void np_tx_q_append_rec(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
 int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
+/* Waiter xi leaves the queue of object w - 1 (its guard held by actor a),
+ * or only loses its mark when that object was destroyed since it queued;
+ * returns how many of those behind it are entitled now (in who[], to wake
+ * once the guard is released): it may have been entitled itself. */
+int  np_q_leave(np_domain *d, np_actor *a, uint32_t xi, np_obj *o, uint32_t w, uint32_t *who);
 void np_q_purge(np_domain *d, np_actor *me, np_obj *o);
 void np_wake_actors(np_domain *d, const uint32_t *who, int n);
 

@@ -173,21 +173,11 @@ static int claim_actor(np_domain *d, uint32_t lo, uint32_t hi, uint32_t mp, uint
 {
     for (uint32_t a = lo; a < hi; a++) {
         np_actor *x = &d->actors[a];
-        uint64_t o = __atomic_load_n(&x->own, __ATOMIC_RELAXED);
-        if ((uint32_t)o != 0)
-            continue;
-        /* acquire: the previous owner's (or recovery's) stores are visible. */
-        if (!__atomic_compare_exchange_n(&x->own, &o, o | mp, 0, __ATOMIC_ACQUIRE,
-                                         __ATOMIC_RELAXED))
+        if (!entry_claim(x, mp))
             continue;
         CRASHPOINT();
         x->tid = (int32_t)syscall(SYS_gettid);
-        x->qnext = 0;
-        x->waiting_on = 0;
-        x->cancel_pending = 0;
-        x->orphan = 0;
-        x->intent_n = 0;
-        __atomic_store_n(&x->intent_valid, 0, __ATOMIC_RELAXED);
+        entry_reset(x);
         CRASHPOINT();
         *out = a;
         return 1;

@@ -167,16 +167,8 @@ int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
             CRASHPOINT();
             uint32_t who[NP_WAKE_BATCH];
             int k = 0;
-            if (ax->orphan == orphan_mark(ax->inc) && ax->proc && ax->waiting_on == w) {
-                tx_begin(a, w - 1, 0);
-                if (o->used && ax->wait_gen == o->gen)
-                    np_tx_q_remove(d, a, o, x);
-                else
-                    TX32(d, a, ax->waiting_on, 0);   /* its object was destroyed */
-                tx_commit(d, a);
-                if (o->used && o->value > 0 && o->qlen)
-                    k = np_q_collect(d, o, who);     /* those now entitled */
-            }
+            if (ax->orphan == orphan_mark(ax->inc) && ax->proc && ax->waiting_on == w)
+                k = np_q_leave(d, a, x, o, w, who);
             guard_unlock(&o->guard);
             CRASHPOINT();
             np_wake_actors(d, who, k);
@@ -196,4 +188,16 @@ int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
         n++;
     }
     return n;
+}
+
+int np_q_leave(np_domain *d, np_actor *a, uint32_t xi, np_obj *o, uint32_t w, uint32_t *who)
+{
+    np_actor *x = &d->actors[xi];
+    tx_begin(a, w - 1, 0);
+    if (o->used && x->wait_gen == o->gen)
+        np_tx_q_remove(d, a, o, xi);
+    else
+        TX32(d, a, x->waiting_on, 0);   /* its object was destroyed */
+    tx_commit(d, a);
+    return o->used && o->value > 0 && o->qlen ? np_q_collect(d, o, who) : 0;
 }

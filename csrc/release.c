@@ -172,16 +172,8 @@ int64_t np_i_wait_cancel(np_domain *d)
         return 0;
     }
     CRASHPOINT();
-    if (a->waiting_on == w) {
-        tx_begin(a, w - 1, 0);
-        if (o->used && a->wait_gen == o->gen)
-            np_tx_q_remove(d, a, o, ai);
-        else
-            TX32(d, a, a->waiting_on, 0);
-        tx_commit(d, a);
-        if (o->used && o->value > 0 && o->qlen)
-            n = np_q_collect(d, o, who);   /* we may have been entitled */
-    }
+    if (a->waiting_on == w)
+        n = np_q_leave(d, a, ai, o, w, who);
     guard_unlock(&o->guard);
     CRASHPOINT();
     np_wake_actors(d, who, n);
