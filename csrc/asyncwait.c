@@ -116,9 +116,12 @@ int64_t np_aw_claim(np_domain *d)
     }
     rc = claim(d);
     if (rc < 0) {
-        /* full: records of dead processes are freed by recovering them */
-        np_recover_all_dead(d, ai, tag, np_now() + NP_GUARD_SLEEP_NS);
-        np_purge_orphans(d, ai, tag, np_now() + NP_GUARD_SLEEP_NS);
+        /* full: records of dead processes are freed by recovering them,
+         * with a full table's budget (S3): a slice of one guard sleep was
+         * too short to free a thousand queued records under contention */
+        int64_t until = np_now() + NP_RECLAIM_NS;
+        np_recover_all_dead(d, ai, tag, until);
+        np_purge_orphans(d, ai, tag, until);
         rc = claim(d);
     }
     if (rc < 0) {

@@ -30,8 +30,9 @@ import math
 import os
 import pickle
 
-from ..errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_bool,
-                      check_name, check_timeout)
+from ..errors import (SharedVarPermissionError, SharedVarTypeError, WouldBlockError, check_name,
+                      check_timeout)
+from ..rpc.sharedvar import _check_create as _rpc_check_create
 from . import MAX_TTL, ops
 from .transport import LeaseGone, deadline_in
 from .waits import remaining, watch_until
@@ -44,16 +45,10 @@ MAX_VALUE = 1024 * 1024
 
 
 def _check_create(name, own, ro, enc, timeout):
-    name = check_name(name)
-    check_bool(own, "own")
-    check_bool(ro, "ro")
-    check_bool(enc, "enc")
-    timeout = check_timeout(timeout)
-    if timeout == 0:
-        raise ValueError("timeout must be > 0 seconds (or None for no timeout)")
-    if timeout is not None and math.isinf(timeout):
-        timeout = None                   # math.inf: no timeout
-    elif timeout is not None and timeout > MAX_TTL:
+    """The RPC backend's checks (check_timeout turns math.inf into None: no
+    timeout), and a timeout etcd can hold as a lease TTL."""
+    name, own, ro, enc, timeout = _rpc_check_create(name, own, ro, enc, timeout)
+    if timeout is not None and timeout > MAX_TTL:
         raise ValueError(f"timeout {timeout!r} exceeds etcd's largest lease TTL ({MAX_TTL} s); "
                          f"use None or math.inf for no timeout")
     return name, own, ro, enc, timeout
