@@ -22,6 +22,9 @@
  *     all, so no token is handed out twice.
  *  A4 destroy bumps the generation; a queued waiter that finds another
  *     generation returns NP_EDESTROYED and is no longer queued.
+ *  A7 A mutex is first tried on its fast path (mutex_fast.h, F1-F6): one
+ *     CAS when the path is open (nobody queued); everything below runs with
+ *     the path closed (obj_lock), so A1-A6 read and write as before.
  *  A6 A waiter for a mutex held by another process also sleeps on that
  *     process's death word (deathwatch.c): when the kernel reports the
  *     holder's death, the waiter recovers its slot itself (exact liveness,
@@ -68,8 +71,28 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     int64_t slice_end = 0;
     int spun = 0, death_checked = 0;
 
+    if (kind == NP_KIND_MUTEX && likely(!a->waiting_on)) {
+        /* A7: the fast path (mutex_fast.h), then a bounded spin on it while
+         * the holder runs elsewhere; the slow path below does not spin. */
+        if (likely(mx_fast_lock(d, o, gen)))
+            return 0;
+        spun = 1;
+        if (deadline != NP_NOWAIT && o->rel_cpu != sched_getcpu()) {
+            for (int i = 0; i < NP_SPIN_ITERS; i++) {
+                cpu_relax();
+                uint64_t w = __atomic_load_n((uint64_t *)&o->owner, __ATOMIC_RELAXED);
+                if ((uint32_t)(w >> 32) != (gen | NP_FAST_OPEN))
+                    break;              /* closed (or stale): the slow path decides */
+                if ((uint32_t)w != 0)
+                    continue;           /* held: keep watching */
+                if (mx_fast_lock(d, o, gen))
+                    return 0;
+            }
+        }
+    }
+
     for (;;) {
-        rc = guard_lock(d, &o->guard, tag, deadline == NP_NOWAIT ? NP_GUARD_TRY : deadline);
+        rc = obj_lock(d, o, tag, deadline == NP_NOWAIT ? NP_GUARD_TRY : deadline);
         if (unlikely(rc < 0)) {
             if (rc != NP_EINTR && rc != NP_EAGAIN
                     && __atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED) == idx + 1)
@@ -90,7 +113,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             queued = 0;
         }
         if (unlikely(a->waiting_on && !queued)) {
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             if (!a->cancel_pending)
                 return NP_EBUSY;        /* a wait of this thread is in progress */
             np_i_wait_cancel(d);        /* a given-up wait: try to leave it */
@@ -116,17 +139,17 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             if (queued)
                 np_tx_q_remove(d, a, o, ai);
             tx_commit(d, a);
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             CRASHPOINT();
             return kind == NP_KIND_MUTEX ? 0 : v - 1;
         }
         if (deadline == NP_NOWAIT) {
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             return NP_EAGAIN;
         }
         if (!queued && !spun && o->rel_cpu != sched_getcpu()) {
             spun = 1;                   /* reads only: nothing to log */
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             for (int i = 0; i < NP_SPIN_ITERS
                      && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
                 cpu_relax();
@@ -140,7 +163,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                 np_tx_q_remove(d, a, o, ai);
                 tx_commit(d, a);
             }
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             CRASHPOINT();
             return closing(d) ? NP_ECLOSED : NP_ETIMEDOUT;
         }
@@ -161,7 +184,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                     cur = d->actors[cur - 1].qnext;
                 }
             }
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             int64_t rdl = deadline < now + NP_SLICE_NS ? deadline : now + NP_SLICE_NS;
             check_ahead(d, ai, tag, procs, n, rdl);
             return NP_EINTR;
@@ -181,7 +204,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         }
         /* acquire: read under the guard, so any later post changes it. */
         uint32_t w = __atomic_load_n(&a->wake, __ATOMIC_ACQUIRE);
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         int64_t until = deadline < slice_end ? deadline : slice_end;
         int died = 0;

@@ -153,7 +153,7 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
     uint32_t gen = handle_gen(handle);
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai], *x = &d->actors[r];
-    rc = guard_lock(d, &o->guard, tag, NP_GUARD_TRY);
+    rc = obj_lock(d, o, tag, NP_GUARD_TRY);
     if (unlikely(rc < 0))
         return rc == NP_ECLOSED ? rc : NP_EINTR;     /* busy: the caller tries later */
     CRASHPOINT();
@@ -166,13 +166,13 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
         tx_begin(a, idx, 0);
         TX32(d, a, x->waiting_on, 0);
         tx_commit(d, a);
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         return NP_EDESTROYED;
     }
     int queued = x->waiting_on == idx + 1 && x->wait_gen == gen;
     if (unlikely(x->waiting_on && !queued)) {
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         return NP_EBUSY;                /* the record waits elsewhere */
     }
     __atomic_store_n(&x->armed, 0, __ATOMIC_RELAXED);
@@ -192,7 +192,7 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
          * at most NP_WAKE_BATCH; coroutines have no slice to look again). */
         uint32_t who[NP_WAKE_BATCH];
         int n = o->value > 0 && o->qlen ? np_q_collect(d, o, who) : 0;
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         np_wake_actors(d, who, n);
         return kind == NP_KIND_MUTEX ? 0 : v - 1;
@@ -204,7 +204,7 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
             np_tx_q_remove(d, a, o, r);
             tx_commit(d, a);
         }
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         return NP_ETIMEDOUT;
     }
@@ -216,7 +216,7 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
     /* W2: seen before armed (release), both under the guard. */
     __atomic_store_n(&x->seen, __atomic_load_n(&x->wake, __ATOMIC_ACQUIRE), __ATOMIC_RELAXED);
     __atomic_store_n(&x->armed, 1, __ATOMIC_RELEASE);
-    guard_unlock(&o->guard);
+    obj_unlock(d, o);
     CRASHPOINT();
     return NP_EAGAIN;
 }
@@ -242,7 +242,7 @@ static int64_t aw_release(np_domain *d, uint32_t r)
     uint32_t w = __atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED);
     if (w && w <= d->nobj) {
         np_obj *o = &d->objs[w - 1];
-        if (guard_lock(d, &o->guard, tag, NP_GUARD_TRY) < 0) {
+        if (obj_lock(d, o, tag, NP_GUARD_TRY) < 0) {
             /* W4: a stopped holder; whoever purges the queue frees it */
             np_give_up(o, x);
             mine_set(d, r, 0);
@@ -254,7 +254,7 @@ static int64_t aw_release(np_domain *d, uint32_t r)
         CRASHPOINT();
         if (x->waiting_on == w)
             n = np_q_leave(d, a, r, o, w, who);
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         np_wake_actors(d, who, n);
     }
@@ -357,7 +357,7 @@ static int64_t aw_tick(np_domain *d, int64_t deadline)
         if (seen[w - 1])
             continue;
         seen[w - 1] = 1;
-        if (guard_lock(d, &o->guard, tag, deadline) < 0)
+        if (obj_lock(d, o, tag, deadline) < 0)
             continue;
         CRASHPOINT();
         uint32_t procs[NP_WAKE_BATCH];
@@ -379,7 +379,7 @@ static int64_t aw_tick(np_domain *d, int64_t deadline)
         /* W6: and whoever is entitled and was not woken (behind a batch) */
         uint32_t who[NP_WAKE_BATCH];
         int k = o->value > 0 && o->qlen ? np_q_collect(d, o, who) : 0;
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         np_wake_actors(d, who, k);
         for (int i = 0; i < n; i++) {

@@ -36,8 +36,8 @@
  *     slot names its recoverer the same way: an actor that is freed bumps its
  *     incarnation first, so a name never designates a later owner.
  *  T1 Fencing: a mutex's `token' is bumped by every grant, in the grant's
- *     own transaction (acquire.c), and never decreases while the object
- *     lives: each holder's token is larger than every earlier holder's.
+ *     own transaction (acquire.c) or its CAS (mutex_fast.h, F2), and never
+ *     decreases while the object lives: each holder's token is larger than every earlier holder's.
  *  T2 destroy raises the header's token_hw to the destroyed mutex's token
  *     and create starts a mutex at token_hw, both in the transaction that
  *     changes the name (names.c): tokens also grow across destroy/create.
@@ -59,7 +59,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 7u
+#define NP_LAYOUT_VERSION 8u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -151,15 +151,22 @@ typedef struct {
     uint32_t used;              /* 1 while the name maps to this object */
     uint32_t gen;               /* bumped by destroy; part of the handle */
     uint32_t protected_;        /* semaphores: protected accounting */
-    int64_t  value;             /* semaphore value; mutex 1 free, 0 locked */
-    uint32_t owner;             /* mutex: process slot + 1 of the holder */
+    int64_t  value;             /* semaphore value; mutex 1 free, 0 locked (F4) */
     uint32_t qhead, qtail;      /* FIFO of actor index + 1 */
     uint32_t qlen;
     int32_t  rel_cpu;           /* hint: CPU of the last release (not logged) */
     uint32_t purge;             /* hint: a queued actor gave up (not logged) */
-    uint64_t token;             /* mutex: fencing token of the last grant (T1) */
     uint32_t next_free;         /* while free: next free object + 1 (names.c, N6) */
-    uint32_t pad_hot;           /* L1: everything above is one cache line */
+    /* A mutex's lock word, changed by one 16-byte CAS (mutex_fast.h, F2). */
+    union {
+        struct {
+            uint32_t owner;     /* mutex: process slot + 1 of the holder */
+            uint32_t fast;      /* gen | NP_FAST_OPEN while the fast path is open (F1, F3) */
+            uint64_t token;     /* mutex: fencing token of the last grant (T1) */
+        };
+        unsigned __int128 lk;
+    };
+    /* L1: everything above is one cache line */
     char     name[NP_NAME_MAX + 1];
 } np_obj;
 
@@ -217,6 +224,7 @@ typedef struct {
  * uncontended operation's shared footprint is that one line; its redo log
  * is in its own actor's lines. */
 _Static_assert(__builtin_offsetof(np_obj, name) == 64, "np_obj: hot fields in one line");
+_Static_assert(__builtin_offsetof(np_obj, lk) == 48, "np_obj: the lock word is 16-byte aligned");
 _Static_assert(sizeof(np_obj) % 64 == 0, "np_obj: a multiple of a cache line");
 _Static_assert(sizeof(np_actor) % 64 == 0, "np_actor: a multiple of a cache line");
 
@@ -410,6 +418,8 @@ static inline void guard_unlock(uint32_t *g)
         np_futex_wake(g, 1);
 }
 
+#include "mutex_fast.h"      /* obj_lock, obj_unlock: an object's guard */
+
 static inline void tx_begin(np_actor *a, uint32_t g1, uint32_t g2p1)
 {
     a->intent_n = 0;
@@ -490,11 +500,11 @@ static inline int obj_gone(np_domain *d, np_actor *a, np_actor *x, np_obj *o, ui
         tx_begin(a, idx, 0);
         TX32(d, a, x->waiting_on, 0);
         tx_commit(d, a);
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         return NP_EDESTROYED;
     }
-    guard_unlock(&o->guard);
+    obj_unlock(d, o);
     return NP_ESTALE;
 }
 

@@ -39,6 +39,8 @@ static int64_t obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_
     out->kind = kind;
     out->handle = (uint64_t)make_handle(d, i);
     out->value = __atomic_load_n(&o->value, __ATOMIC_RELAXED);
+    if (kind == NP_KIND_MUTEX)          /* F4: owner is the truth */
+        out->value = __atomic_load_n(&o->owner, __ATOMIC_RELAXED) ? 0 : 1;
     out->protected_ = (int32_t)o->protected_;
     uint32_t ow = __atomic_load_n(&o->owner, __ATOMIC_RELAXED);
     out->owner_pid = ow && ow <= d->nproc ? PW_PID(__atomic_load_n(&d->procs[ow - 1].w, __ATOMIC_RELAXED)) : 0;
@@ -105,6 +107,8 @@ static int64_t check(np_domain *d, char *buf, size_t len)
         if (!o->used) {
             if (o->qhead || o->qtail || o->qlen)
                 FAIL("free %s %u has a queue", what, k);
+            if (o->fast)
+                FAIL("free %s %u has its fast path open (F1)", what, k);
             continue;
         }
         used++;
@@ -112,12 +116,17 @@ static int64_t check(np_domain *d, char *buf, size_t len)
             FAIL("%s %u (%.64s) not found by name", what, k, o->name);
         if (sem && o->value < 0)
             FAIL("semaphore %u (%.64s) value %lld < 0", k, o->name, (long long)o->value);
+        if (!sem && o->fast && o->qlen)
+            FAIL("mutex %u (%.64s) fast path open with %u queued (F1)", k, o->name, o->qlen);
         if (!sem) {
+            /* F4: owner is the truth; value is re-derived by each guard
+             * holder (stale while the fast path is open, or after a death
+             * between closing it and deriving). */
             if (o->value != 0 && o->value != 1)
                 FAIL("mutex %u (%.64s) value %lld", k, o->name, (long long)o->value);
-            if ((o->value == 0) != (o->owner != 0))
-                FAIL("mutex %u (%.64s) value %lld but owner %u", k, o->name,
-                     (long long)o->value, o->owner);
+            if (o->fast && o->fast != ((o->gen & NP_GEN_MASK) | NP_FAST_OPEN))
+                FAIL("mutex %u (%.64s) fast path open for generation %u, object's %u",
+                     k, o->name, o->fast & NP_GEN_MASK, o->gen);
             if (o->owner && (o->owner > d->nproc || d->procs[o->owner - 1].w == 0))
                 FAIL("mutex %u (%.64s) owned by free process slot %u", k, o->name, o->owner - 1);
             if (o->owner && np_slot_state(d, o->owner - 1) == NP_DEAD)

@@ -210,7 +210,7 @@ static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flag
         return NP_ECORRUPT;     /* a free list no create or destroy wrote */
     }
     np_obj *o = &d->objs[i];
-    if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0) {
+    if ((rc = obj_lock(d, o, tag, deadline)) < 0) {
         guard_unlock(ngw);
         return rc;
     }
@@ -230,7 +230,7 @@ static int64_t lookup(np_domain *d, int32_t kind, const char *name, int32_t flag
         TX32(d, a, d->h->fresh[k], i + 1);
     tx_commit(d, a);
     res = make_handle(d, i);
-    guard_unlock(&o->guard);
+    obj_unlock(d, o);
     CRASHPOINT();
     guard_unlock(ngw);
     CRASHPOINT();
@@ -264,13 +264,13 @@ static int64_t destroy(np_domain *d, uint64_t handle, int kind)
     CRASHPOINT();
     if (unlikely(d->h->name_hole))
         name_settle(d, a);      /* N4 */
-    if ((rc = guard_lock(d, &o->guard, tag, NP_NOWAIT)) < 0) {
+    if ((rc = obj_lock(d, o, tag, NP_NOWAIT)) < 0) {
         guard_unlock(ngw);
         return rc;
     }
     CRASHPOINT();
     if (!o->used || o->gen != handle_gen(handle) || np_name_find(d, o->name, &slot) != idx + 1) {
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         guard_unlock(ngw);
         return NP_ESTALE;
     }
@@ -292,7 +292,7 @@ static int64_t destroy(np_domain *d, uint64_t handle, int kind)
     TX32(d, a, o->next_free, d->h->free_head[kind == NP_KIND_MUTEX]);     /* N6 */
     TX32(d, a, d->h->free_head[kind == NP_KIND_MUTEX], idx + 1);
     tx_commit(d, a);
-    guard_unlock(&o->guard);
+    obj_unlock(d, o);
     CRASHPOINT();
     name_settle(d, a);
     CRASHPOINT();

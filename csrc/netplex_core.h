@@ -267,6 +267,10 @@ int64_t np_test_crash_after(int64_t n);
 int64_t np_test_crash_signal(int32_t sig);
 /* Crash points passed since the last arm (to enumerate steps). */
 int64_t np_test_crash_count(void);
+/* Test mode only: 0 makes this process skip the mutex fast path (its locks
+ * and unlocks take the guarded path, which still reopens the fast path for
+ * others), 1 restores it. */
+int64_t np_test_fast_mutex(int32_t on);
 /* Floor of the binding, for bench/: does nothing. */
 int64_t np_noop(void);
 /* CLOCK_MONOTONIC in ns (deadlines). */

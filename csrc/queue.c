@@ -162,14 +162,14 @@ int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
         uint32_t w = __atomic_load_n(&ax->waiting_on, __ATOMIC_ACQUIRE);
         if (w && w <= d->nobj) {
             np_obj *o = &d->objs[w - 1];
-            if (guard_lock(d, &o->guard, tag, deadline) < 0)
+            if (obj_lock(d, o, tag, deadline) < 0)
                 continue;
             CRASHPOINT();
             uint32_t who[NP_WAKE_BATCH];
             int k = 0;
             if (ax->orphan == orphan_mark(ax->inc) && ax->proc && ax->waiting_on == w)
                 k = np_q_leave(d, a, x, o, w, who);
-            guard_unlock(&o->guard);
+            obj_unlock(d, o);
             CRASHPOINT();
             np_wake_actors(d, who, k);
         }
@@ -179,11 +179,11 @@ int np_purge_orphans(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
         np_obj *o = &d->objs[i];
         if (!__atomic_load_n(&o->purge, __ATOMIC_RELAXED))
             continue;
-        if (guard_lock(d, &o->guard, tag, deadline) < 0)
+        if (obj_lock(d, o, tag, deadline) < 0)
             continue;
         CRASHPOINT();
         np_q_purge(d, &d->actors[me], o);
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         n++;
     }

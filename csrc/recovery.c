@@ -79,7 +79,7 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         if (__atomic_load_n(&e->delta, __ATOMIC_RELAXED) == 0)
             continue;
         np_obj *o = &d->objs[i];
-        if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)
+        if ((rc = obj_lock(d, o, tag, deadline)) < 0)
             return rc;
         CRASHPOINT();
         if (o->purge)
@@ -96,7 +96,7 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         tx_commit(d, a);
         if (n < 0)
             n = np_q_collect(d, o, who);
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         np_wake_actors(d, who, n);
     }
@@ -106,7 +106,7 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         np_obj *o = &d->objs[i];
         if (__atomic_load_n(&o->owner, __ATOMIC_RELAXED) != p + 1)
             continue;
-        if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)
+        if ((rc = obj_lock(d, o, tag, deadline)) < 0)
             return rc;
         CRASHPOINT();
         n = 0;
@@ -117,7 +117,7 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
             tx_commit(d, a);
             n = np_q_collect(d, o, who);
         }
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         np_wake_actors(d, who, n);
     }
@@ -131,7 +131,7 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         if (!w || w > d->nobj)
             continue;
         np_obj *o = &d->objs[w - 1];
-        if ((rc = guard_lock(d, &o->guard, tag, deadline)) < 0)
+        if ((rc = obj_lock(d, o, tag, deadline)) < 0)
             return rc;
         CRASHPOINT();
         n = 0;
@@ -145,7 +145,7 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
             if (o->used && o->value > 0)
                 n = np_q_collect(d, o, who);
         }
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         CRASHPOINT();
         np_wake_actors(d, who, n);
     }

@@ -15,6 +15,9 @@
  *  R5 Ownership: a mutex is unlocked only by a process that holds it (owner
  *     = its slot + 1), or by force; otherwise NP_ENOTHOLDER and nothing
  *     changed (checked under the guard, before anything is logged).
+ *  R7 A mutex unlock is first tried on the fast path (mutex_fast.h): one CAS
+ *     from {me, open, t} to {0, open, t}; otherwise as above, under the
+ *     guard with the path closed.
  *  R6 A token read (np_mutex_token) is lock-free: the token is read before
  *     and after the owner; tokens only grow (T1), so two equal reads around
  *     "owner is me" belong to our hold.
@@ -38,22 +41,27 @@ static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_de
         return rc;
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
-    if (unlikely((rc = guard_lock(d, &o->guard, tag, guard_deadline)) < 0))
+    if (kind == NP_KIND_MUTEX && !force && likely(mx_fast_unlock(d, o, handle_gen(handle)))) {
+        /* R7: the fast path (F2): the path was open, so nobody waits. */
+        __atomic_store_n(&o->rel_cpu, sched_getcpu(), __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (unlikely((rc = obj_lock(d, o, tag, guard_deadline)) < 0))
         return rc;
     CRASHPOINT();
     if (unlikely(__atomic_load_n(&o->purge, __ATOMIC_RELAXED)))
         np_q_purge(d, a, o);
     if (unlikely(!o->used || o->gen != handle_gen(handle))) {
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         return NP_ESTALE;
     }
     int64_t v = o->value;
     if (kind == NP_KIND_MUTEX && (v != 0 || (!force && o->owner != d->my_proc))) {
-        guard_unlock(&o->guard);                /* R5; free + force: no-op */
+        obj_unlock(d, o);                /* R5; free + force: no-op */
         return force ? 0 : NP_ENOTHOLDER;
     }
     if (unlikely(v >= (int64_t)NP_VALUE_MAX)) {
-        guard_unlock(&o->guard);
+        obj_unlock(d, o);
         return NP_EOVERFLOW;
     }
     tx_begin(a, idx, 0);
@@ -71,7 +79,7 @@ static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_de
         n = np_q_collect(d, o, who);
     /* relaxed: a hint for spinning waiters, ordered by nothing. */
     __atomic_store_n(&o->rel_cpu, sched_getcpu(), __ATOMIC_RELAXED);
-    guard_unlock(&o->guard);
+    obj_unlock(d, o);
     CRASHPOINT();
     np_wake_actors(d, who, n);
     return kind == NP_KIND_MUTEX ? 0 : v + 1;
@@ -124,8 +132,7 @@ static int64_t mutex_token(np_domain *d, uint64_t handle, int64_t *out)
         /* acquire on each: R6 (and R4 for the generation). */
         uint32_t g1 = __atomic_load_n(&o->gen, __ATOMIC_ACQUIRE);
         uint64_t t1 = __atomic_load_n(&o->token, __ATOMIC_ACQUIRE);
-        int64_t v = __atomic_load_n(&o->value, __ATOMIC_ACQUIRE);
-        uint32_t own = __atomic_load_n(&o->owner, __ATOMIC_ACQUIRE);
+        uint32_t own = __atomic_load_n(&o->owner, __ATOMIC_ACQUIRE);     /* F4 */
         uint32_t u = __atomic_load_n(&o->used, __ATOMIC_ACQUIRE);
         uint64_t t2 = __atomic_load_n(&o->token, __ATOMIC_ACQUIRE);
         uint32_t g2 = __atomic_load_n(&o->gen, __ATOMIC_ACQUIRE);
@@ -133,7 +140,7 @@ static int64_t mutex_token(np_domain *d, uint64_t handle, int64_t *out)
             return NP_ESTALE;
         if (t1 != t2)
             continue;                   /* granted meanwhile: not to us */
-        *out = (v == 0 && own == d->my_proc) ? (int64_t)(t1 & INT64_MAX) : 0;
+        *out = own == d->my_proc ? (int64_t)(t1 & INT64_MAX) : 0;
         return 0;
     }
 }
@@ -167,14 +174,14 @@ int64_t np_i_wait_cancel(np_domain *d)
     if (!w || w > d->nobj)
         return 0;
     np_obj *o = &d->objs[w - 1];
-    if (guard_lock(d, &o->guard, tag, NP_GUARD_TRY) < 0) {
+    if (obj_lock(d, o, tag, NP_GUARD_TRY) < 0) {
         np_give_up(o, a);               /* R3 */
         return 0;
     }
     CRASHPOINT();
     if (a->waiting_on == w)
         n = np_q_leave(d, a, ai, o, w, who);
-    guard_unlock(&o->guard);
+    obj_unlock(d, o);
     CRASHPOINT();
     np_wake_actors(d, who, n);
     return 0;

@@ -64,4 +64,15 @@ int64_t np_test_crash_count(void)
     return crash_count;
 }
 
+int np_fast_mutex_off;
+
+int64_t np_test_fast_mutex(int32_t on)
+{
+    np_test_read_env();
+    if (!test_enabled || (on != 0 && on != 1))
+        return NP_EINVAL;
+    np_fast_mutex_off = !on;
+    return 0;
+}
+
 int64_t np_noop(void) { return 0; }

@@ -18,6 +18,21 @@ STEPS = {}          # op -> number of crash points (reported at the end)
 
 
 
+PATHS = ("fast", "guarded")
+
+
+def on_path(path, prepare):
+    """prepare, in a child whose mutex calls take `path': "fast" (the one-CAS
+    path of csrc/mutex_fast.h, open when nobody waits) or "guarded" (the
+    redo-logged path under the object's guard, which it takes when the fast
+    path is closed)."""
+    def run():
+        if path == "guarded":
+            assert _native._lib.np_test_fast_mutex(0) == 0
+        prepare()
+    return run
+
+
 def sem(dom, name):
     return next((o for o in dom.semaphores() if o["name"] == name), None)
 
@@ -273,7 +288,8 @@ def _lock_unlock(dom, name):
 
 
 @pytest.mark.timeout(120)
-def test_mutex_lock_is_atomic_at_every_crash_point(dom):
+@pytest.mark.parametrize("path", PATHS)
+def test_mutex_lock_is_atomic_at_every_crash_point(dom, path):
     """A grant and its fencing token are one transaction: whatever step the
     child dies at, the token was handed out once or not at all, and the next
     holder's token is larger than every earlier one."""
@@ -287,12 +303,16 @@ def test_mutex_lock_is_atomic_at_every_crash_point(dom):
         t = _lock_unlock(dom, "m")
         assert t == info["token"] + 1 and t > last[0], (n, t, last)
         last[0] = t
-    enumerate_crashes(dom, "mutex lock", setup, lambda: dom.mutex_locked("m"),
-                      lambda: dom.mutex_lock("m"), verify)
+    steps = enumerate_crashes(dom, f"mutex lock ({path})", setup,
+                              on_path(path, lambda: dom.mutex_locked("m")),
+                              lambda: dom.mutex_lock("m"), verify)
+    if path == "fast":
+        assert steps == 2, steps        # before and after the one CAS: no log, no guard
 
 
 @pytest.mark.timeout(120)
-def test_mutex_unlock_is_atomic_at_every_crash_point(dom):
+@pytest.mark.parametrize("path", PATHS)
+def test_mutex_unlock_is_atomic_at_every_crash_point(dom, path):
     """The child holds the mutex and dies unlocking it: after recovery it is
     free either way, and the next holder's token is larger."""
     last = [_lock_unlock(dom, "m")]
@@ -304,8 +324,10 @@ def test_mutex_unlock_is_atomic_at_every_crash_point(dom):
         t = _lock_unlock(dom, "m")
         assert t >= last[0] + 2, (n, t, last)         # the child's token came between
         last[0] = t
-    enumerate_crashes(dom, "mutex unlock", lambda: None, prepare,
-                      lambda: dom.mutex_unlock("m"), verify)
+    steps = enumerate_crashes(dom, f"mutex unlock ({path})", lambda: None,
+                              on_path(path, prepare), lambda: dom.mutex_unlock("m"), verify)
+    if path == "fast":
+        assert steps == 2, steps
 
 
 @pytest.mark.timeout(120)
@@ -322,7 +344,8 @@ def test_mutex_force_unlock_is_atomic_at_every_crash_point(dom):
 
 
 @pytest.mark.timeout(120)
-def test_mutex_destroy_keeps_tokens_growing_at_every_crash_point(dom):
+@pytest.mark.parametrize("path", PATHS)
+def test_mutex_destroy_keeps_tokens_growing_at_every_crash_point(dom, path):
     """Destroy raises the domain's token high-water mark in the transaction
     that removes the name: a re-created mutex never hands out a token at or
     below one handed out before, whatever step the destroyer died at."""
@@ -336,12 +359,14 @@ def test_mutex_destroy_keeps_tokens_growing_at_every_crash_point(dom):
         assert t > last[0], (n, t, last)
         last[0] = t
         dom.mutex_destroy("m")
-    enumerate_crashes(dom, "mutex destroy", setup, lambda: dom.mutex_locked("m"),
+    enumerate_crashes(dom, f"mutex destroy ({path})", setup,
+                      on_path(path, lambda: dom.mutex_locked("m")),
                       lambda: dom.mutex_destroy("m"), verify)
 
 
 @pytest.mark.timeout(120)
-def test_mutex_create_and_lock_keeps_tokens_growing_at_every_crash_point(dom):
+@pytest.mark.parametrize("path", PATHS)
+def test_mutex_create_and_lock_keeps_tokens_growing_at_every_crash_point(dom, path):
     """The child creates a destroyed mutex and locks it (create starts from
     the high-water mark) and dies at any step: the next token is larger."""
     last = [0]
@@ -354,7 +379,7 @@ def test_mutex_create_and_lock_keeps_tokens_growing_at_every_crash_point(dom):
         t = _lock_unlock(dom, "m")
         assert t > last[0], (n, t, last)
         last[0] = t
-    enumerate_crashes(dom, "mutex create + lock", setup, lambda: None,
+    enumerate_crashes(dom, f"mutex create + lock ({path})", setup, on_path(path, lambda: None),
                       lambda: dom.mutex_trylock("m"), verify)
 
 
