@@ -10,8 +10,10 @@
  *  A1 value >= 0 always; a mutex's value is 1 (free, owner 0) or 0 (locked,
  *     owner = the holder's slot + 1).
  *  A2 Bounded overtaking: a caller not queued may take a free unit ahead of
- *     the queue unless the head has waited NP_STARVE_NS; from then on it
- *     queues behind: waits are starvation-free.
+ *     the queue unless the head, after waiting NP_STARVE_NS, was refused one
+ *     (np_head_refused); from then on it queues behind, and the next unit is
+ *     the head's: waits are starvation-free, and a head that is not running
+ *     never keeps a unit idle.
  *  A3 A wait sleeps at most one slice (NP_SLICE_NS) per call and returns
  *     NP_EINTR still queued, after checking whether a process it waits behind
  *     is dead (recovering it if so: progress never depends on the supervisor
@@ -46,14 +48,6 @@ static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t 
     }
 }
 
-/* Under o's guard, with waiters queued: has the head waited so long that
- * newcomers must queue behind it (A2)? */
-static inline int head_starving(np_domain *d, const np_obj *o)
-{
-    const np_actor *head = &d->actors[o->qhead - 1];
-    return np_now() - head->wait_since >= NP_STARVE_NS;
-}
-
 
 int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
 {
@@ -69,7 +63,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
     int64_t slice_end = 0;
-    int spun = 0, death_checked = 0;
+    int spun = 0, rspun = 0, death_checked = 0;
 
     if (kind == NP_KIND_MUTEX && likely(!a->waiting_on)) {
         /* A7: the fast path (mutex_fast.h), then a bounded spin on it while
@@ -130,7 +124,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         int64_t v = o->value;
         int entitled;
         if (likely(!queued))
-            entitled = v > 0 && (o->qlen == 0 || !head_starving(d, o));
+            entitled = v > 0 && np_newcomer_may_take(d, o);
         else
             entitled = v > (int64_t)np_q_pos(d, o, ai);
         if (likely(entitled)) {
@@ -156,6 +150,14 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             continue;
         }
         int64_t now = np_now();
+        if (queued && !rspun && np_head_refused(d, o, ai, now)) {
+            rspun = 1;                  /* A2: reserved; the holder may be running */
+            obj_unlock(d, o);
+            for (int i = 0; i < NP_SPIN_ITERS
+                     && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
+                cpu_relax();
+            continue;
+        }
         if (now >= deadline || closing(d)) {
             /* Not entitled: nobody behind us becomes entitled by our leaving. */
             if (queued) {

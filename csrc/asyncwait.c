@@ -133,10 +133,6 @@ out:
     return rc;
 }
 
-static inline int head_starving(np_domain *d, const np_obj *o)
-{
-    return np_now() - d->actors[o->qhead - 1].wait_since >= NP_STARVE_NS;
-}
 
 static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, int flags)
 {
@@ -179,7 +175,7 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
     int64_t v = o->value;
     int entitled;
     if (!queued)
-        entitled = v > 0 && (o->qlen == 0 || !head_starving(d, o));
+        entitled = v > 0 && np_newcomer_may_take(d, o);
     else
         entitled = v > (int64_t)np_q_pos(d, o, r);
     if (entitled) {
@@ -212,6 +208,8 @@ static int64_t aw_acquire(np_domain *d, uint32_t r, uint64_t handle, int kind, i
         tx_begin(a, idx, 0);
         np_tx_q_append_rec(d, a, r, o, idx, np_now());
         tx_commit(d, a);
+    } else {
+        np_head_refused(d, o, r, np_now());     /* A2 */
     }
     /* W2: seen before armed (release), both under the guard. */
     __atomic_store_n(&x->seen, __atomic_load_n(&x->wake, __ATOMIC_ACQUIRE), __ATOMIC_RELAXED);

@@ -100,8 +100,9 @@
 #define NP_GEN_MASK       0x7fffffffu     /* handles stay >= 0 as int64 */
 #define NP_SLICE_NS       100000000LL     /* a wait returns NP_EINTR after this */
 /* Newcomers may take a free unit ahead of queued waiters (no convoy under
- * contention) until the queue's head has waited this long; from then on they
- * queue behind it.  Bounds the overtaking: waits are starvation-free. */
+ * contention) until the queue's head, having waited this long, ran and was
+ * refused a unit (a newcomer took it first); from then on they queue behind
+ * it.  Bounds the overtaking: waits are starvation-free (A2). */
 #define NP_STARVE_NS      1000000LL
 /* Before queueing, a caller whose last releaser ran on another CPU watches
  * the value for this many pauses (a few microseconds): cheaper than a futex
@@ -215,7 +216,9 @@ typedef struct {
     uint32_t armed;             /* async records: 1 while a wake-up is to be reported (W2) */
     uint32_t seen;              /* async records: `wake' when it was armed */
     np_redo  intent[NP_INTENT_MAX];
-    uint32_t pad_line[6];       /* L1: no line shared with the next actor */
+    int64_t  refused_since;     /* hint: wait_since of the wait in which, at the head
+                                 * and starving, it was refused a unit (A2) */
+    uint32_t pad_line[4];       /* L1: no line shared with the next actor */
 } np_actor;
 
 /* L1: an object's fields that an operation reads and writes (guard, value,
@@ -521,6 +524,31 @@ int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
 int  np_q_leave(np_domain *d, np_actor *a, uint32_t xi, np_obj *o, uint32_t w, uint32_t *who);
 void np_q_purge(np_domain *d, np_actor *me, np_obj *o);
 void np_wake_actors(np_domain *d, const uint32_t *who, int n);
+
+/* A2, with o's guard held and v > 0: may a caller that is not queued take a
+ * unit ahead of the queue?  Yes unless its head was refused one while
+ * starving (np_head_refused) during its current wait.  A head that has not
+ * run since it starved reserves nothing: newcomers keep the unit busy while
+ * the scheduler gets to it, so overtaking never idles the object. */
+static inline int np_newcomer_may_take(np_domain *d, const np_obj *o)
+{
+    if (!o->qlen)
+        return 1;
+    const np_actor *h = &d->actors[o->qhead - 1];
+    return __atomic_load_n(&h->refused_since, __ATOMIC_RELAXED) != h->wait_since;
+}
+
+/* A2, with o's guard held: queued waiter xi was refused a unit.  At the head
+ * and waiting for NP_STARVE_NS, it reserves the next unit: 1 (it then stays
+ * awake for a few microseconds, the holder being likely to run), else 0. */
+static inline int np_head_refused(np_domain *d, const np_obj *o, uint32_t xi, int64_t now)
+{
+    np_actor *x = &d->actors[xi];
+    if (o->qhead != xi + 1 || now - x->wait_since < NP_STARVE_NS)
+        return 0;
+    __atomic_store_n(&x->refused_since, x->wait_since, __ATOMIC_RELAXED);
+    return 1;
+}
 
 /* Q3: a queued actor that could not have its object's guard gives up its
  * wait; seq_cst: the flag is visible before the hint that says look. */
