@@ -45,6 +45,12 @@ static int64_t obj_info(np_domain *d, int32_t kind, uint32_t index, np_obj_info_
     uint32_t ow = __atomic_load_n(&o->owner, __ATOMIC_RELAXED);
     out->owner_pid = ow && ow <= d->nproc ? PW_PID(__atomic_load_n(&d->procs[ow - 1].w, __ATOMIC_RELAXED)) : 0;
     out->waiters = __atomic_load_n(&o->qlen, __ATOMIC_RELAXED);
+    uint32_t h = __atomic_load_n(&o->qhead, __ATOMIC_RELAXED);
+    if (out->waiters && h && h <= d->nall) {
+        const np_actor *x = &d->actors[h - 1];
+        out->reserved = __atomic_load_n(&x->refused_since, __ATOMIC_RELAXED)
+                        == __atomic_load_n(&x->wait_since, __ATOMIC_RELAXED);
+    }
     out->token = (int64_t)(__atomic_load_n(&o->token, __ATOMIC_RELAXED) & INT64_MAX);
     memcpy(out->name, o->name, NP_NAME_MAX);
     out->name[NP_NAME_MAX] = 0;

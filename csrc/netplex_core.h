@@ -95,6 +95,8 @@ typedef struct {
     int32_t  protected_;     /* semaphores: protected accounting on */
     int32_t  owner_pid;      /* mutex: pid of the holder, 0 when free */
     uint32_t waiters;        /* threads queued */
+    uint32_t reserved;       /* 1: the head of the queue, starving, was refused a
+                              * unit: the next one is its (bounded overtaking) */
     int64_t  token;          /* mutex: fencing token of the last grant */
     char     name[256];
 } np_obj_info_t;   /* _t: np_obj_info is the function */

@@ -148,11 +148,35 @@ def test_handles_cached_before_destroy_see_the_new_incarnation(dom):
     assert dom.sem_get("x") == 5
 
 
+def test_a_stale_mutex_handle_neither_locks_nor_unlocks_the_next_incarnation(dom):
+    """The fast path's CAS compares the handle's generation (F5 of
+    csrc/mutex_fast.h): a handle kept from before destroy, used on the mutex
+    re-created at the same index, gets NP_ESTALE and changes nothing."""
+    lib = _native._lib
+    assert dom.mutex_trylock("m") is True
+    dom.mutex_unlock("m")
+    old = dom._mtxs["m"]
+    dom.mutex_destroy("m")
+    assert dom.mutex_trylock("m") is True          # re-created (same free slot), held
+    new = dom._mtxs["m"]
+    assert new != old and (new & 0xffffffff) == (old & 0xffffffff)
+    assert lib.np_mutex_unlock(dom._d, old) == lib.NP_ESTALE
+    assert mtx_info(dom, "m")["locked"] is True
+    dom.mutex_unlock("m")
+    assert lib.np_mutex_lock(dom._d, old, lib.NP_NOWAIT) == lib.NP_ESTALE
+    assert mtx_info(dom, "m")["locked"] is False
+    dom.check()
+
+
 def test_values_above_the_maximum_overflow(dom):
     dom.sem_create("big", errors.VALUE_MAX)
     with pytest.raises(OverflowError):
         dom.sem_increment("big")
     assert dom.sem_get("big") == errors.VALUE_MAX
+
+
+def mtx_info(dom, name):
+    return next(o for o in dom.mutexes() if o["name"] == name)
 
 
 # ---- mutexes -----------------------------------------------------------------

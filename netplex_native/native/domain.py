@@ -666,13 +666,13 @@ class Domain:
                         holders[pid] = out[0]
             result.append({"name": _ffi.string(info.name).decode(), "value": info.value,
                            "protected": bool(info.protected_), "waiters": info.waiters,
-                           "holders": holders})
+                           "reserved": bool(info.reserved), "holders": holders})
         return result
 
     def mutexes(self) -> list[dict]:
         return [{"name": _ffi.string(info.name).decode(), "locked": info.value == 0,
                  "owner_pid": info.owner_pid or None, "waiters": info.waiters,
-                 "token": info.token}
+                 "reserved": bool(info.reserved), "token": info.token}
                 for info in self._objects(_MTX, self.config["mutexes"])]
 
     def processes(self) -> list[dict]:
