@@ -13,6 +13,8 @@
  *   queue.c       FIFO wait queues and wake-ups
  *   acquire.c     semaphore decrement and mutex lock (one implementation)
  *   release.c     semaphore increment and mutex unlock, get, deltas, cancel
+ *   mutex_fast.h  a mutex's one-CAS lock and unlock while nobody waits, and
+ *                 obj_lock/obj_unlock: every object guard holder closes it
  *   names.c       lookup / create / destroy
  *   recovery.c    recover(pid): the state machine of a dead process's slot
  *   segment.c     create / attach / close / unlink, the in-flight count
