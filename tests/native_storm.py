@@ -68,6 +68,10 @@ class _Recorder:
 def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threads: int,
             crash_rate: float, coroutines: int = 0, serial: int = 0) -> None:
     os.environ["NETPLEX_CORE_TEST"] = "1"
+    if random.Random(seed * 7 + serial).random() < 0.33:
+        # this process's mutex calls take the guarded path, among others
+        # taking the one-CAS path on the same mutexes (csrc/mutex_fast.h)
+        assert _native._lib.np_test_fast_mutex(0) == 0
     rec = _Recorder(rec_path)
     pid = f"{os.getpid()}.{serial}"     # who: pids are recycled, (pid, serial) is not
     rec.write("X", pid, 0, "-", _now(), _now(), 0)
