@@ -678,6 +678,9 @@ def job_contention(jc: JobCtx):
         return n
 
     runs = {"mutex": run_mutex, "posix_ipc_sem": run_posix, "flock": run_flock}
+    if p.get("placement", "any") != "any":
+        # K = 2 pinned: both on one CPU ("same") or one on each ("cross")
+        place(p["placement"], jc.take_role())
     for r in range(p["rounds"]):
         for cand in p["cands"]:
             jc.emit("ready", round=r, cand=cand)
@@ -696,16 +699,21 @@ def bench_contention(q, results):
     res = {}
     for backend in ("native", "rpc"):
         cands = ["mutex", "posix_ipc_sem", "flock"] if backend == "native" else ["mutex", "posix_ipc_sem"]
-        for K in Ks:
-            pname = f"/nbench-c-{os.getpid()}-{backend}-{K}"
+        runs = [(K, "any") for K in Ks]
+        if backend == "native":
+            runs += [(2, pl) for pl in PLACEMENTS if pl != "any"]
+        for K, pl in runs:
+            kk = str(K) if pl == "any" else f"{K}@{pl}"
+            pname = f"/nbench-c-{os.getpid()}-{backend}-{kk.replace('@', '-')}"
             psem = posix_ipc.Semaphore(pname, posix_ipc.O_CREX, initial_value=1)
             fd, fpath = tempfile.mkstemp(prefix="nbench-c-")
             os.close(fd)
-            log(f"contention: {backend} controller, K={K} containers, {rounds} rounds x {cands} x {dur}s")
+            log(f"contention: {backend} controller, K={kk} containers, {rounds} rounds x {cands} x {dur}s")
             try:
                 with Session(backend, K, job_contention,
                              {"posix_name": pname, "flock_path": fpath, "rounds": rounds,
-                              "cands": cands, "duration": dur}) as s:
+                              "cands": cands, "duration": dur, "placement": pl},
+                             roles=1 if pl != "any" else 0) as s:
                     for r in range(rounds):
                         for cand in cands:
                             s.wait("ready", count=K, round=r, cand=cand)
@@ -714,15 +722,16 @@ def bench_contention(q, results):
                             total = sum(e["n"] for e in evs) / dur
                             name = f"{backend}_mutex" if cand == "mutex" else cand
                             key = name if cand == "mutex" else f"{name}@{backend}"
-                            res.setdefault(key, {}).setdefault(str(K), []).append(total)
-                        log(f"  K={K} round {r + 1}/{rounds}: " + ", ".join(
-                            f"{k}={v[str(K)][-1]:,.0f}/s" for k, v in res.items() if str(K) in v and len(v[str(K)]) == r + 1))
+                            res.setdefault(key, {}).setdefault(kk, []).append(total)
+                        log(f"  K={kk} round {r + 1}/{rounds}: " + ", ".join(
+                            f"{k}={v[kk][-1]:,.0f}/s" for k, v in res.items() if kk in v and len(v[kk]) == r + 1))
             finally:
                 psem.unlink()
                 psem.close()
                 os.unlink(fpath)
     results["contention"] = {k: {K: {**summary(v), "unit": "ops/s"} for K, v in d.items()} for k, d in res.items()}
-    results["contention_config"] = {"K": Ks, "duration_s": dur, "rounds": rounds,
+    results["contention_config"] = {"K": Ks, "pinned_K2": [pl for pl in PLACEMENTS if pl != "any"],
+                                    "duration_s": dur, "rounds": rounds,
                                     "critical_section": "counter += 1"}
     return results
 
@@ -1067,7 +1076,10 @@ def targets(results):
     if c:
         worst = None
         parts = []
-        for K in results["contention_config"]["K"]:
+        for K in results["contention_config"]["K"] + [
+                f"2@{pl}" for pl in results["contention_config"].get("pinned_K2", [])]:
+            if str(K) not in c["native_mutex"]:
+                continue
             r = c["native_mutex"][str(K)]["median"] / c["posix_ipc_sem@native"][str(K)]["median"]
             parts.append(f"K={K}: {r:.2f}x")
             worst = r if worst is None else min(worst, r)
@@ -1213,7 +1225,7 @@ def plot(results, out_dir):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, byk in c.items():
-        Ks = sorted(int(k) for k in byk)
+        Ks = sorted(int(k) for k in byk if "@" not in k)      # the pinned K = 2 rows: in the table
         ys = [byk[str(k)]["median"] for k in Ks]
         lo = [byk[str(k)]["median"] - byk[str(k)]["min"] for k in Ks]
         hi = [byk[str(k)]["max"] - byk[str(k)]["median"] for k in Ks]
