@@ -11,7 +11,8 @@ Invariants checked here
      because another thread exec()s lives on under the same pid and start
      time, and its mutex is not handed over.
   X3 A thread still running keeps a process alive however its leader ended
-     (test_native_recovery_defects.py: the zombie leader), and the slot of a
+     (test_native_recovery_defects.py: the zombie leader), even while its
+     threads come and go faster than a look can list them, and the slot of a
      dead holder is recovered exactly, its async records included, whether
      they fit recovery's list of the dead process's actors (at most 256) or
      not (every table scanned).
@@ -181,6 +182,68 @@ def test_a_death_word_fired_by_exec_hands_nothing_over(dom):
     dom.mutex_unlock("m")
     assert holder not in pids(dom)
     dom.check()
+
+
+RELAY_C = r"""
+#include <pthread.h>
+#include <unistd.h>
+static pthread_attr_t at;
+static void *relay(void *a)             /* start the next one, then exit */
+{
+    pthread_t t;
+    while (pthread_create(&t, &at, relay, a) != 0)
+        ;
+    return NULL;
+}
+int main(void)
+{
+    pthread_t t;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&at, 64 * 1024);
+    pthread_create(&t, &at, relay, NULL);
+    if (write(1, "r", 1) != 1)
+        return 1;
+    pthread_exit(NULL);                 /* the leader: PF_EXITING, a zombie */
+}
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_exited_leader_with_threads_coming_and_going_is_never_taken_for_dead(tmp_path):
+    """X3: a process whose main thread has exited (PF_EXITING, a zombie: every
+    look goes through L1) while its other threads relay as fast as threads
+    can -- each starts the next and exits (about 20,000 a second), so
+    whatever a look lists is soon gone, and a thread it did not list runs.
+    Thousands of looks, never dead: a look without its second thread count
+    (c) or without checking that the threads it saw are still there (d)
+    answers dead here within the two seconds (dozens to hundreds of times)."""
+    import shlex
+    import subprocess
+    import sysconfig
+    src = tmp_path / "relay.c"
+    exe = tmp_path / "relay"
+    src.write_text(RELAY_C)
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    subprocess.run(cc + ["-O2", "-pthread", str(src), "-o", str(exe)], check=True)
+    p = subprocess.Popen([str(exe)], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.read(1) == b"r"
+        until(lambda: open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+              what="the leader exited")
+        start = _start_time(p.pid)
+        alive = _native._lib.np_process_alive
+        end = time.monotonic() + 2.0
+        looks = 0
+        while time.monotonic() < end:
+            assert alive(p.pid, start) == 1, f"taken for dead after {looks} looks"
+            looks += 1
+        assert looks > 100
+    finally:
+        p.kill()
+        p.wait(10)
+        p.stdout.close()
+    assert _native._lib.np_process_alive(p.pid, start) == 0
 
 
 @pytest.mark.timeout(120)
