@@ -576,6 +576,8 @@ uint32_t np_name_home(np_domain *d, const char *name);     /* hash & (name_cap -
  * abandoned).  1 recovered, 0 nothing to do, <0 could not finish now (the
  * slot is left for anyone to finish; *unknown set when liveness was unclear). */
 int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline);
+int np_recover_judged(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t w,
+                      int64_t deadline);
 int np_recover_all_dead(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline);
 int np_leave_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline);
 

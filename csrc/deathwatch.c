@@ -9,16 +9,27 @@
  * thread and, for a word holding the thread's tid, sets FUTEX_OWNER_DIED and
  * wakes one waiter sleeping on it (futex(2), "robust futexes").  A thread
  * waiting for a mutex held by process p sleeps on its own wake word AND on
- * p's death word (futex_waitv); woken by the death, it waits on a pidfd of p
- * until the process has fully exited (the kernel says so), then recovers its
- * slot (recovery.c) -- which unlocks the mutex and wakes the queue.
+ * p's death word (futex_waitv); woken by the death, it looks at p until
+ * every thread of p is past user code for good (L1 of liveness.c) or p has
+ * exited, then recovers its slot (recovery.c) -- which unlocks the mutex and
+ * wakes the queue.
+ *
+ * Where the time goes (SIGKILL of a Python holder, 2 vCPUs): the word is
+ * marked ~0.1 ms after the kill (the watcher thread's exit_mm); the other
+ * threads are past PF_EXITING soon after; then the process frees its
+ * memory (~1 ms), releases its files (a flock is free here) and only then
+ * becomes a zombie (its pidfd readable).  Acting on L1 instead of the pidfd
+ * saves that teardown; the recovery itself is ~0.15 ms (recovery.c).
  *
  * Invariants kept here
  *  D1 The death word is only a hint.  Nothing is done on a process's behalf
- *     because of it: the recovery it triggers judges liveness exactly (I4),
- *     and a waiter that finds the process alive after all goes back to its
- *     ordinary wait (one death check per wait slice).  So a stale, missing
- *     or false signal costs at most the ordinary slice (A3 of acquire.c).
+ *     because of it: a thread of p may still run user code for a moment
+ *     after its watcher's word fired, and p may even live on (its watcher
+ *     killed by another thread's exec).  The recovery it triggers judges
+ *     liveness exactly (I4), and a waiter that finds the process alive goes
+ *     back to its ordinary wait at the end of the slice (a few looks per
+ *     slice).  So a stale, missing or false signal costs at most the
+ *     ordinary slice (A3 of acquire.c).
  *  D2 The word names its watcher by tid and the kernel only touches a word
  *     holding the exiting thread's own tid: a word left by an earlier
  *     process of the slot is never changed by anyone else's death.
@@ -77,6 +88,11 @@ struct np_dw {
     uint32_t started;                   /* private futex: 1 once it ran (np_dw_ready) */
     uint32_t tid;
 };
+
+/* np_dw_dead: first and longest sleep between two looks at a dying process */
+#define NP_DW_LOOK_NS      50000LL
+#define NP_DW_LOOK_MAX_NS  10000000LL
+#define NP_DW_LOOK_FAST_NS 2000000LL
 
 static int waitv_missing;               /* ENOSYS seen: plain waits (D4) */
 
@@ -226,29 +242,61 @@ int np_dw_sleep(np_domain *d, uint32_t *wake, uint32_t w, int64_t until, uint32_
     return (__atomic_load_n(dw, __ATOMIC_SEQ_CST) & FUTEX_OWNER_DIED) ? 1 : 0;
 }
 
-/* p's watcher died: wait (until `until' at most) for the kernel to report
- * the whole process gone (its pidfd becomes readable), then recover its slot
- * (exact liveness decides, D1).  pw: the slot word seen when we chose to
- * wait; a slot recovered and taken again meanwhile is left alone. */
+/* p's watcher died: judge p's death (liveness.c) until `until' at most,
+ * then recover its slot (recovery.c) -- which unlocks the mutex and wakes
+ * the queue.  pw: the slot word seen when we chose to wait; a slot recovered
+ * and taken again meanwhile is left alone.
+ *
+ * The death word says one thread of p (its watcher) is in do_exit; the
+ * other threads may still be on their way out, some even running user code
+ * for a moment, so the word alone decides nothing (D1).  p is judged dead
+ * when every thread of it is past user code (L1 of liveness.c: about 0.1 ms
+ * after the SIGKILL, while its memory is still being torn down) or has
+ * exited.  Between two looks we sleep on p's pidfd (readable when p has
+ * exited): 50 us during the first 2 ms (a look that finds a thread not yet
+ * exiting costs ~10 us), then twice as long each time, up to 10 ms: a p
+ * that lives on after all costs about 50 looks per slice (A3), and no
+ * recovery. */
 void np_dw_dead(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t pw, int64_t until)
 {
     np_proc *s = &d->procs[p];
+    int64_t woke = np_now();
     if (__atomic_load_n(&s->w, __ATOMIC_ACQUIRE) != pw)
         return;                         /* recovered already */
     int32_t pid = PW_PID(pw);
-    if (PW_STATE(pw) == NP_PS_ALIVE && s->pidns == np_my_pidns && pid > 0) {
+    /* the fields of pw's generation (acquire above); if the slot changed
+     * since, the claim from pw fails (V4 of recovery.c) */
+    uint64_t start = __atomic_load_n(&s->start_time, __ATOMIC_RELAXED);
+    uint64_t pidns = __atomic_load_n(&s->pidns, __ATOMIC_RELAXED);
+    int dead = 0;
+    if (PW_STATE(pw) == NP_PS_ALIVE && pidns == np_my_pidns && pid > 0) {
+        /* the pid may name a later process: its pidfd only wakes us early */
         int fd = (int)syscall(SYS_pidfd_open, pid, 0);
-        if (fd >= 0) {
-            /* the pid may name a later process: only wait for ours */
-            if (np_proc_state(pid, s->start_time, s->pidns) != NP_DEAD) {
-                int64_t ms = (until - np_now()) / 1000000LL;
-                struct pollfd pf = {fd, POLLIN, 0};
-                poll(&pf, 1, ms < 0 ? 0 : ms > 100 ? 100 : (int)ms);
+        int64_t step = NP_DW_LOOK_NS;
+        for (;;) {
+            int st = np_proc_state(pid, start, pidns);
+            if (st == NP_DEAD) {
+                dead = 1;
+                break;
             }
-            close(fd);
+            int64_t left = until - np_now();
+            if (st != NP_ALIVE || left <= 0 || __atomic_load_n(&s->w, __ATOMIC_ACQUIRE) != pw)
+                break;
+            if (step > left)
+                step = left;
+            struct timespec ts = {step / 1000000000LL, step % 1000000000LL};
+            struct pollfd pf = {fd, POLLIN, 0};
+            ppoll(fd >= 0 ? &pf : NULL, fd >= 0 ? 1 : 0, &ts, NULL);
+            if (np_now() - woke >= NP_DW_LOOK_FAST_NS)
+                step = step * 2 > NP_DW_LOOK_MAX_NS ? NP_DW_LOOK_MAX_NS : step * 2;
         }
+        if (fd >= 0)
+            close(fd);
     }
-    np_recover_slot(d, me, tag, p, until);
+    if (dead)
+        np_recover_judged(d, me, tag, p, pw, until);
+    else
+        np_recover_slot(d, me, tag, p, until);
     if (__atomic_load_n(&s->w, __ATOMIC_ACQUIRE) == pw)
         np_futex_wake(&s->death, 0x7fffffff);   /* not done: let the others try */
 }

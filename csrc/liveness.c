@@ -11,12 +11,42 @@
  *   - state Z/X with at most one thread: an exited, unreaped process.  A
  *     thread-group leader that called pthread_exit() shows Z too, but its
  *     other threads run (num_threads, field 20, > 1): alive.
+ *   - every thread of the process is exiting (L1 below): it is still tearing
+ *     itself down in the kernel, but none of its threads will ever run a
+ *     user instruction again.
  * All of it only within one pid namespace: a process registered from another
  * (its slot records the namespace's inode, in its word while REGISTERING) is
  * NP_UNKNOWN to us, whatever its pid looks like here.
  * Anything else that prevents reading (EMFILE, ENFILE, ENOMEM, EACCES, a
  * short or unparsable read) is NP_UNKNOWN, which every caller treats as
  * alive: the work is retried later, never done on a live process's behalf.
+ *
+ * L1 "Exiting" (what lets a mutex waiter act about 1 ms before the kernel
+ *    reports the exit, deathwatch.c): a SIGKILLed process tears down its
+ *    memory (exit_mm, ~1 ms for a Python process) before it releases its
+ *    files (flock) and long before it becomes a zombie (pidfd readable).
+ *    Its threads are past user code much earlier: each sets PF_EXITING
+ *    (flags, field 9) when it enters do_exit, which never returns, and a
+ *    thread is created only by a running thread of the process.  We judge
+ *    "dead" when, in this order:
+ *      (a) /proc/<pid>/stat: ours (start time), the leader PF_EXITING;
+ *      (b) every thread listed in /proc/<pid>/task is PF_EXITING or gone
+ *          (a thread is named by its tid and start time, as a process is);
+ *      (c) /proc/<pid>/stat again (the file opened in (a): it names that
+ *          very process): still there, num_threads = N, read at tN;
+ *      (d) at least N of the threads seen in (b) are still there: they
+ *          were attached at tN (a released thread never comes back).
+ *    (c) showing N = 1 after (a) is enough by itself: the one thread
+ *    attached at tN is the leader, seen exiting in (a).
+ *    Then the N threads attached at tN are all among those seen PF_EXITING
+ *    before tN; none of them can return to user space or create a thread,
+ *    so after tN the process never runs a user instruction again.  A listing
+ *    cut short by a concurrent exit only makes (d) fail (we answer alive and
+ *    look again).  Exec by another thread swaps the leader's pid, but then
+ *    the image that registered is gone for good, which is what dead means
+ *    here.  A core dump keeps its threads short of PF_EXITING until it is
+ *    written: alive until then.  Every step is a read; a failure to read is
+ *    "not dead" (NP_ALIVE from this rule; the other rules still apply).
  *
  * An actor is dead when its incarnation ended (I3: the tag's incarnation is
  * not the actor's any more), when it is free, or when its process slot is.
@@ -27,54 +57,157 @@
 #define _GNU_SOURCE
 #include "core_internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
-/* Fields 3 (state), 20 (num_threads), 22 (starttime) of /proc/<pid>/stat.
- * NP_ALIVE when read, NP_DEAD when the process is certainly absent,
+#define NP_PF_EXITING     0x4u          /* include/linux/sched.h: in do_exit */
+#define NP_EXIT_THREADS   256           /* L1 is tried for at most this many threads */
+
+struct np_stat {
+    char state;                         /* field 3 */
+    unsigned long flags;                /* field 9 */
+    long threads;                       /* field 20 */
+    uint64_t start;                     /* field 22 */
+};
+
+/* Parse a stat line (buf, n bytes, n < its size).  NP_ALIVE when parsed,
  * NP_UNKNOWN otherwise. */
-static int read_stat(pid_t pid, char *state, long *threads, uint64_t *start)
+static int parse_stat(char *buf, ssize_t n, struct np_stat *st)
 {
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT || errno == ESRCH ? NP_DEAD : NP_UNKNOWN;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    int e = errno;
-    close(fd);
-    if (n < 0)
-        return e == ESRCH || e == ENOENT ? NP_DEAD : NP_UNKNOWN;
-    if (n == 0)
+    if (n <= 0)
         return NP_UNKNOWN;
     buf[n] = 0;
     char *p = strrchr(buf, ')');        /* comm may contain spaces and ')' */
     if (!p || p[1] != ' ' || !p[2])
         return NP_UNKNOWN;
     p += 2;
-    *state = *p;
-    for (int f = 3; f < 22; f++) {      /* p is at field 3 */
+    st->state = *p;
+    for (int f = 3; f < 22; f++) {      /* p is at field f */
         p = strchr(p, ' ');
         if (!p)
             return NP_UNKNOWN;
         p++;
-        if (f + 1 == 20)
-            *threads = strtol(p, NULL, 10);
+        if (f + 1 == 9)
+            st->flags = strtoul(p, NULL, 10);
+        else if (f + 1 == 20)
+            st->threads = strtol(p, NULL, 10);
     }
-    *start = strtoull(p, NULL, 10);
+    st->start = strtoull(p, NULL, 10);
     return NP_ALIVE;
+}
+
+/* Read an open stat file from its start.  NP_ALIVE when read, NP_DEAD when
+ * its task is gone (ESRCH/ENOENT), NP_UNKNOWN otherwise. */
+static int pread_stat(int fd, struct np_stat *st)
+{
+    char buf[1024];
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    if (n < 0)
+        return errno == ESRCH || errno == ENOENT ? NP_DEAD : NP_UNKNOWN;
+    return parse_stat(buf, n, st);
+}
+
+/* Open a stat file: the fd, or -1 with *why NP_DEAD when its task is
+ * certainly absent, NP_UNKNOWN otherwise. */
+static int open_stat(const char *path, int *why)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        *why = errno == ENOENT || errno == ESRCH ? NP_DEAD : NP_UNKNOWN;
+    return fd;
+}
+
+/* A thread of pid: /proc/<pid>/task/<tid>/stat into st, as pread_stat. */
+static int read_task_stat(pid_t pid, uint32_t tid, struct np_stat *st)
+{
+    char path[80];
+    snprintf(path, sizeof path, "/proc/%d/task/%u/stat", (int)pid, tid);
+    int r, fd = open_stat(path, &r);
+    if (fd < 0)
+        return r;
+    r = pread_stat(fd, st);
+    close(fd);
+    return r;
+}
+
+/* L1 (b)-(d), after (a) was seen on `fd' (/proc/<pid>/stat, still open: it
+ * names that very process, whatever its pid becomes): 1 when every thread
+ * of it is certainly past user code for good, 0 when that cannot be shown
+ * now.  A thread is named by its tid and its start time (as a process is,
+ * I4).  At most four descriptors are open at a time. */
+static int all_exiting(pid_t pid, uint64_t start, int fd)
+{
+    char path[64], dbuf[2048];
+    struct { uint32_t tid; uint64_t start; } seen[NP_EXIT_THREADS];
+    int nseen = 0, ok = 0;
+    struct np_stat st;
+    int r = pread_stat(fd, &st);
+    if (r == NP_DEAD || (r == NP_ALIVE && st.start != start))
+        return 1;                                       /* gone meanwhile */
+    if (r != NP_ALIVE)
+        return 0;
+    if (st.threads == 1)
+        return 1;       /* (b)-(d) with the leader alone: it was exiting at (a) */
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return 0;
+    for (;;) {                                          /* (b) */
+        long n = syscall(SYS_getdents64, dfd, dbuf, sizeof dbuf);
+        if (n == 0)
+            break;
+        if (n < 0)
+            goto out;
+        for (long off = 0; off < n;) {
+            struct dirent64 *e = (struct dirent64 *)(dbuf + off);
+            off += e->d_reclen;
+            if (e->d_name[0] < '1' || e->d_name[0] > '9')
+                continue;                               /* "." and ".." */
+            if (nseen == NP_EXIT_THREADS)
+                goto out;                               /* too many to look at */
+            uint32_t tid = (uint32_t)strtoul(e->d_name, NULL, 10);
+            r = read_task_stat(pid, tid, &st);
+            if (r == NP_DEAD)
+                continue;                               /* released already */
+            if (r != NP_ALIVE || !(st.flags & NP_PF_EXITING))
+                goto out;                               /* may still run */
+            seen[nseen].tid = tid;
+            seen[nseen++].start = st.start;
+        }
+    }
+    r = pread_stat(fd, &st);                            /* (c) */
+    if (r == NP_DEAD || (r == NP_ALIVE && st.start != start)) {
+        ok = 1;
+        goto out;
+    }
+    if (r != NP_ALIVE || st.threads < 1 || st.threads > nseen)
+        goto out;
+    long attached = 0;                                  /* (d) */
+    for (int i = 0; i < nseen; i++) {
+        struct np_stat t;
+        r = read_task_stat(pid, seen[i].tid, &t);
+        if (r == NP_ALIVE && t.start == seen[i].start)
+            attached++;
+        else if (r != NP_DEAD && r != NP_ALIVE)
+            goto out;
+    }
+    ok = attached >= st.threads;
+out:
+    close(dfd);
+    return ok;
 }
 
 int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns)
 {
-    char st;
-    long threads = 0;
-    uint64_t s;
+    char path[64];
+    struct np_stat st;
     np_ensure_self();
     if (pidns != np_my_pidns)
         return NP_UNKNOWN;              /* another pid namespace: cannot tell */
@@ -82,14 +215,22 @@ int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns)
         return NP_DEAD;
     if (kill(pid, 0) < 0 && errno == ESRCH)
         return NP_DEAD;                 /* no fd needed for the common case */
-    int r = read_stat(pid, &st, &threads, &s);
-    if (r != NP_ALIVE)
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int r, fd = open_stat(path, &r);
+    if (fd < 0)
         return r;
-    if (start && s != start)
-        return NP_DEAD;
-    if ((st == 'Z' || st == 'X' || st == 'x') && threads <= 1)
-        return NP_DEAD;
-    return NP_ALIVE;
+    r = pread_stat(fd, &st);
+    if (r == NP_ALIVE) {
+        if (start && st.start != start)
+            r = NP_DEAD;
+        else if ((st.state == 'Z' || st.state == 'X' || st.state == 'x') && st.threads <= 1)
+            r = NP_DEAD;
+        /* L1: only with the recorded start time (a pid alone names no process) */
+        else if (start && (st.flags & NP_PF_EXITING) && all_exiting(pid, start, fd))
+            r = NP_DEAD;
+    }
+    close(fd);
+    return r;
 }
 
 int np_process_alive(int32_t pid, uint64_t start_time)

@@ -19,6 +19,9 @@
  *   3. unlock the mutexes it owns;
  *   4. take its actors and its async records out of the queues they wait in;
  *   5. free its actors and records (incarnation bumped first, I3), then the slot.
+ * Steps 1, 4 and 5 look only at the dead process's actors, listed by one
+ * pass over the actor table (list_actors: the table, async records
+ * included, is most of the work of a recovery).
  * Steps 2-4 are ordinary guarded transactions of the claimant, with its own
  * redo log, so a claimant that dies is like any dead process: its guards are
  * taken over by whoever needs them (T1) and the slot it claimed is stolen,
@@ -52,11 +55,59 @@ static int64_t revert(int64_t value, int64_t delta)
     return r < 0 ? 0 : r;
 }
 
-static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t deadline)
+/* The actors of slot p that steps 1, 4 and 5 look at.  Once p's process
+ * is dead nothing makes an actor p's (actors are claimed only by their own
+ * process, for its own slot: S2 of identity.c), so one pass over the table
+ * lists every actor those steps could act on, and each step still checks
+ * the actor is p's when it acts, as before.  Listed only for a dead
+ * process's slot and up to NP_REC_LIST actors; otherwise (our own slot, at
+ * close: our other threads may still claim) each step scans the table. */
+#define NP_REC_LIST 256
+struct p_actors {
+    int listed;
+    uint32_t n;
+    uint32_t x[NP_REC_LIST];
+};
+
+static void list_actors(np_domain *d, uint32_t p, int dead, struct p_actors *l)
+{
+    l->listed = 0;
+    l->n = 0;
+    if (!dead || p + 1 == d->my_proc)
+        return;
+    uint32_t n = 0;
+    for (uint32_t x = 0; x < d->nall; x++) {
+        if (x + 8 < d->nall)
+            __builtin_prefetch(&d->actors[x + 8].proc);
+        if (x == d->ractor || __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) != p + 1)
+            continue;
+        if (n == NP_REC_LIST)
+            return;
+        l->x[n++] = x;
+    }
+    l->n = n;
+    l->listed = 1;
+}
+
+/* The k-th actor to look at, of pa_count(l, hi) (hi: the table's end). */
+static inline uint32_t pa_count(const struct p_actors *l, uint32_t hi)
+{
+    return l->listed ? l->n : hi;
+}
+
+static inline uint32_t pa_at(const struct p_actors *l, uint32_t k)
+{
+    return l->listed ? l->x[k] : k;
+}
+
+static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int dead,
+                        int64_t deadline)
 {
     np_actor *a = &d->actors[me];
     uint32_t who[NP_WAKE_BATCH];
     int n, rc;
+    struct p_actors pa;
+    list_actors(d, p, dead, &pa);
 
     /* (1) guards held by the dead process's actors, and their intents */
     for (uint32_t g = 0; g <= d->nobj; g++) {
@@ -68,8 +119,9 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
             continue;
         np_guard_takeover(d, g, v, tag);
     }
-    for (uint32_t x = 0; x < d->nact; x++)
-        if (x != me && __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) == p + 1
+    for (uint32_t k = 0, x; k < pa_count(&pa, d->nact); k++)
+        if ((x = pa_at(&pa, k)) < d->nact && x != me
+            && __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) == p + 1
             && (rc = np_settle_intent(d, x, tag, deadline)) < 0)
             return rc;
 
@@ -123,7 +175,8 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
     }
 
     /* (4) waits of the dead process: its threads' and its async records' */
-    for (uint32_t x = 0; x < d->nall; x++) {
+    for (uint32_t k = 0; k < pa_count(&pa, d->nall); k++) {
+        uint32_t x = pa_at(&pa, k);
         np_actor *ax = &d->actors[x];
         if (x == me || __atomic_load_n(&ax->proc, __ATOMIC_ACQUIRE) != p + 1)
             continue;
@@ -152,7 +205,8 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
 
     /* (5) free the actors (ours last when we leave our own slot); a purge
      * freeing an orphan of ours at the same time: one CAS wins (S2) */
-    for (uint32_t x = 0; x < d->nall; x++) {
+    for (uint32_t k = 0; k < pa_count(&pa, d->nall); k++) {
+        uint32_t x = pa_at(&pa, k);
         if (x == d->ractor)
             continue;                   /* the reserve is freed by its own path */
         uint64_t own = __atomic_load_n(&d->actors[x].own, __ATOMIC_ACQUIRE);
@@ -162,11 +216,12 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
     return 0;
 }
 
+/* dead: p's process is certainly dead (not np_leave_slot's own slot). */
 static int run_claimed(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t w,
-                       int64_t deadline)
+                       int dead, int64_t deadline)
 {
     CRASHPOINT();
-    int rc = recover_body(d, me, tag, p, deadline);
+    int rc = recover_body(d, me, tag, p, dead, deadline);
     if (rc < 0) {
         /* V2: leave it for anyone to finish. */
         uint64_t open = PW_MAKE(PW_PID(w), NP_PS_RECOVERING, 0);
@@ -201,7 +256,7 @@ int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t
             break;
         case NP_PS_RECOVERING:
             if (PW_REC(w) == mine)
-                return run_claimed(d, me, tag, p, w, deadline);     /* resume */
+                return run_claimed(d, me, tag, p, w, 1, deadline);  /* resume */
             st = np_rec_state(d, PW_REC(w));
             if (st == NP_ALIVE)
                 return NP_EAGAIN;       /* another live recoverer is at it */
@@ -218,8 +273,28 @@ int np_recover_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t
         /* acquire: pairs with the release stores of the slot's last owner. */
         if (__atomic_compare_exchange_n(&s->w, &w, claimed, 0,
                                         __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-            return run_claimed(d, me, tag, p, claimed, deadline);
+            return run_claimed(d, me, tag, p, claimed, 1, deadline);
     }
+}
+
+/* The caller has judged slot p's process dead (I4) as of word w: claim the
+ * slot by a CAS from that exact word (V4) without judging again -- the
+ * judgement may have cost several reads (L1 of liveness.c).  A word that
+ * changed meanwhile (recovered, being recovered, taken again) goes the
+ * ordinary way, which judges afresh. */
+int np_recover_judged(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, uint64_t w,
+                      int64_t deadline)
+{
+    if (PW_STATE(w) == NP_PS_ALIVE) {
+        uint64_t mine = actor_rec(me, __atomic_load_n(&d->actors[me].inc, __ATOMIC_RELAXED));
+        uint64_t claimed = PW_MAKE(PW_PID(w), NP_PS_RECOVERING, mine);
+        CRASHPOINT();                   /* judged dead, not claimed yet */
+        /* acquire: pairs with the release stores of the slot's last owner. */
+        if (__atomic_compare_exchange_n(&d->procs[p].w, &w, claimed, 0,
+                                        __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            return run_claimed(d, me, tag, p, claimed, 1, deadline);
+    }
+    return np_recover_slot(d, me, tag, p, deadline);
 }
 
 /* The caller's own slot p: give back what it holds and free it (close). */
@@ -233,7 +308,7 @@ int np_leave_slot(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int64_t d
     uint64_t claimed = PW_MAKE(PW_PID(w), NP_PS_RECOVERING, mine);
     if (!__atomic_compare_exchange_n(&s->w, &w, claimed, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
         return 0;
-    return run_claimed(d, me, tag, p, claimed, deadline);
+    return run_claimed(d, me, tag, p, claimed, 0, deadline);
 }
 
 int np_recover_all_dead(np_domain *d, uint32_t me, uint32_t tag, int64_t deadline)
