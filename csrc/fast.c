@@ -8,6 +8,17 @@
  * increment, mutex trylock, unlock — are served here, by methods of a Binder
  * that look the name up in the Domain's own handle caches and call the core.
  *
+ * Three layers, each falling back to the one above it unchanged:
+ *  - Binder: a Domain's entry points (by name, its per-process dict from
+ *    name to core handle); anything else goes to the Domain's Python methods.
+ *  - the registry and Forward: the public functions (semaphore.decrement &
+ *    co.) find this process's backend in a C mirror of ctx.sem / ctx.mutex
+ *    (R1) and, for a native backend, call its Binder directly (R2), without
+ *    a Python frame or attribute lookup.
+ *  - handles (SemaphoreBase, MutexBase): Semaphore and Mutex keep their
+ *    name's core handle in the object and make the uncontended call with it;
+ *    every other case calls the class's Python method (H1-H4).
+ *
  * One core: the Binder does not link the core's files.  It calls the functions
  * of the cffi module through pointers handed over by netplex_native/native/domain.py
  * (ffi.addressof), so there is one copy of the core and of its per-process
@@ -424,12 +435,26 @@ enum { OP_NONE, OP_SEM_DEC, OP_SEM_INC };
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *dict;
     PyObject *ctx, *attr, *method, *names, *defaults;
     Py_ssize_t npos;
     int kind;                       /* K_SEM, K_MUTEX, or -1: getattr(ctx, attr) */
     int op;                         /* OP_*: the Binder method it is, if any */
+    PyMethodDef def;                /* as_function(): the builtin function's definition */
+    PyObject *doc;                  /* def.ml_doc's storage (bytes) */
 } Forward;
+
+/* The Binder's method of op, called with args (R2). */
+static inline PyObject *fwd_binder_call(Forward *f, Binder *b, PyObject *const *args, Py_ssize_t n)
+{
+    PyObject *r;
+    Py_INCREF(b);               /* the call may run Python that replaces the registry's */
+    if (f->op == OP_SEM_DEC)
+        r = b_sem_decrement(b, args, (size_t)n, NULL);
+    else
+        r = b_sem_increment(b, args, (size_t)n, NULL);
+    Py_DECREF(b);
+    return r;
+}
 
 static PyObject *fwd_vectorcall(Forward *f, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -443,6 +468,12 @@ static PyObject *fwd_vectorcall(Forward *f, PyObject *const *args, size_t nargsf
                      f->method, f->npos, f->npos == 1 ? "" : "s", n);
         return NULL;
     }
+    /* Positional only, the required ones given: the Binder's method has the
+     * same parameters with the same defaults (fwd_init), so it takes them as
+     * they are. */
+    if (f->op != OP_NONE && kwnames == NULL && n == np - PyTuple_GET_SIZE(f->defaults)
+            && reg_be[f->kind] != NULL && reg_binder[f->kind] != NULL)
+        return fwd_binder_call(f, reg_binder[f->kind], args, n);
     for (Py_ssize_t i = 0; i < np; i++)
         a[i] = i < n ? args[i] : NULL;
     if (kwnames) {
@@ -480,15 +511,8 @@ static PyObject *fwd_vectorcall(Forward *f, PyObject *const *args, size_t nargsf
     PyObject *r;
     if (f->kind >= 0 && reg_be[f->kind] != NULL) {
         Binder *b = reg_binder[f->kind];
-        if (b != NULL && f->op != OP_NONE) {
-            Py_INCREF(b);           /* the call may run Python that replaces the registry's */
-            if (f->op == OP_SEM_DEC)
-                r = b_sem_decrement(b, a, (size_t)np, NULL);
-            else
-                r = b_sem_increment(b, a, (size_t)np, NULL);
-            Py_DECREF(b);
-            return r;
-        }
+        if (b != NULL && f->op != OP_NONE)
+            return fwd_binder_call(f, b, a, np);
         a[-1] = Py_NewRef(reg_be[f->kind]);
     } else {
         a[-1] = PyObject_GetAttr(f->ctx, f->attr);
@@ -501,6 +525,46 @@ static PyObject *fwd_vectorcall(Forward *f, PyObject *const *args, size_t nargsf
     return r;
 }
 
+/* The builtin function of as_function(): its self is the Forward. */
+static PyObject *fwd_builtin(PyObject *self, PyObject *const *args, Py_ssize_t n, PyObject *kwnames)
+{
+    return fwd_vectorcall((Forward *)self, args, (size_t)n, kwnames);
+}
+
+/* as_function(doc, module): this call as a builtin function named like the
+ * method, with doc ("name(signature)\n--\n\n" + text: its signature for
+ * inspect) and __module__ module.  A builtin function is what CPython calls
+ * fastest (its call is specialized).  Once per Forward. */
+static PyObject *fwd_as_function(Forward *f, PyObject *const *args, Py_ssize_t n)
+{
+    if (n != 2 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "as_function(doc, module)");
+        return NULL;
+    }
+    if (f->doc != NULL) {
+        PyErr_SetString(PyExc_ValueError, "as_function(): called already");
+        return NULL;
+    }
+    const char *name = PyUnicode_AsUTF8(f->method);     /* kept by f->method */
+    PyObject *doc = PyUnicode_AsUTF8String(args[0]);
+    if (name == NULL || doc == NULL) {
+        Py_XDECREF(doc);
+        return NULL;
+    }
+    f->doc = doc;
+    f->def.ml_name = name;
+    f->def.ml_meth = (PyCFunction)(void (*)(void))fwd_builtin;
+    f->def.ml_flags = METH_FASTCALL | METH_KEYWORDS;
+    f->def.ml_doc = PyBytes_AS_STRING(doc);
+    return PyCFunction_NewEx(&f->def, (PyObject *)f, args[1]);
+}
+
+static PyMethodDef fwd_methods[] = {
+    {"as_function", (PyCFunction)(void (*)(void))fwd_as_function, METH_FASTCALL,
+     "as_function(doc, module): this call as a builtin function."},
+    {NULL, NULL, 0, NULL}
+};
+
 static int fwd_init(Forward *f, PyObject *args, PyObject *kwds)
 {
     PyObject *ctx, *attr, *method, *names, *defaults;
@@ -508,6 +572,10 @@ static int fwd_init(Forward *f, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(args, "OUUO!O!n:Forward", &ctx, &attr, &method, &PyTuple_Type, &names,
                           &PyTuple_Type, &defaults, &npos))
         return -1;
+    if (f->doc != NULL) {
+        PyErr_SetString(PyExc_ValueError, "Forward: its function exists already");
+        return -1;
+    }
     if (PyTuple_GET_SIZE(names) > FWD_MAX || PyTuple_GET_SIZE(defaults) > PyTuple_GET_SIZE(names)
             || npos < 0 || npos > PyTuple_GET_SIZE(names)) {
         PyErr_SetString(PyExc_ValueError, "Forward: bad parameter description");
@@ -525,11 +593,12 @@ static int fwd_init(Forward *f, PyObject *args, PyObject *kwds)
             : PyUnicode_CompareWithASCIIString(attr, "mutex") == 0 ? K_MUTEX : -1;
     f->op = OP_NONE;
     /* The Binder's methods take (name, wait=False, timeout=None) and (name):
-     * only these exact parameter lists are sent to them. */
-    if (f->kind == K_SEM && PyTuple_GET_SIZE(names) == 3
+     * only these exact parameter lists and defaults are sent to them. */
+    if (f->kind == K_SEM && PyTuple_GET_SIZE(names) == 3 && PyTuple_GET_SIZE(defaults) == 2
+            && PyTuple_GET_ITEM(defaults, 0) == Py_False && PyTuple_GET_ITEM(defaults, 1) == Py_None
             && PyUnicode_CompareWithASCIIString(method, "decrement") == 0)
         f->op = OP_SEM_DEC;
-    else if (f->kind == K_SEM && PyTuple_GET_SIZE(names) == 1
+    else if (f->kind == K_SEM && PyTuple_GET_SIZE(names) == 1 && PyTuple_GET_SIZE(defaults) == 0
             && PyUnicode_CompareWithASCIIString(method, "increment") == 0)
         f->op = OP_SEM_INC;
     f->vectorcall = (vectorcallfunc)fwd_vectorcall;
@@ -538,15 +607,15 @@ static int fwd_init(Forward *f, PyObject *args, PyObject *kwds)
 
 static int fwd_traverse(Forward *f, visitproc visit, void *arg)
 {
-    Py_VISIT(f->dict); Py_VISIT(f->ctx); Py_VISIT(f->attr); Py_VISIT(f->method);
+    Py_VISIT(f->ctx); Py_VISIT(f->attr); Py_VISIT(f->method);
     Py_VISIT(f->names); Py_VISIT(f->defaults);
     return 0;
 }
 
 static int fwd_clear(Forward *f)
 {
-    Py_CLEAR(f->dict); Py_CLEAR(f->ctx); Py_CLEAR(f->attr); Py_CLEAR(f->method);
-    Py_CLEAR(f->names); Py_CLEAR(f->defaults);
+    Py_CLEAR(f->ctx); Py_CLEAR(f->attr); Py_CLEAR(f->method);
+    Py_CLEAR(f->names); Py_CLEAR(f->defaults); Py_CLEAR(f->doc);
     return 0;
 }
 
@@ -556,11 +625,6 @@ static void fwd_dealloc(Forward *f)
     fwd_clear(f);
     Py_TYPE(f)->tp_free((PyObject *)f);
 }
-
-static PyGetSetDef fwd_getset[] = {
-    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
-    {NULL, NULL, NULL, NULL, NULL}
-};
 
 static PyTypeObject ForwardType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -575,8 +639,7 @@ static PyTypeObject ForwardType = {
     .tp_clear = (inquiry)fwd_clear,
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(Forward, vectorcall),
-    .tp_dictoffset = offsetof(Forward, dict),
-    .tp_getset = fwd_getset,
+    .tp_methods = fwd_methods,
 };
 
 /* ------------------------------------------------------------------ */

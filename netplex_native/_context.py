@@ -12,7 +12,7 @@ handles that read the backend there read what ``ctx`` holds.
 
 from __future__ import annotations
 
-import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -94,12 +94,17 @@ def forward(attr: str, names: tuple[str, ...], defaults: tuple[Any, ...] = (),
             npos: int = 1) -> Callable[[_F], _F]:
     """Decorator for a public function that only calls ``ctx.<attr>.<its
     name>(*params)``: with the accelerator (csrc/fast.c) the same call is made
-    without a Python frame; the decorated function stays its documentation and
-    signature, and is used as it is when the accelerator is not built."""
+    by a builtin function, without a Python frame (and, on a native backend,
+    straight into its accelerated entry point), with the decorated function's
+    name, signature and documentation; without the accelerator the decorated
+    function is used as it is."""
     def wrap(pyfunc: _F) -> _F:
         if _Forward is None:
             return pyfunc
         f = _Forward(ctx, attr, pyfunc.__name__, names, defaults, npos)
-        functools.update_wrapper(f, pyfunc)
-        return f  # type: ignore[no-any-return]
+        sig = inspect.signature(pyfunc)
+        sig = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                          return_annotation=sig.empty)
+        doc = f"{pyfunc.__name__}{sig}\n--\n\n{inspect.cleandoc(pyfunc.__doc__ or '')}"
+        return f.as_function(doc, pyfunc.__module__)  # type: ignore[no-any-return]
     return wrap

@@ -96,7 +96,11 @@ def test_the_accelerator_serves_the_handles_and_the_by_name_calls(world):
     assert isinstance(world.core._binder, _fast.Binder)
     assert "increment" not in semaphore.Semaphore.__dict__     # served by SemaphoreBase
     assert "lock" not in mutex.Mutex.__dict__ and "unlock" not in mutex.Mutex.__dict__
-    assert type(semaphore.decrement).__name__ == "Forward"
+    assert type(semaphore.decrement).__name__ == "builtin_function_or_method"
+    import inspect
+    assert str(inspect.signature(semaphore.decrement)) == "(name, *, wait=False, timeout=None)"
+    assert semaphore.decrement.__doc__.startswith("-1 if the value is positive")
+    assert semaphore.decrement.__module__ == "netplex_native.semaphore"
 
 
 def test_a_name_destroyed_and_created_again_here_is_the_new_object(world, path):
