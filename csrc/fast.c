@@ -59,6 +59,8 @@ typedef int64_t (*np_op_hd)(np_domain *, uint64_t, int64_t);
 
 typedef int64_t (*np_op)(np_domain *);
 
+enum { K_SEM, K_MUTEX, K_N };
+
 typedef struct {
     PyObject_HEAD
     np_domain *d;                           /* NULL once the Domain is closed */
@@ -68,10 +70,12 @@ typedef struct {
     np_op wait_cancel;
     PyObject *sems, *mtxs;                  /* dict: name -> handle (int) */
     PyObject *slow_dec, *slow_inc, *slow_lock, *slow_unlock;
+    PyObject *last_name[K_N];               /* the name last found, per kind (see lookup) */
+    uint64_t last_h[K_N];
 } Binder;
 
-/* 1 and *out = the cached handle of name; 0 when not cached (or not a
- * usable key: the slow path will say what is wrong with it). */
+/* 1 and *out = the cached handle of name in cache; 0 when not cached (or
+ * not a usable key: the slow path will say what is wrong with it). */
 static inline int cached(PyObject *cache, PyObject *name, uint64_t *out)
 {
     PyObject *h = PyDict_GetItemWithError(cache, name);   /* borrowed */
@@ -87,8 +91,41 @@ static inline int cached(PyObject *cache, PyObject *name, uint64_t *out)
     return 1;
 }
 
-static inline PyObject *slow(PyObject *fn, PyObject *const *args, size_t nargsf, PyObject *kw)
+/* The Domain's dict, with the name last found in it in front (per kind): a
+ * loop that calls with one name (a literal: the same str object each time)
+ * skips the dict.  The entry is that str object itself, held (never another
+ * object at its address), exact str only (its equality is identity's), and
+ * its handle as the dict had it.  Like every cached handle it is never
+ * wrong, only stale (the core refuses a handle whose object was destroyed,
+ * NP_ESTALE); every call that goes on to the Domain's method (slow, resume)
+ * forgets it first, so the next call reads the dict the method refreshed. */
+static inline int lookup(Binder *self, int k, PyObject *name, uint64_t *out)
 {
+    if (name == self->last_name[k]) {
+        *out = self->last_h[k];
+        return 1;
+    }
+    if (!cached(k == K_SEM ? self->sems : self->mtxs, name, out))
+        return 0;
+    if (PyUnicode_CheckExact(name)) {
+        PyObject *old = self->last_name[k];
+        self->last_name[k] = Py_NewRef(name);
+        self->last_h[k] = *out;
+        Py_XDECREF(old);                /* a str: its deallocation runs no Python */
+    }
+    return 1;
+}
+
+static inline void forget(Binder *self, int k)
+{
+    Py_CLEAR(self->last_name[k]);
+}
+
+/* The Domain's method (kind k): the whole job, after forgetting k's last name. */
+static inline PyObject *slow(Binder *self, int k, PyObject *fn, PyObject *const *args,
+                             size_t nargsf, PyObject *kw)
+{
+    forget(self, k);
     return PyObject_Vectorcall(fn, args, nargsf, kw);
 }
 
@@ -166,8 +203,10 @@ static inline int64_t first_slice(Binder *self, np_op_hd op, uint64_t h)
 }
 
 /* Still queued after a slice: the Python method continues the wait. */
-static PyObject *resume(Binder *self, PyObject *fn, PyObject *const *args, size_t nargsf, PyObject *kw)
+static PyObject *resume(Binder *self, int k, PyObject *fn, PyObject *const *args, size_t nargsf,
+                        PyObject *kw)
 {
+    forget(self, k);
     PyObject *r = PyObject_Vectorcall(fn, args, nargsf, kw);
     if (r == NULL && self->d)
         self->wait_cancel(self->d);     /* idempotent: nothing queued is fine */
@@ -180,7 +219,7 @@ static PyObject *b_sem_decrement(Binder *self, PyObject *const *args, size_t nar
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     uint64_t h;
     if (kw == NULL && n >= 1 && n <= 3 && (n < 3 || args[2] == Py_None)
-            && cached(self->sems, args[0], &h) && self->d) {
+            && self->d && lookup(self, K_SEM, args[0], &h)) {
         if (n < 2 || args[1] == Py_False) {
             int64_t rc = self->sem_dec(self->d, h, NP_NOWAIT);
             if (rc >= 0)
@@ -194,17 +233,17 @@ static PyObject *b_sem_decrement(Binder *self, PyObject *const *args, size_t nar
             if (about_to_block(NP_KIND_SEM) < 0)
                 return NULL;
             if (!self->d)
-                return slow(self->slow_dec, args, nargsf, kw);
+                return slow(self, K_SEM, self->slow_dec, args, nargsf, kw);
             rc = first_slice(self, self->sem_dec_w, h);
             if (rc >= 0)
                 return PyLong_FromLongLong(rc);
             if (rc == NP_EDESTROYED)
                 return PyLong_FromLong(-1);
             if (rc == NP_EINTR)
-                return resume(self, self->slow_dec, args, nargsf, kw);
+                return resume(self, K_SEM, self->slow_dec, args, nargsf, kw);
         }
     }
-    return slow(self->slow_dec, args, nargsf, kw);
+    return slow(self, K_SEM, self->slow_dec, args, nargsf, kw);
 }
 
 /* sem_increment(name) */
@@ -212,13 +251,13 @@ static PyObject *b_sem_increment(Binder *self, PyObject *const *args, size_t nar
 {
     if (kw == NULL && PyVectorcall_NARGS(nargsf) == 1) {
         uint64_t h;
-        if (cached(self->sems, args[0], &h) && self->d) {
+        if (self->d && lookup(self, K_SEM, args[0], &h)) {
             int64_t rc = self->sem_inc(self->d, h);
             if (rc >= 0)
                 return PyLong_FromLongLong(rc);
         }
     }
-    return slow(self->slow_inc, args, nargsf, kw);
+    return slow(self, K_SEM, self->slow_inc, args, nargsf, kw);
 }
 
 /* mutex_lock(name, timeout=None, *, cancel=None) */
@@ -227,13 +266,13 @@ static PyObject *b_mutex_lock(Binder *self, PyObject *const *args, size_t nargsf
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     uint64_t h;
     if (kw == NULL && (n == 1 || (n == 2 && args[1] == Py_None))
-            && cached(self->mtxs, args[0], &h) && self->d) {
+            && self->d && lookup(self, K_MUTEX, args[0], &h)) {
         int64_t rc = self->mtx_lock(self->d, h, NP_NOWAIT);
         if (rc == NP_EAGAIN) {
             if (about_to_block(NP_KIND_MUTEX) < 0)
                 return NULL;
             if (!self->d)
-                return slow(self->slow_lock, args, nargsf, kw);
+                return slow(self, K_MUTEX, self->slow_lock, args, nargsf, kw);
             rc = first_slice(self, self->mtx_lock_w, h);
         }
         if (rc == 0)
@@ -241,9 +280,9 @@ static PyObject *b_mutex_lock(Binder *self, PyObject *const *args, size_t nargsf
         if (rc == NP_EDESTROYED)
             Py_RETURN_FALSE;
         if (rc == NP_EINTR)
-            return resume(self, self->slow_lock, args, nargsf, kw);
+            return resume(self, K_MUTEX, self->slow_lock, args, nargsf, kw);
     }
-    return slow(self->slow_lock, args, nargsf, kw);
+    return slow(self, K_MUTEX, self->slow_lock, args, nargsf, kw);
 }
 
 /* mutex_unlock(name) */
@@ -251,10 +290,10 @@ static PyObject *b_mutex_unlock(Binder *self, PyObject *const *args, size_t narg
 {
     if (kw == NULL && PyVectorcall_NARGS(nargsf) == 1) {
         uint64_t h;
-        if (cached(self->mtxs, args[0], &h) && self->d && self->mtx_unlock(self->d, h) == 0)
+        if (self->d && lookup(self, K_MUTEX, args[0], &h) && self->mtx_unlock(self->d, h) == 0)
             Py_RETURN_NONE;
     }
-    return slow(self->slow_unlock, args, nargsf, kw);
+    return slow(self, K_MUTEX, self->slow_unlock, args, nargsf, kw);
 }
 
 static int b_traverse(Binder *self, visitproc visit, void *arg)
@@ -276,6 +315,8 @@ static int b_clear(Binder *self)
     Py_CLEAR(self->slow_inc);
     Py_CLEAR(self->slow_lock);
     Py_CLEAR(self->slow_unlock);
+    forget(self, K_SEM);
+    forget(self, K_MUTEX);
     return 0;
 }
 
@@ -328,6 +369,8 @@ static int b_init(Binder *self, PyObject *args, PyObject *kwds)
 static PyObject *b_close(Binder *self, PyObject *Py_UNUSED(ignored))
 {
     self->d = NULL;
+    forget(self, K_SEM);
+    forget(self, K_MUTEX);
     Py_RETURN_NONE;
 }
 
@@ -370,7 +413,6 @@ static PyTypeObject BinderType = {
  * at its address while recorded.  fork() copies the registry with the
  * rest of the process, which is what it must be in the child. */
 
-enum { K_SEM, K_MUTEX, K_N };
 static PyObject *reg_be[K_N];       /* the backend (strong), NULL before set_backend */
 static Binder *reg_binder[K_N];     /* its Binder (strong), or NULL: call the backend */
 static PyObject *s_fast_binder, *s_sem, *s_mutex;
@@ -745,7 +787,7 @@ static int attempt(Handle *self, Binder *b, int what, int64_t *rc)
         h = self->ch;
     } else {
         PyObject *nm = Py_NewRef(self->name);   /* a key's __eq__ may run Python */
-        int found = cached(what <= A_SEM_INC ? b->sems : b->mtxs, nm, &h);
+        int found = lookup(b, what <= A_SEM_INC ? K_SEM : K_MUTEX, nm, &h);
         Py_DECREF(nm);
         if (!found || b->d == NULL)
             return 0;
