@@ -468,7 +468,9 @@ static PyObject *set_backend(PyObject *Py_UNUSED(m), PyObject *const *args, Py_s
  * which is what semaphore.decrement & co. do in Python.  For `sem' and
  * `mutex' the backend is the registry's (R1); semaphore.decrement and
  * semaphore.increment of a backend with a Binder call the Binder's C method
- * directly (R2): the same call, without looking `decrement' up. */
+ * directly (R2): the same call, without looking `decrement' up.  The public
+ * name is the builtin function as_function() makes of it (CPython
+ * specializes calls of builtin functions, not of other callables). */
 
 #define FWD_MAX 8
 

@@ -17,6 +17,9 @@ class's hot methods (increment, decrement, lock, unlock, acquire, release,
   generation), and the Python method then looks the name up again exactly as
   a by-name call does.  So behaviour is the Python methods', in every
   process, across fork, close and re-creation.
+- The C methods find the backend as ``Semaphore._backend`` and
+  ``BoundSemaphore._backend`` do (``_be``, else the process's); a subclass
+  that changes ``_backend`` must override the hot methods too.
 Without the accelerator, :class:`PyHandleBase` holds the same state and
 :func:`accelerate` does nothing.
 """
