@@ -429,3 +429,24 @@ def test_copies_of_handles_name_the_same_object(world):
     m.unlock()
     d = world.pub.semaphore("x")
     assert copy.copy(d)._be is d._be and copy.copy(d).increment() == 1
+
+
+def test_waits_with_timeouts_through_cached_handles_end_as_by_name_waits_do(world):
+    """A wait is never the plain case: the Python method does it, timeout and all."""
+    core = world.core
+    core.sem_create("e", 1)
+    for s in (semaphore.access("e"), world.pub.semaphore("e")):
+        assert s.acquire() is True                      # cached; the value is 0 now
+        assert s.acquire(timeout=0.05) is False
+        assert s.decrement(wait=True, timeout=0.05) == -1
+        assert s.acquire(False) is False and s.decrement() == -1
+        s.release()
+    assert semaphore.decrement("e", wait=True, timeout=0.05) == 0
+    assert semaphore.decrement("e", wait=True, timeout=0.05) == -1
+    assert core.sem_get("e") == 0
+    for m in (mutex.access("l"), world.pub.mutex("l")):
+        assert m.lock() is True
+        assert m.lock(timeout=0.05) is False and m.acquire(timeout=0.05) is False
+        assert m.acquire(False) is False
+        m.release()
+    assert mtx(core, "l")["locked"] is False
