@@ -450,3 +450,40 @@ def test_waits_with_timeouts_through_cached_handles_end_as_by_name_waits_do(worl
         assert m.acquire(False) is False
         m.release()
     assert mtx(core, "l")["locked"] is False
+
+
+def test_processes_locking_through_cached_handles_exclude_each_other(world):
+    """4 processes x 3,000 read-increment-write of a shared counter under the
+    same mutex (through access handles, Domain handles, lock/unlock and with)
+    and of another under a semaphore of 1: no update is lost."""
+    import mmap
+    import struct
+    core = world.core
+    core.sem_create("one", 1)
+    counters = mmap.mmap(-1, 16)
+    handles = (mutex.access("x"), world.pub.mutex("x"), semaphore.access("one"))
+    for h in handles:                                   # cached before the fork
+        with h:
+            pass
+    k, n = 4, 3000
+
+    def work():
+        for i in range(n):
+            h = handles[i % 3]
+            off = 8 if h is handles[2] else 0
+            if i % 2:
+                with h:
+                    v = struct.unpack_from("q", counters, off)[0]
+                    if i % 64 == 1:
+                        os.sched_yield()
+                    struct.pack_into("q", counters, off, v + 1)
+            else:
+                assert (h.acquire() if off else h.lock()) is True
+                v = struct.unpack_from("q", counters, off)[0]
+                struct.pack_into("q", counters, off, v + 1)
+                h.release() if off else h.unlock()
+    kids = [fork_call(work) for _ in range(k)]
+    for pid in kids:
+        assert exited_ok(reap(pid, timeout=50))
+    assert struct.unpack_from("qq", counters, 0) == (k * n * 2 // 3, k * n // 3)
+    assert core.sem_get("one") == 1 and mtx(core, "x")["locked"] is False
