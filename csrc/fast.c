@@ -1086,7 +1086,8 @@ static PyTypeObject MutexBaseType = {
 
 /* accelerate(cls): cls (Semaphore or Mutex, a subclass of ours) gives its
  * hot Python methods to us (H1); from then on ours are found first.  Once
- * per kind. */
+ * per class: a class made again (its module reloaded) gives its own, which
+ * every handle of that kind uses from then on. */
 static PyObject *accelerate(PyObject *Py_UNUSED(m), PyObject *cls)
 {
     int k;
@@ -1096,10 +1097,6 @@ static PyObject *accelerate(PyObject *Py_UNUSED(m), PyObject *cls)
         k = H_MUTEX;
     else {
         PyErr_SetString(PyExc_TypeError, "accelerate(cls): cls must subclass SemaphoreBase or MutexBase");
-        return NULL;
-    }
-    if (py_method[k][0] != NULL) {
-        PyErr_SetString(PyExc_ValueError, "accelerate(): this kind of handle has its methods already");
         return NULL;
     }
     PyObject *fns[HOT_N];
@@ -1112,11 +1109,11 @@ static PyObject *accelerate(PyObject *Py_UNUSED(m), PyObject *cls)
             return NULL;
         }
     }
-    for (int i = 0; i < HOT_N; i++) {
-        py_method[k][i] = Py_NewRef(fns[i]);
+    for (int i = 0; i < HOT_N; i++)
+        Py_XSETREF(py_method[k][i], Py_NewRef(fns[i]));
+    for (int i = 0; i < HOT_N; i++)
         if (PyObject_DelAttrString(cls, HOT[k][i]) < 0)
             return NULL;
-    }
     Py_RETURN_NONE;
 }
 
