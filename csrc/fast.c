@@ -813,8 +813,8 @@ static int attempt(Handle *self, Binder *b, int what, int64_t *rc)
     return 1;
 }
 
-/* 1 and *rc: the plain case (no arguments, or what `plain' accepts) was
- * attempted; 0: call the Python method. */
+/* One attempt with the Binder of now (the caller has checked the arguments
+ * are the plain case): 1 and *rc, or 0: call the Python method. */
 static inline int try_plain(Handle *self, int k, int what, int64_t *rc)
 {
     Binder *b = binder_now(self, k);
