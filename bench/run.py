@@ -405,6 +405,23 @@ def job_uncontended(jc: JobCtx):
                     unlock("u.dmtx")
             return loop, None
 
+        def handle(make, acq, rel):
+            """acquire+release through a handle made once (the threading idiom)."""
+            def setup():
+                h = make()
+                a, r = getattr(h, acq), getattr(h, rel)
+
+                def loop(n):
+                    for _ in range(n):
+                        a()
+                        r()
+                return loop, None
+            return setup
+
+        def pub_dom():
+            from netplex_native.domain import Domain
+            return Domain(_native_dom())
+
         def c_mp_sem():
             s = multiprocessing.Semaphore(1)
             acq, rel = s.acquire, s.release
@@ -440,10 +457,16 @@ def job_uncontended(jc: JobCtx):
         cands.update({"floor_2_cffi_noop": c_floor, "native_raw_cffi_sem": c_raw, "native_domain_sem": c_dom, "native_sem": public_sem("u.sem"),
                       "native_sem_protected": public_sem("u.psem", protected=True), "native_mutex": public_mutex,
                       "native_domain_mutex": c_dom_mutex, "mp_sem": c_mp_sem, "mp_lock": c_mp_lock,
-                      "sysv_sem_undo": c_sysv})
+                      "sysv_sem_undo": c_sysv,
+                      "native_sem_handle": handle(lambda: semaphore.access("u.sem"), "acquire", "release"),
+                      "native_domain_sem_handle": handle(lambda: pub_dom().semaphore("u.dsem", 1),
+                                                         "acquire", "release"),
+                      "native_domain_mutex_handle": handle(lambda: pub_dom().mutex("u.dhmtx"),
+                                                           "acquire", "release")})
         order = ["floor_2_cffi_noop", "native_raw_cffi_sem", "native_domain_sem", "native_sem", "native_sem_protected",
+                 "native_sem_handle", "native_domain_sem_handle",
                  "posix_ipc_sem", "sysv_sem_undo", "mp_sem", "native_domain_mutex", "native_mutex",
-                 "flock", "mp_lock"]
+                 "native_domain_mutex_handle", "flock", "mp_lock"]
     else:
         from netplex_native import wire
 
@@ -1050,6 +1073,16 @@ def targets(results):
         r = m("flock") / m("native_mutex")
         add("native mutex pair >= 2x faster than flock", r, 2.0, r >= 2.0,
             f"{m('flock'):.0f} ns vs {m('native_mutex'):.0f} ns")
+        px = m("posix_ipc_sem")
+        r = max(m("native_sem"), m("native_mutex")) / px
+        add("native pair by name (semaphore.*, mutex handle lock/unlock) <= 1.3x posix_ipc pair", r, 1.3,
+            r <= 1.3, f"sem {m('native_sem'):.0f} ns, mutex {m('native_mutex'):.0f} ns vs {px:.0f} ns")
+        hs = [k for k in ("native_sem_handle", "native_domain_sem_handle", "native_domain_mutex_handle",
+                          "native_domain_sem") if k in u]
+        if hs:
+            r = max(m(k) for k in hs) / px
+            add("native pair through a handle <= 0.8x posix_ipc pair", r, 0.8, r <= 0.8,
+                "; ".join(f"{k} {m(k):.0f} ns" for k in hs) + f" vs {px:.0f} ns")
         if "rpc_sem" in u:
             def pls(a, b, f):
                 return "".join(f"; {pl}: {f(m(a + '@' + pl), m(b + '@' + pl))}" for pl in ("same", "cross")
@@ -1113,6 +1146,8 @@ REFS = {  # row -> reference row for the ratio column
     "uncontended": {
         "floor_2_cffi_noop": "posix_ipc_sem", "native_raw_cffi_sem": "posix_ipc_sem", "native_domain_sem": "posix_ipc_sem",
         "native_sem": "posix_ipc_sem", "native_sem_protected": "posix_ipc_sem", "posix_ipc_sem": "posix_ipc_sem",
+        "native_sem_handle": "posix_ipc_sem", "native_domain_sem_handle": "posix_ipc_sem",
+        "native_domain_mutex_handle": "flock",
         "sysv_sem_undo": "posix_ipc_sem", "mp_sem": "posix_ipc_sem",
         "native_domain_mutex": "flock", "native_mutex": "flock", "flock": "flock", "mp_lock": "flock",
         "rpc_sem": "socketpair_floor", "socketpair_floor": "socketpair_floor",

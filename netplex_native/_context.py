@@ -4,17 +4,26 @@ One ``Context`` per process, in :data:`ctx`.  The public modules
 (``semaphore``, ``mutex``, ``sharedvar``, ``cenv``) call through
 ``ctx.sem`` / ``ctx.mutex`` / ``ctx.var``: a backend object chosen from the
 plugins the controller has, or a placeholder that raises the right error.
+
+Invariant: whenever ``ctx.sem`` or ``ctx.mutex`` is set, the accelerator
+(csrc/fast.c, its registry) is told at once, so the public functions and
+handles that read the backend there read what ``ctx`` holds.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 from .errors import NotInContainerError, PluginNotAddedError
+
+try:
+    from ._fast import Forward as _Forward, set_backend as _fast_set_backend  # type: ignore[import-not-found]
+except ImportError:
+    _Forward = _fast_set_backend = None
 
 KINDS = {"semaphore": "sem", "mutex": "mutex", "sharedvar": "var"}
 
@@ -58,6 +67,11 @@ class Context:
     def __init__(self) -> None:
         self.reset()
 
+    def __setattr__(self, attr: str, value: Any) -> None:
+        object.__setattr__(self, attr, value)
+        if _fast_set_backend is not None and (attr == "sem" or attr == "mutex"):
+            _fast_set_backend(attr, value)
+
     def reset(self) -> None:
         self.role = None          # None, "controller" or "container"
         self.controller = None    # the Controller (in containers: the forked copy)
@@ -80,14 +94,17 @@ def forward(attr: str, names: tuple[str, ...], defaults: tuple[Any, ...] = (),
             npos: int = 1) -> Callable[[_F], _F]:
     """Decorator for a public function that only calls ``ctx.<attr>.<its
     name>(*params)``: with the accelerator (csrc/fast.c) the same call is made
-    without a Python frame; the decorated function stays its documentation and
-    signature, and is used as it is when the accelerator is not built."""
+    by a builtin function, without a Python frame (and, on a native backend,
+    straight into its accelerated entry point), with the decorated function's
+    name, signature and documentation; without the accelerator the decorated
+    function is used as it is."""
     def wrap(pyfunc: _F) -> _F:
-        try:
-            from ._fast import Forward  # type: ignore[import-not-found]
-        except ImportError:
+        if _Forward is None:
             return pyfunc
-        f = Forward(ctx, attr, pyfunc.__name__, names, defaults, npos)
-        functools.update_wrapper(f, pyfunc)
-        return f  # type: ignore[no-any-return]
+        f = _Forward(ctx, attr, pyfunc.__name__, names, defaults, npos)
+        sig = inspect.signature(pyfunc)
+        sig = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                          return_annotation=sig.empty)
+        doc = f"{pyfunc.__name__}{sig}\n--\n\n{inspect.cleandoc(pyfunc.__doc__ or '')}"
+        return f.as_function(doc, pyfunc.__module__)  # type: ignore[no-any-return]
     return wrap

@@ -38,8 +38,6 @@ HANDLE_FORMS = {
     ("semaphore.py", "Semaphore.acquire"): ("Semaphore.acquire()", "await s.acquire_async(...)"),
     ("semaphore.py", "Semaphore.__enter__"): ("'with' on a Semaphore", "async with s"),
     ("mutex.py", "Mutex.lock"): ("Mutex.lock()", "await m.lock_async() or async with m"),
-    ("mutex.py", "BoundMutex.lock"): ("Mutex.lock()", "await m.lock_async() or async with m"),
-    ("mutex.py", "_PyMutexBase.lock"): ("Mutex.lock()", "await m.lock_async() or async with m"),
     ("mutex.py", "Mutex.acquire"): ("Mutex.acquire()", "await m.acquire_async() or async with m"),
     ("mutex.py", "Mutex.__enter__"): ("'with' on a Mutex", "async with m"),
 }

@@ -15,14 +15,18 @@ Invariants of the handles (every backend):
 - A handle made by ``access`` calls the backend of the current process
   (``ctx.mutex``) at each call; one made by ``Domain.mutex`` calls its
   domain's backend.  Neither looks anything up beyond the backend's cache.
+- With the accelerator the hot methods (lock, unlock, acquire, release,
+  ``with``) run in C, through the name's core handle cached in the handle,
+  and fall back to the methods written here (``_handle.py``).
 """
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._context import ctx
+from ._handle import MutexBase, accelerate
 from .rpc.sync import MutexPlugin
 from .native.plugins import NativeMutexPlugin
 from .errors import NetplexError, check_name, check_timeout
@@ -31,29 +35,6 @@ __all__ = ["plugin", "native_plugin", "Mutex", "access", "destroy"]
 
 plugin = MutexPlugin()
 native_plugin = NativeMutexPlugin()
-
-
-class _PyMutexBase:
-    """lock() in Python (the accelerator, _fast.MutexBase, is not built)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def lock(self, timeout: float | None = None) -> bool:
-        return bool(ctx.mutex.lock(self.name, timeout))
-
-
-if TYPE_CHECKING:
-    _MutexBase = _PyMutexBase
-else:
-    try:
-        from ._fast import MutexBase as _MutexBase, set_context as _set_context
-    except ImportError:
-        _MutexBase = _PyMutexBase
-    else:
-        _set_context(ctx)
 
 
 def _acquire_timeout(blocking: bool, timeout: float | None) -> float | None:
@@ -76,7 +57,7 @@ def _destroyed(name: str) -> NetplexError:
                         f"the body of the with statement did not run")
 
 
-class Mutex(_MutexBase):
+class Mutex(MutexBase):
     """The mutex *name*.
 
     ``lock(timeout=None) -> bool`` waits until locked (True) or *timeout*
@@ -96,6 +77,10 @@ class Mutex(_MutexBase):
     def _backend(self) -> Any:
         return ctx.mutex
 
+    def lock(self, timeout: float | None = None) -> bool:
+        """Wait until locked (True), or *timeout* seconds (False)."""
+        return bool(self._backend.lock(self.name, timeout))
+
     async def lock_async(self, timeout: float | None = None) -> bool:
         """``lock`` for coroutines: waits without blocking the event loop."""
         return bool(await self._backend.lock_async(self.name, timeout))
@@ -104,9 +89,9 @@ class Mutex(_MutexBase):
         """Unlock.  NotHolderError (nothing changed) when this process does not
         hold it; ``force=True`` unlocks whoever holds it (a no-op when free)."""
         if force is False:
-            ctx.mutex.unlock(self.name)
+            self._backend.unlock(self.name)
         else:
-            ctx.mutex.unlock(self.name, force)
+            self._backend.unlock(self.name, force)
 
     @property
     def token(self) -> int | None:
@@ -154,28 +139,28 @@ class Mutex(_MutexBase):
     def __repr__(self) -> str:
         return f"<Mutex {self.name!r}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A copy (or an unpickled one) is a handle of the same name (and,
+        for a Domain's handle, of the same backend)."""
+        if self._be is None:
+            return (type(self), (self.name,))
+        return (type(self), (self.name, self._be))
+
 
 class BoundMutex(Mutex):
     """A Mutex whose backend is fixed (``Domain.mutex``), not the process's."""
 
-    __slots__ = ("_be",)
+    __slots__ = ()
 
     def __init__(self, name: str, backend: Any) -> None:
-        super().__init__(name)
-        self._be = backend
+        MutexBase.__init__(self, check_name(name), backend)
 
     @property
     def _backend(self) -> Any:
         return self._be
 
-    def lock(self, timeout: float | None = None) -> bool:
-        return bool(self._be.lock(self.name, timeout))
 
-    def unlock(self, force: bool = False) -> None:
-        if force is False:
-            self._be.unlock(self.name)
-        else:
-            self._be.unlock(self.name, force)
+accelerate(Mutex)
 
 
 def access(name: str) -> Mutex:

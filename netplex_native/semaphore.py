@@ -11,7 +11,10 @@ however it ends, and waiters are woken.
 ``access(name)`` returns a handle (``Semaphore``) with the same operations and
 the ``threading.Semaphore`` idiom; a handle made by ``access`` calls the
 backend of the current process at each call, one made by
-``Domain.semaphore`` its domain's backend.
+``Domain.semaphore`` its domain's backend.  With the accelerator, the
+handle's hot methods run in C and fall back to the methods written here
+(``_handle.py``); the module-level functions skip the lookups of the backend
+method (``_context.forward``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from ._context import ctx, forward
+from ._handle import SemaphoreBase, accelerate
 from .errors import check_int, check_name
 from .mutex import _acquire_timeout, _destroyed
 from .rpc.sync import SemaphorePlugin
@@ -70,17 +74,17 @@ def destroy(name: str) -> None:
     ctx.sem.destroy(name)
 
 
-class Semaphore:
+class Semaphore(SemaphoreBase):
     """The semaphore *name*: ``increment() -> int``, ``decrement(*, wait=False,
     timeout=None) -> int``, ``get() -> int``, ``await decrement_async(...)``;
     and the ``threading.Semaphore`` idiom: ``acquire(blocking=True,
     timeout=None) -> bool`` (None or -1: forever), ``release(n=1)``,
     ``with``, ``await acquire_async(...)``, ``async with``."""
 
-    __slots__ = ("name",)
+    __slots__ = ()
 
     def __init__(self, name: str) -> None:
-        self.name = check_name(name)
+        super().__init__(check_name(name))
 
     @property
     def _backend(self) -> Any:
@@ -140,19 +144,28 @@ class Semaphore:
     def __repr__(self) -> str:
         return f"<Semaphore {self.name!r}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A copy (or an unpickled one) is a handle of the same name (and,
+        for a Domain's handle, of the same backend)."""
+        if self._be is None:
+            return (type(self), (self.name,))
+        return (type(self), (self.name, self._be))
+
 
 class BoundSemaphore(Semaphore):
     """A Semaphore whose backend is fixed (``Domain.semaphore``)."""
 
-    __slots__ = ("_be",)
+    __slots__ = ()
 
     def __init__(self, name: str, backend: Any) -> None:
-        super().__init__(name)
-        self._be = backend
+        SemaphoreBase.__init__(self, check_name(name), backend)
 
     @property
     def _backend(self) -> Any:
         return self._be
+
+
+accelerate(Semaphore)
 
 
 def access(name: str) -> Semaphore:

@@ -127,8 +127,12 @@ class _NativeSem:
         self.increment = dom.sem_increment
         self.get = dom.sem_get
         self.destroy = dom.sem_destroy
+        #: The accelerator's Binder whose methods increment and decrement are
+        #: (csrc/fast.c, R2): public calls then go to it directly.
+        self._fast_binder = None
         if role == "container":
             self.decrement = dom.sem_decrement
+            self._fast_binder = dom._binder
 
     def create(self, name: str, initial: int, protected: bool) -> bool:
         return bool(self._dom.sem_create(name, initial, protected=protected))
@@ -160,8 +164,10 @@ class _NativeMutex:
         self.token = dom.mutex_token
         self.locked = dom.mutex_locked
         self.destroy = dom.mutex_destroy
+        self._fast_binder = None                # as _NativeSem's: lock and unlock
         if role == "container":
             self.lock = dom.mutex_lock
+            self._fast_binder = dom._binder
 
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)  # before the fast path takes the lock
