@@ -31,20 +31,25 @@
  *    "dead" when, in this order:
  *      (a) /proc/<pid>/stat: ours (start time), the leader PF_EXITING;
  *      (b) every thread listed in /proc/<pid>/task is PF_EXITING or gone
- *          (a thread is named by its tid and start time, as a process is);
- *      (c) /proc/<pid>/stat again (the file opened in (a): it names that
- *          very process): still there, num_threads = N, read at tN;
- *      (d) at least N of the threads seen in (b) are still there: they
- *          were attached at tN (a released thread never comes back).
- *    (c) showing N = 1 after (a) is enough by itself: the one thread
- *    attached at tN is the leader, seen exiting in (a).
+ *          (a thread is named by an open descriptor of its /proc directory,
+ *          bound to that task: a tid reused by a new thread, even within
+ *          the same clock tick, is not it);
+ *      (c) /proc/<pid>/stat again (the file opened in (a)): still there,
+ *          still PF_EXITING (a non-leader's exec hands the leader's pid to
+ *          the exec'ing thread, which is not exiting: then alive),
+ *          num_threads = N, read at tN;
+ *      (d) at least N of the threads seen in (b) are still there (read
+ *          through their descriptors): they were attached at tN (a
+ *          released thread never comes back).
+ *    (c) showing N = 1 is enough by itself: the one thread attached at tN
+ *    is the one the leader's pid names, seen exiting in (c) itself.
  *    Then the N threads attached at tN are all among those seen PF_EXITING
  *    before tN; none of them can return to user space or create a thread,
  *    so after tN the process never runs a user instruction again.  A listing
  *    cut short by a concurrent exit only makes (d) fail (we answer alive and
- *    look again).  Exec by another thread swaps the leader's pid, but then
- *    the image that registered is gone for good, which is what dead means
- *    here.  A core dump keeps its threads short of PF_EXITING until it is
+ *    look again).  Exec by another thread: that thread, not exiting, takes
+ *    the leader's pid, so (c) answers alive; a process that execs keeps
+ *    what it holds until it exits (X2 of tests/test_native_exiting.py).  A core dump keeps its threads short of PF_EXITING until it is
  *    written: alive until then.  Every step is a read; a failure to read is
  *    "not dead" (NP_ALIVE from this rule; the other rules still apply).
  *
@@ -124,37 +129,53 @@ static int open_stat(const char *path, int *why)
     return fd;
 }
 
-/* A thread of pid: /proc/<pid>/task/<tid>/stat into st, as pread_stat. */
-static int read_task_stat(pid_t pid, uint32_t tid, struct np_stat *st)
+/* Read the stat file of the task whose /proc directory is open on tfd. */
+static int read_pinned_stat(int tfd, struct np_stat *st)
 {
-    char path[80];
-    snprintf(path, sizeof path, "/proc/%d/task/%u/stat", (int)pid, tid);
-    int r, fd = open_stat(path, &r);
+    int fd = openat(tfd, "stat", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return r;
-    r = pread_stat(fd, st);
+        return errno == ENOENT || errno == ESRCH ? NP_DEAD : NP_UNKNOWN;
+    int r = pread_stat(fd, st);
     close(fd);
     return r;
 }
 
+/* The leader, re-read on `fd' (the stat file opened at (a)): NP_DEAD when
+ * gone, NP_ALIVE with *st when it is still ours and exiting, else NP_UNKNOWN.
+ * The file names the leader's pid, which a non-leader thread's exec takes
+ * over (the new image's thread, not exiting): hence the flag each time. */
+static int reread_leader(int fd, uint64_t start, struct np_stat *st)
+{
+    int r = pread_stat(fd, st);
+    if (r == NP_DEAD || (r == NP_ALIVE && st->start != start))
+        return NP_DEAD;
+    if (r != NP_ALIVE || !(st->flags & NP_PF_EXITING))
+        return NP_UNKNOWN;
+    return NP_ALIVE;
+}
+
 /* L1 (b)-(d), after (a) was seen on `fd' (/proc/<pid>/stat, still open: it
- * names that very process, whatever its pid becomes): 1 when every thread
- * of it is certainly past user code for good, 0 when that cannot be shown
- * now.  A thread is named by its tid and its start time (as a process is,
- * I4).  At most four descriptors are open at a time. */
+ * names that pid, whatever task holds it): 1 when every thread of the
+ * process is certainly past user code for good, 0 when that cannot be shown
+ * now.  A thread is named by an open descriptor of its /proc directory,
+ * which stays bound to that very task: a later thread given the same tid is
+ * another task (reads through the old descriptor fail), so a tid reused
+ * within one clock tick (a start time does not tell them apart) is not
+ * taken for a thread seen exiting.  One descriptor per thread while it
+ * runs: without descriptors (EMFILE) the answer is 0, never 1. */
 static int all_exiting(pid_t pid, uint64_t start, int fd)
 {
     char path[64], dbuf[2048];
-    struct { uint32_t tid; uint64_t start; } seen[NP_EXIT_THREADS];
+    int seen[NP_EXIT_THREADS];
     int nseen = 0, ok = 0;
     struct np_stat st;
-    int r = pread_stat(fd, &st);
-    if (r == NP_DEAD || (r == NP_ALIVE && st.start != start))
+    int r = reread_leader(fd, start, &st);
+    if (r == NP_DEAD)
         return 1;                                       /* gone meanwhile */
     if (r != NP_ALIVE)
         return 0;
     if (st.threads == 1)
-        return 1;       /* (b)-(d) with the leader alone: it was exiting at (a) */
+        return 1;       /* (b)-(d) with the leader alone, exiting now */
     snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
     int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0)
@@ -172,18 +193,24 @@ static int all_exiting(pid_t pid, uint64_t start, int fd)
                 continue;                               /* "." and ".." */
             if (nseen == NP_EXIT_THREADS)
                 goto out;                               /* too many to look at */
-            uint32_t tid = (uint32_t)strtoul(e->d_name, NULL, 10);
-            r = read_task_stat(pid, tid, &st);
-            if (r == NP_DEAD)
-                continue;                               /* released already */
+            int tfd = openat(dfd, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (tfd < 0) {
+                if (errno == ENOENT || errno == ESRCH)
+                    continue;                           /* released already */
+                goto out;                               /* EMFILE...: cannot tell */
+            }
+            r = read_pinned_stat(tfd, &st);
+            if (r == NP_DEAD) {
+                close(tfd);
+                continue;
+            }
+            seen[nseen++] = tfd;
             if (r != NP_ALIVE || !(st.flags & NP_PF_EXITING))
                 goto out;                               /* may still run */
-            seen[nseen].tid = tid;
-            seen[nseen++].start = st.start;
         }
     }
-    r = pread_stat(fd, &st);                            /* (c) */
-    if (r == NP_DEAD || (r == NP_ALIVE && st.start != start)) {
+    r = reread_leader(fd, start, &st);                  /* (c) */
+    if (r == NP_DEAD) {
         ok = 1;
         goto out;
     }
@@ -192,14 +219,16 @@ static int all_exiting(pid_t pid, uint64_t start, int fd)
     long attached = 0;                                  /* (d) */
     for (int i = 0; i < nseen; i++) {
         struct np_stat t;
-        r = read_task_stat(pid, seen[i].tid, &t);
-        if (r == NP_ALIVE && t.start == seen[i].start)
-            attached++;
-        else if (r != NP_DEAD && r != NP_ALIVE)
+        r = read_pinned_stat(seen[i], &t);
+        if (r == NP_ALIVE)
+            attached++;         /* the very task seen exiting: exiting for good */
+        else if (r != NP_DEAD)
             goto out;
     }
     ok = attached >= st.threads;
 out:
+    for (int i = 0; i < nseen; i++)
+        close(seen[i]);
     close(dfd);
     return ok;
 }

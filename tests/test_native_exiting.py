@@ -184,6 +184,60 @@ def test_a_death_word_fired_by_exec_hands_nothing_over(dom):
     dom.check()
 
 
+@pytest.mark.timeout(90)
+def test_a_waiter_queued_during_an_exec_from_a_busy_process_never_gets_the_mutex(dom):
+    """X2 while the exec happens: the holder has 200 idle threads and a
+    waiter is already queued (asleep on the holder's death word) when another
+    thread exec()s.  The kernel hands the leader's pid to the exec'ing thread
+    mid-way; a look that read the exiting leader before that swap and the
+    thread list after it must not conclude "dead" (L1 (c) re-reads the
+    leader's flag).  Found by an attack: the old rule handed the mutex over
+    25-28 ms after the exec in 7 of 30 rounds."""
+    rounds = 10
+    for rnd in range(rounds):
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+        os.set_inheritable(w, True)             # for the new image
+
+        def body():
+            dom.mutex_lock("m")
+            blk_r, _blk_w = os.pipe()
+            for _ in range(200):
+                threading.Thread(target=os.read, args=(blk_r, 1), daemon=True).start()
+            prog = "import os, time; os.write(%d, b'x'); time.sleep(60)" % w
+
+            def execer():
+                os.read(go_r, 1)
+                os.execv(sys.executable, [sys.executable, "-c", prog])
+            threading.Thread(target=execer).start()
+            os.write(w, b"r")
+            while True:
+                time.sleep(1)
+        holder = child(body)
+        try:
+            assert os.read(r, 1) == b"r"
+            start = _start_time(holder)
+            got = []
+            waiter = threading.Thread(target=lambda: got.append(dom.mutex_lock("m", 0.5)))
+            waiter.start()
+            until(lambda: mtx(dom, "m")["waiters"] == 1, what="the waiter queued")
+            time.sleep(0.02)                    # asleep on the holder's death word
+            os.write(go_w, b"g")
+            waiter.join(10)
+            assert os.read(r, 1) == b"x"        # the new image runs: same pid, same start
+            assert _start_time(holder) == start
+            assert got == [False], f"round {rnd}: a live process's mutex was handed over"
+            assert mtx(dom, "m")["owner_pid"] == holder
+        finally:
+            kill_and_reap(holder)
+            for fd in (r, w, go_r, go_w):
+                os.close(fd)
+        assert dom.recover(holder, timeout=5) >= 0
+        assert dom.mutex_lock("m", 5) is True
+        dom.mutex_unlock("m")
+    dom.check()
+
+
 RELAY_C = r"""
 #include <pthread.h>
 #include <unistd.h>
