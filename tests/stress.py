@@ -595,7 +595,14 @@ def main(argv=None) -> int:
     p.add_argument("--async-waiters", type=int, metavar="N", default=None,
                    help="instead of the kill storm: tests/test_async_waits.py's checks with N "
                         "coroutines in one container (10000 is the reference), on --backend")
+    p.add_argument("--tid-reuse", action="store_true",
+                   help="instead of the kill storm: tests/tid_reuse_check.py for --seconds (root, "
+                        "Linux >= 6.14: a live holder keeps its mutex while thread ids are "
+                        "reused within one clock tick)")
     a = p.parse_args(argv)
+    if a.tid_reuse:
+        import tid_reuse_check
+        return tid_reuse_check.main(a.seconds)
     if a.async_waiters is not None:
         import test_async_waits
         backends = ["rpc", "native"] if a.backend == "both" else [a.backend]
