@@ -266,10 +266,11 @@ def test_close_gives_back_what_the_process_held_even_when_its_thread_has_no_entr
 
 # ---- a second attack, on the fixes above ----
 
-def _orphan_on(dom, name, thread_exits=True):
+def _start_orphan(dom, name):
     """A thread of a child process gives up its wait on `name` behind a process stopped
     inside name's guard, and cannot leave the queue: its entry becomes an orphan.
-    Returns (child pid, the stopped process's pid, fd to let the child end)."""
+    Returns at once, the thread still waiting out its 1 s: (child pid, the stopped
+    process's pid, fd to let the child end, fd that says 'o' once it gave up)."""
     r, w = os.pipe()
     end_r, end_w = os.pipe()
 
@@ -287,9 +288,19 @@ def _orphan_on(dom, name, thread_exits=True):
         os.write(w, b"o")
         os.read(end_r, 1)
     pid = child(body)
+    os.close(w)
+    os.close(end_r)
     assert os.read(r, 1) == b"q"
     stopped = _stop_inside_guard_of(dom, name)
+    return pid, stopped, end_w, r
+
+
+def _orphan_on(dom, name):
+    """_start_orphan, and wait until the thread gave up: (child pid, the stopped
+    process's pid, fd to let the child end)."""
+    pid, stopped, end_w, r = _start_orphan(dom, name)
     assert os.read(r, 1) == b"o"
+    os.close(r)
     return pid, stopped, end_w
 
 
@@ -300,30 +311,49 @@ def _threads_of(dom, pid):
 @pytest.mark.timeout(120)
 def test_an_orphan_is_freed_even_when_its_purger_dies_at_any_point():
     """The process that removes an orphan from its queue is killed at each of its
-    crash points in turn; the orphan's entry is freed all the same (by recover)."""
-    for n in range(1, 40):
-        dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, actors=16)
+    crash points in turn; the orphan's entry is freed all the same (by recover).
+    Each crash point has a domain and an orphan of its own; the orphans of eight
+    points are made side by side, so that their threads wait out their 1 s
+    together, and the points are then taken in order."""
+    for first in range(1, 40, 8):
+        scenes = []                         # (n, dom, child, stopped, end_w, r)
+        live = set()                        # children not reaped yet
         try:
-            dom.sem_create("x", 0)
-            p, stopped, end_w = _orphan_on(dom, "x")
-            kill_and_reap(stopped)          # its guard is taken over by the purger
-            purger = child(lambda: (dom.register(), arm(n), dom.sem_decrement("x")))
-            st = reap(purger)
-            dom.recover(purger)
-            dom.recover(stopped)
-            assert dom.recover(p, timeout=5) == 0          # p is alive: only purged
-            until(lambda: _threads_of(dom, p) == [1], timeout=5,
-                  what=f"the orphan freed (purger killed at {n}): {_threads_of(dom, p)}")
-            assert sem(dom, "x")["waiters"] == 0
-            os.write(end_w, b"e")
-            assert exited_ok(reap(p))
-            dom.recover(p)
-            dom.check()
+            for n in range(first, min(first + 8, 40)):
+                dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, actors=16)
+                scenes.append((n, dom, None, None, None, None))
+                dom.sem_create("x", 0)
+                p, stopped, end_w, r = _start_orphan(dom, "x")
+                live |= {p, stopped}
+                scenes[-1] = (n, dom, p, stopped, end_w, r)
+            for n, dom, p, stopped, end_w, r in scenes:
+                assert os.read(r, 1) == b"o", n
+                kill_and_reap(stopped)      # its guard is taken over by the purger
+                live.discard(stopped)
+                purger = child(lambda: (dom.register(), arm(n), dom.sem_decrement("x")))
+                st = reap(purger)
+                dom.recover(purger)
+                dom.recover(stopped)
+                assert dom.recover(p, timeout=5) == 0          # p is alive: only purged
+                until(lambda: _threads_of(dom, p) == [1], timeout=5,
+                      what=f"the orphan freed (purger killed at {n}): {_threads_of(dom, p)}")
+                assert sem(dom, "x")["waiters"] == 0
+                os.write(end_w, b"e")
+                assert exited_ok(reap(p))
+                live.discard(p)
+                dom.recover(p)
+                dom.check()
+                if exited_ok(st):
+                    return
         finally:
-            dom.unlink()
-            dom.close()
-        if exited_ok(st):
-            return
+            for pid in live:
+                kill_and_reap(pid)
+            for n, dom, p, stopped, end_w, r in scenes:
+                for fd in (end_w, r):
+                    if fd is not None:
+                        os.close(fd)
+                dom.unlink()
+                dom.close()
     raise AssertionError("the purger still crashing after 40 points")
 
 
