@@ -64,6 +64,38 @@ def test_a_slot_taken_again_by_the_same_pid_is_not_claimed_on_an_old_judgement(d
     dom.check()
 
 
+def _pid_namespace(init):
+    """Fork a child that unshares a new pid namespace and runs init() in its
+    pid 1.  Returns (that child's pid, a function that kills the namespace:
+    pid 1 first, then the child)."""
+    r, w = os.pipe()
+
+    def outer():
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
+        pid = os.fork()                                              # pid 1 there
+        if pid == 0:
+            try:
+                init()
+            finally:
+                os._exit(0)
+        os.write(w, b"%d\n" % pid)        # its pid here
+        os.waitpid(pid, 0)
+    pid = child(outer)
+    os.close(w)
+
+    def end():
+        # killing pid 1 kills everything in its namespace (a process left
+        # stopped there would outlive the test, holding our pipes); it cannot
+        # have been reaped yet: its parent, the child, waits for it
+        first = os.read(r, 32)
+        os.close(r)
+        if first:
+            os.kill(int(first), signal.SIGKILL)
+        kill_and_reap(pid)
+    return pid, end
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(os.geteuid() != 0, reason="a new pid namespace needs root")
 def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead(dom):
@@ -71,24 +103,18 @@ def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead(dom):
     its mutex for as long as we wait."""
     r, w = os.pipe()
 
-    def in_new_namespace():
-        libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
-        pid = os.fork()                                              # pid 1 there
-        if pid == 0:
-            dom.mutex_lock("m")
-            os.write(w, b"r")
-            time.sleep(30)
-            os._exit(0)
-        os.waitpid(pid, 0)
-    outer = child(in_new_namespace)
-    os.read(r, 1)
+    def init():                             # pid 1 of the new namespace
+        dom.mutex_lock("m")
+        os.write(w, b"r")
+        time.sleep(30)
+    outer, end = _pid_namespace(init)
     try:
+        os.read(r, 1)
         assert mtx(dom, "m")["owner_pid"] == 1
         assert dom.mutex_lock("m", timeout=0.5) is False      # several liveness checks
         assert mtx(dom, "m")["locked"]
     finally:
-        kill_and_reap(outer)                                   # its child dies with it (pid 1)
+        end()
 
 
 def _stop_inside_guard_of(dom, name):
@@ -385,32 +411,26 @@ def test_a_registrant_from_another_pid_namespace_is_never_taken_for_dead(dom):
     means nothing here: recover(that pid) must not free the slot under it."""
     r, w = os.pipe()
 
-    def in_new_namespace():
-        libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
-        pid = os.fork()                     # pid 1 there: signals to itself are ignored
-        if pid == 0:
-            for _ in range(20):             # use up small pids
-                if os.fork() == 0:
-                    os._exit(0)
-                os.wait()
-            if os.fork() != 0:
-                os.wait()
+    def init():                             # pid 1 there: signals to itself are ignored
+        for _ in range(20):                 # use up small pids
+            if os.fork() == 0:
                 os._exit(0)
-            os.write(w, str(os.getpid()).encode())
-            os.environ["NETPLEX_CORE_TEST"] = "1"
-            arm(1, signal.SIGSTOP)          # the first crash point: slot REGISTERING
-            dom.register()
-            dom.mutex_lock("m")
-            time.sleep(30)
+            os.wait()
+        if os.fork() != 0:
+            os.wait()
             os._exit(0)
-        os.waitpid(pid, 0)
-    outer = child(in_new_namespace)
-    ns_pid = int(os.read(r, 16).decode())
+        os.write(w, str(os.getpid()).encode())
+        os.environ["NETPLEX_CORE_TEST"] = "1"
+        arm(1, signal.SIGSTOP)              # the first crash point: slot REGISTERING
+        dom.register()
+        dom.mutex_lock("m")
+        time.sleep(30)
+    outer, end = _pid_namespace(init)
     try:
+        ns_pid = int(os.read(r, 16).decode())
         until(lambda: [p["state"] for p in dom.processes() if p["pid"] == ns_pid]
               == ["registering"], what="registering")
         assert dom.recover(ns_pid, timeout=0.5) <= 0
         assert [p["state"] for p in dom.processes() if p["pid"] == ns_pid] == ["registering"]
     finally:
-        kill_and_reap(outer)
+        end()                               # the registrant, stopped, dies with pid 1
