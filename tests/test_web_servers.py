@@ -123,7 +123,7 @@ class Server:
                 http(self.port, "/info", timeout=2)
                 return
             except OSError:
-                time.sleep(0.2)
+                time.sleep(0.05)
         raise AssertionError(f"server not serving after {timeout}s:\n{self.text()}")
 
     def workers(self) -> set[int]:
