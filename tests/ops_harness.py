@@ -2,7 +2,6 @@
 (``Running``, the ``running`` fixture), the application it serves (``APP``)
 and config snippets (``service``, ``CONTROLLER``)."""
 
-import json
 import os
 import signal
 import socket
@@ -12,6 +11,7 @@ import sys
 import pytest
 
 from harness import request, wait_until
+from netplex_native import admin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "netplex_native"]
@@ -92,7 +92,14 @@ class Running:
         self.err = open(self.err_path, "w")
         self.p = subprocess.Popen(CLI + ["run", str(self.cfg), "--socket-dir", self.sock],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err)
-        assert wait_until(lambda: os.path.exists(os.path.join(self.sock, "admin.sock")), 15), self.log()
+        # the socket file appears at bind(), a moment before listen(): wait for an answer
+        assert wait_until(self._answers, 15), self.log()
+
+    def _answers(self) -> bool:
+        try:
+            return bool(admin.request(self.sock, {"cmd": "list"}, timeout=5).get("ok"))
+        except admin.AdminError:
+            return False
 
     def write(self, config_text, version=None):
         if version is not None:             # atomically: a reload may read it at any moment
@@ -111,9 +118,13 @@ class Running:
                               capture_output=True, text=True, timeout=timeout)
 
     def status(self) -> dict:
-        r = self.admin("--json", "list")
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        """The controller's ``list`` answer, read in this process: what
+        ``admin --json list`` prints (cli.py prints the answer as it comes;
+        test_cli.py runs that command itself), without starting an
+        interpreter for each of the many polls of a test."""
+        ans = admin.request(self.sock, {"cmd": "list"}, timeout=20)
+        assert ans.get("ok"), ans
+        return ans
 
     def services(self) -> dict:
         return {s["name"]: s for s in self.status()["services"]}

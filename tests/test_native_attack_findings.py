@@ -64,6 +64,38 @@ def test_a_slot_taken_again_by_the_same_pid_is_not_claimed_on_an_old_judgement(d
     dom.check()
 
 
+def _pid_namespace(init):
+    """Fork a child that unshares a new pid namespace and runs init() in its
+    pid 1.  Returns (that child's pid, a function that kills the namespace:
+    pid 1 first, then the child)."""
+    r, w = os.pipe()
+
+    def outer():
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
+        pid = os.fork()                                              # pid 1 there
+        if pid == 0:
+            try:
+                init()
+            finally:
+                os._exit(0)
+        os.write(w, b"%d\n" % pid)        # its pid here
+        os.waitpid(pid, 0)
+    pid = child(outer)
+    os.close(w)
+
+    def end():
+        # killing pid 1 kills everything in its namespace (a process left
+        # stopped there would outlive the test, holding our pipes); it cannot
+        # have been reaped yet: its parent, the child, waits for it
+        first = os.read(r, 32)
+        os.close(r)
+        if first:
+            os.kill(int(first), signal.SIGKILL)
+        kill_and_reap(pid)
+    return pid, end
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(os.geteuid() != 0, reason="a new pid namespace needs root")
 def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead(dom):
@@ -71,24 +103,18 @@ def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead(dom):
     its mutex for as long as we wait."""
     r, w = os.pipe()
 
-    def in_new_namespace():
-        libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
-        pid = os.fork()                                              # pid 1 there
-        if pid == 0:
-            dom.mutex_lock("m")
-            os.write(w, b"r")
-            time.sleep(30)
-            os._exit(0)
-        os.waitpid(pid, 0)
-    outer = child(in_new_namespace)
-    os.read(r, 1)
+    def init():                             # pid 1 of the new namespace
+        dom.mutex_lock("m")
+        os.write(w, b"r")
+        time.sleep(30)
+    outer, end = _pid_namespace(init)
     try:
+        os.read(r, 1)
         assert mtx(dom, "m")["owner_pid"] == 1
         assert dom.mutex_lock("m", timeout=0.5) is False      # several liveness checks
         assert mtx(dom, "m")["locked"]
     finally:
-        kill_and_reap(outer)                                   # its child dies with it (pid 1)
+        end()
 
 
 def _stop_inside_guard_of(dom, name):
@@ -266,10 +292,11 @@ def test_close_gives_back_what_the_process_held_even_when_its_thread_has_no_entr
 
 # ---- a second attack, on the fixes above ----
 
-def _orphan_on(dom, name, thread_exits=True):
+def _start_orphan(dom, name):
     """A thread of a child process gives up its wait on `name` behind a process stopped
     inside name's guard, and cannot leave the queue: its entry becomes an orphan.
-    Returns (child pid, the stopped process's pid, fd to let the child end)."""
+    Returns at once, the thread still waiting out its 1 s: (child pid, the stopped
+    process's pid, fd to let the child end, fd that says 'o' once it gave up)."""
     r, w = os.pipe()
     end_r, end_w = os.pipe()
 
@@ -287,9 +314,19 @@ def _orphan_on(dom, name, thread_exits=True):
         os.write(w, b"o")
         os.read(end_r, 1)
     pid = child(body)
+    os.close(w)
+    os.close(end_r)
     assert os.read(r, 1) == b"q"
     stopped = _stop_inside_guard_of(dom, name)
+    return pid, stopped, end_w, r
+
+
+def _orphan_on(dom, name):
+    """_start_orphan, and wait until the thread gave up: (child pid, the stopped
+    process's pid, fd to let the child end)."""
+    pid, stopped, end_w, r = _start_orphan(dom, name)
     assert os.read(r, 1) == b"o"
+    os.close(r)
     return pid, stopped, end_w
 
 
@@ -300,30 +337,49 @@ def _threads_of(dom, pid):
 @pytest.mark.timeout(120)
 def test_an_orphan_is_freed_even_when_its_purger_dies_at_any_point():
     """The process that removes an orphan from its queue is killed at each of its
-    crash points in turn; the orphan's entry is freed all the same (by recover)."""
-    for n in range(1, 40):
-        dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, actors=16)
+    crash points in turn; the orphan's entry is freed all the same (by recover).
+    Each crash point has a domain and an orphan of its own; the orphans of eight
+    points are made side by side, so that their threads wait out their 1 s
+    together, and the points are then taken in order."""
+    for first in range(1, 40, 8):
+        scenes = []                         # (n, dom, child, stopped, end_w, r)
+        live = set()                        # children not reaped yet
         try:
-            dom.sem_create("x", 0)
-            p, stopped, end_w = _orphan_on(dom, "x")
-            kill_and_reap(stopped)          # its guard is taken over by the purger
-            purger = child(lambda: (dom.register(), arm(n), dom.sem_decrement("x")))
-            st = reap(purger)
-            dom.recover(purger)
-            dom.recover(stopped)
-            assert dom.recover(p, timeout=5) == 0          # p is alive: only purged
-            until(lambda: _threads_of(dom, p) == [1], timeout=5,
-                  what=f"the orphan freed (purger killed at {n}): {_threads_of(dom, p)}")
-            assert sem(dom, "x")["waiters"] == 0
-            os.write(end_w, b"e")
-            assert exited_ok(reap(p))
-            dom.recover(p)
-            dom.check()
+            for n in range(first, min(first + 8, 40)):
+                dom = _native.Domain.create(semaphores=4, mutexes=4, processes=8, actors=16)
+                scenes.append((n, dom, None, None, None, None))
+                dom.sem_create("x", 0)
+                p, stopped, end_w, r = _start_orphan(dom, "x")
+                live |= {p, stopped}
+                scenes[-1] = (n, dom, p, stopped, end_w, r)
+            for n, dom, p, stopped, end_w, r in scenes:
+                assert os.read(r, 1) == b"o", n
+                kill_and_reap(stopped)      # its guard is taken over by the purger
+                live.discard(stopped)
+                purger = child(lambda: (dom.register(), arm(n), dom.sem_decrement("x")))
+                st = reap(purger)
+                dom.recover(purger)
+                dom.recover(stopped)
+                assert dom.recover(p, timeout=5) == 0          # p is alive: only purged
+                until(lambda: _threads_of(dom, p) == [1], timeout=5,
+                      what=f"the orphan freed (purger killed at {n}): {_threads_of(dom, p)}")
+                assert sem(dom, "x")["waiters"] == 0
+                os.write(end_w, b"e")
+                assert exited_ok(reap(p))
+                live.discard(p)
+                dom.recover(p)
+                dom.check()
+                if exited_ok(st):
+                    return
         finally:
-            dom.unlink()
-            dom.close()
-        if exited_ok(st):
-            return
+            for pid in live:
+                kill_and_reap(pid)
+            for n, dom, p, stopped, end_w, r in scenes:
+                for fd in (end_w, r):
+                    if fd is not None:
+                        os.close(fd)
+                dom.unlink()
+                dom.close()
     raise AssertionError("the purger still crashing after 40 points")
 
 
@@ -355,32 +411,26 @@ def test_a_registrant_from_another_pid_namespace_is_never_taken_for_dead(dom):
     means nothing here: recover(that pid) must not free the slot under it."""
     r, w = os.pipe()
 
-    def in_new_namespace():
-        libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.unshare(0x20000000) == 0, ctypes.get_errno()     # CLONE_NEWPID
-        pid = os.fork()                     # pid 1 there: signals to itself are ignored
-        if pid == 0:
-            for _ in range(20):             # use up small pids
-                if os.fork() == 0:
-                    os._exit(0)
-                os.wait()
-            if os.fork() != 0:
-                os.wait()
+    def init():                             # pid 1 there: signals to itself are ignored
+        for _ in range(20):                 # use up small pids
+            if os.fork() == 0:
                 os._exit(0)
-            os.write(w, str(os.getpid()).encode())
-            os.environ["NETPLEX_CORE_TEST"] = "1"
-            arm(1, signal.SIGSTOP)          # the first crash point: slot REGISTERING
-            dom.register()
-            dom.mutex_lock("m")
-            time.sleep(30)
+            os.wait()
+        if os.fork() != 0:
+            os.wait()
             os._exit(0)
-        os.waitpid(pid, 0)
-    outer = child(in_new_namespace)
-    ns_pid = int(os.read(r, 16).decode())
+        os.write(w, str(os.getpid()).encode())
+        os.environ["NETPLEX_CORE_TEST"] = "1"
+        arm(1, signal.SIGSTOP)              # the first crash point: slot REGISTERING
+        dom.register()
+        dom.mutex_lock("m")
+        time.sleep(30)
+    outer, end = _pid_namespace(init)
     try:
+        ns_pid = int(os.read(r, 16).decode())
         until(lambda: [p["state"] for p in dom.processes() if p["pid"] == ns_pid]
               == ["registering"], what="registering")
         assert dom.recover(ns_pid, timeout=0.5) <= 0
         assert [p["state"] for p in dom.processes() if p["pid"] == ns_pid] == ["registering"]
     finally:
-        kill_and_reap(outer)
+        end()                               # the registrant, stopped, dies with pid 1

@@ -510,6 +510,21 @@ def test_bench_from_an_installed_package_says_what_to_do(tmp_path):
            "from the top directory of a netplex_native source checkout" in r.stderr
 
 
+def _holds_listening_socket(pid: int, port: int) -> bool:
+    """Has process *pid* a descriptor of the socket listening on 127.0.0.1:*port*?"""
+    with open("/proc/net/tcp") as f:
+        inodes = {line.split()[9] for line in list(f)[1:]
+                  if line.split()[1] == f"0100007F:{port:04X}" and line.split()[3] == "0A"}
+    assert inodes, f"nothing listens on port {port}"
+    links = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:       # closed meanwhile
+            pass
+    return any(f"socket:[{i}]" in links for i in inodes)
+
+
 @pytest.mark.timeout(60)
 def test_reload_lets_an_old_container_finish_the_connection_it_serves(running):
     pa = free_port()
@@ -530,7 +545,14 @@ def test_reload_lets_an_old_container_finish_the_connection_it_serves(running):
         assert wait_until(replaced, 15), r.log()
         assert old in r.pids("a", include_retiring=True) and old not in r.pids("a")
         assert pid_alive(old), r.log()     # retiring, still serving the held connection
-        assert answer(pa).split()[1] != str(old)   # new connections go to the new container
+        # Admin shows the old one retiring from the start of the reload; the
+        # controller asks it to stop accepting once the new one is ready (its
+        # next look, within 0.1 s): then it closes its copy of the listening
+        # socket, and from then on new connections go to the new container.
+        assert wait_until(lambda: not _holds_listening_socket(old, pa), 10), r.log()
+        for _ in range(5):
+            assert answer(pa).split()[1] != str(old)
+        assert pid_alive(old), r.log()
     finally:
         f.close()
         held.close()

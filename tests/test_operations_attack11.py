@@ -264,7 +264,9 @@ def test_sigterm_ends_a_container_blocked_in_a_synchronous_call_at_once(running)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_with_a_handler_in_a_synchronous_call_ends_it_by_sigterm_at_once(running, sig):
     pa = free_port()
-    r = running(CONTROLLER + service("a", pa, 1))
+    # a short shutdown_timeout: the same steps, each shorter (the blocked container
+    # answers none of them, so a stop by SIGTERM waits them all out)
+    r = running(CONTROLLER.replace("shutdown_timeout = 2.0", "shutdown_timeout = 0.5") + service("a", pa, 1))
     assert wait_until(lambda: r.ready("a", 1), 15), r.log()
     write_module(r, SLEEPER, version="v1")
     assert r.admin("reload").returncode == 0
@@ -279,8 +281,9 @@ def test_a_stop_with_a_handler_in_a_synchronous_call_ends_it_by_sigterm_at_once(
     finally:
         s.close()
     log = r.log()
-    # README: SIGINT: at most 0.5 s + 1 s, SIGTERM: 2 s + shutdown_timeout + 1 s, then
-    # SIGTERM, which ends it at once (not the hard alarm 1.5 s later)
+    # README: SIGINT: at most 0.5 s + 1 s, SIGTERM: 2 s + shutdown_timeout + 1 s (each
+    # step at most shutdown_timeout), then SIGTERM, which ends it at once (not the
+    # hard alarm 1.5 s later)
     assert f"container a.2 (pid {pid}) did not finish; sending SIGTERM" in log, log
     assert f"(pid {pid}) killed by signal {int(signal.SIGTERM)}" in log, log
     assert "SIGKILL" not in log, log

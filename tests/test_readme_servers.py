@@ -71,7 +71,7 @@ def _serve(tmp_path, cmd: list[str], port: int) -> subprocess.Popen:
             _get(port)
             return p
         except OSError:
-            time.sleep(0.2)
+            time.sleep(0.05)
     p.kill()
     raise AssertionError("not serving: " + (tmp_path / "server.log").read_text())
 

@@ -123,7 +123,7 @@ class Server:
                 http(self.port, "/info", timeout=2)
                 return
             except OSError:
-                time.sleep(0.2)
+                time.sleep(0.05)
         raise AssertionError(f"server not serving after {timeout}s:\n{self.text()}")
 
     def workers(self) -> set[int]:
@@ -201,18 +201,23 @@ def test_uvicorn_killed_workers_give_back_mutex_and_semaphore_and_term_unlinks(s
 
 def test_uvicorn_awaitable_waits_keep_the_worker_serving(server):
     """A request waiting for a held mutex does not block its worker's loop:
-    with one worker, other requests are answered meanwhile."""
+    with one worker, other requests are answered meanwhile, and the waiter is
+    granted the mutex when its holder releases it."""
     srv = server("uvicorn", workers=1)
     import threading
     assert http(srv.port, "/hold?name=w&timeout=5")["ok"] is True     # the only worker holds w
+    # not recursive: the holder's own second lock times out, nothing taken
+    assert http(srv.port, "/try?name=w&timeout=0.3")["ok"] is False
     res = {}
-    t = threading.Thread(target=lambda: res.update(http(srv.port, "/try?name=w&timeout=10")))
+    t = threading.Thread(target=lambda: res.update(http(srv.port, "/try?name=w&timeout=60")))
     t.start()
     time.sleep(0.3)
     assert http(srv.port, "/info", timeout=30)["segment"]
+    # the waiter ends only by the release below (or its 60 s timeout)
     assert t.is_alive(), "/info was answered only after the waiting request ended: the loop blocked"
+    assert http(srv.port, "/release?name=w")["ok"] is True
     t.join(30)
-    assert res["ok"] is False                   # not recursive: it timed out, nothing taken
+    assert res["ok"] is True, res               # the awaiting request got it once released
 
 
 @pytest.mark.parametrize("kind", ["gunicorn", "uvicorn"])

@@ -6,6 +6,7 @@ the same routes, each answering JSON with the worker's pid:
   /info                      the segment's name
   /hold?name=M&timeout=T     lock M and keep it (the worker holds it until it dies)
   /try?name=M&timeout=T      lock M, read its token, unlock
+  /release?name=M            unlock M (held by this worker)
   /take?name=S&timeout=T     take a unit of the protected semaphore S (2 units) and keep it
   /get?name=S                the value of S
 """
@@ -29,6 +30,9 @@ def _route(d, path: str, q: dict) -> dict:
         out["token"] = m.token
         if out["ok"] and path == "/try":
             m.release()
+    elif path == "/release":
+        d.mutex(name).release()
+        out["ok"] = True
     elif path == "/take":
         out["ok"] = d.semaphore(name, 2).acquire(timeout=timeout)
     elif path == "/get":
