@@ -18,17 +18,22 @@ class's hot methods (increment, decrement, lock, unlock, acquire, release,
   a by-name call does.  So behaviour is the Python methods', in every
   process, across fork, close and re-creation.
 - The C methods find the backend as ``Semaphore._backend`` and
-  ``BoundSemaphore._backend`` do (``_be``, else the process's); a subclass
-  that changes ``_backend`` must override the hot methods too.
+  ``BoundSemaphore._backend`` do (``_be``, else the process's).
+- A subclass (other than ours) that overrides a hot method, ``name`` or
+  ``_backend`` gets the Python methods back for every hot method it does not
+  override itself (:func:`keep_python_semantics`): its overrides then run
+  exactly as they would without the accelerator (``with`` calls its
+  ``lock``, its ``name`` property names the object, ...).
 Without the accelerator, :class:`PyHandleBase` holds the same state and
 :func:`accelerate` does nothing.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["PyHandleBase", "SemaphoreBase", "MutexBase", "accelerate"]
+__all__ = ["PyHandleBase", "SemaphoreBase", "MutexBase", "accelerate", "hot_methods",
+           "keep_python_semantics", "copy_handle"]
 
 
 class PyHandleBase:
@@ -43,6 +48,42 @@ class PyHandleBase:
 
 def _no_accelerator(cls: type) -> None:
     """Without the accelerator the class's methods are used as they are."""
+
+
+HOT = {"Semaphore": ("increment", "decrement", "acquire", "release", "__enter__", "__exit__"),
+       "Mutex": ("lock", "unlock", "acquire", "release", "__enter__", "__exit__")}
+
+
+def hot_methods(cls: type) -> dict[str, Any]:
+    """The Python hot methods of cls (Semaphore or Mutex), before accelerate()."""
+    return {n: cls.__dict__[n] for n in HOT[cls.__name__]}
+
+
+def keep_python_semantics(cls: type, methods: dict[str, Any]) -> None:
+    """cls, a user's subclass: if it overrides a hot method, ``name`` or
+    ``_backend``, its inherited hot methods become the Python ones."""
+    if any(n in cls.__dict__ for n in (*methods, "name", "_backend")):
+        for n, fn in methods.items():
+            if n not in cls.__dict__:
+                setattr(cls, n, fn)
+
+
+_H = TypeVar("_H", bound=PyHandleBase)
+
+
+def copy_handle(h: _H) -> _H:
+    """copy.copy / copy.deepcopy of a handle: a handle of the same name (and,
+    for a Domain's handle, of the same Domain; a Domain is not copied)."""
+    return type(h)(h.name) if h._be is None else type(h)(h.name, h._be)
+
+
+def reduce_handle(h: Any) -> tuple[Any, ...]:
+    """pickle: a handle of the process's backend is its name; a Domain's
+    handle is bound to this process's Domain and cannot travel."""
+    if h._be is not None:
+        raise TypeError(f"{h!r} belongs to a Domain of this process and cannot be pickled; "
+                        f"pickle its name, or a semaphore.access / mutex.access handle")
+    return (type(h), (h.name,))
 
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ from types import TracebackType
 from typing import Any
 
 from ._context import ctx
-from ._handle import MutexBase, accelerate
+from ._handle import (MutexBase, accelerate, copy_handle, hot_methods, keep_python_semantics,
+                      reduce_handle)
 from .rpc.sync import MutexPlugin
 from .native.plugins import NativeMutexPlugin
 from .errors import NetplexError, check_name, check_timeout
@@ -140,14 +141,26 @@ class Mutex(MutexBase):
         return f"<Mutex {self.name!r}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """A copy (or an unpickled one) is a handle of the same name (and,
-        for a Domain's handle, of the same backend)."""
-        if self._be is None:
-            return (type(self), (self.name,))
-        return (type(self), (self.name, self._be))
+        """An unpickled handle is a handle of the same name (a Domain's
+        handle cannot be pickled: TypeError)."""
+        return reduce_handle(self)
+
+    def __copy__(self) -> "Mutex":
+        """A handle of the same name (and, for a Domain's, the same Domain)."""
+        return copy_handle(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Mutex":
+        return copy_handle(self)
+
+    def __init_subclass__(cls, _ours: bool = False, **kw: Any) -> None:
+        """A user's subclass overriding a hot method, name or _backend keeps
+        the Python methods' semantics (_handle.py)."""
+        super().__init_subclass__(**kw)
+        if not _ours:
+            keep_python_semantics(cls, _PY_HOT)
 
 
-class BoundMutex(Mutex):
+class BoundMutex(Mutex, _ours=True):
     """A Mutex whose backend is fixed (``Domain.mutex``), not the process's."""
 
     __slots__ = ()
@@ -160,6 +173,7 @@ class BoundMutex(Mutex):
         return self._be
 
 
+_PY_HOT = hot_methods(Mutex)
 accelerate(Mutex)
 
 

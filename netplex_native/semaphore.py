@@ -23,7 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from ._context import ctx, forward
-from ._handle import SemaphoreBase, accelerate
+from ._handle import (SemaphoreBase, accelerate, copy_handle, hot_methods, keep_python_semantics,
+                      reduce_handle)
 from .errors import check_int, check_name
 from .mutex import _acquire_timeout, _destroyed
 from .rpc.sync import SemaphorePlugin
@@ -145,14 +146,26 @@ class Semaphore(SemaphoreBase):
         return f"<Semaphore {self.name!r}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """A copy (or an unpickled one) is a handle of the same name (and,
-        for a Domain's handle, of the same backend)."""
-        if self._be is None:
-            return (type(self), (self.name,))
-        return (type(self), (self.name, self._be))
+        """An unpickled handle is a handle of the same name (a Domain's
+        handle cannot be pickled: TypeError)."""
+        return reduce_handle(self)
+
+    def __copy__(self) -> "Semaphore":
+        """A handle of the same name (and, for a Domain's, the same Domain)."""
+        return copy_handle(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Semaphore":
+        return copy_handle(self)
+
+    def __init_subclass__(cls, _ours: bool = False, **kw: Any) -> None:
+        """A user's subclass overriding a hot method, name or _backend keeps
+        the Python methods' semantics (_handle.py)."""
+        super().__init_subclass__(**kw)
+        if not _ours:
+            keep_python_semantics(cls, _PY_HOT)
 
 
-class BoundSemaphore(Semaphore):
+class BoundSemaphore(Semaphore, _ours=True):
     """A Semaphore whose backend is fixed (``Domain.semaphore``)."""
 
     __slots__ = ()
@@ -165,6 +178,7 @@ class BoundSemaphore(Semaphore):
         return self._be
 
 
+_PY_HOT = hot_methods(Semaphore)
 accelerate(Semaphore)
 
 

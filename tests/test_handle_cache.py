@@ -429,6 +429,65 @@ def test_copies_of_handles_name_the_same_object(world):
     m.unlock()
     d = world.pub.semaphore("x")
     assert copy.copy(d)._be is d._be and copy.copy(d).increment() == 1
+    # a Domain's handle: deepcopy shares the Domain (found by an attack: it
+    # tried to copy the Domain); pickling it is refused, clearly
+    dm = world.pub.mutex("m")
+    assert copy.deepcopy(d)._be is d._be and copy.deepcopy(dm)._be is dm._be
+    for bound in (d, dm):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(bound)
+
+
+def test_a_subclass_overriding_a_hot_method_or_name_behaves_as_without_the_accelerator(world):
+    """Found by an attack: the C methods skipped a subclass's overrides (its
+    lock() under `with`, its acquire() under `with s`) and read the base's
+    name slot instead of the subclass's `name` property."""
+    calls = []
+
+    class LoggedMutex(mutex.Mutex):
+        def lock(self, timeout=None):
+            calls.append("lock")
+            return super().lock(timeout)
+
+        def unlock(self, force=False):
+            calls.append("unlock")
+            super().unlock(force)
+
+    class LoggedSem(semaphore.Semaphore):
+        def acquire(self, blocking=True, timeout=None):
+            calls.append("acquire")
+            return super().acquire(blocking, timeout)
+
+        def release(self, n=1):
+            calls.append("release")
+            super().release(n)
+
+    world.core.sem_create("s", 1)
+    m, s = LoggedMutex("m"), LoggedSem("s")
+    for _ in range(3):                          # the second round on is cached
+        del calls[:]
+        with m:
+            pass
+        assert m.acquire() is True
+        m.release()
+        with s:
+            pass
+        assert calls == ["lock", "unlock", "lock", "unlock", "acquire", "release"], calls
+
+    class Prefixed(semaphore.Semaphore):
+        @property                               # type: ignore[override]
+        def name(self):
+            return "app." + super().name
+
+        @name.setter
+        def name(self, v):
+            semaphore.Semaphore.name.__set__(self, v)   # type: ignore[attr-defined]
+
+    world.core.sem_create("raw", 10)
+    world.core.sem_create("app.raw", 100)
+    p = Prefixed("raw")
+    assert [p.decrement(), p.decrement(), p.increment()] == [99, 98, 99]
+    assert p.get() == 99 and world.core.sem_get("raw") == 10
 
 
 def test_waits_with_timeouts_through_cached_handles_end_as_by_name_waits_do(world):
