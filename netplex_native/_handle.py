@@ -30,10 +30,10 @@ Without the accelerator, :class:`PyHandleBase` holds the same state and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, cast
 
-__all__ = ["PyHandleBase", "SemaphoreBase", "MutexBase", "accelerate", "hot_methods",
-           "keep_python_semantics", "copy_handle"]
+__all__ = ["PyHandleBase", "SemaphoreBase", "MutexBase", "HandleRules", "accelerate",
+           "hot_methods", "keep_python_semantics"]
 
 
 class PyHandleBase:
@@ -68,22 +68,41 @@ def keep_python_semantics(cls: type, methods: dict[str, Any]) -> None:
                 setattr(cls, n, fn)
 
 
-_H = TypeVar("_H", bound=PyHandleBase)
+class HandleRules:
+    """Copying, pickling and subclassing, the same for Semaphore and Mutex
+    (mixed in beside their base; ``_py_hot``: the class's Python hot
+    methods, set by the class before accelerate())."""
 
+    __slots__ = ()
+    _py_hot: dict[str, Any] = {}
+    if TYPE_CHECKING:
+        name: str
+        _be: Any
 
-def copy_handle(h: _H) -> _H:
-    """copy.copy / copy.deepcopy of a handle: a handle of the same name (and,
-    for a Domain's handle, of the same Domain; a Domain is not copied)."""
-    return type(h)(h.name) if h._be is None else type(h)(h.name, h._be)
+    def __reduce__(self) -> tuple[Any, ...]:
+        """pickle: a handle of the process's backend is its name; a Domain's
+        handle is bound to this process's Domain and cannot travel."""
+        if self._be is not None:
+            raise TypeError(f"{self!r} belongs to a Domain of this process and cannot be "
+                            f"pickled; pickle its name, or a semaphore.access / mutex.access "
+                            f"handle")
+        return (type(self), (self.name,))
 
+    def __copy__(self) -> Self:
+        """A handle of the same name (and, for a Domain's handle, of the same
+        Domain; a Domain is not copied)."""
+        cls: Any = type(self)
+        return cast(Self, cls(self.name) if self._be is None else cls(self.name, self._be))
 
-def reduce_handle(h: Any) -> tuple[Any, ...]:
-    """pickle: a handle of the process's backend is its name; a Domain's
-    handle is bound to this process's Domain and cannot travel."""
-    if h._be is not None:
-        raise TypeError(f"{h!r} belongs to a Domain of this process and cannot be pickled; "
-                        f"pickle its name, or a semaphore.access / mutex.access handle")
-    return (type(h), (h.name,))
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self.__copy__()
+
+    def __init_subclass__(cls, _ours: bool = False, **kw: Any) -> None:
+        """A user's subclass overriding a hot method, name or _backend keeps
+        the Python methods' semantics (keep_python_semantics)."""
+        super().__init_subclass__(**kw)
+        if not _ours:
+            keep_python_semantics(cls, cls._py_hot)
 
 
 if TYPE_CHECKING:

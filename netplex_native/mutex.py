@@ -26,8 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from ._context import ctx
-from ._handle import (MutexBase, accelerate, copy_handle, hot_methods, keep_python_semantics,
-                      reduce_handle)
+from ._handle import MutexBase, HandleRules, accelerate, hot_methods
 from .rpc.sync import MutexPlugin
 from .native.plugins import NativeMutexPlugin
 from .errors import NetplexError, check_name, check_timeout
@@ -58,7 +57,7 @@ def _destroyed(name: str) -> NetplexError:
                         f"the body of the with statement did not run")
 
 
-class Mutex(MutexBase):
+class Mutex(MutexBase, HandleRules, _ours=True):
     """The mutex *name*.
 
     ``lock(timeout=None) -> bool`` waits until locked (True) or *timeout*
@@ -140,25 +139,6 @@ class Mutex(MutexBase):
     def __repr__(self) -> str:
         return f"<Mutex {self.name!r}>"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        """An unpickled handle is a handle of the same name (a Domain's
-        handle cannot be pickled: TypeError)."""
-        return reduce_handle(self)
-
-    def __copy__(self) -> "Mutex":
-        """A handle of the same name (and, for a Domain's, the same Domain)."""
-        return copy_handle(self)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "Mutex":
-        return copy_handle(self)
-
-    def __init_subclass__(cls, _ours: bool = False, **kw: Any) -> None:
-        """A user's subclass overriding a hot method, name or _backend keeps
-        the Python methods' semantics (_handle.py)."""
-        super().__init_subclass__(**kw)
-        if not _ours:
-            keep_python_semantics(cls, _PY_HOT)
-
 
 class BoundMutex(Mutex, _ours=True):
     """A Mutex whose backend is fixed (``Domain.mutex``), not the process's."""
@@ -173,7 +153,7 @@ class BoundMutex(Mutex, _ours=True):
         return self._be
 
 
-_PY_HOT = hot_methods(Mutex)
+Mutex._py_hot = hot_methods(Mutex)
 accelerate(Mutex)
 
 

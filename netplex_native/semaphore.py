@@ -23,8 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from ._context import ctx, forward
-from ._handle import (SemaphoreBase, accelerate, copy_handle, hot_methods, keep_python_semantics,
-                      reduce_handle)
+from ._handle import SemaphoreBase, HandleRules, accelerate, hot_methods
 from .errors import check_int, check_name
 from .mutex import _acquire_timeout, _destroyed
 from .rpc.sync import SemaphorePlugin
@@ -75,7 +74,7 @@ def destroy(name: str) -> None:
     ctx.sem.destroy(name)
 
 
-class Semaphore(SemaphoreBase):
+class Semaphore(SemaphoreBase, HandleRules, _ours=True):
     """The semaphore *name*: ``increment() -> int``, ``decrement(*, wait=False,
     timeout=None) -> int``, ``get() -> int``, ``await decrement_async(...)``;
     and the ``threading.Semaphore`` idiom: ``acquire(blocking=True,
@@ -145,25 +144,6 @@ class Semaphore(SemaphoreBase):
     def __repr__(self) -> str:
         return f"<Semaphore {self.name!r}>"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        """An unpickled handle is a handle of the same name (a Domain's
-        handle cannot be pickled: TypeError)."""
-        return reduce_handle(self)
-
-    def __copy__(self) -> "Semaphore":
-        """A handle of the same name (and, for a Domain's, the same Domain)."""
-        return copy_handle(self)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "Semaphore":
-        return copy_handle(self)
-
-    def __init_subclass__(cls, _ours: bool = False, **kw: Any) -> None:
-        """A user's subclass overriding a hot method, name or _backend keeps
-        the Python methods' semantics (_handle.py)."""
-        super().__init_subclass__(**kw)
-        if not _ours:
-            keep_python_semantics(cls, _PY_HOT)
-
 
 class BoundSemaphore(Semaphore, _ours=True):
     """A Semaphore whose backend is fixed (``Domain.semaphore``)."""
@@ -178,7 +158,7 @@ class BoundSemaphore(Semaphore, _ours=True):
         return self._be
 
 
-_PY_HOT = hot_methods(Semaphore)
+Semaphore._py_hot = hot_methods(Semaphore)
 accelerate(Semaphore)
 
 

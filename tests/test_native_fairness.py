@@ -31,6 +31,20 @@ def _wait_for(cond, what, timeout=10.0):
         time.sleep(0.005)
 
 
+def _clean_up(d, pids, r, w):
+    """Kill and reap what is left, close the pipe, remove the segment."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    os.close(r)
+    os.close(w)
+    d.unlink()
+    d.close()
+
+
 def _info(d):
     return d._core.mutexes()[0]
 
@@ -111,16 +125,7 @@ def test_a_starving_head_reserves_the_next_unit_only_once_it_has_run_and_been_re
         m.unlock()
         d._core.check()
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        os.close(r)
-        os.close(w)
-        d.unlink()
-        d.close()
+        _clean_up(d, pids, r, w)
 
 
 def test_no_waiter_starves_while_others_hammer_the_mutex():
@@ -166,13 +171,4 @@ def test_no_waiter_starves_while_others_hammer_the_mutex():
         pids = []
         d._core.check()
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        os.close(r)
-        os.close(w)
-        d.unlink()
-        d.close()
+        _clean_up(d, pids, r, w)
