@@ -49,6 +49,16 @@ static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t 
 }
 
 
+/* Watch o's value for a few microseconds (NP_SPIN_ITERS pauses), guard
+ * released: cheaper than a sleep and a wake-up when the holder is running.
+ * A semaphore's value is always current; a mutex spins here only as a
+ * queued head, when its fast path is closed and its value derived (F4). */
+static void spin_for_a_unit(const np_obj *o)
+{
+    for (int i = 0; i < NP_SPIN_ITERS && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
+        cpu_relax();
+}
+
 int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
 {
     uint32_t idx, ai, tag;
@@ -144,18 +154,14 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         if (!queued && !spun && o->rel_cpu != sched_getcpu()) {
             spun = 1;                   /* reads only: nothing to log */
             obj_unlock(d, o);
-            for (int i = 0; i < NP_SPIN_ITERS
-                     && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
-                cpu_relax();
+            spin_for_a_unit(o);
             continue;
         }
         int64_t now = np_now();
         if (queued && !rspun && np_head_refused(d, o, ai, now)) {
             rspun = 1;                  /* A2: reserved; the holder may be running */
             obj_unlock(d, o);
-            for (int i = 0; i < NP_SPIN_ITERS
-                     && __atomic_load_n(&o->value, __ATOMIC_RELAXED) <= 0; i++)
-                cpu_relax();
+            spin_for_a_unit(o);
             continue;
         }
         if (now >= deadline || closing(d)) {

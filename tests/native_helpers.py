@@ -52,6 +52,15 @@ def kill_and_reap(pid: int) -> None:
     reap(pid)
 
 
+def kill_if_alive(pid: int) -> None:
+    """Clean-up: SIGKILL and reap pid unless it is already gone and reaped."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def wait_stopped(pid: int, timeout: float = 10.0) -> None:
     """Until pid is in state T (stopped)."""
     end = time.monotonic() + timeout
@@ -82,6 +91,18 @@ def mtx(dom, name):
 
 def pids(dom) -> list[int]:
     return sorted(p["pid"] for p in dom.processes())
+
+
+def kill_soon(pid: int, delay: float = 0.02) -> int:
+    """A process that SIGKILLs pid after delay (a waiter is asleep by then)."""
+    k = os.fork()
+    if k == 0:
+        try:
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    return k
 
 
 def hold_until_killed(ready_w: int) -> None:

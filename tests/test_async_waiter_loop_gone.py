@@ -25,6 +25,8 @@ import pytest
 import netplex_native as netplex
 from netplex_native import Domain
 
+from native_helpers import kill_if_alive
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -134,11 +136,7 @@ def test_a_loop_that_is_not_running_keeps_its_place_and_takes_when_it_runs_again
         assert os.waitstatus_to_exitcode(st) == 0     # A's tasks got the lock and the unit
         assert s.get() == 0 and not m.locked()
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        kill_if_alive(pid)
         d.unlink()
         d.close()
 
@@ -217,10 +215,6 @@ def test_a_stopped_process_at_the_head_of_the_queue_keeps_its_place():
         assert m.lock(timeout=5)
         m.unlock()
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        kill_if_alive(pid)
         d.unlink()
         d.close()

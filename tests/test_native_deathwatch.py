@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from native_helpers import (arm, child, hold_until_killed, kill_and_reap, killed, mtx, pids,
-                            reap)
+from native_helpers import (arm, child, hold_until_killed, kill_and_reap, kill_soon, killed, mtx,
+                            pids, reap)
 
 SHORT = 0.09        # under one wait slice (NP_SLICE_NS = 100 ms)
 
@@ -28,18 +28,6 @@ def _holder(dom, name):
     return pid
 
 
-def _kill_soon(pid, delay=0.02):
-    """A process that SIGKILLs pid after delay (the waiter is asleep by then)."""
-    k = os.fork()
-    if k == 0:
-        try:
-            time.sleep(delay)
-            os.kill(pid, signal.SIGKILL)
-        finally:
-            os._exit(0)
-    return k
-
-
 @pytest.mark.timeout(60)
 def test_waiter_takes_a_killed_holders_mutex_within_one_slice_without_a_supervisor(dom):
     dom.mutex_lock("m")
@@ -47,7 +35,7 @@ def test_waiter_takes_a_killed_holders_mutex_within_one_slice_without_a_supervis
     for trial in range(3):
         t_before = mtx(dom, "m")["token"]
         holder = _holder(dom, "m")
-        k = _kill_soon(holder)
+        k = kill_soon(holder)
         try:
             got = dom.mutex_lock("m", SHORT)
         finally:
@@ -104,7 +92,7 @@ def test_a_child_forked_from_a_registered_process_is_watched_too(dom):
     dom.mutex_lock("x")                 # the parent is registered (and watched)
     dom.mutex_unlock("x")
     holder = _holder(dom, "m")          # forked from it
-    k = _kill_soon(holder)
+    k = kill_soon(holder)
     try:
         assert dom.mutex_lock("m", SHORT) is True
     finally:

@@ -30,8 +30,8 @@ import time
 
 import pytest
 
-from native_helpers import (child, hold_until_killed, kill_and_reap, killed, mtx, pids, reap,
-                            sem, until)
+from native_helpers import (child, hold_until_killed, kill_and_reap, kill_soon, killed, mtx, pids,
+                            reap, sem, until)
 from netplex_native.native import domain as _native
 
 BIG = 256 << 20         # a mapping whose teardown takes tens of ms
@@ -66,17 +66,6 @@ def _big_holder(dom, name):
     os.close(r)
     os.close(w)
     return pid
-
-
-def _kill_soon(pid, delay=0.02):
-    k = os.fork()
-    if k == 0:
-        try:
-            time.sleep(delay)
-            os.kill(pid, signal.SIGKILL)
-        finally:
-            os._exit(0)
-    return k
 
 
 @pytest.mark.timeout(120)
@@ -125,7 +114,7 @@ def test_a_waiter_takes_a_killed_holders_mutex_before_the_holder_has_exited(dom)
         t_before = mtx(dom, "m")["token"]
         holder = _big_holder(dom, "m")
         pidfd = os.pidfd_open(holder)
-        k = _kill_soon(holder)
+        k = kill_soon(holder)
         try:
             got = dom.mutex_lock("m", 10)
             early.append(got and not _exited(pidfd))
@@ -327,7 +316,7 @@ def test_a_dead_holders_async_records_are_recovered_by_the_waiter(dom, records):
     os.read(r, 1)
     until(lambda: sem(dom, "q")["waiters"] == records, timeout=30, what="records queued")
     assert [p["async_waiters"] for p in dom.processes() if p["pid"] == holder] == [records]
-    k = _kill_soon(holder)
+    k = kill_soon(holder)
     try:
         assert dom.mutex_lock("m", 10) is True
     finally:

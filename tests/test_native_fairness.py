@@ -21,24 +21,15 @@ import pytest
 
 from netplex_native import Domain
 
+from native_helpers import kill_if_alive, until
+
 pytestmark = pytest.mark.timeout(60)
-
-
-def _wait_for(cond, what, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, what
-        time.sleep(0.005)
 
 
 def _clean_up(d, pids, r, w):
     """Kill and reap what is left, close the pipe, remove the segment."""
     for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        kill_if_alive(pid)
     os.close(r)
     os.close(w)
     d.unlink()
@@ -81,11 +72,11 @@ def test_a_starving_head_reserves_the_next_unit_only_once_it_has_run_and_been_re
     try:
         assert m.lock(timeout=0)
         pids.append(_waiter(d, w, "head", how))
-        _wait_for(lambda: _info(d)["waiters"] == 1, "the head never queued")
+        until(lambda: _info(d)["waiters"] == 1, what="the head never queued")
         time.sleep(0.02)                        # queued for longer than the 1 ms bound
         os.kill(pids[0], signal.SIGSTOP)
         pids.append(_waiter(d, w, "behind", "thread"))
-        _wait_for(lambda: _info(d)["waiters"] == 2, "the second waiter never queued")
+        until(lambda: _info(d)["waiters"] == 2, what="the second waiter never queued")
 
         m.unlock()                              # wakes the head, which is stopped
         time.sleep(0.3)
@@ -97,7 +88,7 @@ def test_a_starving_head_reserves_the_next_unit_only_once_it_has_run_and_been_re
         assert m.lock(timeout=5) is True
 
         os.kill(pids[0], signal.SIGCONT)        # the head runs, finds m held: refused
-        _wait_for(lambda: _info(d)["reserved"], "the refused head reserved nothing")
+        until(lambda: _info(d)["reserved"], what="the refused head reserved nothing")
         m.unlock()
         # the next unit is the head's: a caller not queued does not get it
         # while the head has not had it (the head may also have taken it and
