@@ -21,6 +21,11 @@
  * short or unparsable read) is NP_UNKNOWN, which every caller treats as
  * alive: the work is retried later, never done on a live process's behalf.
  *
+ * L2 At its descriptor limit (EMFILE, ENFILE) a caller cannot open /proc
+ *    files; a process whose single remaining thread has no memory left is
+ *    then judged dead from path-based calls alone (dead_without_fd): a
+ *    zombie holder does not keep such a waiter waiting until it is reaped.
+ *
  * L1 "Exiting" (what lets a mutex waiter act about 1 ms before the kernel
  *    reports the exit, deathwatch.c): a SIGKILLed process tears down its
  *    memory (exit_mm, ~1 ms for a Python process) before it releases its
@@ -69,6 +74,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -233,6 +239,36 @@ out:
     return ok;
 }
 
+/* Threads of pid from /proc/<pid>/task's link count (2 + threads), or -1. */
+static long task_count(pid_t pid)
+{
+    char path[64];
+    struct stat sb;
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    return stat(path, &sb) == 0 && sb.st_nlink >= 2 ? (long)sb.st_nlink - 2 : -1;
+}
+
+/* L2: the process holding pid is dead, shown without a descriptor (for a
+ * caller at its descriptor limit, which cannot open /proc files): one thread
+ * only, whose memory is gone (/proc/<pid>/exe: ENOENT once the last
+ * thread has left its address space, exit_mm), and still one thread after.
+ * The one thread is the leader (it never leaves the group while others
+ * remain); it cannot run user code without memory, and any thread it made
+ * before losing it is either counted by the second look or has exited.
+ * A pid reused meanwhile by a new process (which has memory) answers alive;
+ * a reused pid that is itself dying means ours died first.  Anything else
+ * (EACCES, a read failing) is not "dead". */
+static int dead_without_fd(pid_t pid)
+{
+    char path[64], buf[8];
+    if (task_count(pid) != 1)
+        return 0;
+    snprintf(path, sizeof path, "/proc/%d/exe", (int)pid);
+    if (readlink(path, buf, sizeof buf) >= 0 || errno != ENOENT)
+        return 0;
+    return task_count(pid) == 1;
+}
+
 int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns)
 {
     char path[64];
@@ -246,8 +282,12 @@ int np_proc_state(int32_t pid, uint64_t start, uint64_t pidns)
         return NP_DEAD;                 /* no fd needed for the common case */
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     int r, fd = open_stat(path, &r);
-    if (fd < 0)
+    if (fd < 0) {
+        int e = errno;
+        if (r == NP_UNKNOWN && (e == EMFILE || e == ENFILE) && dead_without_fd(pid))
+            return NP_DEAD;             /* L2 */
         return r;
+    }
     r = pread_stat(fd, &st);
     if (r == NP_ALIVE) {
         if (start && st.start != start)

@@ -130,6 +130,61 @@ def test_3a_a_waiter_at_its_fd_limit_never_takes_a_live_holder_for_dead(dom):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("threads", [0, 100])
+def test_3c_a_waiter_at_its_fd_limit_takes_a_zombie_holders_mutex(dom, threads):
+    """Found by an attack: a waiter that cannot open /proc waited as long as a
+    SIGKILLed holder stayed unreaped.  L2 of csrc/liveness.c judges it dead
+    without a descriptor (one thread left, no memory)."""
+    r, w = os.pipe()
+
+    def body():
+        for _ in range(threads):
+            threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+        dom.mutex_lock("m")
+        hold_until_killed(w)
+    holder = child(body)
+    os.read(r, 1)
+    os.kill(holder, signal.SIGKILL)           # not reaped: a zombie until the end
+    until(lambda: _state(holder) == "Z" and _threads(holder) == 1, what="a zombie")
+
+    def waiter():
+        dom.register()
+        dom.mutex_trylock("other")           # name cached before the fds run out
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        fds = []
+        try:
+            while True:
+                fds.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass                             # EMFILE from here on
+        got = dom.mutex_lock("m", timeout=5)
+        if got:
+            dom.mutex_unlock("m")
+        for fd in fds:
+            os.close(fd)
+        os._exit(0 if got else 3)
+    try:
+        wpid = child(waiter)
+        assert exited_ok(reap(wpid)), "the waiter at its fd limit never got the zombie's mutex"
+        dom.recover(wpid)
+    finally:
+        reap(holder)
+    dom.recover(holder)
+    dom.check()
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _threads(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[17])
+
+
+@pytest.mark.timeout(30)
 def test_3b_a_zombie_thread_group_leader_with_a_live_thread_is_alive(dom):
     """The holder's main thread calls pthread_exit (state Z) while another thread holds
     the mutex: nobody may take it until that thread unlocks."""
