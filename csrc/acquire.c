@@ -19,6 +19,17 @@
  *     is dead (recovering it if so: progress never depends on the supervisor
  *     alone).  NP_ETIMEDOUT leaves the queue, or marks the caller given up
  *     when the guard could not be had in time (Q3): nothing was taken.
+ *     Except (A3u) the head of a semaphore's queue without a deadline: no
+ *     process is ahead of it (the slice's check has nothing to look at: the
+ *     next unit is its own, and the increment that makes it wakes it), so it
+ *     sleeps without a timeout, as sem_wait does (a timed sleep arms a
+ *     kernel timer: ~15 % of a hand-off on one CPU).  What else ends a
+ *     slice wakes it instead: a signal (NP_EINTR at once, still queued, so
+ *     Python runs its handlers), np_domain_close (every sleeper of the
+ *     process), np_interrupt_waits (a supervisor stopping the process: from
+ *     then on its waits are sliced again, so its Python code keeps seeing
+ *     interrupt_check).  A mutex keeps its slices (its holder may die:
+ *     A6's death word is a hint, the slice its fallback).
  *  A5 A mutex grant bumps its fencing token in the grant's transaction
  *     (T1): a death at any point either grants with a new token or not at
  *     all, so no token is handed out twice.
@@ -35,6 +46,7 @@
 #define _GNU_SOURCE
 #include "core_internal.h"
 
+#include <errno.h>
 #include <sched.h>
 
 static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t *procs, int n,
@@ -133,10 +145,13 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         }
         int64_t v = o->value;
         int entitled;
-        if (likely(!queued))
+        uint32_t pos = 0;
+        if (likely(!queued)) {
             entitled = v > 0 && np_newcomer_may_take(d, o);
-        else
-            entitled = v > (int64_t)np_q_pos(d, o, ai);
+        } else {
+            pos = np_q_pos(d, o, ai);
+            entitled = v > (int64_t)pos;
+        }
         if (likely(entitled)) {
             tx_begin(a, idx, 0);
             tx_grant(d, a, o, idx, kind, v);
@@ -198,10 +213,15 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             return NP_EINTR;
         }
         if (!queued) {
+            pos = o->qlen;              /* appended at the tail */
             tx_begin(a, idx, 0);
             np_tx_q_append(d, a, ai, o, idx, now);
             tx_commit(d, a);
         }
+        /* A3u: the first waiter of a semaphore, no deadline, not interrupted */
+        np_proc *mine = &d->procs[d->my_proc - 1];
+        int untimed = kind == NP_KIND_SEM && deadline == NP_FOREVER && pos == 0
+                      && !__atomic_load_n(&mine->interrupted, __ATOMIC_SEQ_CST);
         /* A6: a mutex held by another process: sleep on its death word too. */
         uint32_t holder = 0;
         uint64_t hw = 0;
@@ -212,24 +232,57 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         }
         /* acquire: read under the guard, so any later post changes it. */
         uint32_t w = __atomic_load_n(&a->wake, __ATOMIC_ACQUIRE);
+        uint32_t epoch = __atomic_load_n(&d->h->rec_epoch, __ATOMIC_SEQ_CST);     /* Q6 */
         obj_unlock(d, o);
         CRASHPOINT();
         int64_t until = deadline < slice_end ? deadline : slice_end;
         int died = 0;
-        /* seq_cst: pairs with np_wake_actors (Q4). */
-        __atomic_store_n(&a->sleeping, 1, __ATOMIC_SEQ_CST);
+        /* seq_cst: pairs with np_wake_actors (Q4), np_interrupt_waits and
+         * np_wake_untimed (Q6): either they see our mark, or we see their
+         * change (of wake, interrupted, rec_epoch) and do not sleep so. */
+        __atomic_store_n(&a->sleeping, untimed ? NP_SLEEP_UNTIMED : 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&a->wake, __ATOMIC_SEQ_CST) == w && !closing(d)) {
-            if (holder)
+            if (holder) {
                 died = np_dw_sleep(d, &a->wake, w, until, holder - 1);
-            else
+            } else if (!untimed) {
                 np_futex_wait(&a->wake, w, until - now);
+            } else if (!__atomic_load_n(&mine->interrupted, __ATOMIC_SEQ_CST)
+                       && __atomic_load_n(&d->h->rec_epoch, __ATOMIC_SEQ_CST) == epoch) {
+                if (np_futex_wait(&a->wake, w, -1) == EINTR) {
+                    __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
+                    return NP_EINTR;    /* a signal: still queued */
+                }
+            }
         }
         __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
+        if (untimed && __atomic_load_n(&mine->interrupted, __ATOMIC_SEQ_CST))
+            return NP_EINTR;            /* still queued: Python looks (interrupt_check) */
         if (died) {
             death_checked = 1;          /* once per call: D1 of deathwatch.c */
             np_dw_dead(d, ai, tag, holder - 1, hw, until);
         }
     }
+}
+
+int64_t np_interrupt_waits(np_domain *d, int32_t pid)
+{
+    if (pid <= 0 || pid > (int32_t)NP_PID_MASK)
+        return NP_EINVAL;
+    NP_ENTER(d);
+    int64_t n = 0;
+    for (uint32_t p = 0; p < d->nproc; p++) {
+        np_proc *s = &d->procs[p];
+        uint64_t w = __atomic_load_n(&s->w, __ATOMIC_ACQUIRE);
+        /* ALIVE only: registration clears the mark before it is ALIVE, so
+         * a mark made meanwhile would be lost; 0 tells the caller to retry */
+        if (PW_PID(w) == pid && PW_STATE(w) == NP_PS_ALIVE) {
+            __atomic_store_n(&s->interrupted, 1, __ATOMIC_SEQ_CST);    /* A3u */
+            np_wake_slot_actors(d, p + 1);
+            n++;
+        }
+    }
+    NP_LEAVE(d);
+    return n;
 }
 
 int64_t np_sem_decrement(np_domain *d, uint64_t handle, int64_t deadline)

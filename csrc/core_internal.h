@@ -61,7 +61,7 @@
 #define NOINLINE    __attribute__((noinline))
 
 #define NP_MAGIC          0x314745534c504e4eULL   /* "NNPLSEG1" */
-#define NP_LAYOUT_VERSION 8u
+#define NP_LAYOUT_VERSION 9u
 
 /* ---- guard word (32 bits): 0 free, else an owner tag | NP_GUARD_WAITERS.
  * Owner tag = (actor index + 1) | (actor incarnation & 0x7ff) << 20. */
@@ -112,6 +112,7 @@
 #define NP_SPIN_ITERS     100
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
+#define NP_SLEEP_UNTIMED  2u              /* np_actor.sleeping: no timeout (Q6) */
 #define NP_RECLAIM_NS     1000000000LL    /* a full table's reclaim: at most 1 s */
 /* Internal deadline of a non-blocking acquire's guard wait: give up (EAGAIN)
  * after NP_GUARD_SLEEP_NS instead of waiting a slice: a guard is held for a
@@ -144,7 +145,8 @@ typedef struct {
     uint32_t free_head[2];
     uint32_t fresh[2];
     uint32_t name_hole;
-    uint32_t pad1;
+    uint32_t rec_epoch;         /* bumped by each recovery before it wakes the
+                                 * untimed sleepers (A3u of acquire.c, Q6) */
     uint64_t name_key[2];       /* N7: the name hash's key, random, set at creation */
 } np_hdr;
 
@@ -184,7 +186,8 @@ typedef struct {
     uint32_t bell_sleeping;     /* 1 while its helper thread may sleep on `bell' */
     uint32_t death;             /* death-watch word: watcher tid | FUTEX_WAITERS |
                                  * FUTEX_OWNER_DIED set by the kernel (deathwatch.c) */
-    uint32_t pad1;
+    uint32_t interrupted;       /* 1 once np_interrupt_waits named this registration:
+                                 * its waits sleep in slices (A3 of acquire.c) */
 } np_proc;
 
 typedef struct {
@@ -204,7 +207,8 @@ typedef struct {
     };
     int32_t  tid;
     uint32_t wake;              /* futex word this actor sleeps on */
-    uint32_t sleeping;          /* 1 while it may be in futex_wait on `wake' */
+    uint32_t sleeping;          /* while it may be in futex_wait on `wake': 1, or
+                                 * NP_SLEEP_UNTIMED without a timeout (A3u, Q6) */
     uint32_t cancel_pending;    /* 1: gave up a wait it could not leave (owner-written) */
     uint32_t orphan;            /* orphan_mark(inc): its thread left it in a queue (Q5); else 0 */
     uint32_t qnext;             /* next in the wait queue (actor + 1) */
@@ -283,8 +287,10 @@ extern __thread np_tcache np_tc[NP_TCACHE];
 
 /* ---- shared helpers ---- */
 int64_t np_now(void);
-int  np_futex_wait(uint32_t *w, uint32_t val, int64_t ns);
+int  np_futex_wait(uint32_t *w, uint32_t val, int64_t ns);   /* ns < 0: no timeout */
 void np_futex_wake(uint32_t *w, int n);
+void np_wake_slot_actors(np_domain *d, uint32_t slot1);
+void np_wake_untimed(np_domain *d, const uint32_t *listed, int n);
 
 static inline void cpu_relax(void)
 {

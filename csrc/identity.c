@@ -157,6 +157,7 @@ static int take_slot(np_domain *d, uint32_t p, uint64_t expect)
     __atomic_store_n(&s->start_time, np_my_start, __ATOMIC_RELAXED);
     __atomic_store_n(&s->pidns, np_my_pidns, __ATOMIC_RELAXED);
     __atomic_store_n(&s->death, 0, __ATOMIC_RELAXED);  /* D2 (deathwatch.c) */
+    __atomic_store_n(&s->interrupted, 0, __ATOMIC_RELAXED);    /* A3 (acquire.c) */
     CRASHPOINT();
     /* release: start_time and pidns are visible to whoever sees ALIVE.  A
      * REGISTERING slot is judged only within its namespace, and by its pid,

@@ -14,10 +14,13 @@
  *    (generation << 32) | index.  A handle of a destroyed object is stale
  *    (NP_ESTALE); look the name up again.
  *  - Deadlines are absolute CLOCK_MONOTONIC nanoseconds.  NP_NOWAIT means "do
- *    not wait", NP_FOREVER "no deadline".  A wait never sleeps longer than one
- *    slice (100 ms): it returns NP_EINTR with the caller still queued, so that
+ *    not wait", NP_FOREVER "no deadline".  A wait sleeps at most one slice
+ *    (100 ms) and returns NP_EINTR with the caller still queued, so that
  *    Python can run its signal handlers and call again; np_wait_cancel()
- *    leaves the queue.
+ *    leaves the queue.  One exception, the common one: the first waiter of a
+ *    semaphore without a deadline sleeps until it is woken -- by a unit, a
+ *    signal (NP_EINTR at once), np_interrupt_waits or np_domain_close -- as
+ *    sem_wait does (A3 of acquire.c).
  *  - The calling process and thread are registered implicitly on first use
  *    (and again after fork()); the creator of a domain is registered by
  *    np_domain_create, so that the supervisor never needs a free table entry
@@ -202,6 +205,13 @@ int64_t np_thread_detach(np_domain *d);
  * held by a stopped process, liveness that cannot be told now): call again
  * later; nothing is lost meanwhile. */
 int64_t np_recover(np_domain *d, int32_t pid, int64_t deadline);
+
+/* For a supervisor about to stop pid: from now on, the waits of that
+ * process (its current registration) sleep in slices again, and a wait
+ * asleep without one returns NP_EINTR, so its Python code can see that it
+ * should stop (the controller's interrupt_check).  Returns the number of
+ * process slots marked (0: pid is not registered, yet or any more). */
+int64_t np_interrupt_waits(np_domain *d, int32_t pid);
 
 /* The four uncontended operations and cancel without the in-flight count
  * that np_domain_close waits for: only for a caller that excludes a

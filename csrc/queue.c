@@ -26,6 +26,15 @@
  *  Q4 No lost wake-up: each actor sleeps on its own wake word, read under the
  *     guard before releasing it; a waker increments it, then checks whether
  *     the sleeper may be asleep (Dekker, seq_cst on both sides).
+ *  Q6 ... nor a lost one from a dead waker.  A waker wakes after its commit,
+ *     guard released; if it dies in between, the units are there but the
+ *     sleeper is not told.  A sliced sleeper finds them at the end of its
+ *     slice; an untimed one (A3u of acquire.c) is woken by the recovery of
+ *     the dead waker: every recovery bumps rec_epoch, then wakes each actor
+ *     asleep without a timeout (np_wake_untimed).  Dekker again: the sleeper
+ *     reads rec_epoch under the guard, marks itself NP_SLEEP_UNTIMED, then
+ *     re-reads it (seq_cst) and does not sleep untimed if it moved; so
+ *     either it sees the bump or the recovery's scan sees its mark.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -200,4 +209,33 @@ int np_q_leave(np_domain *d, np_actor *a, uint32_t xi, np_obj *o, uint32_t w, ui
         TX32(d, a, x->waiting_on, 0);   /* its object was destroyed */
     tx_commit(d, a);
     return o->used && o->value > 0 && o->qlen ? np_q_collect(d, o, who) : 0;
+}
+
+/* Wake every thread of process slot slot1 - 1 that may sleep (close,
+ * np_interrupt_waits): each sees its word change, as for a grant (Q4). */
+void np_wake_slot_actors(np_domain *d, uint32_t slot1)
+{
+    for (uint32_t x = 0; x <= d->nact; x++) {
+        np_actor *ax = &d->actors[x];
+        if (__atomic_load_n(&ax->proc, __ATOMIC_RELAXED) == slot1) {
+            __atomic_add_fetch(&ax->wake, 1, __ATOMIC_SEQ_CST);
+            np_futex_wake(&ax->wake, 1);
+        }
+    }
+}
+
+/* Q6: after rec_epoch was bumped, wake the actors asleep without a timeout:
+ * those of listed[0..n) (found by the caller's pass over the table), or,
+ * with listed NULL, every actor of the table. */
+void np_wake_untimed(np_domain *d, const uint32_t *listed, int n)
+{
+    uint32_t hi = listed ? (uint32_t)n : d->nact + 1;
+    for (uint32_t k = 0; k < hi; k++) {
+        np_actor *x = &d->actors[listed ? listed[k] : k];
+        if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) != NP_SLEEP_UNTIMED)
+            continue;
+        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
+            np_futex_wake(&x->wake, 1);
+    }
 }

@@ -63,29 +63,47 @@ static int64_t revert(int64_t value, int64_t delta)
  * process's slot and up to NP_REC_LIST actors; otherwise (our own slot, at
  * close: our other threads may still claim) each step scans the table. */
 #define NP_REC_LIST 256
+#define NP_REC_UNTIMED 64
 struct p_actors {
     int listed;
     uint32_t n;
     uint32_t x[NP_REC_LIST];
+    int nu;                             /* -1: too many, wake by a scan */
+    uint32_t u[NP_REC_UNTIMED];         /* actors asleep without a timeout (Q6) */
 };
 
+/* The same pass notes who sleeps without a timeout (Q6 of queue.c: the
+ * dead process may have owed it a wake-up); rec_epoch is bumped first. */
 static void list_actors(np_domain *d, uint32_t p, int dead, struct p_actors *l)
 {
     l->listed = 0;
     l->n = 0;
-    if (!dead || p + 1 == d->my_proc)
+    l->nu = -1;
+    if (!dead)
+        return;
+    __atomic_add_fetch(&d->h->rec_epoch, 1, __ATOMIC_SEQ_CST);
+    if (p + 1 == d->my_proc)
         return;
     uint32_t n = 0;
+    int nu = 0;
     for (uint32_t x = 0; x < d->nall; x++) {
         if (x + 8 < d->nall)
             __builtin_prefetch(&d->actors[x + 8].proc);
-        if (x == d->ractor || __atomic_load_n(&d->actors[x].proc, __ATOMIC_ACQUIRE) != p + 1)
+        np_actor *ax = &d->actors[x];
+        if (__atomic_load_n(&ax->sleeping, __ATOMIC_SEQ_CST) == NP_SLEEP_UNTIMED) {
+            if (nu == NP_REC_UNTIMED)
+                nu = -1;
+            else if (nu >= 0)
+                l->u[nu++] = x;
+        }
+        if (x == d->ractor || __atomic_load_n(&ax->proc, __ATOMIC_ACQUIRE) != p + 1)
             continue;
         if (n == NP_REC_LIST)
             return;
         l->x[n++] = x;
     }
     l->n = n;
+    l->nu = nu;
     l->listed = 1;
 }
 
@@ -202,6 +220,10 @@ static int recover_body(np_domain *d, uint32_t me, uint32_t tag, uint32_t p, int
         CRASHPOINT();
         np_wake_actors(d, who, n);
     }
+
+    /* (4b) Q6: wake whoever sleeps without a timeout, in case p owed it */
+    if (dead)
+        np_wake_untimed(d, pa.nu >= 0 ? pa.u : NULL, pa.nu);
 
     /* (5) free the actors (ours last when we leave our own slot); a purge
      * freeing an orphan of ours at the same time: one CAS wins (S2) */

@@ -273,13 +273,7 @@ void np_domain_close(np_domain *d)
     for (int round = 0; __atomic_load_n(&d->inside, __ATOMIC_SEQ_CST) > 0; round++) {
         /* wake this process's sleepers: they see `closing' and leave */
         if (d->my_epoch == np_fork_epoch && d->my_proc) {
-            for (uint32_t x = 0; x <= d->nact; x++) {
-                np_actor *ax = &d->actors[x];
-                if (__atomic_load_n(&ax->proc, __ATOMIC_RELAXED) == d->my_proc) {
-                    __atomic_add_fetch(&ax->wake, 1, __ATOMIC_SEQ_CST);
-                    np_futex_wake(&ax->wake, 1);
-                }
-            }
+            np_wake_slot_actors(d, d->my_proc);
             np_proc *s = &d->procs[d->my_proc - 1];   /* the async helper (np_aw_wait) */
             __atomic_add_fetch(&s->bell, 1, __ATOMIC_SEQ_CST);
             np_futex_wake(&s->bell, 1);

@@ -1093,6 +1093,7 @@ class Controller:
             return
         if rec.alive and rec.conn is not None:
             rec.conn.send(wire.encode(["ctl", "shutdown", self.shutdown_timeout]))
+            self._stopping(rec)
 
         def escalate(sig=signal.SIGTERM):
             rec.kill_handle = None
@@ -1751,6 +1752,12 @@ class Controller:
         for rec in self._records():
             if rec.alive and rec.conn is not None:
                 rec.conn.send(frame)
+                self._stopping(rec)
+
+    def _stopping(self, rec: _ContainerRecord) -> None:
+        """rec was just asked to stop: plugins wake its blocking waits."""
+        for plugin in self._plugins:
+            _safely(lambda: plugin.ctrl_container_stopping(self, rec), f"{plugin.name}: container_stopping")
 
     async def _wait_until(self, cond, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -32,6 +32,10 @@ class Plugin:
     def ctrl_receive_call(self, ctrl, container, proc: str, args: list, blob, reply) -> None:
         reply.error(ValueError(f"plugin {self.name} has no procedure {proc!r}"))
 
+    def ctrl_container_stopping(self, ctrl, container) -> None:
+        """The controller has just asked the container to stop (``system_shutdown``,
+        ``shutdown``): wake its blocking waits so that it sees the message."""
+
     def ctrl_container_reaped(self, ctrl, container) -> None:
         """The container's process is gone: give back what it held.
         Runs before ``post_finish_hook``."""

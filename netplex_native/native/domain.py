@@ -7,7 +7,9 @@ up again.  Every negative return code becomes an exception in :func:`_check`.
 
 Blocking waits call the C function repeatedly: it sleeps at most one 100 ms slice and
 returns ``NP_EINTR`` still queued, so Python signal handlers (Ctrl-C) run between
-slices.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue with
+slices.  The first waiter of a semaphore without a timeout sleeps until it is woken, as
+``sem_wait`` does; a signal wakes it at once (``NP_EINTR``), and a supervisor that stops
+the process calls ``interrupt_waits(pid)`` so that ``interrupt_check`` is asked.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue with
 ``np_wait_cancel``, so an interrupted wait leaves nothing behind.  Any call may also
 return ``NP_EINTR`` when an internal guard is held by a stopped process for a whole
 slice; every call site here calls again, so Ctrl-C works there too.
@@ -57,6 +59,9 @@ if _lib is not None:
     _NOWAIT = _lib.NP_NOWAIT
     _TRY = _lib.NP_TRY
     _FOREVER = _lib.NP_FOREVER
+    # No deadline, but back every slice: a wait with a ``cancel`` to poll (only
+    # NP_FOREVER itself lets a semaphore's first waiter sleep untimed, A3u).
+    _SLICED = _FOREVER - 1
     _EAGAIN = _lib.NP_EAGAIN
     _ETIMEDOUT = _lib.NP_ETIMEDOUT
     _EINTR = _lib.NP_EINTR
@@ -174,7 +179,8 @@ class Domain:
                        "waiters": c.waiters, "waiter_quota": min(c.waiter_quota or c.waiters, c.waiters)}
         self._sems: dict[str, int] = {}
         self._mtxs: dict[str, int] = {}
-        #: Called between wait slices (at most every 100 ms) in any waiting
+        #: Called between wait slices (at most every 100 ms, or when the
+        #: supervisor calls interrupt_waits for this process) in any waiting
         #: thread; True ends the wait as a timeout would.  A supervisor uses it
         #: to end waits at shutdown.
         self.interrupt_check = None
@@ -215,7 +221,7 @@ class Domain:
                         return rc
                     _block_hook(1)
                     try:
-                        rc = c_dec(d, h, forever)      # one slice, at most 100 ms
+                        rc = c_dec(d, h, forever)      # one slice (A3u: or until woken)
                         if rc >= 0:
                             return rc
                         if rc == edestroyed:
@@ -394,6 +400,15 @@ class Domain:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    def interrupt_waits(self, pid: int) -> int:
+        """A supervisor is about to stop *pid*: its waits sleep in slices from now
+        on, and one asleep without a timeout (the first waiter of a semaphore)
+        returns to Python, so that the process's ``interrupt_check`` is asked
+        again.  Returns the number of process slots marked; 0 when pid is not
+        registered (yet): call again later."""
+        pid = errors.check_int(pid, "pid", 1, 2**31 - 1)
+        return _check(_lib.np_interrupt_waits(self._dom(), pid), self)
+
     def cancel_waits(self) -> None:
         _check(_lib.np_wait_cancel(self._dom()), self)
 
@@ -460,6 +475,8 @@ class Domain:
         if anything (Ctrl-C, cancel) ends the wait early."""
         cache = self._sems if kind == _SEM else self._mtxs
         d = self._dom()
+        if cancel is not None and deadline == _FOREVER:
+            deadline = _SLICED
         try:
             while True:
                 try:

@@ -65,6 +65,23 @@ class NativeDomainPlugin(Plugin):
     def ctrl_container_reaped(self, ctrl, rec) -> None:
         self._recover(ctrl, rec.pid, 0.01)
 
+    def ctrl_container_stopping(self, ctrl, rec) -> None:
+        """A semaphore's first waiter sleeps without a timeout (A3u of
+        csrc/acquire.c): wake the container's waits so that its
+        interrupt_check sees the stop.  A container not registered yet in
+        the segment is marked when it is (tried again while it lives)."""
+        dom = ctrl.plugin_data(self)
+        loop = ctrl._loop
+        if dom is None or not rec.alive:
+            return
+        try:
+            marked = dom.interrupt_waits(rec.pid)
+        except Exception:
+            log.exception("interrupt_waits(%d) failed", rec.pid)
+            return
+        if not marked and loop is not None and not loop.is_closed():
+            loop.call_later(0.05, self.ctrl_container_stopping, ctrl, rec)
+
     def _recover(self, ctrl, pid: int, delay: float) -> None:
         dom = ctrl.plugin_data(self)
         if dom is None:
