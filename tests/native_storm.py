@@ -22,7 +22,14 @@ Checked exactly, from the record file and the segment:
   - no wait lasts longer than its timeout + 1 s (processes are also SIGSTOPped
     for up to 0.4 s at random moments, inside guards included);
   - once quiet and everyone recovered: every semaphore back at its initial value,
-    every mutex free, no queue, no process left, check() clean.
+    every mutex free, no queue, no process left, check() clean;
+  - no wake-up is lost: a sixth of the semaphore waits have no timeout (the
+    first waiter then sleeps without a timer, A3u of csrc/acquire.c, woken only
+    by the unit's increment or by the recovery of a waker that died owing it,
+    Q6 of csrc/queue.c).  At the end the chaos stops, the dead are recovered
+    and every worker is asked to finish (the `drain' semaphore): each thread
+    ends its current operation and every worker exits on its own, within
+    DRAIN_S; one that does not is a waiter never woken.
 
 Used by tests/test_native_storm.py (a few seeds, seconds each) and by
 ``python3 tests/stress.py --native-storm --seconds N`` (minutes)."""
@@ -43,6 +50,8 @@ ASYNC_TID = 1_000_000       # record ids of coroutines: ASYNC_TID + k
 
 SEMS = {"s0": 2, "s1": 1}
 MUTEXES = ["m0", "m1"]
+DRAIN = "drain"             # > 0: workers finish and exit (unprotected, not in SEMS)
+DRAIN_S = 30.0              # every worker exits on its own within this, once asked
 
 
 def _now() -> float:
@@ -77,17 +86,23 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
     rec.write("X", pid, 0, "-", _now(), _now(), 0)
     parent = os.getppid()
 
+    def going_on() -> bool:
+        if dom.sem_get(DRAIN) > 0:
+            _native._lib.np_test_crash_after(0)     # the drain: no more deaths
+            return False
+        return os.getppid() == parent
+
     def loop(k: int) -> None:
         rnd = random.Random(seed * 1000 + k)
         tid = threading.get_native_id()
-        while os.getppid() == parent:
+        while going_on():
             if rnd.random() < crash_rate:
                 # die somewhere inside the next operation (or recovery): from
                 # here on this process may die at any moment (the checker's C)
                 rec.write("C", pid, tid, "-", _now(), _now(), 0)
                 _native._lib.np_test_crash_after(rnd.randint(1, 40))
             r = rnd.random()
-            timeout = rnd.choice([0.0, 0.01, 0.05, 0.2, 0.5])
+            timeout = rnd.choice([0.0, 0.01, 0.05, 0.2, 0.5, float("inf")])
             if r < 0.1:
                 try:
                     with open(dead_path) as f:
@@ -100,6 +115,7 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
             if r < 0.55:
                 name = rnd.choice(MUTEXES)
                 t0 = _now()
+                timeout = min(timeout, 0.5)
                 got = dom.mutex_lock(name, timeout)
                 t1 = _now()
                 if got:
@@ -112,7 +128,9 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
             else:
                 name = rnd.choice(list(SEMS))
                 t0 = _now()
-                got = dom.sem_decrement(name, wait=timeout > 0, timeout=timeout or None)
+                # inf: no timeout at all (A3u)
+                got = dom.sem_decrement(name, wait=timeout > 0,
+                                        timeout=timeout if 0 < timeout < float("inf") else None)
                 t1 = _now()
                 if got >= 0:
                     rec.write("A", pid, tid, name, t0, t1, timeout)
@@ -128,7 +146,7 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
         async def one(k: int) -> None:
             rnd = random.Random(seed * 1000 + 500 + k)
             tid = ASYNC_TID + k
-            while os.getppid() == parent:
+            while going_on():
                 timeout = rnd.choice([0.01, 0.05, 0.2, 0.5])
                 if rnd.random() < 0.45:
                     kind, name = _native._MTX, rnd.choice(MUTEXES)
@@ -165,6 +183,8 @@ def _worker(dom: _native.Domain, rec_path: str, dead_path: str, seed: int, threa
     for t in ts:
         t.start()
     loop(0)
+    for t in ts:            # a thread never woken keeps us alive: the drain sees it
+        t.join()
 
 
 def _spawn(dom, rec_path, dead_path, seed, threads, crash_rate, coroutines=0, serial=0) -> int:
@@ -199,11 +219,13 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
              "recover_incomplete": 0, "stops": 0}
     stopped: dict[int, tuple[float, float]] = {}    # pid -> (stopped at, SIGCONT at)
     killed_by_us: set[int] = set()
+    signalled: set[int] = set()
     try:
         for name, v in SEMS.items():
             dom.sem_create(name, v, protected=True)
         for name in MUTEXES:
             dom.mutex_unlock(name, force=True)     # implicit creation
+        dom.sem_create(DRAIN, 0)
         live: set[int] = set()
         pending: list[tuple[float, int]] = []       # (when, pid) to recover
         serial_of: dict[int, int] = {}              # pid -> the worker's serial
@@ -217,6 +239,8 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                 if pid not in live:
                     continue
                 live.discard(pid)
+                if os.WIFSIGNALED(status):
+                    signalled.add(pid)
                 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
                     if pid not in killed_by_us:
                         stats["crash_point_deaths"] += 1
@@ -276,12 +300,42 @@ def run_storm(workdir: str, seconds: float, seed: int, *, workers: int = 4, thre
                     pending.append((now + 0.05, pid))
                 else:
                     stats["recovered_late"] += 1
-        for pid in list(live):
+        # The drain: no more kills or stops; the dead are recovered at once;
+        # every worker finishes on its own (see the module doc).
+        for pid, (since, _) in list(stopped.items()):
+            if pid in live:
+                os.kill(pid, signal.SIGCONT)
+            rec.write("S", f"{pid}.{serial_of[pid]}", 0, "-", since, _now(), 0)
+            del stopped[pid]
+        for _, pid in pending[:]:
+            if dom.recover(pid, timeout=10) >= 0:
+                pending.remove((_, pid))
+        dom.sem_increment(DRAIN)
+        drain_start = _now()
+        drain_end = drain_start + DRAIN_S
+        at_drain, deaths_before = len(live), len(signalled)
+        while live and _now() < drain_end:
+            reap_some()
+            # A recovery wakes every untimed sleeper (Q6) and would hide a
+            # lost wake-up: only the (rare) deaths of the drain are recovered
+            # now, the clean exits at the end.
+            for _, pid in pending[:]:
+                if pid in signalled and dom.recover(pid, timeout=0) >= 0:
+                    pending.remove((_, pid))
+            time.sleep(0.005)
+        hung = sorted(live)
+        stats["drain_s"] = round(_now() - drain_start, 3)
+        stats["drain_workers"] = at_drain
+        stats["drain_deaths"] = len(signalled) - deaths_before
+        for pid in hung:
             rec.write("K", f"{pid}.{serial_of[pid]}", 0, "-", _now(), _now(), 0)
             os.kill(pid, signal.SIGKILL)
             killed_by_us.add(pid)
         while live:
             reap_some(block=True)
+        assert not hung, (f"workers {hung} did not finish within {DRAIN_S} s of the drain, "
+                          f"with the dead recovered: a waiter never woken (A3u/Q6)? "
+                          f"semaphores {dom.semaphores()}")
         with open(dead_path) as f:
             every = [int(x) for x in f.read().split()]
         for pid in every:
