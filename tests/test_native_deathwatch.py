@@ -16,6 +16,25 @@ import pytest
 from native_helpers import (arm, child, hold_until_killed, kill_and_reap, kill_soon, killed, mtx,
                             pids, reap)
 
+@pytest.fixture
+def pipes():
+    """os.pipe() whose ends the test leaves open are closed after it (the
+    parametrized tests below would otherwise keep hundreds of descriptors in
+    the pytest process, and later tests run out)."""
+    made = []
+
+    def pipe():
+        r, w = os.pipe()
+        made.extend((r, w))
+        return r, w
+    yield pipe
+    for fd in made:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 SHORT = 0.09        # under one wait slice (NP_SLICE_NS = 100 ms)
 
 
@@ -51,8 +70,8 @@ def test_waiter_takes_a_killed_holders_mutex_within_one_slice_without_a_supervis
 
 
 @pytest.mark.timeout(60)
-def test_a_holder_that_exits_without_unlocking_is_seen_at_once(dom):
-    r, w = os.pipe()
+def test_a_holder_that_exits_without_unlocking_is_seen_at_once(dom, pipes):
+    r, w = pipes()
 
     def body():
         dom.mutex_lock("m")
@@ -103,11 +122,11 @@ def test_a_child_forked_from_a_registered_process_is_watched_too(dom):
 
 
 @pytest.mark.timeout(60)
-def test_a_closed_domain_leaves_no_false_death_signal(dom):
+def test_a_closed_domain_leaves_no_false_death_signal(dom, pipes):
     """A process that closed its Domain (its watch stopped, its slot left) and
     lives on: a later holder in the same slot is not taken for dead."""
     from netplex_native.native import domain as _native
-    r, w = os.pipe()
+    r, w = pipes()
 
     def closer():
         d2 = _native.Domain.attach(dom.name)
@@ -133,7 +152,7 @@ def test_a_closed_domain_leaves_no_false_death_signal(dom):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n", range(1, 61))
-def test_the_waiter_killed_at_any_crash_point_of_its_death_recovery(dom, n):
+def test_the_waiter_killed_at_any_crash_point_of_its_death_recovery(dom, n, pipes):
     """The waiter W is SIGKILLed at its n-th crash point from the start of its
     lock() -- its queueing, its wake-up by the kernel, the recovery of the dead
     holder it runs: whoever comes next finishes both recoveries, the mutex is
@@ -142,7 +161,7 @@ def test_the_waiter_killed_at_any_crash_point_of_its_death_recovery(dom, n):
     dom.mutex_unlock("m")
     t0 = mtx(dom, "m")["token"]
     holder = _holder(dom, "m")
-    r, w = os.pipe()
+    r, w = pipes()
 
     def waiter():
         dom.register()
@@ -167,11 +186,11 @@ def test_the_waiter_killed_at_any_crash_point_of_its_death_recovery(dom, n):
     dom.check()
 
 
-def test_the_crash_point_range_above_covers_the_whole_death_path(dom):
+def test_the_crash_point_range_above_covers_the_whole_death_path(dom, pipes):
     """The waiter of the test above passes fewer than 60 crash points from its
     lock() to its grant: every one of them is a kill point there."""
     holder = _holder(dom, "m")
-    r, w = os.pipe()
+    r, w = pipes()
 
     def waiter():
         dom.register()
@@ -194,13 +213,13 @@ def test_the_crash_point_range_above_covers_the_whole_death_path(dom):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n", range(1, 31))
-def test_the_holder_killed_at_any_crash_point_of_unlock_and_relock_while_a_waiter_watches(dom, n):
+def test_the_holder_killed_at_any_crash_point_of_unlock_and_relock_while_a_waiter_watches(dom, n, pipes):
     """H holds m, W sleeps on m (and on H's death word); H is SIGKILLed at its
     n-th crash point of unlock-then-lock-again: W (or whoever comes next)
     recovers H exactly -- m is held by at most one process, its token only
     grows, and the table holds only the living."""
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
+    r, w = pipes()
+    go_r, go_w = pipes()
 
     def holder():
         dom.mutex_lock("m")
