@@ -7,13 +7,15 @@
  * handle, and the Domain's Python methods (slow_*), and binds its four
  * methods (sem_decrement, sem_increment, mutex_lock, mutex_unlock) as the
  * Domain's entry points.  Invariants:
- *  B1 A method makes the core call itself only in the plain case: the
- *     positional arguments the Python method takes, its defaults, a name
- *     already in the dict (lookup, fast.h), an open Domain (`d' not NULL).
- *     Every other case, and every error code but the plain answers
- *     (NP_EAGAIN: -1 or False), goes to the Domain's method with the
- *     arguments unchanged, after forgetting the last name found (slow): the
- *     method refreshes the dict and the next call reads it.
+ *  B1 A method makes the core call itself only in the plain case:
+ *     positional arguments within the Python method's parameters, a wait
+ *     only without a timeout, a name already in the dict (lookup, fast.h),
+ *     an open Domain (`d' not NULL).  It answers itself only what the
+ *     Python method answers to the same core result: the value, -1 for
+ *     NP_EAGAIN without wait, and B3's cases.  Every other case and result
+ *     goes to the Domain's method with the arguments unchanged, after
+ *     forgetting the last name found (slow): the method refreshes the dict
+ *     and the next call reads it.
  *  B2 The non-blocking calls keep the GIL and use the uncounted np_fast_*
  *     entry points (fast.h says why that excludes a concurrent close).
  *  B3 A blocking call without a timeout (decrement(wait=True), lock()) makes
