@@ -51,9 +51,8 @@ ffibuilder.cdef(_cdef_text(HEADER))
 ffibuilder.set_source(
     "netplex_native._core",
     '#include "netplex_core.h"',
-    # fast.c is the separate accelerator module (setup.py), not part of the core
-    sources=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.c"))
-                   if os.path.basename(p) != "fast.c"),
+    # csrc/fast/ (not globbed here) is the separate accelerator module (setup.py)
+    sources=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.c"))),
     include_dirs=[os.path.relpath(CSRC, HERE)],
     depends=[os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "*.h"))],
     # -mcx16: the 16-byte CAS of a mutex's fast path (csrc/mutex_fast.h, F6)

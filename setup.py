@@ -4,11 +4,15 @@
 # netplex_native._core  the C core, built with cffi from csrc/netplex_core.h
 # netplex_native._fast  the uncontended operations without cffi's call
 #                       overhead; it calls the core through _core's function
-#                       pointers (csrc/fast.c says why)
+#                       pointers (csrc/fast/fast.h says why); one file per
+#                       layer, everything but PyInit__fast hidden
 from setuptools import Extension, setup
+
+FAST = ["binder.c", "public_functions.c", "handles.c", "module.c"]
 
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],
-    ext_modules=[Extension("netplex_native._fast", ["csrc/fast.c"], include_dirs=["csrc"],
-                           depends=["csrc/netplex_core.h"], extra_compile_args=["-O2", "-Wall"])],
+    ext_modules=[Extension("netplex_native._fast", [f"csrc/fast/{f}" for f in FAST],
+                           include_dirs=["csrc"], depends=["csrc/netplex_core.h", "csrc/fast/fast.h"],
+                           extra_compile_args=["-O2", "-Wall", "-fvisibility=hidden"])],
 )

@@ -215,7 +215,7 @@ int64_t np_interrupt_waits(np_domain *d, int32_t pid);
 
 /* The four uncontended operations and cancel without the in-flight count
  * that np_domain_close waits for: only for a caller that excludes a
- * concurrent np_domain_close by other means (the accelerator, csrc/fast.c,
+ * concurrent np_domain_close by other means (the accelerator, csrc/fast/,
  * under the GIL).  Same results as the counted functions, except that they
  * wait at most a few milliseconds for a busy internal guard (NP_EAGAIN), so
  * that the GIL is never held for long: the caller then uses the counted

@@ -6,7 +6,7 @@ One ``Context`` per process, in :data:`ctx`.  The public modules
 plugins the controller has, or a placeholder that raises the right error.
 
 Invariant: whenever ``ctx.sem`` or ``ctx.mutex`` is set, the accelerator
-(csrc/fast.c, its registry) is told at once, so the public functions and
+(csrc/fast/public_functions.c, its registry) is told at once, so the public functions and
 handles that read the backend there read what ``ctx`` holds.
 """
 
@@ -93,7 +93,7 @@ ctx = Context()
 def forward(attr: str, names: tuple[str, ...], defaults: tuple[Any, ...] = (),
             npos: int = 1) -> Callable[[_F], _F]:
     """Decorator for a public function that only calls ``ctx.<attr>.<its
-    name>(*params)``: with the accelerator (csrc/fast.c) the same call is made
+    name>(*params)``: with the accelerator (csrc/fast/public_functions.c) the same call is made
     by a builtin function, without a Python frame (and, on a native backend,
     straight into its accelerated entry point), with the decorated function's
     name, signature and documentation; without the accelerator the decorated

@@ -4,10 +4,10 @@ A handle (``semaphore.Semaphore``, ``mutex.Mutex``) holds its name and, for
 a Domain's handle, the backend it is bound to (``_be``; None: the current
 process's backend, ``ctx.sem`` / ``ctx.mutex``, looked up at each call).
 
-With the accelerator (csrc/fast.c, "Handles") that state lives in the C
+With the accelerator (csrc/fast/handles.c) that state lives in the C
 bases ``SemaphoreBase`` / ``MutexBase``, and :func:`accelerate` hands the
 class's hot methods (increment, decrement, lock, unlock, acquire, release,
-``with``) to C.  Invariants (fast.c H1-H4):
+``with``) to C.  Invariants (csrc/fast/handles.c, H1-H4):
 - The Python methods stay as written in the classes' source: they are the
   specification, and C calls them, unchanged arguments and all, for every
   case but the plain uncontended one.

@@ -15,11 +15,22 @@ Two services under one controller:
 
 Ctrl-C or the end of ``--duration`` stops everything with a summary.
 
-Runs for days: nothing grows with restarts.  A container's ``served``
-semaphore is destroyed by the controller when it ends (``post_finish_hook``);
-the member list (a plain JSON variable, so the controller could read it
-safely) is pruned of dead pids by every container that joins; the monitor
-keeps running totals and the last few events only.
+Runs for days: nothing grows with restarts.  The monitor keeps running
+totals and the last few events only.  The per-container names keep these
+invariants (every step below runs under the mutex ``demo.members``):
+
+- ``demo.members`` (a plain JSON variable, so the controller could read it
+  safely) lists [id, pid] of containers that joined; a container creates its
+  ``served`` counter *before* it lists itself;
+- a ``served`` counter is read only for an id on the list (``get`` creates a
+  missing semaphore: reading a gone container's counter would bring it back);
+- whoever takes an id off the list (the dead, pruned by ``_forget_dead`` in
+  every joining container and at every render of the monitor) destroys its
+  counter first; the controller destroys it too when the container ends
+  (``post_finish_hook``).
+So a counter exists only for a live container or an id still on the list: a
+read that lands after the controller's destroy (the container died between
+the check and the read) brings it back only until the next prune.
 """
 
 from __future__ import annotations
@@ -57,6 +68,18 @@ def _members() -> list:
         return []
 
 
+def _forget_dead(members: list) -> list:
+    """Under MEMBERS_LOCK: destroy the counters of dead members and return
+    the live ones (the caller writes the list back if it changed)."""
+    live = []
+    for m in members:
+        if _alive(m[1]):
+            live.append(m)
+        else:
+            semaphore.destroy(_served(m[0]))
+    return live
+
+
 def _add_plugins(ctrl, backend: str) -> None:
     if backend == "native":
         ctrl.add_plugin(semaphore.native_plugin)
@@ -83,19 +106,23 @@ class DemoHooks(ProcessorHooks):
         semaphore.create(JOBS_DONE, 0)
         sharedvar.create_var(OWNER_VAR)
         sharedvar.create_var(MEMBERS_VAR)
-        with mutex.access(MEMBERS_LOCK):
-            members = [m for m in _members() if _alive(m[1])]   # prune the dead
+        semaphore.create(_served(cont.id), 0)       # before it is listed (see the top)
+        self.waiter = asyncio.get_running_loop().create_task(self.compete(cont))
+
+    async def join(self, cont):
+        """List this container, pruning the dead (and their counters)."""
+        async with mutex.access(MEMBERS_LOCK):
+            members = _forget_dead(_members())
             members.append([cont.id, cont.pid])
             sharedvar.set_value(MEMBERS_VAR, json.dumps(members))
-        semaphore.create(_served(cont.id), 0)
-        self.waiter = asyncio.get_running_loop().create_task(self.compete(cont))
 
     def post_finish_hook(self, service, ctrl, container_id):
         """In the controller: the container is gone; so is its counter."""
         semaphore.destroy(_served(container_id))
 
     async def compete(self, cont):
-        """Wait for the job; a dead owner's count comes back by itself."""
+        """Join, then wait for the job; a dead owner's count comes back by itself."""
+        await self.join(cont)
         got = await semaphore.decrement_async(JOB_SEM, wait=True)
         if got < 0:
             return
@@ -177,7 +204,7 @@ class MonitorHooks(ProcessorHooks):
         self.tasks.append(loop.create_task(self.load()))
         if self.chaos:
             self.tasks.append(loop.create_task(self.chaos_loop()))
-        cenv.create_timer(self.render, 0.5 if self.tty else 1.0)
+        self.tasks.append(loop.create_task(self.show(0.5 if self.tty else 1.0)))
         if self.duration is not None:
             cenv.create_timer(lambda t: cenv.system_shutdown(), self.duration)
         self.say(f"demo service on tcp://127.0.0.1:{self.port} ({self.backend} backend); "
@@ -243,14 +270,29 @@ class MonitorHooks(ProcessorHooks):
                 self.say(f"chaos: SIGKILLed owner {victim['id']} (pid {victim['pid']}); "
                          f"{new['id']} took over in {dt * 1000:.1f} ms")
 
-    def render(self, timer):
+    async def show(self, period: float):
+        """Every *period*: prune the member list, read the counters of the
+        listed containers (under the lock: see the top) and render."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                async with mutex.access(MEMBERS_LOCK):
+                    members = _members()
+                    live = _forget_dead(members)
+                    if len(live) != len(members):
+                        sharedvar.set_value(MEMBERS_VAR, json.dumps(live))
+                    served = [(cid, pid, semaphore.get(_served(cid))) for cid, pid in live]
+                self.render(served)
+            except Exception as e:     # one bad render never ends the live view
+                print(f"render failed: {e!r}", file=sys.stderr, flush=True)
+
+    def render(self, members):
+        """members: (id, pid, served) of the listed containers, alive when read."""
         owner = self.owner()
-        members = _members()
         elapsed = time.monotonic() - self.started
         rows = []
-        for cid, pid in members:
+        for cid, pid, served in members:
             alive = _alive(pid)
-            served = semaphore.get(_served(cid))
             mark = "OWNER" if owner and owner["id"] == cid else ""
             rows.append((cid, pid, "up" if alive else "dead", served, self.by_container.get(cid, 0), mark))
         jobs = semaphore.get(JOBS_DONE)
@@ -271,7 +313,6 @@ class MonitorHooks(ProcessorHooks):
             live = " ".join(f"{cid}={served}" for cid, pid, state, served, _, _ in rows if state == "up")
             print(f"[{elapsed:5.1f}s] owner={owner['id'] if owner else '-'} jobs={jobs} "
                   f"requests={self.requests} served: {live}", file=self.out, flush=True)
-        return True
 
     def system_shutdown(self):
         if self.summary_printed:
@@ -287,10 +328,12 @@ class MonitorHooks(ProcessorHooks):
 
 
 def _alive(pid: int) -> bool:
+    """Not a zombie, not gone.  A process reaped between the open and the
+    read makes the read fail with ESRCH (ProcessLookupError): gone too."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):
         return False
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger("netplex_native")
 _PKG = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _warned: set = set()
 
-#: (what, instead) by the kind code the native accelerator passes (csrc/fast.c)
+#: (what, instead) by the kind code the native accelerator passes (csrc/fast/binder.c)
 NATIVE_KINDS = {
     1: ("semaphore.decrement(wait=True)", "await semaphore.decrement_async(name, wait=True)"),
     2: ("Mutex.lock()", "await m.lock_async() or async with m"),

@@ -1,4 +1,4 @@
-"""The accelerator's per-handle cache of core handles (csrc/fast.c, H1-H4) and
+"""The accelerator's per-handle cache of core handles (csrc/fast/handles.c, H1-H4) and
 its routing of by-name calls (R1, R2) never change what a call does.
 
 Every test runs each way a program reaches a semaphore or mutex -- by name

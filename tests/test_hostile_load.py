@@ -772,3 +772,91 @@ def test_demo_under_chaos_keeps_its_tables_bounded(tmp_path, backend):
         assert counts[-1][1] <= 3 + 6, f"semaphores grow with restarts: {counts}"
         assert counts[-1][2] < 400, f"the member list grows with restarts: {counts}"
         assert proc.stop() == 0
+
+
+def _demo_view(sdir):
+    """(live demo container ids by pid, served counters' owners, listed member ids)."""
+    st = admin.request(sdir, {"cmd": "list"})
+    live = {c["pid"]: c["id"] for s in st["services"] if s["name"] == "demo" for c in s["containers"]}
+    plugins = admin.request(sdir, {"cmd": "inspect"})["plugins"]
+    sems = plugins.get("native", plugins.get("sync", {})).get("semaphores", [])
+    served = {s["name"][len("demo.served."):] for s in sems if s["name"].startswith("demo.served.")}
+    var = [v for v in plugins["sharedvar"]["sharedvars"] if v["name"] == "demo.members"]
+    members = {m[0] for m in json.loads(var[0]["value"] or "[]")} if var and var[0]["value"] else set()
+    return live, served, members
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["killed", "retired"])
+@pytest.mark.parametrize("backend", ["native", "rpc"])
+def test_demo_monitor_never_brings_back_a_gone_containers_counter(tmp_path, backend, how):
+    """The demo's monitor reads each member's ``served`` counter by name, and a
+    read creates a missing semaphore (the reference's semantics): once a
+    container has ended and the controller destroyed its counter, no read may
+    bring it back, and its id leaves the member list without waiting for a
+    container to join.  (Under chaos on a loaded machine the counters of
+    SIGKILLed containers came back one by one: the table grew with restarts.)"""
+    from netplex_native import controller as controller_mod, demo
+    sdir = str(tmp_path / "s")
+
+    def build():
+        # Every SIGKILL counts as a quick crash and the replacement starts 5 s
+        # later: the monitor renders (once a second) several times while the
+        # dead container is still listed and no newcomer has pruned it.
+        controller_mod.CRASH_LOOP_WINDOW = 1e9
+        ctrl = demo.build(workers=3, backend=backend, rate=5, socket_dir=sdir)
+        ctrl.backoff = (5.0, 5.0)
+        return ctrl
+
+    def answers():
+        try:
+            return admin.request(sdir, {"cmd": "list"})["ok"]
+        except admin.AdminError:    # no socket yet, or bound and not yet listening
+            return False
+
+    with run_controller(build) as proc:
+        assert wait_until(answers, 15, 0.05)
+        assert wait_until(lambda: (lambda v: len(v[0]) == 3 and set(v[0].values()) <= v[1] & v[2])(_demo_view(sdir)),
+                          20, 0.1), _demo_view(sdir)
+        live, _, _ = _demo_view(sdir)
+        pid, victim = min(live.items(), key=lambda kv: int(kv[1].rpartition(".")[2]))   # the oldest
+        if how == "killed":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            admin.request(sdir, {"cmd": "scale", "service": "demo", "workers": 2})  # retires the oldest
+        assert wait_until(lambda: victim not in _demo_view(sdir)[0].values(), 15, 0.05), "never reaped"
+        t_reaped = time.monotonic()
+
+        def gone():
+            _, served, members = _demo_view(sdir)
+            return victim not in served and victim not in members
+        assert wait_until(gone, 10, 0.1), f"{victim}: (live, served, members) {_demo_view(sdir)}"
+        time.sleep(max(0.0, t_reaped + 3.5 - time.monotonic()))     # three more renders
+        live, served, members = _demo_view(sdir)
+        assert victim not in served, f"{victim}'s counter came back: {served}"
+        assert served <= set(live.values()) | members, (live, served, members)
+        assert proc.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_demo_alive_says_gone_for_a_process_reaped_while_it_reads():
+    """``/proc/PID/stat`` opened before the process is reaped and read after
+    fails with ESRCH: the demo's liveness check must answer False, not raise
+    (it raised in a joining container's ``join``, which then never competed
+    for the job and was never listed, and in the monitor's render).  Real
+    children reaped by a thread while the check runs in a loop; each round
+    hits that window with a good chance, 40 rounds make a miss negligible."""
+    from netplex_native import demo
+    for _ in range(40):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.01)
+            os._exit(0)
+        reaper = threading.Thread(target=os.waitpid, args=(pid, 0))
+        reaper.start()
+        try:
+            while demo._alive(pid) or reaper.is_alive():
+                pass
+        finally:
+            reaper.join(10)
+        assert demo._alive(pid) is False

@@ -1,4 +1,4 @@
-"""The accelerator's cache of reported call sites (csrc/fast.c, about_to_block):
+"""The accelerator's cache of reported call sites (csrc/fast/binder.c, about_to_block):
 a synchronous wait on an event loop's thread is still reported once per call
 site -- including different call sites that reach the same line of the
 package (a handle's acquire) -- while a site already reported costs no

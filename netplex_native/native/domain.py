@@ -45,7 +45,7 @@ else:
 
 from ..loopcheck import native_block_hook as _block_hook
 
-try:  # the accelerator of the uncontended operations (csrc/fast.c); optional
+try:  # the accelerator of the uncontended operations (csrc/fast/); optional
     from .. import _fast
 except ImportError:  # pragma: no cover - a build without it uses closures
     _fast = None
@@ -191,7 +191,7 @@ class Domain:
     def _bind_fast_paths(self) -> None:
         """Per-instance entry points for the uncontended operations.
 
-        With the accelerator (_fast, csrc/fast.c) the four non-blocking
+        With the accelerator (_fast, csrc/fast/binder.c) the four non-blocking
         cases are C methods that look the handle up and call the core with
         no cffi overhead; otherwise Python closures do the same with locals
         instead of attribute and global lookups.  ``decrement(wait=True)``

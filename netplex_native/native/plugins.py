@@ -145,7 +145,7 @@ class _NativeSem:
         self.get = dom.sem_get
         self.destroy = dom.sem_destroy
         #: The accelerator's Binder whose methods increment and decrement are
-        #: (csrc/fast.c, R2): public calls then go to it directly.
+        #: (csrc/fast/public_functions.c, R2): public calls then go to it directly.
         self._fast_binder = None
         if role == "container":
             self.decrement = dom.sem_decrement

@@ -1,0 +1,45 @@
+/*
+ * module.c -- netplex_native._fast (csrc/fast/fast.h): the module's
+ * functions and its initialisation, nothing else.  The types and functions
+ * are the layers' (binder.c, public_functions.c, handles.c); the types are
+ * readied and the registry's names made before the module exists, so a
+ * failed initialisation leaves no module.
+ */
+#include "fast.h"
+
+static PyMethodDef module_methods[] = {
+    {"set_backend", (PyCFunction)(void (*)(void))set_backend, METH_FASTCALL,
+     "set_backend(attr, backend): ctx.<attr> ('sem' or 'mutex') is now backend (Context calls it)."},
+    {"accelerate", accelerate, METH_O,
+     "accelerate(cls): the hot methods of handle class cls are served here, falling back to cls's."},
+    {"set_block_hook", (PyCFunction)(void (*)(void))set_block_hook, METH_FASTCALL,
+     "set_block_hook(fn, running_loop=None): fn(kind) is called before a wait that may block "
+     "(None: none) when running_loop() is not None; fn returns True when its report concerns "
+     "its caller's own line, which is then not reported again."},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef fast_module = {
+    PyModuleDef_HEAD_INIT, "netplex_native._fast",
+    "Fast paths of the native core's uncontended operations.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__fast(void)
+{
+    if (PyType_Ready(&BinderType) < 0 || PyType_Ready(&ForwardType) < 0
+            || PyType_Ready(&SemaphoreBaseType) < 0 || PyType_Ready(&MutexBaseType) < 0)
+        return NULL;
+    if (registry_init() < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fast_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Binder", (PyObject *)&BinderType) < 0
+            || PyModule_AddObjectRef(m, "Forward", (PyObject *)&ForwardType) < 0
+            || PyModule_AddObjectRef(m, "SemaphoreBase", (PyObject *)&SemaphoreBaseType) < 0
+            || PyModule_AddObjectRef(m, "MutexBase", (PyObject *)&MutexBaseType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
