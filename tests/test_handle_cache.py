@@ -176,6 +176,34 @@ def test_a_name_created_again_as_the_other_kind_raises_the_by_name_error(world, 
     assert mtx(core, "x")["locked"] is False        # nothing changed
 
 
+def test_two_names_used_in_turn_by_name_each_reach_their_own_object_after_they_swap_slots(world):
+    """The by-name calls keep the two names last used per kind in front of the
+    dict (a hand-off alternates two semaphores): after another process destroys
+    both and creates them again in each other's slot, each name still reaches
+    its own object."""
+    core = world.core
+    assert core.sem_create("a", 10) and core.sem_create("b", 20)
+    slot = {n: core._handle(_native._SEM, n) & 0xffffffff for n in "ab"}
+    for _ in range(3):                                # both cached now
+        assert semaphore.increment("a") and semaphore.increment("b")
+        assert semaphore.decrement("a") >= 0 and semaphore.decrement("b") >= 0
+    assert (core.sem_get("a"), core.sem_get("b")) == (10, 20)
+
+    def swap():
+        core.sem_destroy("b")
+        core.sem_destroy("a")                         # a's slot is the first free one
+        assert core.sem_create("b", 200)
+        assert core.sem_create("a", 100)
+    in_child(swap)
+    for _ in range(3):
+        assert semaphore.increment("a") in (101, 102, 103)
+        assert semaphore.increment("b") in (201, 202, 203)
+    assert (core.sem_get("a"), core.sem_get("b")) == (103, 203)
+    core._sems.clear()
+    moved = {n: core._handle(_native._SEM, n) & 0xffffffff for n in "ab"}
+    assert moved == {"a": slot["b"], "b": slot["a"]}  # they did swap
+
+
 def test_slots_taken_over_by_other_names_are_never_reached_through_old_handles(monkeypatch, path):
     """300 names cached, all destroyed by another process and created again
     after one more: most names now live in a slot another name had (checked),

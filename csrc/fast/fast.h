@@ -71,8 +71,9 @@ typedef struct {
     np_op wait_cancel;
     PyObject *sems, *mtxs;                  /* dict: name -> handle (int) */
     PyObject *slow_dec, *slow_inc, *slow_lock, *slow_unlock;
-    PyObject *last_name[K_N];               /* the name last found, per kind (see lookup) */
-    uint64_t last_h[K_N];
+    PyObject *last_name[K_N][2];            /* the two names last found, per kind (see lookup) */
+    uint64_t last_h[K_N][2];
+    int last_next[K_N];                     /* which entry the next name replaces */
 } Binder;
 
 /* 1 and *out = the cached handle of name in cache; 0 when not cached (or
@@ -92,9 +93,10 @@ static inline int cached(PyObject *cache, PyObject *name, uint64_t *out)
     return 1;
 }
 
-/* The Domain's dict, with the name last found in it in front (per kind): a
- * loop that calls with one name (a literal: the same str object each time)
- * skips the dict.  The entry is that str object itself, held (never another
+/* The Domain's dict, with the two names last found in it in front (per
+ * kind): a loop that calls with one or two names (literals: the same str
+ * objects each time; a hand-off alternates two semaphores) skips the dict.
+ * An entry is that str object itself, held (never another
  * object at its address), exact str only (its equality is identity's), and
  * its handle as the dict had it.  Like every cached handle it is never
  * wrong, only stale (the core refuses a handle whose object was destroyed,
@@ -102,16 +104,22 @@ static inline int cached(PyObject *cache, PyObject *name, uint64_t *out)
  * forgets it first, so the next call reads the dict the method refreshed. */
 static inline int lookup(Binder *self, int k, PyObject *name, uint64_t *out)
 {
-    if (name == self->last_name[k]) {
-        *out = self->last_h[k];
+    if (name == self->last_name[k][0]) {
+        *out = self->last_h[k][0];
+        return 1;
+    }
+    if (name == self->last_name[k][1]) {
+        *out = self->last_h[k][1];
         return 1;
     }
     if (!cached(k == K_SEM ? self->sems : self->mtxs, name, out))
         return 0;
     if (PyUnicode_CheckExact(name)) {
-        PyObject *old = self->last_name[k];
-        self->last_name[k] = Py_NewRef(name);
-        self->last_h[k] = *out;
+        int e = self->last_next[k];
+        PyObject *old = self->last_name[k][e];
+        self->last_name[k][e] = Py_NewRef(name);
+        self->last_h[k][e] = *out;
+        self->last_next[k] = !e;
         Py_XDECREF(old);                /* a str: its deallocation runs no Python */
     }
     return 1;
@@ -119,7 +127,8 @@ static inline int lookup(Binder *self, int k, PyObject *name, uint64_t *out)
 
 static inline void forget(Binder *self, int k)
 {
-    Py_CLEAR(self->last_name[k]);
+    Py_CLEAR(self->last_name[k][0]);
+    Py_CLEAR(self->last_name[k][1]);
 }
 
 
