@@ -19,13 +19,15 @@
  *     is dead (recovering it if so: progress never depends on the supervisor
  *     alone).  NP_ETIMEDOUT leaves the queue, or marks the caller given up
  *     when the guard could not be had in time (Q3): nothing was taken.
- *     Except (A3u) the head of a semaphore's queue without a deadline: no
+ *     Except (A3u) the head of a semaphore's queue with deadline NP_FOREVER
+ *     (Python passes NP_SLICED instead on its main thread, where signal
+ *     handlers run, and for a wait with a cancel event to poll): no
  *     process is ahead of it (the slice's check has nothing to look at: the
  *     next unit is its own, and the increment that makes it wakes it), so it
  *     sleeps without a timeout, as sem_wait does (a timed sleep arms a
  *     kernel timer: ~15 % of a hand-off on one CPU).  What else ends a
- *     slice wakes it instead: a signal (NP_EINTR at once, still queued, so
- *     Python runs its handlers), np_domain_close (every sleeper of the
+ *     slice wakes it instead: a signal (NP_EINTR at once, still queued),
+ *     np_domain_close (every sleeper of the
  *     process), np_interrupt_waits (a supervisor stopping the process: from
  *     then on its waits are sliced again, so its Python code keeps seeing
  *     interrupt_check).  A mutex keeps its slices (its holder may die:

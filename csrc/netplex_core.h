@@ -17,10 +17,10 @@
  *    not wait", NP_FOREVER "no deadline".  A wait sleeps at most one slice
  *    (100 ms) and returns NP_EINTR with the caller still queued, so that
  *    Python can run its signal handlers and call again; np_wait_cancel()
- *    leaves the queue.  One exception, the common one: the first waiter of a
- *    semaphore without a deadline sleeps until it is woken -- by a unit, a
- *    signal (NP_EINTR at once), np_interrupt_waits or np_domain_close -- as
- *    sem_wait does (A3 of acquire.c).
+ *    leaves the queue.  One exception: the first waiter of a semaphore with
+ *    deadline NP_FOREVER sleeps until it is woken -- by a unit, a signal
+ *    (NP_EINTR), np_interrupt_waits or np_domain_close -- as sem_wait does
+ *    (A3u of acquire.c); NP_SLICED keeps the slices.
  *  - The calling process and thread are registered implicitly on first use
  *    (and again after fork()); the creator of a domain is registered by
  *    np_domain_create, so that the supervisor never needs a free table entry
@@ -77,6 +77,13 @@ enum {
 #define NP_NOWAIT -1
 #define NP_TRY -2
 #define NP_FOREVER 9223372036854775807
+/* No deadline either, but the wait returns NP_EINTR at least every slice,
+ * even as a semaphore's first waiter (A3u): for a thread that must look at
+ * something between slices -- Python's main thread (its signal handlers run
+ * only there, and a signal caught just before an untimed sleep, or sent to
+ * another thread, or with SA_RESTART, would not end that sleep), a wait with
+ * a cancel event. */
+#define NP_SLICED 9223372036854775806
 #define NP_VALUE_MAX 9223372036854775807
 
 typedef struct np_domain np_domain;

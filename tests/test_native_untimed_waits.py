@@ -1,109 +1,131 @@
-"""The first waiter of a semaphore sleeps without a timer (A3u of csrc/acquire.c), as
-sem_wait does; what ends a slice for the others wakes it instead: a unit, a signal,
-the supervisor's ``interrupt_waits``, the recovery of a waker that died owing it its
-wake-up (Q6 of csrc/queue.c).  Which sleep a waiter is in is read from the kernel
-(/proc/PID/syscall: the futex call's timeout argument), not from timings."""
+"""A semaphore's first waiter, in a thread other than Python's main one, sleeps without
+a timer (A3u of csrc/acquire.c), as sem_wait does; what ends a slice for the others
+wakes it instead: a unit, the supervisor's ``interrupt_waits``, ``close()``, the
+recovery of a waker that died owing it its wake-up (Q6 of csrc/queue.c).  The main
+thread keeps its slices: Python runs signal handlers there only, and a signal caught
+just before an untimed sleep, sent to another thread, or whose handler restarts
+system calls, would not end one.  Which sleep a thread is in is read from the
+kernel (/proc/PID/task/TID/syscall: the futex call's timeout argument), not from
+timings."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import threading
 
 import pytest
 
-from netplex_native.native import domain as _native
-
 from native_helpers import arm, child, exited_ok, kill_and_reap, kill_if_alive, killed, reap, sem, until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(os.uname().machine != "x86_64",
+                                 reason="reads the x86-64 futex syscall number from /proc")]
 
 SYS_FUTEX = 202                          # x86-64
+SYS_TGKILL = 234
 
 
-def futex_timeout(pid: int) -> int | None:
-    """The timeout pointer of the futex call pid's main thread is blocked in, or
-    None when it is not in one."""
-    with open(f"/proc/{pid}/syscall") as f:
+def futex_timeout(pid: int, tid: int | None = None) -> int | None:
+    """The timeout pointer of the futex call thread tid (default: the main
+    thread) of pid is blocked in, or None when it is not in one."""
+    with open(f"/proc/{pid}/task/{tid or pid}/syscall") as f:
         parts = f.read().split()
     if not parts or parts[0] != str(SYS_FUTEX):
         return None
     return int(parts[4], 16)
 
 
-def asleep(pid: int, timed: bool, timeout: float = 10.0) -> None:
-    """Until pid's main thread sleeps in a futex wait with (timed) or without a timer."""
+def asleep(pid: int, tid: int | None, timed: bool, timeout: float = 10.0) -> None:
+    """Until that thread sleeps in a futex wait with (timed) or without a timer."""
     def look():
-        t = futex_timeout(pid)
+        t = futex_timeout(pid, tid)
         return t is not None and (t != 0) == timed
-    until(look, timeout, f"pid {pid} asleep {'with' if timed else 'without'} a timer")
+    until(look, timeout, f"{pid}/{tid} asleep {'with' if timed else 'without'} a timer")
 
 
-def waiter(dom, name: str) -> None:
-    assert dom.sem_decrement(name, wait=True) >= 0
+class ThreadWaiter:
+    """A child process whose second thread waits for the semaphore, without a
+    timeout (then the child exits 0)."""
+
+    def __init__(self, dom, name: str, before=None):
+        r, w = os.pipe()
+
+        def run():
+            os.close(r)
+            if before:
+                before()
+
+            def wait():
+                os.write(w, str(threading.get_native_id()).encode().ljust(12))
+                assert dom.sem_decrement(name, wait=True) >= 0
+            t = threading.Thread(target=wait)
+            t.start()
+            t.join()
+        self.pid = child(run)
+        os.close(w)
+        self.tid = int(os.read(r, 12))
+        os.close(r)
+
+    def asleep(self, timed: bool) -> None:
+        asleep(self.pid, self.tid, timed)
+
+    def done(self, timeout: float = 20.0) -> bool:
+        return exited_ok(reap(self.pid, timeout))
 
 
-needs_x86 = pytest.mark.skipif(os.uname().machine != "x86_64",
-                               reason="reads the x86-64 futex syscall number from /proc")
-
-
-@needs_x86
 def test_the_head_sleeps_without_a_timer_the_next_waiter_with_one(dom):
     dom.sem_create("s", 0)
-    w1 = child(waiter, dom, "s")
+    w1 = ThreadWaiter(dom, "s")
     w2 = None
     try:
         until(lambda: sem(dom, "s")["waiters"] == 1, what="w1 queued")
-        asleep(w1, timed=False)
-        w2 = child(waiter, dom, "s")
+        w1.asleep(timed=False)
+        w2 = ThreadWaiter(dom, "s")
         until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
-        asleep(w2, timed=True)           # someone is ahead of it: the slice checks them
-        assert futex_timeout(w1) == 0
+        w2.asleep(timed=True)            # someone is ahead of it: the slice checks them
+        assert futex_timeout(w1.pid, w1.tid) == 0
         dom.sem_increment("s")
-        assert exited_ok(reap(w1))
-        asleep(w2, timed=False)          # now the head
+        assert w1.done()
+        w2.asleep(timed=False)           # now the head
         dom.sem_increment("s")
-        assert exited_ok(reap(w2))
+        assert w2.done()
         assert sem(dom, "s")["value"] == 0 and sem(dom, "s")["waiters"] == 0
     finally:
-        kill_if_alive(w1)
+        kill_if_alive(w1.pid)
         if w2:
-            kill_if_alive(w2)
+            kill_if_alive(w2.pid)
 
 
-@needs_x86
 def test_interrupt_waits_returns_the_head_to_python_and_its_waits_are_sliced_again(dom):
     """What the controller does before it stops a container: the container's wait
     goes back to Python (where interrupt_check is asked), then sleeps in slices."""
     dom.sem_create("s", 0)
     r, w = os.pipe()
 
-    def wait_and_count_returns():
-        checks = []
-
+    def count_checks():
         def check():
-            checks.append(1)
             os.write(w, b"c")
             return False
         dom.interrupt_check = check
-        assert dom.sem_decrement("s", wait=True) == 0
 
-    pid = child(wait_and_count_returns)
+    waiter = ThreadWaiter(dom, "s", before=count_checks)
     try:
         os.close(w)
-        asleep(pid, timed=False)
-        assert dom.interrupt_waits(pid) == 1
-        os.set_blocking(r, True)
+        waiter.asleep(timed=False)
+        assert dom.interrupt_waits(waiter.pid) == 1
         assert os.read(r, 1) == b"c"     # back in Python: interrupt_check was asked
-        asleep(pid, timed=True)          # and from now on in slices
-        assert dom.interrupt_waits(pid) == 1
+        waiter.asleep(timed=True)        # and from now on in slices
+        assert dom.interrupt_waits(waiter.pid) == 1
         gone = child(lambda: None)
         reap(gone)
         assert dom.interrupt_waits(gone) == 0          # not registered: nothing marked
         dom.sem_increment("s")
-        assert exited_ok(reap(pid))
+        assert waiter.done()
     finally:
         os.close(r)
-        kill_if_alive(pid)
+        kill_if_alive(waiter.pid)
 
 
 def test_interrupt_waits_refuses_a_bad_pid(dom):
@@ -112,9 +134,15 @@ def test_interrupt_waits_refuses_a_bad_pid(dom):
             dom.interrupt_waits(bad)
 
 
-@needs_x86
-def test_a_signal_ends_the_untimed_sleep_and_the_wait_leaves_nothing(dom):
+@pytest.mark.parametrize("how", ["plain", "restarting handler", "signal to another thread"])
+def test_on_the_main_thread_the_head_keeps_its_timer_and_a_signal_reaches_its_handler(dom, how):
+    """Found by the attack on the untimed sleep: on the main thread, a handler
+    installed with SA_RESTART (siginterrupt False: gunicorn's workers do so for
+    SIGTERM), or a signal sent to another thread of the process, never ended an
+    untimed sleep (nor did a signal caught just before it).  The main thread
+    keeps its slices: the handler runs within one."""
     dom.sem_create("s", 0)
+    r, w = os.pipe()
 
     def wait_until_signalled():
         class Stop(Exception):
@@ -123,6 +151,11 @@ def test_a_signal_ends_the_untimed_sleep_and_the_wait_leaves_nothing(dom):
         def on_usr1(signo, frame):
             raise Stop()
         signal.signal(signal.SIGUSR1, on_usr1)
+        if how == "restarting handler":
+            signal.siginterrupt(signal.SIGUSR1, False)
+        other = threading.Thread(target=threading.Event().wait, daemon=True)
+        other.start()
+        os.write(w, str(other.native_id).encode().ljust(12))
         try:
             dom.sem_decrement("s", wait=True)
         except Stop:
@@ -130,18 +163,24 @@ def test_a_signal_ends_the_untimed_sleep_and_the_wait_leaves_nothing(dom):
 
     pid = child(wait_until_signalled)
     try:
-        asleep(pid, timed=False)
-        os.kill(pid, signal.SIGUSR1)
-        status = reap(pid)
+        os.close(w)
+        other = int(os.read(r, 12))
+        asleep(pid, None, timed=True)
+        if how == "signal to another thread":
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.syscall(SYS_TGKILL, pid, other, signal.SIGUSR1) == 0
+        else:
+            os.kill(pid, signal.SIGUSR1)
+        status = reap(pid, timeout=10)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
         until(lambda: sem(dom, "s")["waiters"] == 0, what="the interrupted wait left the queue")
         dom.sem_increment("s")
         assert sem(dom, "s")["value"] == 1
     finally:
+        os.close(r)
         kill_if_alive(pid)
 
 
-@needs_x86
 def test_a_waker_killed_at_any_step_of_its_increment_never_leaves_the_head_asleep(dom):
     """Q6: an increment killed between its commit and its wake-up leaves the unit
     there and the head asleep without a timer; recover(pid) of the waker wakes it.
@@ -151,9 +190,9 @@ def test_a_waker_killed_at_any_step_of_its_increment_never_leaves_the_head_aslee
     while not completed_once:
         n += 1
         assert n < 100, "the increment never completed"
-        w = child(waiter, dom, "s")
+        w = ThreadWaiter(dom, "s")
         try:
-            asleep(w, timed=False)
+            w.asleep(timed=False)
 
             def increment_armed():
                 dom.register()
@@ -165,15 +204,15 @@ def test_a_waker_killed_at_any_step_of_its_increment_never_leaves_the_head_aslee
             assert completed_once or killed(status)
             dom.recover(r, timeout=10)
             # Either the unit was committed (then w must get it now) or not
-            # (then it is still at 0 and w still waits: give one).
-            # (A unit taken leaves the queue in the same transaction.)
+            # (then it is still at 0 and w still waits: give one).  A unit
+            # taken leaves the queue in the same transaction.
             if sem(dom, "s")["value"] == 0 and sem(dom, "s")["waiters"] == 1:
                 dom.sem_increment("s")
-            assert exited_ok(reap(w, timeout=10)), f"crash point {n}: the head stayed asleep"
+            assert w.done(timeout=10), f"crash point {n}: the head stayed asleep"
             until(lambda: sem(dom, "s")["value"] == 0 and sem(dom, "s")["waiters"] == 0,
                   what=f"crash point {n}: one unit, taken once")
         finally:
-            kill_if_alive(w)
+            kill_if_alive(w.pid)
 
 
 def test_a_dead_head_does_not_keep_the_next_waiter_from_the_unit_without_a_supervisor(dom):
@@ -181,16 +220,17 @@ def test_a_dead_head_does_not_keep_the_next_waiter_from_the_unit_without_a_super
     waiter's slice (which sleeps with a timer because someone is ahead of it),
     with no recover() call from anyone."""
     dom.sem_create("s", 0)
-    w1 = child(waiter, dom, "s")
+    w1 = ThreadWaiter(dom, "s")
     w2 = None
     try:
         until(lambda: sem(dom, "s")["waiters"] == 1, what="w1 queued")
-        w2 = child(waiter, dom, "s")
+        w1.asleep(timed=False)
+        w2 = ThreadWaiter(dom, "s")
         until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
-        kill_and_reap(w1)
+        kill_and_reap(w1.pid)
         dom.sem_increment("s")
-        assert exited_ok(reap(w2, timeout=10))
+        assert w2.done(timeout=10)
     finally:
-        kill_if_alive(w1)
+        kill_if_alive(w1.pid)
         if w2:
-            kill_if_alive(w2)
+            kill_if_alive(w2.pid)

@@ -113,8 +113,11 @@ static inline int64_t first_slice(Binder *self, np_op_hd op, uint64_t h)
 {
     int64_t rc;
     np_domain *d = self->d;
+    /* Python's main thread keeps its slices: its signal handlers run only
+     * there (NP_SLICED, netplex_core.h); another thread may sleep untimed. */
+    int64_t dl = _PyOS_IsMainThread() ? NP_SLICED : NP_FOREVER;
     Py_BEGIN_ALLOW_THREADS
-    rc = op(d, h, NP_FOREVER);
+    rc = op(d, h, dl);
     Py_END_ALLOW_THREADS
     return rc;
 }

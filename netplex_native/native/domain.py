@@ -7,9 +7,11 @@ up again.  Every negative return code becomes an exception in :func:`_check`.
 
 Blocking waits call the C function repeatedly: it sleeps at most one 100 ms slice and
 returns ``NP_EINTR`` still queued, so Python signal handlers (Ctrl-C) run between
-slices.  The first waiter of a semaphore without a timeout sleeps until it is woken, as
-``sem_wait`` does; a signal wakes it at once (``NP_EINTR``), and a supervisor that stops
-the process calls ``interrupt_waits(pid)`` so that ``interrupt_check`` is asked.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue with
+slices.  The first waiter of a semaphore without a timeout, in a thread other than
+the main one, sleeps until it is woken, as ``sem_wait`` does (``NP_FOREVER``); the main
+thread, where Python runs signal handlers, and a wait with a ``cancel`` keep the slices
+(``NP_SLICED``).  A supervisor that stops the process calls ``interrupt_waits(pid)`` so
+that ``interrupt_check`` is asked.  Whatever ends a wait early (an exception, ``cancel``) leaves the queue with
 ``np_wait_cancel``, so an interrupted wait leaves nothing behind.  Any call may also
 return ``NP_EINTR`` when an internal guard is held by a stopped process for a whole
 slice; every call site here calls again, so Ctrl-C works there too.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 
 from .. import errors
@@ -55,13 +58,20 @@ else:
 
 __all__ = ["available", "Domain"]
 
+
+def _main_thread() -> bool:
+    """Python runs signal handlers in this thread only: its waits keep their
+    slices (NP_SLICED), so that a signal always reaches its handler."""
+    return threading.current_thread() is threading.main_thread()
+
 if _lib is not None:
     _NOWAIT = _lib.NP_NOWAIT
     _TRY = _lib.NP_TRY
     _FOREVER = _lib.NP_FOREVER
-    # No deadline, but back every slice: a wait with a ``cancel`` to poll (only
-    # NP_FOREVER itself lets a semaphore's first waiter sleep untimed, A3u).
-    _SLICED = _FOREVER - 1
+    # No deadline, but back every slice (netplex_core.h): the main thread, whose
+    # signal handlers must run, and a wait with a ``cancel`` to poll; only
+    # NP_FOREVER lets a semaphore's first waiter sleep untimed (A3u).
+    _SLICED = _lib.NP_SLICED
     _EAGAIN = _lib.NP_EAGAIN
     _ETIMEDOUT = _lib.NP_ETIMEDOUT
     _EINTR = _lib.NP_EINTR
@@ -206,7 +216,7 @@ class Domain:
         slow_dec = Domain.sem_decrement.__get__(self)
         slow_lock = Domain.mutex_lock.__get__(self)
         slow_unlock = Domain.mutex_unlock.__get__(self)
-        nowait, forever, eintr, edestroyed = _NOWAIT, _FOREVER, _EINTR, _EDESTROYED
+        nowait, forever, sliced, eintr, edestroyed = _NOWAIT, _FOREVER, _SLICED, _EINTR, _EDESTROYED
 
         def sem_decrement(name, wait=False, timeout=None, *, cancel=None):
             h = sems.get(name)
@@ -221,7 +231,8 @@ class Domain:
                         return rc
                     _block_hook(1)
                     try:
-                        rc = c_dec(d, h, forever)      # one slice (A3u: or until woken)
+                        # one slice (A3u: or until woken, off the main thread)
+                        rc = c_dec(d, h, sliced if _main_thread() else forever)
                         if rc >= 0:
                             return rc
                         if rc == edestroyed:
@@ -475,7 +486,7 @@ class Domain:
         if anything (Ctrl-C, cancel) ends the wait early."""
         cache = self._sems if kind == _SEM else self._mtxs
         d = self._dom()
-        if cancel is not None and deadline == _FOREVER:
+        if deadline == _FOREVER and (cancel is not None or _main_thread()):
             deadline = _SLICED
         try:
             while True:
