@@ -195,9 +195,12 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         if (!slice_end)
             slice_end = now + NP_SLICE_NS;
         if (now >= slice_end) {
-            /* Someone ahead may be dead (no supervisor, or a slow one). */
-            uint32_t procs[NP_WAKE_BATCH];
-            int n = 0;
+            /* Someone ahead may be dead (no supervisor, or a slow one), or
+             * asleep without a timer and never told of its unit (A3u: its
+             * waker died before waking it, and nobody recovered that one
+             * yet): wake those entitled, and look at the processes ahead. */
+            uint32_t procs[NP_WAKE_BATCH], who[NP_WAKE_BATCH];
+            int n = 0, nw = 0;
             if (kind == NP_KIND_MUTEX && v == 0 && o->owner && o->owner <= d->nproc)
                 procs[n++] = o->owner - 1;
             if (v > 0 && queued) {
@@ -208,8 +211,10 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                         procs[n++] = p - 1;
                     cur = d->actors[cur - 1].qnext;
                 }
+                nw = np_q_collect(d, o, who);
             }
             obj_unlock(d, o);
+            np_wake_actors(d, who, nw);
             int64_t rdl = deadline < now + NP_SLICE_NS ? deadline : now + NP_SLICE_NS;
             check_ahead(d, ai, tag, procs, n, rdl);
             return NP_EINTR;

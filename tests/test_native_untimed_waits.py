@@ -234,3 +234,52 @@ def test_a_dead_head_does_not_keep_the_next_waiter_from_the_unit_without_a_super
         kill_if_alive(w1.pid)
         if w2:
             kill_if_alive(w2.pid)
+
+
+def test_a_waker_killed_before_its_wake_up_without_a_supervisor_a_second_waiter_wakes_the_head(dom):
+    """Found by the attack: with nobody calling recover(), a waker killed between
+    its increment and its wake-up left the untimed head asleep and the unit free,
+    and the waiter behind it (sliced, not entitled) slept on too.  At the end of
+    its slice a waiter now wakes the entitled waiters ahead of it.  Every crash
+    point of the increment; the waker is reaped but never recovered."""
+    dom.sem_create("s", 0)
+    n, completed_once = 0, False
+    while not completed_once:
+        n += 1
+        assert n < 100, "the increment never completed"
+        w1 = ThreadWaiter(dom, "s")
+        w2 = None
+        try:
+            w1.asleep(timed=False)
+            w2 = child(lambda: dom.sem_decrement("s", wait=True))   # the main thread: sliced
+            until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
+
+            def increment_armed():
+                dom.register()
+                arm(n)
+                dom.sem_increment("s")
+            r = child(increment_armed)
+            status = reap(r)
+            completed_once = exited_ok(status)
+            assert completed_once or killed(status)
+            ours = 0
+            if sem(dom, "s")["value"] == 0 and sem(dom, "s")["waiters"] == 2:
+                # not committed, or a redo log that the next guard holder
+                # applies: give a unit now (the end state tells which)
+                dom.sem_increment("s")
+                ours += 1
+            assert w1.done(timeout=10), f"crash point {n}: the head stayed asleep"
+            if sem(dom, "s")["waiters"] == 1:
+                dom.sem_increment("s")
+                ours += 1
+            assert exited_ok(reap(w2, timeout=10))
+            st = sem(dom, "s")
+            committed = st["value"] + 2 - ours
+            assert committed in (0, 1) and st["waiters"] == 0, f"crash point {n}: {st}, ours {ours}"
+            dom.recover(r, timeout=10)
+            if st["value"]:
+                assert dom.sem_decrement("s") == 0
+        finally:
+            kill_if_alive(w1.pid)
+            if w2:
+                kill_if_alive(w2)
