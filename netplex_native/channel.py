@@ -67,18 +67,12 @@ _CALL_FIXED = wire._CALL_FIXED
 _NAN = float("nan")
 
 
-#: Non-blocking reads (each followed by sched_yield) a synchronous call tries
-#: before it sleeps in recv: a reply that comes within some tens of us is
-#: taken without a wake-up of this CPU (on one CPU the yield lets the
-#: controller run at once).  Bounds the CPU a call spends waiting to ~60-80 us.
-SPIN_READS = 60
 #: Bounds of the inbox (messages read but not yet handled); beyond either,
 #: broadcast and admin messages are dropped and counted.
 INBOX_MAX_MESSAGES = 10_000
 INBOX_MAX_BYTES = 16 * 1024 * 1024
 #: Seconds between two warnings about dropped messages.
 WARN_EVERY = 5.0
-_yield = os.sched_yield
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 
@@ -400,14 +394,10 @@ class Channel:
         return True
 
     def _recv_blocking(self) -> bytes:
-        recv = self.sock.recv
+        """One read that sleeps until something comes.  No spinning: on a
+        loaded machine a yield gives the CPU away for a whole slice."""
         try:
-            for _ in range(SPIN_READS):
-                try:
-                    return recv(1 << 18, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    _yield()
-            return recv(1 << 18)
+            return self.sock.recv(1 << 18)
         except OSError:
             return b""
 
