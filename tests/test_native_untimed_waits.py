@@ -10,6 +10,7 @@ timings."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -75,15 +76,40 @@ class ThreadWaiter:
         return exited_ok(reap(self.pid, timeout))
 
 
-def test_the_head_sleeps_without_a_timer_the_next_waiter_with_one(dom):
-    dom.sem_create("s", 0)
-    w1 = ThreadWaiter(dom, "s")
+@contextlib.contextmanager
+def head_and_next(dom, name: str):
+    """Two thread waiters queued on name in this order, the first asleep
+    without a timer; both killed (if still alive) afterwards."""
+    w1 = ThreadWaiter(dom, name)
     w2 = None
     try:
-        until(lambda: sem(dom, "s")["waiters"] == 1, what="w1 queued")
+        until(lambda: sem(dom, name)["waiters"] == 1, what="w1 queued")
         w1.asleep(timed=False)
-        w2 = ThreadWaiter(dom, "s")
-        until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
+        w2 = ThreadWaiter(dom, name)
+        until(lambda: sem(dom, name)["waiters"] == 2, what="w2 queued")
+        yield w1, w2
+    finally:
+        kill_if_alive(w1.pid)
+        if w2:
+            kill_if_alive(w2.pid)
+
+
+def armed_increment(dom, name: str, n: int) -> tuple[int, bool]:
+    """A process that increments name, SIGKILLed at its n-th crash point:
+    (its pid, reaped; True if the increment completed)."""
+    def run():
+        dom.register()
+        arm(n)
+        dom.sem_increment(name)
+    pid = child(run)
+    status = reap(pid)
+    assert exited_ok(status) or killed(status)
+    return pid, exited_ok(status)
+
+
+def test_the_head_sleeps_without_a_timer_the_next_waiter_with_one(dom):
+    dom.sem_create("s", 0)
+    with head_and_next(dom, "s") as (w1, w2):
         w2.asleep(timed=True)            # someone is ahead of it: the slice checks them
         assert futex_timeout(w1.pid, w1.tid) == 0
         dom.sem_increment("s")
@@ -92,10 +118,6 @@ def test_the_head_sleeps_without_a_timer_the_next_waiter_with_one(dom):
         dom.sem_increment("s")
         assert w2.done()
         assert sem(dom, "s")["value"] == 0 and sem(dom, "s")["waiters"] == 0
-    finally:
-        kill_if_alive(w1.pid)
-        if w2:
-            kill_if_alive(w2.pid)
 
 
 def test_interrupt_waits_returns_the_head_to_python_and_its_waits_are_sliced_again(dom):
@@ -193,15 +215,7 @@ def test_a_waker_killed_at_any_step_of_its_increment_never_leaves_the_head_aslee
         w = ThreadWaiter(dom, "s")
         try:
             w.asleep(timed=False)
-
-            def increment_armed():
-                dom.register()
-                arm(n)
-                dom.sem_increment("s")
-            r = child(increment_armed)
-            status = reap(r)
-            completed_once = exited_ok(status)
-            assert completed_once or killed(status)
+            r, completed_once = armed_increment(dom, "s", n)
             dom.recover(r, timeout=10)
             # Either the unit was committed (then w must get it now) or not
             # (then it is still at 0 and w still waits: give one).  A unit
@@ -220,20 +234,10 @@ def test_a_dead_head_does_not_keep_the_next_waiter_from_the_unit_without_a_super
     waiter's slice (which sleeps with a timer because someone is ahead of it),
     with no recover() call from anyone."""
     dom.sem_create("s", 0)
-    w1 = ThreadWaiter(dom, "s")
-    w2 = None
-    try:
-        until(lambda: sem(dom, "s")["waiters"] == 1, what="w1 queued")
-        w1.asleep(timed=False)
-        w2 = ThreadWaiter(dom, "s")
-        until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
+    with head_and_next(dom, "s") as (w1, w2):
         kill_and_reap(w1.pid)
         dom.sem_increment("s")
         assert w2.done(timeout=10)
-    finally:
-        kill_if_alive(w1.pid)
-        if w2:
-            kill_if_alive(w2.pid)
 
 
 def test_a_waker_killed_before_its_wake_up_without_a_supervisor_a_second_waiter_wakes_the_head(dom):
@@ -253,15 +257,7 @@ def test_a_waker_killed_before_its_wake_up_without_a_supervisor_a_second_waiter_
             w1.asleep(timed=False)
             w2 = child(lambda: dom.sem_decrement("s", wait=True))   # the main thread: sliced
             until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
-
-            def increment_armed():
-                dom.register()
-                arm(n)
-                dom.sem_increment("s")
-            r = child(increment_armed)
-            status = reap(r)
-            completed_once = exited_ok(status)
-            assert completed_once or killed(status)
+            r, completed_once = armed_increment(dom, "s", n)
             ours = 0
             if sem(dom, "s")["value"] == 0 and sem(dom, "s")["waiters"] == 2:
                 # not committed, or a redo log that the next guard holder
