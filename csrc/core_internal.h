@@ -291,6 +291,7 @@ int  np_futex_wait(uint32_t *w, uint32_t val, int64_t ns);   /* ns < 0: no timeo
 void np_futex_wake(uint32_t *w, int n);
 void np_wake_slot_actors(np_domain *d, uint32_t slot1);
 void np_wake_untimed(np_domain *d, const uint32_t *listed, int n);
+void np_wake_untimed_of(np_domain *d, uint32_t idx1, uint32_t gen);
 
 static inline void cpu_relax(void)
 {
@@ -513,6 +514,7 @@ static inline int obj_gone(np_domain *d, np_actor *a, np_actor *x, np_obj *o, ui
         tx_commit(d, a);
         obj_unlock(d, o);
         CRASHPOINT();
+        np_wake_untimed_of(d, idx + 1, gen);       /* Q6 of queue.c */
         return NP_EDESTROYED;
     }
     obj_unlock(d, o);

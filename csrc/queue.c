@@ -34,7 +34,11 @@
  *     asleep without a timeout (np_wake_untimed).  Dekker again: the sleeper
  *     reads rec_epoch under the guard, marks itself NP_SLEEP_UNTIMED, then
  *     re-reads it (seq_cst) and does not sleep untimed if it moved; so
- *     either it sees the bump or the recovery's scan sees its mark.
+ *     either it sees the bump or the recovery's scan sees its mark.  With no
+ *     supervisor, the waiters behind such a sleeper stand in: at the end of
+ *     its slice a waiter wakes the entitled waiters ahead of it (acquire.c),
+ *     and one that finds its object destroyed wakes that incarnation's
+ *     untimed sleepers (np_wake_untimed_of).
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -233,6 +237,24 @@ void np_wake_untimed(np_domain *d, const uint32_t *listed, int n)
     for (uint32_t k = 0; k < hi; k++) {
         np_actor *x = &d->actors[listed ? listed[k] : k];
         if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) != NP_SLEEP_UNTIMED)
+            continue;
+        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
+            np_futex_wake(&x->wake, 1);
+    }
+}
+
+/* Q6 again, for a destroy: the untimed sleepers still marked as queued on
+ * object idx1 - 1 in generation gen (the destroyed one) -- its destroyer
+ * may have died before waking them.  Called by a waiter of that queue that
+ * found the object gone (obj_gone), so they hear of it with no supervisor. */
+void np_wake_untimed_of(np_domain *d, uint32_t idx1, uint32_t gen)
+{
+    for (uint32_t k = 0; k <= d->nact; k++) {
+        np_actor *x = &d->actors[k];
+        if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) != NP_SLEEP_UNTIMED
+                || __atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED) != idx1
+                || __atomic_load_n(&x->wait_gen, __ATOMIC_RELAXED) != gen)
             continue;
         __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
         if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))

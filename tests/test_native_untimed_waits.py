@@ -48,9 +48,9 @@ def asleep(pid: int, tid: int | None, timed: bool, timeout: float = 10.0) -> Non
 
 class ThreadWaiter:
     """A child process whose second thread waits for the semaphore, without a
-    timeout (then the child exits 0)."""
+    timeout (then the child exits 0 if ok(what it got))."""
 
-    def __init__(self, dom, name: str, before=None):
+    def __init__(self, dom, name: str, before=None, ok=lambda got: got >= 0):
         r, w = os.pipe()
 
         def run():
@@ -60,7 +60,8 @@ class ThreadWaiter:
 
             def wait():
                 os.write(w, str(threading.get_native_id()).encode().ljust(12))
-                assert dom.sem_decrement(name, wait=True) >= 0
+                got = dom.sem_decrement(name, wait=True)
+                assert ok(got), got
             t = threading.Thread(target=wait)
             t.start()
             t.join()
@@ -279,3 +280,42 @@ def test_a_waker_killed_before_its_wake_up_without_a_supervisor_a_second_waiter_
             kill_if_alive(w1.pid)
             if w2:
                 kill_if_alive(w2)
+
+
+def test_a_destroyer_killed_before_its_wake_up_without_a_supervisor_a_second_waiter_wakes_the_head(dom):
+    """Found by the second attack: a destroy killed between its commit and its
+    wake-up, nobody recovering it, left the untimed head asleep for good (its
+    queue is gone, so the waiter behind it, told of the destroy at the end of
+    its slice, did not reach it); re-creating the name did not wake it either.
+    A waiter that finds its object destroyed now wakes the untimed sleepers of
+    that incarnation.  Every crash point of the destroy."""
+    n, completed_once = 0, False
+    while not completed_once:
+        n += 1
+        assert n < 100, "the destroy never completed"
+        dom.sem_create("s", 0)
+        w1 = ThreadWaiter(dom, "s", ok=lambda got: got == -1)
+        w2 = None
+        try:
+            w1.asleep(timed=False)
+            w2 = ThreadWaiter(dom, "s", ok=lambda got: got == -1)
+            until(lambda: sem(dom, "s")["waiters"] == 2, what="w2 queued")
+
+            def destroy_armed():
+                dom.register()
+                arm(n)
+                dom.sem_destroy("s")
+            r = child(destroy_armed)
+            status = reap(r)
+            completed_once = exited_ok(status)
+            assert completed_once or killed(status)
+            if sem(dom, "s") is not None and sem(dom, "s")["waiters"] == 2:
+                dom.sem_destroy("s")       # not committed (or a redo log): destroy now
+            assert w1.done(timeout=10), f"crash point {n}: the head stayed asleep"
+            assert w2.done(timeout=10)
+            dom.recover(r, timeout=10)
+            assert sem(dom, "s") is None
+        finally:
+            kill_if_alive(w1.pid)
+            if w2:
+                kill_if_alive(w2.pid)
