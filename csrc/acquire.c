@@ -255,7 +255,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                 np_futex_wait(&a->wake, w, until - now);
             } else if (!__atomic_load_n(&mine->interrupted, __ATOMIC_SEQ_CST)
                        && __atomic_load_n(&d->h->rec_epoch, __ATOMIC_SEQ_CST) == epoch) {
-                if (np_futex_wait(&a->wake, w, -1) == EINTR) {
+                if (np_futex_wait_untimed(&a->wake, w) == EINTR) {
                     __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
                     return NP_EINTR;    /* a signal: still queued */
                 }

@@ -287,7 +287,8 @@ extern __thread np_tcache np_tc[NP_TCACHE];
 
 /* ---- shared helpers ---- */
 int64_t np_now(void);
-int  np_futex_wait(uint32_t *w, uint32_t val, int64_t ns);   /* ns < 0: no timeout */
+int  np_futex_wait(uint32_t *w, uint32_t val, int64_t ns);
+int  np_futex_wait_untimed(uint32_t *w, uint32_t val);
 void np_futex_wake(uint32_t *w, int n);
 void np_wake_slot_actors(np_domain *d, uint32_t slot1);
 void np_wake_untimed(np_domain *d, const uint32_t *listed, int n);

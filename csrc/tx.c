@@ -45,19 +45,28 @@ int64_t np_now(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-int np_futex_wait(uint32_t *w, uint32_t val, int64_t ns)
+/* Shared (not PRIVATE) futexes: the words live in a MAP_SHARED mapping. */
+static int futex_wait(uint32_t *w, uint32_t val, const struct timespec *tp)
 {
-    struct timespec ts, *tp = NULL;
-    if (ns >= 0) {
-        /* a timed sleep arms a kernel timer: ~0.2 us of a hand-off's ~3 */
-        ts.tv_sec = ns / 1000000000LL;
-        ts.tv_nsec = ns % 1000000000LL;
-        tp = &ts;
-    }
-    /* Shared (not PRIVATE) futex: the word lives in a MAP_SHARED mapping. */
     if (syscall(SYS_futex, w, FUTEX_WAIT, val, tp, NULL, 0) == 0)
         return 0;
     return errno;
+}
+
+/* At most ns (a remaining time that has run out, ns <= 0, does not sleep). */
+int np_futex_wait(uint32_t *w, uint32_t val, int64_t ns)
+{
+    if (ns < 0)
+        ns = 0;
+    struct timespec ts = {ns / 1000000000LL, ns % 1000000000LL};
+    return futex_wait(w, val, &ts);
+}
+
+/* No timeout (A3u of acquire.c): a timed sleep arms a kernel timer, about a
+ * tenth of a hand-off on one CPU. */
+int np_futex_wait_untimed(uint32_t *w, uint32_t val)
+{
+    return futex_wait(w, val, NULL);
 }
 
 void np_futex_wake(uint32_t *w, int n)
