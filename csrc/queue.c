@@ -134,17 +134,22 @@ void np_q_purge(np_domain *d, np_actor *me, np_obj *o)
     }
 }
 
+/* Q4: bump x's word, and make the system call only if it may be asleep.
+ * seq_cst, with the sleeper's store of `sleeping' and load of `wake':
+ * either it sees our increment and does not sleep, or we see its flag and
+ * wake it.  Only the first waker after it went to sleep makes the call. */
+static inline void wake_one(np_actor *x)
+{
+    __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
+        np_futex_wake(&x->wake, 1);
+}
+
 void np_wake_actors(np_domain *d, const uint32_t *who, int n)
 {
     for (int i = 0; i < n; i++) {
         np_actor *x = &d->actors[who[i]];
-        /* seq_cst, with the sleeper's store of `sleeping' and load of
-         * `wake' (Q4): either it sees our increment and does not sleep, or
-         * we see its flag and wake it.  Only the first waker after it went to
-         * sleep makes the system call. */
-        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
-            np_futex_wake(&x->wake, 1);
+        wake_one(x);
         if (who[i] >= d->wbase) {
             /* an async record (W2): its process's helper looks at it */
             uint32_t p = __atomic_load_n(&x->proc, __ATOMIC_ACQUIRE);
@@ -219,13 +224,9 @@ int np_q_leave(np_domain *d, np_actor *a, uint32_t xi, np_obj *o, uint32_t w, ui
  * np_interrupt_waits): each sees its word change, as for a grant (Q4). */
 void np_wake_slot_actors(np_domain *d, uint32_t slot1)
 {
-    for (uint32_t x = 0; x <= d->nact; x++) {
-        np_actor *ax = &d->actors[x];
-        if (__atomic_load_n(&ax->proc, __ATOMIC_RELAXED) == slot1) {
-            __atomic_add_fetch(&ax->wake, 1, __ATOMIC_SEQ_CST);
-            np_futex_wake(&ax->wake, 1);
-        }
-    }
+    for (uint32_t x = 0; x <= d->nact; x++)
+        if (__atomic_load_n(&d->actors[x].proc, __ATOMIC_RELAXED) == slot1)
+            wake_one(&d->actors[x]);
 }
 
 /* Q6: after rec_epoch was bumped, wake the actors asleep without a timeout:
@@ -236,11 +237,8 @@ void np_wake_untimed(np_domain *d, const uint32_t *listed, int n)
     uint32_t hi = listed ? (uint32_t)n : d->nact + 1;
     for (uint32_t k = 0; k < hi; k++) {
         np_actor *x = &d->actors[listed ? listed[k] : k];
-        if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) != NP_SLEEP_UNTIMED)
-            continue;
-        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
-            np_futex_wake(&x->wake, 1);
+        if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) == NP_SLEEP_UNTIMED)
+            wake_one(x);
     }
 }
 
@@ -252,12 +250,9 @@ void np_wake_untimed_of(np_domain *d, uint32_t idx1, uint32_t gen)
 {
     for (uint32_t k = 0; k <= d->nact; k++) {
         np_actor *x = &d->actors[k];
-        if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) != NP_SLEEP_UNTIMED
-                || __atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED) != idx1
-                || __atomic_load_n(&x->wait_gen, __ATOMIC_RELAXED) != gen)
-            continue;
-        __atomic_add_fetch(&x->wake, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_exchange_n(&x->sleeping, 0, __ATOMIC_SEQ_CST))
-            np_futex_wake(&x->wake, 1);
+        if (__atomic_load_n(&x->sleeping, __ATOMIC_SEQ_CST) == NP_SLEEP_UNTIMED
+                && __atomic_load_n(&x->waiting_on, __ATOMIC_RELAXED) == idx1
+                && __atomic_load_n(&x->wait_gen, __ATOMIC_RELAXED) == gen)
+            wake_one(x);
     }
 }
