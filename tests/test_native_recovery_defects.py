@@ -95,6 +95,21 @@ def test_2_a_new_process_on_a_dead_recoverers_actor_does_not_keep_the_recovery_c
 
 
 @pytest.mark.timeout(30)
+def _at_fd_limit(dom) -> list[int]:
+    """In a waiter child: registered, the name "other" cached, then every free
+    descriptor taken (EMFILE from here on); returns them."""
+    dom.register()
+    dom.mutex_trylock("other")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    fds = []
+    try:
+        while True:
+            fds.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        return fds
+
+
 def test_3a_a_waiter_at_its_fd_limit_never_takes_a_live_holder_for_dead(dom):
     """The waiter cannot open /proc (EMFILE): the live holder keeps its mutex."""
     r, w = os.pipe()
@@ -102,16 +117,7 @@ def test_3a_a_waiter_at_its_fd_limit_never_takes_a_live_holder_for_dead(dom):
     os.read(r, 1)
 
     def waiter():
-        dom.register()
-        dom.mutex_trylock("other")           # name cached before the fds run out
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
-        fds = []
-        try:
-            while True:
-                fds.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass                             # EMFILE from here on
+        fds = _at_fd_limit(dom)
         got = dom.mutex_lock("m", timeout=0.5)     # several slices: liveness checked
         for fd in fds:
             os.close(fd)
@@ -148,16 +154,7 @@ def test_3c_a_waiter_at_its_fd_limit_takes_a_zombie_holders_mutex(dom, threads):
     until(lambda: _state(holder) == "Z" and _threads(holder) == 1, what="a zombie")
 
     def waiter():
-        dom.register()
-        dom.mutex_trylock("other")           # name cached before the fds run out
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
-        fds = []
-        try:
-            while True:
-                fds.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass                             # EMFILE from here on
+        fds = _at_fd_limit(dom)
         got = dom.mutex_lock("m", timeout=5)
         if got:
             dom.mutex_unlock("m")
