@@ -1714,6 +1714,9 @@ class Controller:
                 reply.end_wait()
         # 1. every container learns the system goes down, while all are still up
         self._broadcast_ctl("system_shutdown")
+        for rec in list(self._records()):
+            if rec.alive and rec.conn is not None:
+                self._stopping(rec)
         await self._wait_until(lambda: all(r.system_shutdown_done or not r.alive for r in self._records()),
                                min(0.5 if self._quick else 2.0, self.shutdown_timeout))
         # 2. then each is asked to finish (shutdown hook, pre_finish_hook, exit)
@@ -1752,7 +1755,6 @@ class Controller:
         for rec in self._records():
             if rec.alive and rec.conn is not None:
                 rec.conn.send(frame)
-                self._stopping(rec)
 
     def _stopping(self, rec: _ContainerRecord) -> None:
         """rec was just asked to stop: plugins wake its blocking waits."""
