@@ -11,7 +11,8 @@
  *     owner = the holder's slot + 1).
  *  A2 Bounded overtaking: a caller not queued may take a free unit ahead of
  *     the queue unless the head, after waiting NP_STARVE_NS, was refused one
- *     (np_head_refused); from then on it queues behind, and the next unit is
+ *     (np_head_refused: woken for a unit, it found none -- a look at the end
+ *     of a slice refuses nothing); from then on it queues behind, and the next unit is
  *     the head's: waits are starvation-free, and a head that is not running
  *     never keeps a unit idle.
  *  A3 A wait sleeps at most one slice (NP_SLICE_NS) per call and returns
@@ -87,7 +88,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
     int64_t slice_end = 0;
-    int spun = 0, rspun = 0, death_checked = 0;
+    int spun = 0, rspun = 0, death_checked = 0, woken = 0;
 
     if (kind == NP_KIND_MUTEX && likely(!a->waiting_on)) {
         /* A7: the fast path (mutex_fast.h), then a bounded spin on it while
@@ -175,7 +176,9 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             continue;
         }
         int64_t now = np_now();
-        if (queued && !rspun && np_head_refused(d, o, ai, now)) {
+        /* refused: woken for a unit (its word moved) and found none; a look
+         * at the end of a slice, or after a signal, refuses nothing */
+        if (queued && woken && !rspun && np_head_refused(d, o, ai, now)) {
             rspun = 1;                  /* A2: reserved; the holder may be running */
             obj_unlock(d, o);
             spin_for_a_unit(o);
@@ -262,6 +265,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             }
         }
         __atomic_store_n(&a->sleeping, 0, __ATOMIC_RELAXED);
+        woken = __atomic_load_n(&a->wake, __ATOMIC_ACQUIRE) != w;
         if (untimed && __atomic_load_n(&mine->interrupted, __ATOMIC_SEQ_CST))
             return NP_EINTR;            /* still queued: Python looks (interrupt_check) */
         if (died) {

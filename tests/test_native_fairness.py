@@ -163,3 +163,27 @@ def test_no_waiter_starves_while_others_hammer_the_mutex():
         d._core.check()
     finally:
         _clean_up(d, pids, r, w)
+
+
+def test_a_head_that_only_looked_at_the_end_of_its_slices_then_stopped_reserves_nothing(dom):
+    """Found by the last attack: a head that waited in slices (the main
+    thread, or any wait after interrupt_waits) counted each look at the end
+    of a slice as a refusal, though no unit existed: stopped afterwards, it
+    kept the next unit from every newcomer while it stayed stopped.  Refused
+    now means woken for a unit and finding none."""
+    from native_helpers import child, reap, sem, wait_stopped
+    dom.sem_create("s", 0)
+    head = child(lambda: dom.sem_decrement("s", wait=True))     # the main thread: sliced
+    try:
+        until(lambda: sem(dom, "s")["waiters"] == 1, what="the head queued")
+        time.sleep(0.35)                 # > 1 ms, and three looks at the end of a slice
+        os.kill(head, signal.SIGSTOP)
+        wait_stopped(head)
+        assert sem(dom, "s")["reserved"] is False
+        dom.sem_increment("s")
+        assert dom.sem_decrement("s") == 0           # a newcomer takes the free unit
+        os.kill(head, signal.SIGCONT)
+        dom.sem_increment("s")
+        assert os.WIFEXITED(st := reap(head)) and os.WEXITSTATUS(st) == 0
+    finally:
+        kill_if_alive(head)
