@@ -22,6 +22,10 @@ Its end:
   exit at once, within 2 s at the latest (a hard alarm backs it up);
 - SIGTERM while the loop's thread is in a synchronous call (the loop cannot
   run): killed by that SIGTERM at once.
+Whatever the end, from its beginning (``stop``; a system shutdown's
+``system_shutdown`` already) every blocking wait of the container, in any
+thread, handlers' awaits included, ends as a timeout would: a
+``pre_finish_hook`` can join a thread blocked in one.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ class _Runtime:
         self.listening = False      # the listening socket is in the loop's selector
         self._unstarted: set = set()    # accepted sockets whose task has not run yet
         self.stop_reason: asyncio.Future | None = None
-        self.stopping = False       # a shutdown message was handled
+        self.stopping = False       # system_shutdown handled, or the end begun (stop)
         self.shutdown_seen = False
         self.grace = HANDLER_GRACE
         self.accepting = True       # False once the controller disabled the service
@@ -196,9 +200,20 @@ class _Runtime:
             self.stop("regular")
 
     def stop(self, reason: str) -> None:
-        """Request the end: "regular" or "abort"."""
+        """Request the end: "regular" or "abort".  From now on the
+        container's blocking waits end as timeouts would, in every thread
+        (``shutdown_pending``), as at a system shutdown; an end the
+        controller did not ask for (recycling, ``global_exception_handler``
+        returning False) is told to it, so that it wakes them (a native
+        untimed sleep, an RPC wait it holds)."""
+        self.stopping = True
         if self.stop_reason is not None and not self.stop_reason.done():
             self.stop_reason.set_result(reason)
+            if reason == "regular" and not self.shutdown_seen:
+                try:
+                    self.channel.notify("ctl.stopping", [])
+                except ControllerGoneError:
+                    pass
 
     def hook(self, name: str, *args) -> None:
         try:
@@ -242,9 +257,10 @@ class _Runtime:
                 self.stop_accepting()
 
     def shutdown_pending(self) -> bool:
-        """For blocking waits (any thread): has the system begun to stop?
-        On the loop thread this looks at the channel itself, since a
-        synchronous wait keeps the loop from handling messages."""
+        """For blocking waits (any thread): has the system, or this
+        container, begun to stop?  On the loop thread this looks at the
+        channel itself, since a synchronous wait keeps the loop from
+        handling messages."""
         if self.stopping or self.channel.closed:
             return True
         if threading.get_ident() == self.loop_thread:

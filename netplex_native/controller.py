@@ -39,7 +39,8 @@ Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
                       ``_manage`` then starts or ``_retire``s containers
 
 A retiring container is asked to finish (``ctl shutdown`` with its grace,
-``shutdown_timeout``) and is SIGTERMed 1 s after that; it never counts
+``shutdown_timeout``; ``_stopping`` ends its blocking waits, as a system
+shutdown ends every container's) and is SIGTERMed 1 s after that; it never counts
 toward a service's workers, its end is never a failure and it is not
 restarted.  A service's listening socket is bound for its configured
 address (``bound_for``): a reload that moves a disabled service changes
@@ -486,6 +487,7 @@ class _ContainerRecord:
         self.unacked: dict[int, object] = {}      # call id -> undo of a deferred grant
         self.system_shutdown_done = False
         self.retiring = False       # asked to finish; replaced or not needed any more
+        self.stop_asked = False     # its end has begun: its waits end (_stopping)
         self.start_handle: asyncio.TimerHandle | None = None   # startup_timeout
         self.load = 0               # connections it serves (dynamic workload only)
         self.kill_handle: asyncio.TimerHandle | None = None
@@ -1580,8 +1582,9 @@ class Controller:
             reply.error(e)
         if not reply.done:
             reply.deferred = True
-            if rid <= 0 or self._state == "stopping" or not rec.alive:
-                reply.end_wait()   # nobody would read the answer; no new waits once shutdown began
+            if (rid <= 0 or self._state == "stopping" or not rec.alive
+                    or (rec.stop_asked and reply.on_cancel is not None)):
+                reply.end_wait()   # nobody would read the answer; no new waits once its end began
             else:
                 rec.pending[rid] = reply
 
@@ -1617,6 +1620,8 @@ class Controller:
         elif proc == "system_shutdown":
             log.info("container %s (pid %d) asked for system shutdown", rec.id, rec.pid)
             self.shutdown()
+        elif proc == "stopping":   # it ends on its own (recycling, global_exception_handler)
+            self._stopping(rec)
         elif proc == "system_shutdown_done":
             rec.system_shutdown_done = True
             self._reaped_event.set()
@@ -1757,7 +1762,14 @@ class Controller:
                 rec.conn.send(frame)
 
     def _stopping(self, rec: _ContainerRecord) -> None:
-        """rec was just asked to stop: plugins wake its blocking waits."""
+        """rec's end has begun (asked to stop, or it said so): its blocking
+        waits end as timeouts would, as at a system shutdown -- the RPC
+        waits it has queued here are answered now, and new ones at once;
+        plugins wake its native waits."""
+        rec.stop_asked = True
+        for reply in list(rec.pending.values()):
+            if reply.on_cancel is not None:     # a wait (not a call still being served)
+                reply.end_wait()
         for plugin in self._plugins:
             _safely(lambda: plugin.ctrl_container_stopping(self, rec), f"{plugin.name}: container_stopping")
 
