@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -19,6 +20,26 @@ def backend(request):
     from harness import need_backend
     need_backend(request.param)
     return request.param
+
+
+@pytest.fixture
+def pipes():
+    """os.pipe() whose ends the test leaves open are closed after it, even
+    when it fails (tests that fork keep both ends; left open, hundreds of
+    runs exhaust the pytest process's descriptors, and a controller forked
+    later with a low RLIMIT_NOFILE fails at start)."""
+    made = []
+
+    def pipe():
+        r, w = os.pipe()
+        made.extend((r, w))
+        return r, w
+    yield pipe
+    for fd in made:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 @pytest.fixture

@@ -77,10 +77,10 @@ def test_protected_increment_and_decrement_are_accounted_per_process(dom):
 
 
 @pytest.mark.timeout(30)
-def test_waiters_are_served_in_fifo_order(dom):
+def test_waiters_are_served_in_fifo_order(dom, pipes):
     """Three processes queue one after the other; increments serve them in that order."""
     dom.sem_create("fifo", 0)
-    r, w = os.pipe()
+    r, w = pipes()
 
     def waiter(i):
         assert dom.sem_decrement("fifo", wait=True, timeout=20) == 0
@@ -114,9 +114,9 @@ def test_timeout_returns_minus_one_and_leaves_the_queue(dom):
 
 
 @pytest.mark.timeout(20)
-def test_destroy_wakes_waiters_with_minus_one_and_recreate_starts_fresh(dom):
+def test_destroy_wakes_waiters_with_minus_one_and_recreate_starts_fresh(dom, pipes):
     dom.sem_create("d", 0)
-    r, w = os.pipe()
+    r, w = pipes()
 
     def waiter():
         os.write(w, str(dom.sem_decrement("d", wait=True, timeout=10)).encode() + b"\n")
@@ -317,10 +317,10 @@ def test_a_255_byte_name_is_accepted(dom):
 # ---- waits and signals ----------------------------------------------------
 
 @pytest.mark.timeout(20)
-def test_ctrl_c_interrupts_a_native_wait_and_leaves_no_waiter(dom):
+def test_ctrl_c_interrupts_a_native_wait_and_leaves_no_waiter(dom, pipes):
     dom.sem_create("sig", 0)
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
+    r, w = pipes()
+    go_r, go_w = pipes()
 
     def child():
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -416,9 +416,9 @@ def test_uncontended_operations_make_no_system_call(dom, tmp_path):
     assert between == [], between[:20]
 
 
-def test_remove_stale_unlinks_only_segments_of_dead_creators(dom):
+def test_remove_stale_unlinks_only_segments_of_dead_creators(dom, pipes):
     """A segment whose creator died is removed; one whose creator lives is kept."""
-    r, w = os.pipe()
+    r, w = pipes()
 
     def creator():
         d = _native.Domain.create(semaphores=1, mutexes=1, processes=1)

@@ -16,24 +16,6 @@ import pytest
 from native_helpers import (arm, child, hold_until_killed, kill_and_reap, kill_soon, killed, mtx,
                             pids, reap)
 
-@pytest.fixture
-def pipes():
-    """os.pipe() whose ends the test leaves open are closed after it (the
-    parametrized tests below would otherwise keep hundreds of descriptors in
-    the pytest process, and later tests run out)."""
-    made = []
-
-    def pipe():
-        r, w = os.pipe()
-        made.extend((r, w))
-        return r, w
-    yield pipe
-    for fd in made:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
 
 SHORT = 0.09        # under one wait slice (NP_SLICE_NS = 100 ms)
 
