@@ -22,10 +22,11 @@ Its end:
   exit at once, within 2 s at the latest (a hard alarm backs it up);
 - SIGTERM while the loop's thread is in a synchronous call (the loop cannot
   run): killed by that SIGTERM at once.
-Whatever the end, from its beginning (``stop``; a system shutdown's
-``system_shutdown`` already) every blocking wait of the container, in any
-thread, handlers' awaits included, ends as a timeout would: a
-``pre_finish_hook`` can join a thread blocked in one.
+A regular end's connections are served as usual (their waits too); once
+they are done, before ``pre_finish_hook``, every blocking wait of the
+container still running or begun later, in any thread, ends as a timeout
+would (``end_waits``), so that the hook can join a thread blocked in one.
+A system shutdown ends them at its start (``system_shutdown``).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class _Runtime:
         self.listening = False      # the listening socket is in the loop's selector
         self._unstarted: set = set()    # accepted sockets whose task has not run yet
         self.stop_reason: asyncio.Future | None = None
-        self.stopping = False       # system_shutdown handled, or the end begun (stop)
+        self.stopping = False       # system_shutdown handled, or end_waits: waits end
         self.shutdown_seen = False
         self.grace = HANDLER_GRACE
         self.accepting = True       # False once the controller disabled the service
@@ -200,20 +201,21 @@ class _Runtime:
             self.stop("regular")
 
     def stop(self, reason: str) -> None:
-        """Request the end: "regular" or "abort".  From now on the
-        container's blocking waits end as timeouts would, in every thread
-        (``shutdown_pending``), as at a system shutdown; an end the
-        controller did not ask for (recycling, ``global_exception_handler``
-        returning False) is told to it, so that it wakes them (a native
-        untimed sleep, an RPC wait it holds)."""
-        self.stopping = True
+        """Request the end: "regular" or "abort"."""
         if self.stop_reason is not None and not self.stop_reason.done():
             self.stop_reason.set_result(reason)
-            if reason == "regular" and not self.shutdown_seen:
-                try:
-                    self.channel.notify("ctl.stopping", [])
-                except ControllerGoneError:
-                    pass
+
+    def end_waits(self) -> None:
+        """A regular end has served its connections: from now on every
+        blocking wait of this container, in any thread, ends as a timeout
+        would (``shutdown_pending``).  The controller is told, so that it
+        answers the RPC waits it holds for us and wakes a native one asleep
+        without a timeout (the first waiter of a semaphore)."""
+        self.stopping = True
+        try:
+            self.channel.notify("ctl.stopping", [])
+        except ControllerGoneError:
+            pass
 
     def hook(self, name: str, *args) -> None:
         try:
@@ -417,6 +419,7 @@ class _Runtime:
                 await asyncio.wait(list(self.handlers), timeout=self.grace)
             for t in list(self.handlers):
                 t.cancel()
+            self.end_waits()
             self.hook("pre_finish_hook", self.cont)
         else:
             for t in list(self.handlers):

@@ -39,8 +39,7 @@ Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
                       ``_manage`` then starts or ``_retire``s containers
 
 A retiring container is asked to finish (``ctl shutdown`` with its grace,
-``shutdown_timeout``; ``_stopping`` ends its blocking waits, as a system
-shutdown ends every container's) and is SIGTERMed 1 s after that; it never counts
+``shutdown_timeout``) and is SIGTERMed 1 s after that; it never counts
 toward a service's workers, its end is never a failure and it is not
 restarted.  A service's listening socket is bound for its configured
 address (``bound_for``): a reload that moves a disabled service changes
@@ -487,7 +486,7 @@ class _ContainerRecord:
         self.unacked: dict[int, object] = {}      # call id -> undo of a deferred grant
         self.system_shutdown_done = False
         self.retiring = False       # asked to finish; replaced or not needed any more
-        self.stop_asked = False     # its end has begun: its waits end (_stopping)
+        self.waits_ended = False    # it said ctl.stopping: its waits end (_end_waits)
         self.start_handle: asyncio.TimerHandle | None = None   # startup_timeout
         self.load = 0               # connections it serves (dynamic workload only)
         self.kill_handle: asyncio.TimerHandle | None = None
@@ -1583,8 +1582,8 @@ class Controller:
         if not reply.done:
             reply.deferred = True
             if (rid <= 0 or self._state == "stopping" or not rec.alive
-                    or (rec.stop_asked and reply.on_cancel is not None)):
-                reply.end_wait()   # nobody would read the answer; no new waits once its end began
+                    or (rec.waits_ended and reply.on_cancel is not None)):
+                reply.end_wait()   # nobody would read the answer; no new waits once shutdown began
             else:
                 rec.pending[rid] = reply
 
@@ -1620,7 +1619,8 @@ class Controller:
         elif proc == "system_shutdown":
             log.info("container %s (pid %d) asked for system shutdown", rec.id, rec.pid)
             self.shutdown()
-        elif proc == "stopping":   # it ends on its own (recycling, global_exception_handler)
+        elif proc == "stopping":   # its regular end served its connections: end its waits
+            self._end_waits(rec)
             self._stopping(rec)
         elif proc == "system_shutdown_done":
             rec.system_shutdown_done = True
@@ -1761,15 +1761,19 @@ class Controller:
             if rec.alive and rec.conn is not None:
                 rec.conn.send(frame)
 
-    def _stopping(self, rec: _ContainerRecord) -> None:
-        """rec's end has begun (asked to stop, or it said so): its blocking
-        waits end as timeouts would, as at a system shutdown -- the RPC
-        waits it has queued here are answered now, and new ones at once;
-        plugins wake its native waits."""
-        rec.stop_asked = True
+    def _end_waits(self, rec: _ContainerRecord) -> None:
+        """rec's regular end has served its connections (``ctl.stopping``,
+        sent before its pre_finish_hook): the RPC waits it has queued here
+        are answered as timeouts now, and new ones at once -- what a system
+        shutdown does for every container."""
+        rec.waits_ended = True
         for reply in list(rec.pending.values()):
             if reply.on_cancel is not None:     # a wait (not a call still being served)
                 reply.end_wait()
+
+    def _stopping(self, rec: _ContainerRecord) -> None:
+        """rec was asked to stop, or its waits end: plugins wake its
+        blocking waits (each looks at its interrupt_check again)."""
         for plugin in self._plugins:
             _safely(lambda: plugin.ctrl_container_stopping(self, rec), f"{plugin.name}: container_stopping")
 

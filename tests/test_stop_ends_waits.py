@@ -1,14 +1,17 @@
-"""A container asked to stop ends its blocking waits, however the stop comes.
+"""A container's regular end ends its blocking waits before its
+``pre_finish_hook``, however the end comes.
 
 A worker thread of a container blocked in ``semaphore.decrement(wait=True)``
-(no timeout), and a handler awaiting ``decrement_async`` for a connection,
-must see their waits end (-1, as a timeout) as soon as the container is
-asked to stop -- by a SIGHUP reload, ``admin restart`` or a system shutdown
-alike -- or ends on its own (``global_exception_handler`` returns False), so that a ``pre_finish_hook`` that joins the thread returns at once
-instead of waiting out the whole grace (``shutdown_timeout``, 30 s here).
-Before the fix only a system shutdown reached them: a retired container's
-threads kept waiting, in slices, and its ``pre_finish_hook`` hung until the
-controller SIGTERMed it.
+(no timeout) must see its wait end (-1, as a timeout) once the container
+has served its connections -- whether a SIGHUP reload, ``admin restart`` or
+a system shutdown asked it to stop, or it ends on its own
+(``global_exception_handler`` returns False) -- so that a ``pre_finish_hook``
+that joins the thread returns at once instead of waiting out the whole
+grace (``shutdown_timeout``, 30 s here).  Before the fix only a system
+shutdown reached such a wait: a retired container's thread kept waiting, in
+slices, and its ``pre_finish_hook`` hung until the controller SIGTERMed it.
+The connections a retiring container still serves are served as usual
+meanwhile: a handler's await is granted during the grace, not cut short.
 
 End to end: ``netplex-native run`` subprocesses (``ops_harness``), both
 backends; the application reports through marker files beside its module.
@@ -37,6 +40,7 @@ from netplex_native import semaphore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEM = "stopwaits.never"             # nobody ever increments it
+HSEM = "stopwaits.handler"          # the handlers' own
 
 
 def mark(name, text=""):
@@ -47,10 +51,14 @@ def mark(name, text=""):
 
 
 async def handle(reader, writer):
-    await reader.readline()
-    mark(f"handler.{os.getpid()}")
-    r = await semaphore.decrement_async(SEM, wait=True)
-    writer.write(f"{r}\\n".encode())
+    line = await reader.readline()
+    if line.strip() == b"inc":
+        semaphore.increment(HSEM)
+        writer.write(f"inc {os.getpid()}\\n".encode())
+    else:
+        mark(f"handler.{os.getpid()}")
+        r = await semaphore.decrement_async(HSEM, wait=True)
+        writer.write(f"{r}\\n".encode())
     await writer.drain()
 
 
@@ -73,6 +81,9 @@ class Blocked(netplex.ProcessorHooks):
         mark(f"waiting.{pid}.{i}")
         r = semaphore.decrement(SEM, wait=True)
         mark(f"ended.{pid}.{i}", str(r))
+
+    def shutdown(self):
+        mark(f"shutdown.{os.getpid()}")
 
     def receive_admin_message(self, cont, name, args):
         raise RuntimeError(name)
@@ -158,7 +169,7 @@ def test_a_stop_ends_a_worker_threads_untimed_wait_so_pre_finish_hook_can_join_i
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("plugins", ["native", "rpc"])
-def test_a_restart_ends_a_handlers_await_so_the_container_does_not_wait_out_its_grace(
+def test_a_restart_serves_a_handlers_await_during_the_grace_then_ends_the_threads_waits(
         running, tmp_path, plugins):  # noqa: F811
     r, port, pid = _start(running, tmp_path, plugins)
     conn = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -168,10 +179,23 @@ def test_a_restart_ends_a_handlers_await_so_the_container_does_not_wait_out_its_
         assert wait_until((tmp_path / f"handler.{pid}").exists, 10), r.log()
         time.sleep(0.3)                     # the coroutine is queued
         admin = _ask_to_stop(r, "restart")
-        conn.settimeout(PROMPT + 10)
-        assert conn.makefile().readline().strip() == "-1", r.log()
+        # the old container is asked to stop (it no longer accepts): the new one
+        # takes the next connection and gives the old one's handler its unit
+        assert wait_until((tmp_path / f"shutdown.{pid}").exists, PROMPT + 10), r.log()
+        time.sleep(0.5)                     # its waits would have ended by now if cut short
+        other = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            other.sendall(b"inc\n")
+            other.settimeout(PROMPT)
+            by = other.makefile().readline().split()
+        finally:
+            other.close()
+        assert by[0] == "inc" and int(by[1]) != pid, by
+        conn.settimeout(PROMPT)
+        assert conn.makefile().readline().strip() == "0", r.log()    # granted, not cut short
         assert wait_until((tmp_path / f"joined.{pid}").exists, PROMPT), r.log()
-        assert json.loads((tmp_path / f"joined.{pid}").read_text())["alive"] == [False, False]
+        info = json.loads((tmp_path / f"joined.{pid}").read_text())
+        assert info["alive"] == [False, False] and info["took"] < PROMPT and info["late"] == -1, info
     finally:
         conn.close()
         _reap(admin)
