@@ -259,10 +259,11 @@ class _Runtime:
                 self.stop_accepting()
 
     def shutdown_pending(self) -> bool:
-        """For blocking waits (any thread): has the system, or this
-        container, begun to stop?  On the loop thread this looks at the
-        channel itself, since a synchronous wait keeps the loop from
-        handling messages."""
+        """For blocking waits (any thread): has the system begun to stop,
+        or has this container's regular end served its connections
+        (``end_waits``)?  On the loop thread this also looks at the channel
+        itself, since a synchronous wait keeps the loop from handling
+        messages: one there ends when a stop arrives."""
         if self.stopping or self.channel.closed:
             return True
         if threading.get_ident() == self.loop_thread:
