@@ -5,10 +5,11 @@
 # netplex_native._fast  the uncontended operations without cffi's call
 #                       overhead; it calls the core through _core's function
 #                       pointers (csrc/fast/fast.h says why); one file per
-#                       layer, everything but PyInit__fast hidden
+#                       layer, everything but PyInit__fast hidden; and the
+#                       container channel's reads (container_channel.c)
 from setuptools import Extension, setup
 
-FAST = ["binder.c", "public_functions.c", "handles.c", "module.c"]
+FAST = ["binder.c", "public_functions.c", "handles.c", "container_channel.c", "module.c"]
 
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],

@@ -1,22 +1,25 @@
-"""The container's end of its socketpair to the controller.
+"""In the container process: its end of the socketpair to the controller.
 
 One socket carries calls, their replies, and the controller's messages.
 
 Invariants:
-- Frames are written whole: every send holds ``_slock`` for the whole
-  frame, so threads never interleave bytes.  A send that must wait for room
-  reads meanwhile (when no one else reads), so a container that sends and a
-  controller that waits for it to read never deadlock.  Frames a reader
-  must send while it dispatches (acknowledgements, give-backs) are queued
-  in ``_later`` and written by whoever holds ``_slock`` next, after its frame.
-- One reader at a time: whoever holds ``_rlock`` reads the socket and
-  dispatches every frame it completes (replies to any thread, messages to
-  the inbox).  A synchronous call, on any thread, reads for itself when no
-  one else does, else waits on ``_cond`` until its reply is delivered or the
-  reader role is free: no call needs the loop, so a worker thread's call is
-  served while the loop thread is blocked in a call of its own.  A caller
-  that takes the reader role reads only while its reply has not been
-  delivered yet (another reader may have delivered it since the send).
+- Frames are written whole and never interleaved: a frame enters the write
+  buffer ``_wbuf`` whole, in one step, and leaves it only as the socket
+  takes its bytes (``_send_out`` removes exactly what was sent).  One
+  thread at a time, the writer (``_writer``), writes ``_wbuf`` out; a
+  sender that finds a writer at work leaves its frame to it.  A writer
+  that must wait for room reads meanwhile (when no one else reads), so a
+  container that sends and a controller that waits for it to read never
+  deadlock.  A sender returns once its own frame is written, so the buffer
+  holds at most one frame per sending thread, plus the acknowledgements
+  and give-backs a reader queues.
+- One reader at a time (``_reader``): it reads the socket and dispatches
+  every frame it completes (replies to any thread, messages to the inbox).
+  A synchronous call, on any thread, reads for itself when no one else
+  does, else sleeps in slices until its reply is delivered or the reader
+  role is free: no call needs the loop, so a worker thread's call is served
+  while the loop thread is blocked in a call of its own.  Before it sleeps
+  in recv a reader writes out what is still buffered.
 - The inbox is bounded (INBOX_MAX_MESSAGES, INBOX_MAX_BYTES): messages that
   arrive while nobody can run their hooks (the loop thread is in a
   synchronous call) are queued up to the bound, then dropped and counted
@@ -24,6 +27,30 @@ Invariants:
   Lifecycle messages (``["ctl", ...]``) are never dropped.
 - Every call ends: with its reply, its remote error, or ControllerGoneError
   when the channel closes (every waiting thread is woken).
+
+Signal handlers.  Python runs them on the main thread, between bytecodes,
+and one that raises unwinds whatever that thread was doing.  Any number of
+such exceptions, at any point of a synchronous call on the main thread,
+end that call only: the other threads' calls complete, a grant the call
+received is given back exactly once, and the channel stays usable.  What
+makes it so:
+- Bytes read are in ``_buf`` before any bytecode runs, and a frame leaves
+  ``_buf`` only together with its effect (C1, C2 of
+  csrc/fast/container_channel.c; channel_frames.py).  A reader dispatches
+  what an interrupted one left before it reads.
+- Roles are taken by a test-and-set of ``_reader`` / ``_writer`` in
+  straight-line bytecode (no call between the test and the set, so no
+  handler and no other thread runs there), and given back in ``finally``
+  by a single store; a role is never held by a thread that left.
+- Give-backs and acknowledgements are frames appended to ``_wbuf`` in one
+  step (by the C dispatch, or by ``_give_up``), never callables that an
+  exception could cut short: ``undo`` is a frame, sent if the call was
+  granted something (``True``, or an int >= 0).
+- Sleeps are slices (WAIT_SLICE) on a private lock: a wake-up lost to an
+  exception costs one slice, and sleepers re-check everything each time.
+What is not covered: an awaited call's reply, or a message, being handed to
+the loop by a main thread that is not the loop's thread may be lost to such
+an exception (the loop's own thread hands its replies over in C).
 
 Two ways to call:
 
@@ -42,29 +69,33 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
 
-from . import wire
+from . import channel_frames, wire
+from .channel_frames import granted
 from .errors import REMOTE_ERRORS, ControllerGoneError, RemoteError, ProtocolError
 from .logs import get_logger
 
 log = get_logger("netplex_native.channel")
 
-# A plain binary reply (wire.encode_reply): header (length 22, no JSON), 0x80.
-_REPLY_HEAD = wire._REPLY.pack(wire._REPLY_LEN, 0, wire.OP_REPLY, 0, 0, 0)[:9]
-_REPLY_SIZE = wire._REPLY.size
-_REPLY_TAIL = struct.Struct("!BQBq").unpack_from   # from offset 8: op, id, flags, value
-_PLAIN = {1: None, 9: False, 13: True}             # flags of ok, not deferred, value 0
+try:    # C1 and C2 where no signal handler can run between their steps
+    from ._fast import chan_dispatch as _dispatch_frames, chan_recv as _recv_into, \
+        chan_send as _send_out
+    _BY_FD = True
+except ImportError:  # pragma: no cover - exercised by test_without_accelerator
+    _dispatch_frames, _recv_into, _send_out = channel_frames.dispatch, channel_frames.recv, channel_frames.send
+    _BY_FD = False
+
 _PACK_CALL = wire._CALL.pack                       # Channel.call_op
 _CALL_FIXED = wire._CALL_FIXED
 _NAN = float("nan")
+_get_ident = threading.get_ident
+_allocate_lock = threading.Lock
 
 
 #: Bounds of the inbox (messages read but not yet handled); beyond either,
@@ -73,6 +104,8 @@ INBOX_MAX_MESSAGES = 10_000
 INBOX_MAX_BYTES = 16 * 1024 * 1024
 #: Seconds between two warnings about dropped messages.
 WARN_EVERY = 5.0
+#: Longest sleep of a thread waiting for a role or a reply before it looks again.
+WAIT_SLICE = 0.05
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 
@@ -80,30 +113,34 @@ _POLLOUT = select.POLLOUT
 _STOPS = ("system_shutdown", "shutdown")
 
 
+def undo_frame(proc: str, args: list) -> bytes:
+    """The give-back of a call: the frame of *proc(args)*, sent without a
+    reply wanted if the call is abandoned after a grant (see ``call``)."""
+    return wire.encode_call(0, proc, args)
+
+
 class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         # Blocking: a synchronous call sleeps in recv() itself (one system
-        # call per wait); every other read passes MSG_DONTWAIT.
+        # call per wait); every other read and every write pass MSG_DONTWAIT.
         sock.setblocking(True)
         self.fd = sock.fileno()
-        self._decoder = wire.Decoder(binary=True)
+        self._io = self.fd if _BY_FD else sock     # what _recv_into and _send_out take
+        self._buf = bytearray()                    # read, not yet dispatched (reader's)
+        self._wbuf = bytearray()                   # whole frames not yet written (writer's)
+        self._wcount = [0]                         # bytes written so far (_send_out counts)
         self._ids = itertools.count(1)
-        self._slock = threading.Lock()             # held while one frame is written
-        self._writer = None                        # the thread holding _slock
-        self._later: deque = deque()               # frames to write after the current one
-        self._rlock = threading.Lock()             # held by the one reader
-        self._reader = None                        # the thread holding _rlock
-        self._cond = threading.Condition(threading.Lock())  # replies delivered, reader role free
-        self._sleepers = 0                         # threads waiting on _cond
+        self._writer = None                        # the thread writing _wbuf out
+        self._reader = None                        # the thread reading the socket
+        self._waiters: set = set()                 # private locks of sleeping threads
         self._results: dict[int, tuple] = {}       # replies to synchronous calls
         self._sync_ids: set[int] = set()
         self._futures: dict[int, tuple] = {}       # call id -> (future, undo)
-        self._abandoned: dict[int, object] = {}    # call id -> undo(result) or None
-        self._inbox: deque = deque()               # messages not yet handled
-        self._inbox_bytes = 0
-        self._ilock = threading.Lock()
-        self.dropped_messages = 0
+        self._abandoned: dict[int, object] = {}    # call id -> undo frame or None
+        self._deliveries: deque = deque()          # (future, undo, reply) for the loop
+        self._inbox: deque = deque()               # (obj, blob, size): messages not yet handled
+        self._icount = [0, 0]                      # the inbox's bytes, messages dropped
         self._dropped_warned = 0
         self._warned_at = 0.0
         self._drain_scheduled = False
@@ -113,13 +150,25 @@ class Channel:
         self._on_message = None
         self._on_eof = None
         self.closed = False
+        self._dstate = self._dispatch_state()
+
+    def _dispatch_state(self) -> tuple:
+        """What the dispatch (C2) works on; see chan_dispatch."""
+        return (channel_frames.decode, self._sync_ids, self._results, self._abandoned, self._futures,
+                self._wbuf, self._deliveries, self._inbox, self._icount,
+                (INBOX_MAX_MESSAGES, INBOX_MAX_BYTES), self._loop_thread)
+
+    @property
+    def dropped_messages(self) -> int:
+        return self._icount[1]
 
     # ---- setup ----
     def attach(self, loop, on_message, on_eof) -> None:
         self._loop = loop
-        self._loop_thread = threading.get_ident()
+        self._loop_thread = _get_ident()
         self._on_message = on_message
         self._on_eof = on_eof
+        self._dstate = self._dispatch_state()
         loop.add_reader(self.fd, self._on_readable)
 
     def close(self) -> None:
@@ -133,24 +182,20 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)   # wakes a thread blocked in recv
         except OSError:
             pass
-        if self._reader == threading.get_ident():
-            self.sock.close()
-        elif self._rlock.acquire(timeout=1.0):      # the reader (if any) has left recv
-            try:
-                self.sock.close()
-            finally:
-                self._rlock.release()
-        else:
-            self.sock.close()
-        with self._cond:
-            self._cond.notify_all()
+        me = _get_ident()
+        deadline = time.monotonic() + 1.0
+        while self._reader not in (None, me) and time.monotonic() < deadline:
+            self._sleep(lambda: self._reader is None)   # the reader has left recv
+        self._wbuf.clear()
+        self.sock.close()
+        self._wake_all()
         futures = list(self._futures.values())
         self._futures.clear()
         for fut, _undo in futures:
             self._call_on_loop(_fail, fut)
 
     def _on_loop_thread(self) -> bool:
-        return self._loop_thread is None or threading.get_ident() == self._loop_thread
+        return self._loop_thread is None or _get_ident() == self._loop_thread
 
     def _call_on_loop(self, fn, *args) -> None:
         loop = self._loop
@@ -169,14 +214,16 @@ class Channel:
         """A call that wants no reply."""
         self._send(wire.encode_call(0, proc, args, blob))
 
-    def call(self, proc: str, args: list, blob: bytes | None = None, undo=None):
+    def call(self, proc: str, args: list, blob: bytes | None = None, undo: bytes | None = None):
         """Synchronous call, from any thread; returns ``(result, blob)`` or
-        raises the remote error (ControllerGoneError if the channel closes)."""
+        raises the remote error (ControllerGoneError if the channel closes).
+        *undo*: the frame that gives back what the call was granted (a
+        result ``True`` or an int >= 0) if the caller leaves without it."""
         rid = next(self._ids)
         # too large: raises, nothing sent
         return self._call(rid, wire.encode_call(rid, proc, args, blob), undo)
 
-    def call_op(self, op: int, name: bytes, flags: int = 0, undo=None):
+    def call_op(self, op: int, name: bytes, flags: int = 0, undo: bytes | None = None):
         """``call`` of a binary operation without timeout (wire.CALL_OPS:
         1 increment, 2 decrement without wait, 3 get, 5 unlock) whose name
         (UTF-8) the caller has checked: the frame is packed here, at a
@@ -185,81 +232,62 @@ class Channel:
         return self._call(rid, _PACK_CALL(_CALL_FIXED + len(name), 0, op, rid, flags, _NAN) + name, undo)
 
     def _call(self, rid: int, frame: bytes, undo):
-        sync_ids = self._sync_ids
         results = self._results
-        sync_ids.add(rid)
+        self._sync_ids.add(rid)
         try:
             self._send(frame)
-            if self._rlock.acquire(False):
-                self._reader = threading.get_ident()
-                try:
-                    # (the loop may have read and delivered our reply between the send
-                    # and here: then a recv would wait for a reply that has come)
-                    if rid not in results and not self._decoder.pending:
-                        # the usual case: the next read is exactly our plain binary reply
-                        data = self._recv_blocking()
-                        if len(data) == _REPLY_SIZE and data.startswith(_REPLY_HEAD):
-                            _, rrid, flags, value = _REPLY_TAIL(data, 8)
-                            if rrid == rid:
-                                if flags == 5:              # ok, an int
-                                    sync_ids.discard(rid)
-                                    return value, None
-                                if not value and flags in _PLAIN:   # ok, None/False/True
-                                    sync_ids.discard(rid)
-                                    return _PLAIN[flags], None
-                        self._process(data)
-                    while rid not in results:
-                        self._process(self._recv_blocking())
-                finally:
-                    self._release_reader()
-            else:
-                self._wait_reply(rid)
+            me = _get_ident()
+            while rid not in results:
+                if self.closed:
+                    raise ControllerGoneError("the controller closed the channel")
+                if self._reader is None:
+                    self._reader = me       # (test-and-set: no call in between)
+                    try:
+                        while rid not in results:
+                            self._read(True)
+                    finally:
+                        self._release_reader()
+                else:
+                    self._sleep(lambda: rid in results or self._reader is None or self.closed)
+            self._sync_ids.discard(rid)
+            reply = results[rid]            # (from here to the return: no call)
+            del results[rid]
         except BaseException:
-            sync_ids.discard(rid)
+            # The caller leaves without its reply.  The first steps have no
+            # call, so no second exception can cut them short: a reply
+            # delivered from now on is given back by the dispatch (it looks
+            # at _abandoned first); one delivered already is given back
+            # here, by a frame appended in one step.
             if rid not in results:
-                self._abandon(rid, undo)
+                self._abandoned[rid] = undo
             else:
-                reply = results.pop(rid)
-                if reply[0] and undo is not None:
-                    self._safe_undo(undo, reply[1])
+                reply = results[rid]
+                del results[rid]
+                r = reply[1]
+                if undo is not None and reply[0] is True and (
+                        r is True or (r.__class__ is int and r >= 0)):   # granted(), inline
+                    self._wbuf += undo
+            self._give_up(rid)
             raise
-        sync_ids.discard(rid)
-        return _unwrap(results.pop(rid))
+        if reply[0]:
+            return reply[1], reply[2]
+        return _unwrap(reply)
 
-    def _wait_reply(self, rid: int) -> None:
-        """Until *rid*'s reply is delivered: read ourselves whenever the
-        reader role is free, else sleep until the reader delivers or leaves."""
-        results = self._results
-        cond = self._cond
-        while rid not in results:
-            if self.closed:
-                raise ControllerGoneError("the controller closed the channel")
-            if self._rlock.acquire(False):
-                self._reader = threading.get_ident()
-                try:
-                    while rid not in results:
-                        self._process(self._recv_blocking())
-                finally:
-                    self._release_reader()
-                return
-            with cond:
-                self._sleepers += 1
-                try:
-                    if rid not in results and self._rlock.locked() and not self.closed:
-                        cond.wait(0.05)
-                finally:
-                    self._sleepers -= 1
+    def _give_up(self, rid: int) -> None:
+        """After the steps above: the controller is asked to cancel *rid*
+        (if it still waits) and the write buffer is written out.  Cut
+        short, the cancel is lost (the grant then comes, and is given back)
+        and the writes wait for the channel's next writer."""
+        self._sync_ids.discard(rid)
+        if rid in self._abandoned and not self.closed:
+            self._wbuf += wire.encode_call(0, "ctl.cancel", [rid])
+        if self._wbuf and not self.closed:
+            try:
+                self._flush()
+            except ControllerGoneError:
+                pass
 
-    def _release_reader(self) -> None:
-        self._reader = None
-        self._rlock.release()
-        if self._sleepers:
-            with self._cond:
-                self._cond.notify_all()
-        if self._reader_paused and not self.closed:
-            self._call_on_loop(self._resume_reader)
-
-    async def acall(self, proc: str, args: list, blob: bytes | None = None, undo=None):
+    async def acall(self, proc: str, args: list, blob: bytes | None = None, undo: bytes | None = None):
         rid = next(self._ids)
         frame = wire.encode_call(rid, proc, args, blob)   # too large: raises, nothing sent
         fut = self._loop.create_future()
@@ -272,105 +300,80 @@ class Channel:
         try:
             reply = await fut
         except asyncio.CancelledError:
-            if self._futures.pop(rid, None) is not None:
-                self._abandon(rid, undo)          # still pending at the controller
+            if rid in self._futures:              # still pending at the controller
+                del self._futures[rid]
+                self._abandoned[rid] = undo
+                if not self.closed:
+                    try:
+                        self.notify("ctl.cancel", [rid])
+                    except ControllerGoneError:
+                        pass
             elif fut.done() and not fut.cancelled():
                 ok, result, _ = fut.result()      # granted, but no one will use it
-                if ok and undo is not None:
-                    undo(result)
+                if undo is not None and granted(ok, result):
+                    self._give_back(undo)
             # else: the reply is on its way to _deliver, which gives it back
             raise
         return _unwrap(reply)
 
-    # ---- internals ----
-    def _abandon(self, rid: int, undo) -> None:
-        self._abandoned[rid] = undo
-        if not self.closed:
-            try:
-                self.notify("ctl.cancel", [rid])
-            except ControllerGoneError:
-                pass
+    # ---- writing ----
+    def _send(self, frame: bytes) -> None:
+        """Write one whole frame: now if no one writes, else the writer at
+        work writes it; return once it is written."""
+        if self.closed:
+            raise ControllerGoneError("the controller closed the channel")
+        wcount = self._wcount
+        self._wbuf += frame
+        end = wcount[0] + len(self._wbuf)          # the count once our frame is out
+        self._flush()
+        while wcount[0] < end and not self.closed:
+            self._sleep(lambda: wcount[0] >= end or self._writer is None or self.closed)
+            self._flush()
+        if wcount[0] < end:
+            raise ControllerGoneError("the controller closed the channel")
 
-    @staticmethod
-    def _safe_undo(undo, result) -> None:
+    def _give_back(self, undo: bytes) -> None:
+        self._wbuf += undo
         try:
-            undo(result)
+            self._flush()
         except ControllerGoneError:
             pass
 
-    def _send(self, data: bytes) -> None:
-        """Write one whole frame (then any queued in ``_later``).  Called by
-        the thread that is writing (from a dispatch while it waits for room),
-        the frame goes right after the current one."""
-        if self.closed:
-            raise ControllerGoneError("the controller closed the channel")
-        me = threading.get_ident()
-        if self._writer == me:
-            self._later.append(data)
-            return
-        later = self._later
-        with self._slock:
-            self._writer = me
-            try:
-                self._write(data)
-                while later:
-                    self._write(later.popleft())
-            finally:
-                self._writer = None
-        if later:
-            self._flush_later()
-
-    def _post(self, data: bytes) -> None:
-        """Send *data* from inside a dispatch: now if no frame is being
-        written, else right after it (never interleaved, never re-entrant)."""
-        self._later.append(data)
-        self._flush_later()
-
-    def _flush_later(self) -> None:
-        # every append is followed by a try here, every release of _slock by
-        # a look at _later: nothing stays behind
-        later = self._later
-        me = threading.get_ident()
-        while later:
-            if self._writer == me or not self._slock.acquire(False):
+    def _flush(self) -> None:
+        """Write ``_wbuf`` out as the writer, unless a writer is at work (it
+        writes everything, ours too).  Raises ControllerGoneError."""
+        me = _get_ident()
+        while self._wbuf and not self.closed:
+            if self._writer is not None:
                 return
-            self._writer = me
+            self._writer = me               # (test-and-set: no call in between)
             try:
-                while later:
-                    self._write(later.popleft())
-            except ControllerGoneError:
-                later.clear()
+                self._write_out()
             finally:
                 self._writer = None
-                self._slock.release()
+                if self._waiters:
+                    self._wake_all()
 
-    def _write(self, data) -> None:
-        """Under _slock.  Waits for room; reads meanwhile when nobody else reads."""
-        sock = self.sock
-        view = None
-        while True:
-            try:
-                n = sock.send(data if view is None else view, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
+    def _write_out(self) -> None:
+        """Writer role held: until ``_wbuf`` is empty.  Waits for room;
+        reads meanwhile when nobody else reads."""
+        wbuf = self._wbuf
+        me = _get_ident()
+        while wbuf:
+            n = _send_out(self._io, wbuf, self._wcount)
+            if n < 0:
                 self._eof()
-                raise ControllerGoneError(f"the controller closed the channel: {e}") from None
-            total = len(data) if view is None else len(view)
-            if n == total:
-                return
+                raise ControllerGoneError("the controller closed the channel")
             if n:
-                view = (memoryview(data) if view is None else view)[n:]
                 continue
             # full: the controller is behind, or waits for us to read its answers
-            if self._rlock.acquire(False):
-                self._reader = threading.get_ident()
+            if self._reader is None:
+                self._reader = me
                 try:
                     p = select.poll()
                     p.register(self.fd, _POLLIN | _POLLOUT)
-                    events = p.poll(100)
-                    if any(ev & _POLLIN for _, ev in events):
-                        self._read_once()
+                    if any(ev & _POLLIN for _, ev in p.poll(100)):
+                        self._read(False)
                 finally:
                     self._release_reader()
             else:
@@ -380,47 +383,88 @@ class Channel:
             if self.closed:
                 raise ControllerGoneError("the controller closed the channel")
 
-    def _read_once(self) -> bool:
-        """One recv without waiting (reader role held): dispatch the frames
-        it completes.  False if nothing was there; raises
-        ControllerGoneError (EOF) or ProtocolError (garbage)."""
-        try:
-            data = self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+    # ---- reading ----
+    def _read(self, wait: bool) -> bool:
+        """Reader role held: dispatch what an interrupted reader left in
+        ``_buf``, else one recv (sleeping until something comes if *wait*)
+        and dispatch the frames it completes.  False if nothing was there;
+        raises ControllerGoneError (end of stream) or ProtocolError
+        (garbage, the channel is then closed)."""
+        buf = self._buf
+        if len(buf) >= 8:
+            before = len(buf)
+            self._dispatch_buffer()
+            if len(buf) != before:
+                return True
+        if wait and self._wbuf:
+            self._flush()                   # (what an interrupted writer left)
+        n = _recv_into(self._io, buf, wait)
+        if n < 0:
             return False
-        except OSError:
-            data = b""
-        self._process(data)
-        return True
-
-    def _recv_blocking(self) -> bytes:
-        """One read that sleeps until something comes.  No spinning: on a
-        loaded machine a yield gives the CPU away for a whole slice."""
-        try:
-            return self.sock.recv(1 << 18)
-        except OSError:
-            return b""
-
-    def _process(self, data: bytes) -> None:
-        """Dispatch the frames *data* completes (b"": EOF).  Reader role held."""
-        if not data:
+        if n == 0:
+            self._dispatch_buffer()
             self._eof()
             raise ControllerGoneError("the controller closed the channel")
+        self._dispatch_buffer()
+        return True
+
+    def _dispatch_buffer(self) -> None:
         try:
-            frames = self._decoder.feed(data)
+            woke = _dispatch_frames(self._buf, self._dstate)
         except ProtocolError:
             self._eof()
             raise
-        woke = False
-        for obj, blob in frames:
-            woke |= self._dispatch(obj, blob)
-        if woke and self._sleepers:
-            with self._cond:
-                self._cond.notify_all()
+        if woke and self._waiters:
+            self._wake_all()
+        self._after_dispatch()
+
+    def _after_dispatch(self) -> None:
+        """What follows a dispatch, in Python; cut short, it is done again
+        by the next reader (``_release_reader``)."""
+        if self._wbuf and not self.closed:
+            self._flush()                   # acknowledgements, give-backs
+        deliveries = self._deliveries
+        while deliveries:                   # (a reader that is not the loop's thread)
+            fut, undo, reply = deliveries.popleft()
+            self._call_on_loop(_deliver, self, fut, undo, reply)
+        if self._inbox and not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._call_on_loop_soon(self._drain_inbox)
+        if self._icount[1] != self._dropped_warned:
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_EVERY:
+                self._warned_at = now
+                self._dropped_warned = self._icount[1]
+                log.warning("container pid %d: inbox full (%d messages, %d bytes) while its loop is "
+                            "busy: %d messages dropped so far", os.getpid(), len(self._inbox),
+                            self._icount[0], self._icount[1])
+
+    def _release_reader(self) -> None:
+        """Leave the reader role, after finishing what an interrupted reader
+        left (frames in ``_buf``, deliveries, writes)."""
+        try:
+            if len(self._buf) >= 8:
+                self._dispatch_buffer()
+            elif self._wbuf or self._deliveries or self._inbox:
+                self._after_dispatch()
+        except (ControllerGoneError, ProtocolError):
+            pass
+        finally:
+            self._reader = None
+            if self._waiters:
+                self._wake_all()
+            if self._reader_paused and not self.closed:
+                self._call_on_loop_soon(self._resume_reader)
 
     def _read_available(self) -> None:
-        while self._read_once():
-            pass
+        """Dispatch whatever has arrived, if no one else reads."""
+        if self._reader is None:
+            self._reader = _get_ident()
+            try:
+                while self._read(False):
+                    pass
+            finally:
+                self._release_reader()
 
     def control_pending(self) -> bool:
         """Read what has arrived (without running any hook) and tell whether
@@ -429,35 +473,27 @@ class Channel:
         Loop thread only."""
         if self.closed:
             return True
-        if self._rlock.acquire(False):
-            self._reader = threading.get_ident()
-            try:
-                self._read_available()
-            except (ControllerGoneError, ProtocolError):
-                return True
-            finally:
-                self._release_reader()
+        try:
+            self._read_available()
+        except (ControllerGoneError, ProtocolError):
+            return True
         return any(item[0][0] == "ctl" and item[0][1] in _STOPS for item in list(self._inbox))
 
     def _on_readable(self) -> None:
         if self.closed:
             return
-        if not self._rlock.acquire(False):
+        if self._reader is not None:
             # another thread reads: stop watching until it is done
             self._reader_paused = True
             self._loop.remove_reader(self.fd)
             return
-        self._reader = threading.get_ident()
+        self._reader = _get_ident()
         try:
-            self._read_once()       # level-triggered: called again while more is there
+            self._read(False)       # level-triggered: called again while more is there
         except (ControllerGoneError, ProtocolError):
             pass
         finally:
-            self._reader = None
-            self._rlock.release()
-            if self._sleepers:
-                with self._cond:
-                    self._cond.notify_all()
+            self._release_reader()
         self._drain_inbox()
 
     def _resume_reader(self) -> None:
@@ -465,48 +501,31 @@ class Channel:
             self._reader_paused = False
             self._loop.add_reader(self.fd, self._on_readable)
 
-    def _dispatch(self, obj, blob) -> bool:
-        """One frame; True if a synchronous caller's reply was delivered."""
-        if obj[0] == "r":
-            _, rid, ok, result, deferred = obj
-            if deferred:
-                self._post(wire.encode_call(0, "ctl.ack", [rid]))
-            reply = (ok, result, blob)
-            if rid in self._abandoned:
-                undo = self._abandoned.pop(rid)
-                if ok and undo is not None:
-                    self._safe_undo(undo, result)
-            elif rid in self._sync_ids:
-                self._results[rid] = reply
-                return True
-            else:
-                entry = self._futures.pop(rid, None)
-                if entry is not None:
-                    self._call_on_loop(_deliver, entry[0], entry[1], reply)
-            return False
-        self._enqueue(obj, blob)
-        return False
+    # ---- sleeping ----
+    def _sleep(self, done) -> None:
+        """One slice of sleep, unless *done()*; woken early by ``_wake_all``
+        (a reply delivered, a role given back, a frame written)."""
+        lk = _allocate_lock()
+        lk.acquire()
+        self._waiters.add(lk)
+        try:
+            if not done():
+                if self._reader_paused and self._reader is None and not self.closed:
+                    self._call_on_loop_soon(self._resume_reader)    # (an interrupted release)
+                lk.acquire(True, WAIT_SLICE)
+        finally:
+            self._waiters.discard(lk)
 
-    def _enqueue(self, obj, blob) -> None:
-        size = _message_size(obj)
-        with self._ilock:
-            if obj[0] != "ctl" and (len(self._inbox) >= INBOX_MAX_MESSAGES
-                                    or self._inbox_bytes + size > INBOX_MAX_BYTES):
-                self.dropped_messages += 1
-                now = time.monotonic()
-                if now - self._warned_at >= WARN_EVERY:
-                    self._warned_at = now
-                    log.warning("container pid %d: inbox full (%d messages, %d bytes) while its loop is "
-                                "busy: %d messages dropped so far", os.getpid(), len(self._inbox),
-                                self._inbox_bytes, self.dropped_messages)
-                return
-            self._inbox.append((obj, blob, size))
-            self._inbox_bytes += size
-            if self._drain_scheduled or self._loop is None:
-                return
-            self._drain_scheduled = True
-        self._call_on_loop_soon(self._drain_inbox)
+    def _wake_all(self) -> None:
+        waiters = self._waiters
+        self._waiters = set()
+        for lk in waiters:
+            try:
+                lk.release()
+            except RuntimeError:            # its slice ended: not held any more
+                pass
 
+    # ---- the inbox ----
     def _call_on_loop_soon(self, fn) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -522,12 +541,10 @@ class Channel:
     def _drain_inbox(self) -> None:
         self._drain_scheduled = False
         inbox = self._inbox
+        icount = self._icount
         while inbox and self._on_message is not None:
-            with self._ilock:
-                if not inbox:
-                    break
-                obj, blob, size = inbox.popleft()
-                self._inbox_bytes -= size
+            obj, blob, size = inbox.popleft()
+            icount[0] -= size
             self._on_message(obj, blob)
 
     def _eof(self) -> None:
@@ -538,28 +555,12 @@ class Channel:
             self._call_on_loop_soon(self._on_eof)
 
 
-def _message_size(obj) -> int:
-    """Bytes a message holds (roughly its frame size)."""
-    n = 32
-    for x in obj:
-        if type(x) is str:
-            n += len(x)
-        elif type(x) is list:
-            for a in x:
-                n += 8 + (len(a) if type(a) is str else 8)
-    return n
-
-
-def _deliver(fut, undo, reply) -> None:
+def _deliver(ch: Channel, fut, undo, reply) -> None:
     """On the loop: complete an awaited call, or give its grant back if the
-    caller is gone."""
+    caller is gone (the C dispatch does the same on the loop's thread)."""
     if fut.done():
-        ok, result, _ = reply
-        if ok and undo is not None:
-            try:
-                undo(result)
-            except ControllerGoneError:
-                pass
+        if undo is not None and granted(reply[0], reply[1]):
+            ch._give_back(undo)
     else:
         fut.set_result(reply)
 

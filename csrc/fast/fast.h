@@ -147,6 +147,12 @@ int registry_init(void);
 Binder *binder_of_backend(PyObject *be);
 PyObject *set_backend(PyObject *m, PyObject *const *args, Py_ssize_t n);
 
+/* ---- container_channel.c (not a layer: the RPC channel's reads, in C so
+ * that no signal handler runs between their steps) ---- */
+PyObject *chan_send(PyObject *m, PyObject *const *args, Py_ssize_t n);
+PyObject *chan_recv(PyObject *m, PyObject *const *args, Py_ssize_t n);
+PyObject *chan_dispatch(PyObject *m, PyObject *const *args, Py_ssize_t n);
+
 /* ---- handles.c ---- */
 extern PyTypeObject SemaphoreBaseType, MutexBaseType;
 PyObject *accelerate(PyObject *m, PyObject *cls);

@@ -1,7 +1,8 @@
 /*
  * module.c -- netplex_native._fast (csrc/fast/fast.h): the module's
  * functions and its initialisation, nothing else.  The types and functions
- * are the layers' (binder.c, public_functions.c, handles.c); the types are
+ * are the layers' (binder.c, public_functions.c, handles.c) and the
+ * container channel's reads (container_channel.c); the types are
  * readied and the registry's names made before the module exists, so a
  * failed initialisation leaves no module.
  */
@@ -16,6 +17,12 @@ static PyMethodDef module_methods[] = {
      "set_block_hook(fn, running_loop=None): fn(kind) is called before a wait that may block "
      "(None: none) when running_loop() is not None; fn returns True when its report concerns "
      "its caller's own line, which is then not reported again."},
+    {"chan_send", (PyCFunction)(void (*)(void))chan_send, METH_FASTCALL,
+     "chan_send(fd, wbuf, count) -> n: one send of bytearray wbuf's head, removed and counted (container_channel.c, C0)."},
+    {"chan_recv", (PyCFunction)(void (*)(void))chan_recv, METH_FASTCALL,
+     "chan_recv(fd, buf, wait) -> n: one recv appended to bytearray buf (container_channel.c, C1)."},
+    {"chan_dispatch", (PyCFunction)(void (*)(void))chan_dispatch, METH_FASTCALL,
+     "chan_dispatch(buf, state) -> woke: the complete frames at buf's head dispatched (container_channel.c, C2)."},
     {NULL, NULL, 0, NULL}
 };
 

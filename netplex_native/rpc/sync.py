@@ -38,6 +38,7 @@ from collections import deque
 
 from ..errors import (NotHolderError, WouldBlockError, check_bool, check_int, check_name,
                      check_timeout, NAME_MAX_BYTES, VALUE_MAX)
+from ..channel import undo_frame
 from ..plugin import Plugin
 from ..loopcheck import warn_if_on_loop
 from ..logs import get_logger
@@ -482,11 +483,10 @@ class _SemClient:
     def increment(self, name):
         return self._ch.call_op(1, _name_bytes(name))[0]
 
-    def _undo(self, name):
-        def undo(result):
-            if isinstance(result, int) and result >= 0:
-                self._ch.notify("sem.increment", [name])
-        return undo
+    @staticmethod
+    def _undo(name):
+        """A decrement's give-back (Channel.call): one increment."""
+        return undo_frame("sem.increment", [name])
 
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
@@ -546,11 +546,10 @@ class _MutexClient:
     def __init__(self, channel):
         self._ch = channel
 
-    def _undo(self, name):
-        def undo(result):
-            if result is True:
-                self._ch.notify("mutex.unlock", [name, False])
-        return undo
+    @staticmethod
+    def _undo(name):
+        """A lock's give-back (Channel.call): the unlock."""
+        return undo_frame("mutex.unlock", [name, False])
 
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)
