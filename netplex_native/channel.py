@@ -325,6 +325,8 @@ class Channel:
         wcount = self._wcount
         self._wbuf += frame
         end = wcount[0] + len(self._wbuf)          # the count once our frame is out
+        if self._writer == _get_ident():
+            return                  # sent from inside our own write: its loop writes it
         self._flush()
         while wcount[0] < end and not self.closed:
             self._sleep(lambda: wcount[0] >= end or self._writer is None or self.closed)
