@@ -83,13 +83,11 @@ from .logs import get_logger
 
 log = get_logger("netplex_native.channel")
 
-try:    # C1 and C2 where no signal handler can run between their steps
+try:    # C0-C2 where no signal handler can run between their steps
     from ._fast import chan_dispatch as _dispatch_frames, chan_recv as _recv_into, \
         chan_send as _send_out
-    _BY_FD = True
 except ImportError:  # pragma: no cover - exercised by test_without_accelerator
     _dispatch_frames, _recv_into, _send_out = channel_frames.dispatch, channel_frames.recv, channel_frames.send
-    _BY_FD = False
 
 _PACK_CALL = wire._CALL.pack                       # Channel.call_op
 _CALL_FIXED = wire._CALL_FIXED
@@ -126,7 +124,6 @@ class Channel:
         # call per wait); every other read and every write pass MSG_DONTWAIT.
         sock.setblocking(True)
         self.fd = sock.fileno()
-        self._io = self.fd if _BY_FD else sock     # what _recv_into and _send_out take
         self._buf = bytearray()                    # read, not yet dispatched (reader's)
         self._wbuf = bytearray()                   # whole frames not yet written (writer's)
         self._wcount = [0]                         # bytes written so far (_send_out counts)
@@ -145,6 +142,8 @@ class Channel:
         self._warned_at = 0.0
         self._drain_scheduled = False
         self._reader_paused = False
+        self._deliveries_scheduled = False
+        self._close_by_reader = False              # close() left the socket's close to the reader
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = None
         self._on_message = None
@@ -156,7 +155,7 @@ class Channel:
         """What the dispatch (C2) works on; see chan_dispatch."""
         return (channel_frames.decode, self._sync_ids, self._results, self._abandoned, self._futures,
                 self._wbuf, self._deliveries, self._inbox, self._icount,
-                (INBOX_MAX_MESSAGES, INBOX_MAX_BYTES), self._loop_thread)
+                (INBOX_MAX_MESSAGES, INBOX_MAX_BYTES))
 
     @property
     def dropped_messages(self) -> int:
@@ -168,7 +167,6 @@ class Channel:
         self._loop_thread = _get_ident()
         self._on_message = on_message
         self._on_eof = on_eof
-        self._dstate = self._dispatch_state()
         loop.add_reader(self.fd, self._on_readable)
 
     def close(self) -> None:
@@ -187,7 +185,10 @@ class Channel:
         while self._reader not in (None, me) and time.monotonic() < deadline:
             self._sleep(lambda: self._reader is None)   # the reader has left recv
         self._wbuf.clear()
-        self.sock.close()
+        if self._reader in (None, me):
+            self.sock.close()
+        else:                       # still reading: its fd is not closed (nor reused) under it
+            self._close_by_reader = True
         self._wake_all()
         futures = list(self._futures.values())
         self._futures.clear()
@@ -233,8 +234,8 @@ class Channel:
 
     def _call(self, rid: int, frame: bytes, undo):
         results = self._results
-        self._sync_ids.add(rid)
         try:
+            self._sync_ids.add(rid)
             self._send(frame)
             me = _get_ident()
             while rid not in results:
@@ -246,7 +247,8 @@ class Channel:
                         while rid not in results:
                             self._read(True)
                     finally:
-                        self._release_reader()
+                        self._reader = None     # (first: a call could be cut short)
+                        self._after_reading()
                 else:
                     self._sleep(lambda: rid in results or self._reader is None or self.closed)
             self._sync_ids.discard(rid)
@@ -295,7 +297,11 @@ class Channel:
         try:
             self._send(frame)
         except BaseException:
-            self._futures.pop(rid, None)
+            if rid in self._futures:        # the frame may still go out: its grant comes back
+                del self._futures[rid]
+                self._abandoned[rid] = undo
+                if not self.closed:
+                    self._wbuf += wire.encode_call(0, "ctl.cancel", [rid])
             raise
         try:
             reply = await fut
@@ -328,10 +334,11 @@ class Channel:
         if self._writer == _get_ident():
             return                  # sent from inside our own write: its loop writes it
         self._flush()
-        while wcount[0] < end and not self.closed:
+        # (an empty buffer means ours is out too, whatever the count says)
+        while wcount[0] < end and self._wbuf and not self.closed:
             self._sleep(lambda: wcount[0] >= end or self._writer is None or self.closed)
             self._flush()
-        if wcount[0] < end:
+        if self.closed and wcount[0] < end:
             raise ControllerGoneError("the controller closed the channel")
 
     def _give_back(self, undo: bytes) -> None:
@@ -362,28 +369,36 @@ class Channel:
         wbuf = self._wbuf
         me = _get_ident()
         while wbuf:
-            n = _send_out(self._io, wbuf, self._wcount)
+            if self.closed:
+                raise ControllerGoneError("the controller closed the channel")
+            n = _send_out(self.sock, wbuf, self._wcount)
             if n < 0:
                 self._eof()
                 raise ControllerGoneError("the controller closed the channel")
             if n:
                 continue
             # full: the controller is behind, or waits for us to read its answers
-            if self._reader is None:
-                self._reader = me
+            if self._reader == me:          # (a reader writing its acknowledgements)
+                self._poll_and_read()
+            elif self._reader is None:
+                self._reader = me           # (test-and-set: no call in between)
                 try:
-                    p = select.poll()
-                    p.register(self.fd, _POLLIN | _POLLOUT)
-                    if any(ev & _POLLIN for _, ev in p.poll(100)):
-                        self._read(False)
+                    self._poll_and_read()
                 finally:
-                    self._release_reader()
+                    self._reader = None
+                    self._after_reading()
             else:
                 p = select.poll()
                 p.register(self.fd, _POLLOUT)
                 p.poll(50)
-            if self.closed:
-                raise ControllerGoneError("the controller closed the channel")
+
+    def _poll_and_read(self) -> None:
+        """Reader role held, writing blocked: wait for room or for
+        something to read, and read it."""
+        p = select.poll()
+        p.register(self.fd, _POLLIN | _POLLOUT)
+        if any(ev & _POLLIN for _, ev in p.poll(100)):
+            self._read(False)
 
     # ---- reading ----
     def _read(self, wait: bool) -> bool:
@@ -400,7 +415,7 @@ class Channel:
                 return True
         if wait and self._wbuf:
             self._flush()                   # (what an interrupted writer left)
-        n = _recv_into(self._io, buf, wait)
+        n = _recv_into(self.sock, buf, wait)
         if n < 0:
             return False
         if n == 0:
@@ -422,16 +437,17 @@ class Channel:
 
     def _after_dispatch(self) -> None:
         """What follows a dispatch, in Python; cut short, it is done again
-        by the next reader (``_release_reader``)."""
+        after the next read (``_after_reading``)."""
         if self._wbuf and not self.closed:
             self._flush()                   # acknowledgements, give-backs
-        deliveries = self._deliveries
-        while deliveries:                   # (a reader that is not the loop's thread)
-            fut, undo, reply = deliveries.popleft()
-            self._call_on_loop(_deliver, self, fut, undo, reply)
+        if self._deliveries and not self._deliveries_scheduled and self._loop is not None:
+            # awaited replies: completed by the loop, never inside a
+            # synchronous call (asyncio's code is not ours to make safe)
+            self._call_on_loop_soon(self._drain_deliveries)
+            self._deliveries_scheduled = True
         if self._inbox and not self._drain_scheduled and self._loop is not None:
-            self._drain_scheduled = True
             self._call_on_loop_soon(self._drain_inbox)
+            self._drain_scheduled = True
         if self._icount[1] != self._dropped_warned:
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY:
@@ -441,32 +457,44 @@ class Channel:
                             "busy: %d messages dropped so far", os.getpid(), len(self._inbox),
                             self._icount[0], self._icount[1])
 
-    def _release_reader(self) -> None:
-        """Leave the reader role, after finishing what an interrupted reader
-        left (frames in ``_buf``, deliveries, writes)."""
-        try:
-            if len(self._buf) >= 8:
-                self._dispatch_buffer()
-            elif self._wbuf or self._deliveries or self._inbox:
-                self._after_dispatch()
-        except (ControllerGoneError, ProtocolError):
-            pass
-        finally:
-            self._reader = None
-            if self._waiters:
-                self._wake_all()
-            if self._reader_paused and not self.closed:
-                self._call_on_loop_soon(self._resume_reader)
+    def _after_reading(self) -> None:
+        """Called right after a reader gave its role back (``_reader =
+        None``, the first statement of its ``finally``, so that the role
+        itself is never left taken): finish what it may have left --
+        frames in ``_buf``, writes, deliveries -- taking the role again if
+        it is free; wake the sleepers; give the loop its reader back."""
+        me = _get_ident()
+        if (len(self._buf) >= 8 or self._wbuf or self._deliveries or self._inbox) \
+                and not self.closed and self._reader is None:
+            self._reader = me               # (test-and-set: no call in between)
+            try:
+                if len(self._buf) >= 8:
+                    self._dispatch_buffer()
+                else:
+                    self._after_dispatch()
+            except (ControllerGoneError, ProtocolError):
+                pass
+            finally:
+                self._reader = None
+        if self._waiters:
+            self._wake_all()
+        if self._close_by_reader and self._reader is None:
+            self._close_by_reader = False
+            self.sock.close()
+        if self._reader_paused and not self.closed:
+            self._call_on_loop_soon(self._resume_reader)
 
     def _read_available(self) -> None:
         """Dispatch whatever has arrived, if no one else reads."""
+        me = _get_ident()
         if self._reader is None:
-            self._reader = _get_ident()
+            self._reader = me               # (test-and-set: no call in between)
             try:
                 while self._read(False):
                     pass
             finally:
-                self._release_reader()
+                self._reader = None
+                self._after_reading()
 
     def control_pending(self) -> bool:
         """Read what has arrived (without running any hook) and tell whether
@@ -484,18 +512,21 @@ class Channel:
     def _on_readable(self) -> None:
         if self.closed:
             return
+        me = _get_ident()
         if self._reader is not None:
             # another thread reads: stop watching until it is done
             self._reader_paused = True
             self._loop.remove_reader(self.fd)
             return
-        self._reader = _get_ident()
+        self._reader = me                   # (test-and-set: no call in between)
         try:
             self._read(False)       # level-triggered: called again while more is there
         except (ControllerGoneError, ProtocolError):
             pass
         finally:
-            self._release_reader()
+            self._reader = None
+            self._after_reading()
+        self._drain_deliveries()
         self._drain_inbox()
 
     def _resume_reader(self) -> None:
@@ -540,13 +571,41 @@ class Channel:
         except RuntimeError:
             pass
 
+    def _drain_deliveries(self) -> None:
+        """On the loop: complete the awaited calls whose replies were read.
+        An item leaves the queue after its effect (so an exception in
+        between repeats it: completing a future twice is a no-op, and a
+        give-back is taken out of the item before it is sent)."""
+        self._deliveries_scheduled = False
+        deliveries = self._deliveries
+        while deliveries:
+            item = deliveries[0]            # [future, undo, reply]
+            fut = item[0]
+            if fut.cancelled():             # the caller is gone: give the grant back, once
+                undo = item[1]
+                item[1] = None
+                reply = item[2]
+                r = reply[1]
+                if undo is not None and reply[0] is True and (r is True or (r.__class__ is int and r >= 0)):
+                    self._wbuf += undo      # granted(), inline
+            elif not fut.done():
+                fut.set_result(item[2])
+            if deliveries and deliveries[0] is item:
+                deliveries.popleft()
+        if self._wbuf and not self.closed:
+            try:
+                self._flush()
+            except ControllerGoneError:
+                pass
+
     def _drain_inbox(self) -> None:
         self._drain_scheduled = False
         inbox = self._inbox
         icount = self._icount
         while inbox and self._on_message is not None:
-            obj, blob, size = inbox.popleft()
+            obj, blob, size = inbox[0]
             icount[0] -= size
+            inbox.popleft()                 # (with the line above: no call in between)
             self._on_message(obj, blob)
 
     def _eof(self) -> None:
@@ -555,16 +614,6 @@ class Channel:
         self.close()
         if self._on_eof is not None and self._loop is not None:
             self._call_on_loop_soon(self._on_eof)
-
-
-def _deliver(ch: Channel, fut, undo, reply) -> None:
-    """On the loop: complete an awaited call, or give its grant back if the
-    caller is gone (the C dispatch does the same on the loop's thread)."""
-    if fut.done():
-        if undo is not None and granted(reply[0], reply[1]):
-            ch._give_back(undo)
-    else:
-        fut.set_result(reply)
 
 
 def _fail(fut) -> None:

@@ -19,7 +19,6 @@ it raises on stays whole in the buffer.
 from __future__ import annotations
 
 import socket
-import threading
 
 from . import wire
 from .errors import ProtocolError
@@ -87,8 +86,8 @@ def send(sock: socket.socket, wbuf: bytearray, count: list) -> int:
     socket is broken."""
     if not wbuf:
         return 0
-    try:
-        n = sock.send(wbuf, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    try:     # a copy: wbuf itself must not be exported while other threads append to it
+        n = sock.send(bytes(wbuf[:1 << 16]), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
     except (BlockingIOError, InterruptedError):
         return 0
     except OSError:
@@ -108,7 +107,7 @@ def dispatch(buf: bytearray, state: tuple) -> bool:
     its effect, then its bytes removed.  *state*: Channel._dispatch_state().
     True if a synchronous caller's reply was delivered."""
     (decode_, sync_ids, results, abandoned, futures, wbuf, deliveries, inbox, icount,
-     (max_n, max_b), loop_thread) = state
+     (max_n, max_b)) = state
     woke = False
     pos = 0
     try:
@@ -131,14 +130,7 @@ def dispatch(buf: bytearray, state: tuple) -> bool:
                     woke = True
                 elif rid in futures:
                     fut, undo = futures.pop(rid)
-                    if loop_thread is not None and threading.get_ident() == loop_thread:
-                        if fut.done():
-                            if undo is not None and granted(ok, result):
-                                wbuf += undo
-                        else:
-                            fut.set_result(reply)
-                    else:
-                        deliveries.append((fut, undo, reply))
+                    deliveries.append([fut, undo, reply])
             elif len(f) == 3:
                 end, obj, blob = f
                 size = end - pos

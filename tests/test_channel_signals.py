@@ -102,6 +102,140 @@ def test_a_raising_signal_handler_on_the_main_thread_loses_no_other_threads_repl
     assert free is True, "the mutex stayed held"
 
 
+@pytest.mark.timeout(240)
+def test_an_exception_at_every_check_point_of_a_call_ends_that_call_only(events):
+    """Deterministic: an exception raised (by a trace function) at the k-th
+    point of a main-thread call where CPython could run a signal handler
+    -- a function's entry, after each call returns, each backward jump --
+    in the channel's code, for every k along the call's path, while two
+    worker threads make calls.  The grants the interrupted calls received
+    come back exactly (semaphore count, mutex free), and every worker
+    finishes."""
+    S, M = uniq("sem"), uniq("mtx")
+    with cluster(events, "rpc", ["a"]) as c:
+        out = c["a"].call("""
+            import dis, sys, threading, time
+            from netplex_native import channel as chmod, channel_frames
+            class Inject(Exception):
+                pass
+            # the code objects of the channel, but the entry points whose
+            # return path is the caller's (call, call_op, acall)
+            def codes_of(fn, into):
+                co = getattr(fn, "__code__", None)
+                if co is None:
+                    return
+                stack = [co]
+                while stack:
+                    c0 = stack.pop()
+                    into.add(c0)
+                    stack.extend(k for k in c0.co_consts if hasattr(k, "co_code"))
+            CODES = set()
+            for mod in (chmod, channel_frames):
+                for v in list(vars(mod).values()):
+                    codes_of(v, CODES)
+            for name, v in vars(chmod.Channel).items():
+                if name not in ("call", "call_op", "acall", "notify"):
+                    codes_of(getattr(v, "fget", v), CODES)
+            CHECKS = {}
+            for co in CODES:
+                ins = list(dis.get_instructions(co))
+                pts = set()
+                for i, x in enumerate(ins):
+                    if x.opname in ("CALL", "CALL_FUNCTION_EX") and i + 1 < len(ins):
+                        pts.add(ins[i + 1].offset)
+                    elif x.opname == "JUMP_BACKWARD":
+                        pts.add(x.offset)
+                CHECKS[co] = pts
+            state = {"n": 0, "target": 0, "hit": None}
+            def tracer(frame, event, arg):
+                co = frame.f_code
+                if co not in CODES:
+                    return None
+                frame.f_trace_opcodes = True
+                if event == "call" or (event == "opcode" and frame.f_lasti in CHECKS[co]):
+                    state["n"] += 1
+                    if state["n"] == state["target"]:
+                        state["hit"] = (co.co_name, frame.f_lasti, event)
+                        raise Inject()
+                return tracer
+            semaphore.create(S, 3)
+            phase = {"pause": 0.0, "stop": False, "idle": False}
+            done = []
+            iters = [0, 0]
+            def worker(i):
+                while not phase["stop"]:
+                    if phase["idle"]:
+                        time.sleep(0.01)
+                        continue
+                    assert semaphore.decrement(S, wait=True, timeout=60) >= 0
+                    semaphore.increment(S)
+                    w = mutex.access(M)
+                    assert w.acquire(timeout=60) is True
+                    w.release()
+                    iters[i] += 1
+                    if phase["pause"]:
+                        time.sleep(phase["pause"])
+                done.append(1)
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            m = mutex.access(M)
+            ops = {
+                "decrement": (lambda: semaphore.decrement(S), lambda r: r >= 0 and semaphore.increment(S)),
+                "lock": (lambda: m.acquire(timeout=60), lambda r: r and m.release()),
+                "get": (lambda: semaphore.get(S), lambda r: None),
+            }
+            injected = 0
+            points = set()
+            longest = 0
+            # the workers: busy; calling with pauses (the main thread often
+            # reads for them); idle (the main thread alone)
+            for pause, idle in ((0.0, False), (0.0005, False), (0.0, True)):
+                phase.update(pause=pause, idle=idle)
+                for name, (op, undo) in ops.items():
+                    k = 1
+                    while k < 2000:
+                        state.update(n=0, target=k, hit=None)
+                        sys.settrace(tracer)
+                        try:
+                            r = op()
+                        except Inject:
+                            r = None
+                        finally:
+                            sys.settrace(None)
+                        if state["hit"] is None:
+                            # the call passed fewer than k points: past its end
+                            longest = max(longest, state["n"])
+                            undo(r)
+                            if state["n"] < k - 40:
+                                break
+                        else:
+                            injected += 1
+                            points.add(state["hit"][:2])
+                            if r is not None:
+                                undo(r)
+                        k += 1
+            phase["stop"] = True
+            for t in threads:
+                t.join(60)
+            free = m.acquire(blocking=False)
+            if free:
+                m.release()
+            semaphore.get(S)        # (reads the last give-backs' replies: the next get sees them)
+            result = [len(done), semaphore.get(S), free, injected, sorted(points), longest, iters]
+        """, timeout=200, S=S, M=M)
+    finished, count, free, injected, points, longest, iters = out
+    funcs = {p[0] for p in points}
+    print(f"{injected} exceptions injected at {len(points)} distinct points in {sorted(funcs)} "
+          f"(longest call: {longest} points); worker iterations {iters}")
+    # the main thread was interrupted as a writer, a reader and a sleeper
+    assert {"_write_out", "_read", "_dispatch_buffer", "_after_reading", "_sleep"} <= funcs, funcs
+    assert injected >= 100, f"only {injected} injections: proves little"
+    assert finished == 2, f"{2 - finished} worker threads never got a reply"
+    assert count == 3, f"the semaphore holds {count} units instead of 3"
+    assert free is True, "the mutex stayed held"
+
+
 # --------------------------------------------------------------------------
 # the dispatch on its own
 # --------------------------------------------------------------------------
@@ -133,10 +267,10 @@ def _frames(rng: random.Random, n: int):
     return out, replied
 
 
-def STATE(sync, results, abandoned, futures, decode=channel_frames.decode, loop_thread=None):
+def STATE(sync, results, abandoned, futures, decode=channel_frames.decode):
     """A Channel._dispatch_state() of its own."""
     return (decode, sync, results, abandoned, futures, bytearray(), deque(), deque(), [0, 0],
-            (10_000, 16 << 20), loop_thread)
+            (10_000, 16 << 20))
 
 
 def _state(rng: random.Random, n: int):
@@ -291,21 +425,22 @@ def test_a_reply_to_no_id_of_ours_is_dropped(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_on_the_loops_thread_an_awaited_reply_completes_its_future_or_is_given_back(impl):
-    import threading
-    loop = asyncio.new_event_loop()
-    try:
-        waiting, gone = loop.create_future(), loop.create_future()
-        gone.cancel()
-        undo = wire.encode_call(0, "mutex.unlock", ["m", False])
-        st = STATE(set(), {}, {}, {1: (waiting, undo), 2: (gone, undo)}, loop_thread=threading.get_ident())
-        impl(bytearray(wire.encode_reply(1, True) + wire.encode_reply(2, True, True)), st)
-        assert waiting.result() == (True, True, None)
-        assert bytes(st[5]) == undo + wire.encode_call(0, "ctl.ack", [2]) or \
-            bytes(st[5]) == wire.encode_call(0, "ctl.ack", [2]) + undo
-        assert st[4] == {} and not st[6]
-    finally:
-        loop.close()
+def test_an_awaited_reply_is_queued_for_the_loop_with_its_undo(impl):
+    undo = wire.encode_call(0, "mutex.unlock", ["m", False])
+    st = STATE(set(), {}, {}, {1: ("fut1", undo), 2: ("fut2", None)})
+    impl(bytearray(wire.encode_reply(1, True) + wire.encode_reply(2, 5, True)), st)
+    assert list(st[6]) == [["fut1", undo, (True, True, None)], ["fut2", None, (True, 5, None)]]
+    assert st[4] == {} and bytes(st[5]) == wire.encode_call(0, "ctl.ack", [2])
+
+
+@pytest.mark.skipif(_fast is None, reason="the accelerator's check")
+def test_a_bad_undo_is_refused_by_the_c_dispatch_before_any_effect():
+    frame = wire.encode_reply(1, True, True)
+    for st in (STATE(set(), {}, {1: "not a frame"}, {}), STATE(set(), {}, {}, {1: ("fut", "not a frame")})):
+        buf = bytearray(frame)
+        with pytest.raises(TypeError):
+            _fast.chan_dispatch(buf, st)
+        assert bytes(buf) == frame and st[5] == b"" and (st[3] or st[4])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -319,18 +454,18 @@ def test_a_full_inbox_drops_and_counts_messages_but_never_a_lifecycle_one(impl):
     assert st[8] == [sum(len(m) for m in msgs[:3]) + len(msgs[5]), 2]
 
 
-SENDS = [pytest.param(channel_frames.send, False, id="python")]
+SENDS = [pytest.param(channel_frames.send, id="python")]
 if _fast is not None:
-    SENDS.append(pytest.param(_fast.chan_send, True, id="c"))
+    SENDS.append(pytest.param(_fast.chan_send, id="c"))
 
 
-@pytest.mark.parametrize("send, by_fd", SENDS)
-def test_a_send_takes_out_and_counts_exactly_what_the_socket_took(send, by_fd):
+@pytest.mark.parametrize("send", SENDS)
+def test_a_send_takes_out_and_counts_exactly_what_the_socket_took(send):
     import socket
     a, b = socket.socketpair()
     try:
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        io = a.fileno() if by_fd else a
+        io = a
         data = bytes(range(256)) * 2000
         wbuf, count = bytearray(data), [0]
         got = bytearray()
@@ -353,5 +488,7 @@ def test_a_send_takes_out_and_counts_exactly_what_the_socket_took(send, by_fd):
         assert send(io, bytearray(), count) == 0
         b.close()
         assert send(io, bytearray(b"x"), count) == -1     # broken: the peer is gone
+        a.close()
+        assert send(io, bytearray(b"x"), count) == -1     # closed: never an fd number reused
     finally:
         a.close()

@@ -29,10 +29,9 @@
  *          frame, if it was granted something) is appended to the write
  *          buffer;
  *        - a reply to a synchronous caller: results[rid] = (ok, result, blob);
- *        - a reply to an awaited call: on the loop's thread, the future is
- *          completed (or, its caller gone, the grant given back); on any
- *          other thread (future, undo, reply) is queued on `deliveries'
- *          for the loop;
+ *        - a reply to an awaited call: [future, undo, reply] is queued on
+ *          `deliveries' for the loop (asyncio's own code, which completing
+ *          a future runs, is not run here);
  *        - anything else (a message): (obj, blob, size) onto the inbox, or
  *          dropped and counted if the inbox is full (never a ["ctl", ...]).
  *      A frame whose decoding needs Python (JSON, anything but a plain
@@ -55,23 +54,29 @@
 #define OP_REPLY 0x80                   /* wire.OP_REPLY */
 #define REPLY_TOTAL 22                  /* wire._REPLY_LEN: length field of a binary reply */
 
-/* chan_recv(fd, buf, wait) -> n: one recv appended to bytearray buf (C1).
+/* The socket's file descriptor, or -1 once it is closed (no exception).
+ * socket.fileno() is C: no bytecode runs. */
+static int fd_of(PyObject *sock)
+{
+    int fd = PyObject_AsFileDescriptor(sock);
+    if (fd < 0 && PyErr_Occurred())
+        PyErr_Clear();
+    return fd;
+}
+
+/* chan_recv(sock, buf, wait) -> n: one recv appended to bytearray buf (C1).
  * n > 0 bytes appended; 0 end of stream (or any error but EAGAIN: the
  * channel is gone); -1 nothing there (wait false). */
 PyObject *chan_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
     if (nargs != 3 || !PyByteArray_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "chan_recv(fd, bytearray, wait)");
+        PyErr_SetString(PyExc_TypeError, "chan_recv(sock, bytearray, wait)");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "chan_recv: not a file descriptor");
-        return NULL;
-    }
+    int fd = fd_of(args[0]);
+    if (fd < 0)
+        return PyLong_FromLong(0);              /* closed: as the end of the stream */
     int wait = PyObject_IsTrue(args[2]);
     if (wait < 0)
         return NULL;
@@ -83,7 +88,7 @@ PyObject *chan_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int err;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        r = recv((int)fd, tmp, RECV_CHUNK, wait ? 0 : MSG_DONTWAIT);
+        r = recv(fd, tmp, RECV_CHUNK, wait ? 0 : MSG_DONTWAIT);
         err = errno;
         Py_END_ALLOW_THREADS
         if (r >= 0 || err != EINTR)
@@ -107,23 +112,19 @@ PyObject *chan_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(r);
 }
 
-/* chan_send(fd, wbuf, count) -> n: one send of wbuf's head (C0); the bytes
+/* chan_send(sock, wbuf, count) -> n: one send of wbuf's head (C0); the bytes
  * sent are removed from wbuf and added to count[0].  n > 0 bytes sent; 0
  * no room (or wbuf empty); -1 the socket is broken. */
 PyObject *chan_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
     if (nargs != 3 || !PyByteArray_Check(args[1]) || !PyList_Check(args[2]) || PyList_GET_SIZE(args[2]) != 1) {
-        PyErr_SetString(PyExc_TypeError, "chan_send(fd, bytearray, [count])");
+        PyErr_SetString(PyExc_TypeError, "chan_send(sock, bytearray, [count])");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "chan_send: not a file descriptor");
-        return NULL;
-    }
+    int fd = fd_of(args[0]);
+    if (fd < 0)
+        return PyLong_FromLong(-1);             /* closed */
     PyObject *wbuf = args[1];
     Py_ssize_t len = PyByteArray_GET_SIZE(wbuf);
     if (len == 0)
@@ -131,7 +132,7 @@ PyObject *chan_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     ssize_t r;
     for (;;) {
         /* non-blocking: no GIL release needed, and wbuf cannot change under us */
-        r = send((int)fd, PyByteArray_AS_STRING(wbuf), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        r = send(fd, PyByteArray_AS_STRING(wbuf), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (r >= 0 || errno != EINTR)
             break;
         if (PyErr_CheckSignals() < 0)      /* the handler raised: nothing was sent */
@@ -209,11 +210,19 @@ static int give_back(PyObject *wbuf, PyObject *undo, PyObject *ok, PyObject *res
     return 0;
 }
 
+static PyObject *str_append;    /* "append", interned */
+
+/* deque.append(item), stealing item; no argument tuple is made (so no
+ * collection can run here: see apply_reply). */
 static int append(PyObject *deque, PyObject *item)
 {
     if (item == NULL)
         return -1;
-    PyObject *r = PyObject_CallMethod(deque, "append", "(O)", item);   /* (O): a tuple item is one argument */
+    if (str_append == NULL && (str_append = PyUnicode_InternFromString("append")) == NULL) {
+        Py_DECREF(item);
+        return -1;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(deque, str_append, item);
     Py_DECREF(item);
     if (r == NULL)
         return -1;
@@ -223,80 +232,76 @@ static int append(PyObject *deque, PyObject *item)
 
 /* The state tuple's items (channel.Channel._dispatch_state). */
 enum { S_DECODE, S_SYNC, S_RESULTS, S_ABANDONED, S_FUTURES, S_WBUF, S_DELIVERIES, S_INBOX,
-       S_ICOUNT, S_LIMITS, S_LOOP_THREAD, S_N };
-
-/* An awaited call's reply, on the loop's thread: the future completed, or
- * the grant given back if the caller is gone (channel._deliver). */
-static int deliver_now(PyObject *const *st, PyObject *fut, PyObject *undo, PyObject *reply)
-{
-    PyObject *done = PyObject_CallMethod(fut, "done", NULL);
-    if (done == NULL)
-        return -1;
-    int d = PyObject_IsTrue(done);
-    Py_DECREF(done);
-    if (d < 0)
-        return -1;
-    if (d)
-        return give_back(st[S_WBUF], undo, PyTuple_GET_ITEM(reply, 0), PyTuple_GET_ITEM(reply, 1));
-    PyObject *r = PyObject_CallMethod(fut, "set_result", "(O)", reply);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
-}
+       S_ICOUNT, S_LIMITS, S_N };
 
 /* The effect of one reply (C2).  Returns 1 if a synchronous caller's reply
- * was delivered, 0 if not, -1 on error. */
+ * was delivered, 0 if not, -1 on error.
+ *
+ * Everything that can fail, and every allocation of an object the cyclic
+ * collector tracks (a collection can run finalizers, i.e. Python code,
+ * which lets other threads run and change the dicts), happens before the
+ * first effect; the effects themselves are dict and set operations and
+ * appends to the write buffer (memory only). */
 static int apply_reply(PyObject *const *st, PyObject *rid, PyObject *ok, PyObject *result,
                        int deferred, PyObject *blob)
 {
-    if (deferred && append_ack(st[S_WBUF], rid) < 0)
-        return -1;
+    PyObject *reply = PyTuple_Pack(3, ok, result, blob);
+    PyObject *item = PyList_New(3);                 /* [future, undo, reply], if awaited */
+    if (reply == NULL || item == NULL)
+        goto fail;
+    /* from here: no allocation of tracked objects, no Python code */
     PyObject *undo = PyDict_GetItemWithError(st[S_ABANDONED], rid);    /* borrowed */
+    if (undo == NULL && PyErr_Occurred())
+        goto fail;
+    if (undo != NULL && undo != Py_None && !PyBytes_Check(undo)) {
+        PyErr_SetString(PyExc_TypeError, "chan_dispatch: an undo is a frame (bytes)");
+        goto fail;
+    }
+    int sync = undo == NULL ? PySet_Contains(st[S_SYNC], rid) : 0;
+    if (sync < 0)
+        goto fail;
+    PyObject *entry = NULL;
+    if (undo == NULL && !sync) {
+        entry = PyDict_GetItemWithError(st[S_FUTURES], rid);   /* (future, undo) */
+        if (entry == NULL && PyErr_Occurred())
+            goto fail;
+        if (entry != NULL && (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
+                              || (PyTuple_GET_ITEM(entry, 1) != Py_None && !PyBytes_Check(PyTuple_GET_ITEM(entry, 1))))) {
+            PyErr_SetString(PyExc_TypeError, "chan_dispatch: futures holds (future, undo frame) pairs");
+            goto fail;
+        }
+    }
+    /* the effects */
+    int rc = 0;
+    if (deferred && append_ack(st[S_WBUF], rid) < 0)
+        goto fail;
     if (undo != NULL) {
         Py_INCREF(undo);
-        int rc = PyDict_DelItem(st[S_ABANDONED], rid);
-        if (rc == 0)
+        if (PyDict_DelItem(st[S_ABANDONED], rid) == 0)
             rc = give_back(st[S_WBUF], undo, ok, result);
-        Py_DECREF(undo);
-        return rc;
-    }
-    if (PyErr_Occurred())
-        return -1;
-    int sync = PySet_Contains(st[S_SYNC], rid);
-    if (sync < 0)
-        return -1;
-    PyObject *reply = PyTuple_Pack(3, ok, result, blob);
-    if (reply == NULL)
-        return -1;
-    if (sync) {
-        int rc = PyDict_SetItem(st[S_RESULTS], rid, reply);
-        Py_DECREF(reply);
-        return rc < 0 ? -1 : 1;
-    }
-    PyObject *entry = PyDict_GetItemWithError(st[S_FUTURES], rid);   /* (future, undo) */
-    if (entry == NULL) {
-        Py_DECREF(reply);
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    Py_INCREF(entry);
-    int rc = -1;
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2)
-        PyErr_SetString(PyExc_TypeError, "chan_dispatch: futures holds (future, undo) pairs");
-    else if (PyDict_DelItem(st[S_FUTURES], rid) == 0) {
-        PyObject *fut = PyTuple_GET_ITEM(entry, 0), *fundo = PyTuple_GET_ITEM(entry, 1);
-        PyObject *lt = st[S_LOOP_THREAD];
-        int on_loop = lt != Py_None && PyLong_AsUnsignedLong(lt) == PyThread_get_thread_ident();
-        if (PyErr_Occurred())
-            rc = -1;
-        else if (on_loop)
-            rc = deliver_now(st, fut, fundo, reply);
         else
-            rc = append(st[S_DELIVERIES], PyTuple_Pack(3, fut, fundo, reply));
+            rc = -1;
+        Py_DECREF(undo);
+    } else if (sync) {
+        rc = PyDict_SetItem(st[S_RESULTS], rid, reply) < 0 ? -1 : 1;
+    } else if (entry != NULL) {
+        PyList_SET_ITEM(item, 0, Py_NewRef(PyTuple_GET_ITEM(entry, 0)));
+        PyList_SET_ITEM(item, 1, Py_NewRef(PyTuple_GET_ITEM(entry, 1)));
+        PyList_SET_ITEM(item, 2, Py_NewRef(reply));
+        Py_INCREF(item);
+        rc = PyDict_DelItem(st[S_FUTURES], rid);   /* entry is borrowed: not used after this */
+        if (rc == 0)
+            rc = append(st[S_DELIVERIES], item);    /* steals the extra reference */
+        else
+            Py_DECREF(item);
     }
-    Py_DECREF(entry);
     Py_DECREF(reply);
+    Py_DECREF(item);
     return rc;
+fail:
+    Py_XDECREF(reply);
+    Py_XDECREF(item);
+    return -1;
 }
 
 /* A message: into the inbox, or dropped and counted when the inbox is
@@ -304,6 +309,11 @@ static int apply_reply(PyObject *const *st, PyObject *rid, PyObject *ok, PyObjec
 static int enqueue(PyObject *const *st, PyObject *obj, PyObject *blob, Py_ssize_t size)
 {
     PyObject *inbox = st[S_INBOX], *icount = st[S_ICOUNT], *limits = st[S_LIMITS];
+    PyObject *sz = PyLong_FromSsize_t(size);
+    PyObject *msg = sz ? PyTuple_Pack(3, obj, blob, sz) : NULL;   /* before the counts are read */
+    Py_XDECREF(sz);
+    if (msg == NULL)
+        return -1;
     int ctl = 0;
     if (PyList_Check(obj) && PyList_GET_SIZE(obj) > 0 && PyUnicode_Check(PyList_GET_ITEM(obj, 0)))
         ctl = PyUnicode_CompareWithASCIIString(PyList_GET_ITEM(obj, 0), "ctl") == 0;
@@ -311,23 +321,20 @@ static int enqueue(PyObject *const *st, PyObject *obj, PyObject *blob, Py_ssize_
     Py_ssize_t max_n = PyLong_AsSsize_t(PyTuple_GET_ITEM(limits, 0));
     Py_ssize_t max_b = PyLong_AsSsize_t(PyTuple_GET_ITEM(limits, 1));
     Py_ssize_t n = PyObject_Length(inbox);
-    if (PyErr_Occurred() || n < 0)
+    if (PyErr_Occurred() || n < 0) {
+        Py_DECREF(msg);
         return -1;
-    int slot = 0;
-    Py_ssize_t add = size;
-    if (!ctl && (n >= max_n || held + size > max_b)) {
-        slot = 1;                   /* dropped */
-        held = PyLong_AsSsize_t(PyList_GET_ITEM(icount, 1));
-        add = 1;
-    } else {
-        PyObject *sz = PyLong_FromSsize_t(size);
-        if (sz == NULL || append(inbox, PyTuple_Pack(3, obj, blob, sz)) < 0) {
-            Py_XDECREF(sz);
-            return -1;
-        }
-        Py_DECREF(sz);
     }
-    PyObject *v = PyLong_FromSsize_t(held + add);
+    int slot = 0;
+    Py_ssize_t now = held + size;
+    if (!ctl && (n >= max_n || held + size > max_b)) {
+        Py_DECREF(msg);
+        slot = 1;                   /* dropped: counted */
+        now = PyLong_AsSsize_t(PyList_GET_ITEM(icount, 1)) + 1;
+    } else if (append(inbox, msg) < 0) {
+        return -1;
+    }
+    PyObject *v = PyLong_FromSsize_t(now);
     if (v == NULL)
         return -1;
     return PyList_SetItem(icount, slot, v);      /* steals v */
@@ -364,7 +371,7 @@ static int plain_reply(const unsigned char *p, PyObject **rid, PyObject **result
 /* chan_dispatch(buf, state) -> woke: C2 over the complete frames at buf's
  * head.  state: Channel._dispatch_state(): (decode, sync_ids, results,
  * abandoned, futures, wbuf, deliveries, inbox, [inbox bytes, dropped],
- * (max messages, max bytes), the loop's thread or None).  decode(buf, pos) -> (end, rid,
+ * (max messages, max bytes)).  decode(buf, pos) -> (end, rid,
  * ok, result, deferred, blob) for a reply, (end, obj, blob) for anything
  * else, (end,) for a reply to no id of ours; it raises ProtocolError on
  * garbage.  woke: a synchronous caller's

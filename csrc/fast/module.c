@@ -18,9 +18,9 @@ static PyMethodDef module_methods[] = {
      "(None: none) when running_loop() is not None; fn returns True when its report concerns "
      "its caller's own line, which is then not reported again."},
     {"chan_send", (PyCFunction)(void (*)(void))chan_send, METH_FASTCALL,
-     "chan_send(fd, wbuf, count) -> n: one send of bytearray wbuf's head, removed and counted (container_channel.c, C0)."},
+     "chan_send(sock, wbuf, count) -> n: one send of bytearray wbuf's head, removed and counted (container_channel.c, C0)."},
     {"chan_recv", (PyCFunction)(void (*)(void))chan_recv, METH_FASTCALL,
-     "chan_recv(fd, buf, wait) -> n: one recv appended to bytearray buf (container_channel.c, C1)."},
+     "chan_recv(sock, buf, wait) -> n: one recv appended to bytearray buf (container_channel.c, C1)."},
     {"chan_dispatch", (PyCFunction)(void (*)(void))chan_dispatch, METH_FASTCALL,
      "chan_dispatch(buf, state) -> woke: the complete frames at buf's head dispatched (container_channel.c, C2)."},
     {NULL, NULL, 0, NULL}

@@ -464,6 +464,22 @@ def _name_bytes(name) -> bytes:
     return check_name(name).encode("utf-8")
 
 
+_UNDOS: dict = {}
+_UNDOS_MAX = 1024
+
+
+def _undo_of(proc: str, name: str) -> bytes:
+    """The give-back frame of a grant on *name* (cached: a decrement or lock
+    makes one per call)."""
+    key = (proc, name)
+    frame = _UNDOS.get(key)
+    if frame is None:
+        if len(_UNDOS) >= _UNDOS_MAX:
+            _UNDOS.clear()
+        frame = _UNDOS[key] = undo_frame(proc, [name] if proc == "sem.increment" else [name, False])
+    return frame
+
+
 def _check_wait(wait, timeout):
     if wait is not True and wait is not False:
         raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
@@ -486,7 +502,7 @@ class _SemClient:
     @staticmethod
     def _undo(name):
         """A decrement's give-back (Channel.call): one increment."""
-        return undo_frame("sem.increment", [name])
+        return _undo_of("sem.increment", name)
 
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
@@ -549,7 +565,7 @@ class _MutexClient:
     @staticmethod
     def _undo(name):
         """A lock's give-back (Channel.call): the unlock."""
-        return undo_frame("mutex.unlock", [name, False])
+        return _undo_of("mutex.unlock", name)
 
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)
