@@ -48,6 +48,11 @@ makes it so:
   granted something (``True``, or an int >= 0).
 - Sleeps are slices (WAIT_SLICE) on a private lock: a wake-up lost to an
   exception costs one slice, and sleepers re-check everything each time.
+- C3. A handler that returns may itself make calls, even while the thread
+  it interrupted holds a role: it reads and writes as that thread (the
+  buffers are consistent at every point a handler can run), and a recv
+  that a handler interrupted returns "nothing yet" so that the
+  interrupted reader looks at its reply again.
 What is not covered: an awaited call's reply, or a message, being handed to
 the loop by a main thread that is not the loop's thread may be lost to such
 an exception (the loop's own thread hands its replies over in C).
@@ -241,14 +246,18 @@ class Channel:
             while rid not in results:
                 if self.closed:
                     raise ControllerGoneError("the controller closed the channel")
-                if self._reader is None:
-                    self._reader = me       # (test-and-set: no call in between)
+                held = self._reader
+                if held is None or held == me:
+                    # (test-and-set: no call in between; held == me: a call
+                    # from a signal handler that interrupted our own read)
+                    self._reader = me
                     try:
                         while rid not in results:
                             self._read(True)
                     finally:
-                        self._reader = None     # (first: a call could be cut short)
-                        self._after_reading()
+                        self._reader = held     # (first: a call could be cut short)
+                        if held is None:
+                            self._after_reading()
                 else:
                     self._sleep(lambda: rid in results or self._reader is None or self.closed)
             self._sync_ids.discard(rid)
@@ -332,7 +341,10 @@ class Channel:
         self._wbuf += frame
         end = wcount[0] + len(self._wbuf)          # the count once our frame is out
         if self._writer == _get_ident():
-            return                  # sent from inside our own write: its loop writes it
+            # a signal handler's call inside our own write (C3): write it
+            # now, from here (the interrupted write goes on with what is left)
+            self._write_out()
+            return
         self._flush()
         # (an empty buffer means ours is out too, whatever the count says)
         while wcount[0] < end and self._wbuf and not self.closed:

@@ -12,8 +12,9 @@ the same order, for a build without the accelerator; there a handler that
 raises can fall between two of them (the defect C1/C2 close).
 
 ``decode`` decodes one frame for ``dispatch`` (every frame the C code does
-not decode itself: JSON frames, malformed ones).  It has no effect: a frame
-it raises on stays whole in the buffer.
+not decode itself: JSON frames, malformed ones), from a copy of its bytes
+(a signal handler that runs meanwhile may itself dispatch the buffer).  It
+has no effect: a frame it raises on stays whole in the buffer.
 """
 
 from __future__ import annotations
@@ -109,40 +110,34 @@ def dispatch(buf: bytearray, state: tuple) -> bool:
     (decode_, sync_ids, results, abandoned, futures, wbuf, deliveries, inbox, icount,
      (max_n, max_b)) = state
     woke = False
-    pos = 0
-    try:
-        while len(buf) - pos >= 8:
-            total = _unpack_header(buf, pos)[0]
-            if 4 <= total <= wire.MAX_FRAME and pos + 4 + total > len(buf):
-                break
-            f = decode_(buf, pos)
-            if len(f) == 6:
-                end, rid, ok, result, deferred, blob = f
-                if deferred:
-                    wbuf += wire.encode_call(0, "ctl.ack", [rid])
-                reply = (ok, result, blob)
-                if rid in abandoned:
-                    undo = abandoned.pop(rid)
-                    if undo is not None and granted(ok, result):
-                        wbuf += undo
-                elif rid in sync_ids:
-                    results[rid] = reply
-                    woke = True
-                elif rid in futures:
-                    fut, undo = futures.pop(rid)
-                    deliveries.append([fut, undo, reply])
-            elif len(f) == 3:
-                end, obj, blob = f
-                size = end - pos
-                if obj[0] != "ctl" and (len(inbox) >= max_n or icount[0] + size > max_b):
-                    icount[1] += 1
-                else:
-                    inbox.append((obj, blob, size))
-                    icount[0] += size
+    while len(buf) >= 8:                # each frame leaves the buffer with its effect
+        total = _unpack_header(buf, 0)[0]
+        if 4 <= total <= wire.MAX_FRAME and 4 + total > len(buf):
+            break
+        f = decode_(bytes(buf[:4 + total] if 4 <= total <= wire.MAX_FRAME else buf[:8]), 0)
+        if len(f) == 6:
+            end, rid, ok, result, deferred, blob = f
+            if deferred:
+                wbuf += wire.encode_call(0, "ctl.ack", [rid])
+            reply = (ok, result, blob)
+            if rid in abandoned:
+                undo = abandoned.pop(rid)
+                if undo is not None and granted(ok, result):
+                    wbuf += undo
+            elif rid in sync_ids:
+                results[rid] = reply
+                woke = True
+            elif rid in futures:
+                fut, undo = futures.pop(rid)
+                deliveries.append([fut, undo, reply])
+        elif len(f) == 3:
+            end, obj, blob = f
+            if obj[0] != "ctl" and (len(inbox) >= max_n or icount[0] + end > max_b):
+                icount[1] += 1
             else:
-                end = f[0]
-            pos = end
-    finally:
-        if pos:
-            del buf[:pos]
+                inbox.append((obj, blob, end))
+                icount[0] += end
+        else:
+            end = f[0]
+        del buf[:end]
     return woke

@@ -236,6 +236,59 @@ def test_an_exception_at_every_check_point_of_a_call_ends_that_call_only(events)
     assert free is True, "the mutex stayed held"
 
 
+@pytest.mark.timeout(120)
+def test_a_signal_handler_that_makes_calls_of_its_own_does_not_wait_for_the_thread_it_interrupted(events):
+    """A handler that returns, but calls the controller itself (a SIGALRM
+    handler that increments and decrements a semaphore) every 1 ms, while
+    the main thread it interrupts is itself reading, writing (large
+    frames: sharedvar values) or waiting, and worker threads call too:
+    nothing waits forever, and the counts are exact."""
+    S, S2, V = uniq("sem"), uniq("sem"), uniq("var")
+    with cluster(events, "rpc", ["a"]) as c:
+        out = c["a"].call("""
+            import signal, threading, time
+            semaphore.create(S, 2)
+            semaphore.create(S2, 5)
+            sharedvar.create_var(V)
+            big = "x" * 300_000
+            handled = [0]
+            def on_alarm(sig, frame):
+                assert semaphore.decrement(S2) >= 0
+                semaphore.increment(S2)
+                handled[0] += 1
+            done = []
+            def worker():
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                for i in range(300):
+                    assert semaphore.decrement(S, wait=True, timeout=60) >= 0
+                    semaphore.increment(S)
+                done.append(1)
+            old = signal.signal(signal.SIGALRM, on_alarm)
+            threads = [threading.Thread(target=worker) for _ in range(2)]
+            for t in threads:
+                t.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            try:
+                deadline = time.monotonic() + 40
+                n = 0
+                while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+                    sharedvar.set_value(V, big if n % 2 else "small")
+                    sharedvar.get_value(V)
+                    semaphore.get(S)
+                    n += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+            for t in threads:
+                t.join(5)
+            result = [len(done), semaphore.get(S), semaphore.get(S2), handled[0], n]
+        """, timeout=90, S=S, S2=S2, V=V)
+    finished, count, count2, handled, rounds = out
+    print(f"{handled} handler calls during {rounds} rounds of the main thread")
+    assert handled >= 50, f"the handler ran only {handled} times: proves little"
+    assert finished == 2 and count == 2 and count2 == 5, out
+
+
 # --------------------------------------------------------------------------
 # the dispatch on its own
 # --------------------------------------------------------------------------

@@ -17,9 +17,9 @@
  *      same step, so a frame is never half-sent then forgotten.
  *  C1. recv: the bytes a recv returns are appended to the channel's buffer
  *      (a bytearray only the reader touches) before the call returns.  A
- *      signal that interrupts the recv itself is handled as Python's own
- *      socket calls do (PEP 475): its handler runs, the recv is retried if
- *      the handler returned, and nothing was read if it raised.
+ *      signal that interrupts the recv itself runs its handler: nothing was
+ *      read, and if the handler returned, the caller is told "nothing yet"
+ *      (-1) so that it looks at its reply again before it sleeps again.
  *  C2. dispatch: for every complete frame at the buffer's head, in order,
  *      its effect is applied and its bytes are removed from the buffer in
  *      one step with the GIL held:
@@ -97,6 +97,11 @@ PyObject *chan_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyMem_RawFree(tmp);
             return NULL;
         }
+        /* A handler ran: it may have made calls of its own (reading our
+         * reply for us, C3 of channel.py): the caller looks again before
+         * it sleeps here again. */
+        PyMem_RawFree(tmp);
+        return PyLong_FromLong(-1);
     }
     if (r > 0) {
         Py_ssize_t len = PyByteArray_GET_SIZE(buf);
@@ -368,6 +373,17 @@ static int plain_reply(const unsigned char *p, PyObject **rid, PyObject **result
     return 1;
 }
 
+/* Dispatches that removed frames, in this process: see chan_dispatch. */
+static uint64_t dispatch_gen;
+
+/* The first n bytes of buf (a frame just applied) removed: a deletion at
+ * the head moves a start offset, it does not allocate. */
+static int consume(PyObject *buf, Py_ssize_t n)
+{
+    dispatch_gen++;
+    return PySequence_DelSlice(buf, 0, n);
+}
+
 /* chan_dispatch(buf, state) -> woke: C2 over the complete frames at buf's
  * head.  state: Channel._dispatch_state(): (decode, sync_ids, results,
  * abandoned, futures, wbuf, deliveries, inbox, [inbox bytes, dropped],
@@ -388,82 +404,71 @@ PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *buf = args[0];
     PyObject *const *st = &PyTuple_GET_ITEM(args[1], 0);
-    Py_ssize_t pos = 0;
-    int woke = 0, failed = 0;
+    int woke = 0;
+    /* Each frame leaves the buffer together with its effect, so the buffer's
+     * head is always the next frame to apply.  decode runs Python, and a
+     * signal handler that runs there may make calls of its own and dispatch
+     * this very buffer (C3 of channel.py): after decode, if any dispatch
+     * removed frames meanwhile (dispatch_gen moved), what decode returned
+     * is dropped and the head is looked at again. */
     for (;;) {
-        Py_ssize_t n = PyByteArray_GET_SIZE(buf);     /* re-read: decode ran Python */
-        const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(buf) + pos;
-        if (n - pos < 8)
+        Py_ssize_t n = PyByteArray_GET_SIZE(buf);
+        const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(buf);
+        if (n < 8)
             break;
         uint32_t total = be32(p);
-        if (total <= MAX_FRAME && total >= 4 && (Py_ssize_t)total + 4 > n - pos)
+        if (total <= MAX_FRAME && total >= 4 && (Py_ssize_t)total + 4 > n)
             break;                                    /* incomplete: wait for the rest */
         PyObject *rid = NULL, *result = NULL;
         int deferred = 0, rc = 0;
         if (total == REPLY_TOTAL)
             rc = plain_reply(p, &rid, &result, &deferred);
-        if (rc < 0) {
-            failed = 1;
-            break;
-        }
+        if (rc < 0)
+            return NULL;
         if (rc == 1) {
             rc = apply_reply(st, rid, Py_True, result, deferred, Py_None);
             Py_DECREF(rid);
             Py_DECREF(result);
-            if (rc < 0) {
-                failed = 1;
-                break;
-            }
+            if (rc < 0 || consume(buf, 4 + (Py_ssize_t)total) < 0)
+                return NULL;
             woke |= rc;
-            pos += 4 + total;
             continue;
         }
         /* anything else, or a header that is wrong (decode raises ProtocolError) */
-        PyObject *pypos = PyLong_FromSsize_t(pos);
-        PyObject *d = pypos ? PyObject_CallFunctionObjArgs(st[S_DECODE], buf, pypos, NULL) : NULL;
-        Py_XDECREF(pypos);
-        if (d == NULL) {
-            failed = 1;
-            break;
+        /* decoded from a copy of the frame: the buffer may change while
+         * decode runs (the header alone when it is wrong: decode says why) */
+        uint64_t gen = dispatch_gen;
+        Py_ssize_t flen = (total <= MAX_FRAME && total >= 4) ? 4 + (Py_ssize_t)total : 8;
+        PyObject *frame = PyBytes_FromStringAndSize((const char *)p, flen);
+        PyObject *zero = frame ? PyLong_FromLong(0) : NULL;
+        PyObject *d = zero ? PyObject_CallFunctionObjArgs(st[S_DECODE], frame, zero, NULL) : NULL;
+        Py_XDECREF(zero);
+        Py_XDECREF(frame);
+        if (d == NULL)
+            return NULL;                              /* the frame stays whole */
+        if (gen != dispatch_gen) {
+            Py_DECREF(d);                             /* a nested dispatch took it */
+            continue;
         }
         Py_ssize_t size = PyTuple_Check(d) ? PyTuple_GET_SIZE(d) : 0;
         Py_ssize_t end = size ? PyLong_AsSsize_t(PyTuple_GET_ITEM(d, 0)) : -1;
-        if ((size != 6 && size != 3 && size != 1) || end <= pos || end > PyByteArray_GET_SIZE(buf)) {
+        if ((size != 6 && size != 3 && size != 1) || end != flen || end > PyByteArray_GET_SIZE(buf)) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "chan_dispatch: decode returned a bad frame");
             Py_DECREF(d);
-            failed = 1;
-            break;
+            return NULL;
         }
         PyObject *const *f = &PyTuple_GET_ITEM(d, 0);
         if (size == 6) {
-            int df = PyObject_IsTrue(f[4]);
+            int df = PyObject_IsTrue(f[4]);           /* a bool (decode made it one): no Python */
             rc = df < 0 ? -1 : apply_reply(st, f[1], f[2], f[3], df, f[5]);
         } else if (size == 3) {
-            rc = enqueue(st, f[1], f[2], end - pos);
+            rc = enqueue(st, f[1], f[2], end);
         }                       /* size 1: a reply to no id of ours, dropped */
         Py_DECREF(d);
-        if (rc < 0) {
-            failed = 1;
-            break;
-        }
+        if (rc < 0 || consume(buf, end) < 0)
+            return NULL;
         woke |= rc;
-        pos = end;
     }
-    /* the frames applied leave the buffer now, even when the next one failed */
-    if (pos) {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        int rc = PySequence_DelSlice(buf, 0, pos);
-        if (failed || rc == 0)
-            PyErr_Restore(et, ev, tb);      /* the failure that stopped the loop, if any */
-        else {
-            Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb);
-        }
-        if (rc < 0)
-            return NULL;    /* (only on memory exhaustion, or a buffer someone exported) */
-    }
-    if (failed)
-        return NULL;
     return PyBool_FromLong(woke);
 }
