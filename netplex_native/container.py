@@ -176,6 +176,7 @@ class _Runtime:
         self._unstarted: set = set()    # accepted sockets whose task has not run yet
         self.stop_reason: asyncio.Future | None = None
         self.stopping = False       # system_shutdown handled, or end_waits: waits end
+        self.domain = None          # the native Domain, if any (end_waits stops its waits)
         self.shutdown_seen = False
         self.grace = HANDLER_GRACE
         self.accepting = True       # False once the controller disabled the service
@@ -212,6 +213,8 @@ class _Runtime:
         answers the RPC waits it holds for us and wakes a native one asleep
         without a timeout (the first waiter of a semaphore)."""
         self.stopping = True
+        if self.domain is not None:         # native waits begun from now on do not wait
+            self.domain.stop_waits()
         try:
             self.channel.notify("ctl.stopping", [])
         except ControllerGoneError:
@@ -233,6 +236,8 @@ class _Runtime:
         elif kind == "ctl":
             if obj[1] == "system_shutdown":
                 self.stopping = True
+                if self.domain is not None:
+                    self.domain.stop_waits()
                 self.hook("system_shutdown")
                 try:
                     self.channel.notify("ctl.system_shutdown_done", [])
@@ -485,6 +490,7 @@ def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
     dom = ctrl.plugin_data(domain_plugin)
     if dom is not None:
         dom.interrupt_check = rt.shutdown_pending
+    rt.domain = dom
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     code = 0

@@ -7,7 +7,10 @@ has served its connections -- whether a SIGHUP reload, ``admin restart`` or
 a system shutdown asked it to stop, or it ends on its own
 (``global_exception_handler`` returns False) -- so that a ``pre_finish_hook``
 that joins the thread returns at once instead of waiting out the whole
-grace (``shutdown_timeout``, 30 s here).  Before the fix only a system
+grace (``shutdown_timeout``, 30 s here); a thread that loops on waits a
+feeder keeps serving ends too, at its first wait that finds nothing free
+(native: a wait begun after the stop does not sleep; before, each slept a
+slice or two and was served).  Before the first fix only a system
 shutdown reached such a wait: a retired container's thread kept waiting, in
 slices, and its ``pre_finish_hook`` hung until the controller SIGTERMed it.
 The connections a retiring container still serves are served as usual
@@ -40,6 +43,7 @@ from netplex_native import semaphore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEM = "stopwaits.never"             # nobody ever increments it
+FSEM = "stopwaits.fed"              # a unit every 10 ms, from this container's feeder
 HSEM = "stopwaits.handler"          # the handlers' own
 
 
@@ -64,10 +68,14 @@ async def handle(reader, writer):
 
 class Blocked(netplex.ProcessorHooks):
     """Two worker threads wait on SEM without a timeout: the first is the
-    queue's head (it sleeps untimed), the second sleeps in slices."""
+    queue's head (it sleeps untimed), the second sleeps in slices.  A third
+    takes FSEM's units in a loop of waits while a feeder gives one every
+    10 ms: its loop ends only when a wait ends as a timeout."""
 
     def post_start_hook(self, cont):
-        self.threads = []
+        self.threads = [threading.Thread(target=self.loop, daemon=True)]
+        self.threads[0].start()
+        threading.Thread(target=self.feed, daemon=True).start()
         for i in range(2):
             t = threading.Thread(target=self.wait, args=(cont.pid, i), daemon=True)
             t.start()
@@ -76,6 +84,15 @@ class Blocked(netplex.ProcessorHooks):
             while not os.path.exists(os.path.join(HERE, f"waiting.{cont.pid}.{i}")) \\
                     and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+    def loop(self):
+        while semaphore.decrement(FSEM, wait=True) >= 0:
+            pass
+
+    def feed(self):
+        while True:
+            semaphore.increment(FSEM)
+            time.sleep(0.01)
 
     def wait(self, pid, i):
         mark(f"waiting.{pid}.{i}")
@@ -158,7 +175,7 @@ def test_a_stop_ends_a_worker_threads_untimed_wait_so_pre_finish_hook_can_join_i
         assert wait_until(joined.exists, PROMPT + 10), \
             f"pre_finish_hook did not finish after {time.monotonic() - t0:.1f}s ({how}, {plugins})\n{r.log()}"
         info = json.loads(joined.read_text())
-        assert info["alive"] == [False, False], info
+        assert info["alive"] == [False, False, False], info
         assert info["took"] < PROMPT, info
         assert info["late"] == -1, info
         for i in range(2):
@@ -195,7 +212,7 @@ def test_a_restart_serves_a_handlers_await_during_the_grace_then_ends_the_thread
         assert conn.makefile().readline().strip() == "0", r.log()    # granted, not cut short
         assert wait_until((tmp_path / f"joined.{pid}").exists, PROMPT), r.log()
         info = json.loads((tmp_path / f"joined.{pid}").read_text())
-        assert info["alive"] == [False, False] and info["took"] < PROMPT and info["late"] == -1, info
+        assert info["alive"] == [False, False, False] and info["took"] < PROMPT and info["late"] == -1, info
     finally:
         conn.close()
         _reap(admin)

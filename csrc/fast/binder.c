@@ -35,6 +35,9 @@
  *  B5 close() (Domain.close, before the core's close) clears `d': from then
  *     on every call goes to the Python methods, which say the Domain is
  *     closed.
+ *  B6 stop_waiting() (Domain.stop_waits: the container's waits end): a
+ *     blocking call whose non-blocking attempt failed goes to the Python
+ *     method, which then does not wait at all.
  */
 #include "fast.h"
 
@@ -150,6 +153,8 @@ PyObject *b_sem_decrement(Binder *self, PyObject *const *args, size_t nargsf, Py
             int64_t rc = self->sem_dec(self->d, h, NP_NOWAIT);
             if (rc >= 0)
                 return PyLong_FromLongLong(rc);
+            if (self->stopping)                 /* B6 */
+                return slow(self, K_SEM, self->slow_dec, args, nargsf, kw);
             if (about_to_block(NP_KIND_SEM) < 0)
                 return NULL;
             if (!self->d)
@@ -188,6 +193,8 @@ PyObject *b_mutex_lock(Binder *self, PyObject *const *args, size_t nargsf, PyObj
     if (kw == NULL && (n == 1 || (n == 2 && args[1] == Py_None))
             && self->d && lookup(self, K_MUTEX, args[0], &h)) {
         int64_t rc = self->mtx_lock(self->d, h, NP_NOWAIT);
+        if (rc == NP_EAGAIN && self->stopping)  /* B6 */
+            return slow(self, K_MUTEX, self->slow_lock, args, nargsf, kw);
         if (rc == NP_EAGAIN) {
             if (about_to_block(NP_KIND_MUTEX) < 0)
                 return NULL;
@@ -294,8 +301,16 @@ static PyObject *b_close(Binder *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* stop_waiting(): B6. */
+static PyObject *b_stop_waiting(Binder *self, PyObject *Py_UNUSED(ignored))
+{
+    self->stopping = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef b_methods[] = {
     {"close", (PyCFunction)b_close, METH_NOARGS, NULL},
+    {"stop_waiting", (PyCFunction)b_stop_waiting, METH_NOARGS, NULL},
     {"sem_decrement", (PyCFunction)(void (*)(void))b_sem_decrement, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"sem_increment", (PyCFunction)(void (*)(void))b_sem_increment, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"mutex_lock", (PyCFunction)(void (*)(void))b_mutex_lock, METH_FASTCALL | METH_KEYWORDS, NULL},

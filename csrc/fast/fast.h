@@ -74,6 +74,7 @@ typedef struct {
     PyObject *last_name[K_N][2];            /* the two names last found, per kind (see lookup) */
     uint64_t last_h[K_N][2];
     int last_next[K_N];                     /* which entry the next name replaces */
+    int stopping;                           /* stop_waiting(): blocking calls go to Python (B6) */
 } Binder;
 
 /* 1 and *out = the cached handle of name in cache; 0 when not cached (or

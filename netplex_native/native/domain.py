@@ -195,6 +195,7 @@ class Domain:
         #: to end waits at shutdown.
         self.interrupt_check = None
         self._binder = None
+        self._stopping = False              # stop_waits()
         self._aw = None                  # asyncwait.AsyncWaits of this process
         self._bind_fast_paths()
 
@@ -420,6 +421,16 @@ class Domain:
         pid = errors.check_int(pid, "pid", 1, 2**31 - 1)
         return _check(_lib.np_interrupt_waits(self._dom(), pid), self)
 
+    def stop_waits(self) -> None:
+        """This process's blocking waits end from now on as a timeout 0
+        would (a free unit or the free mutex is still taken); the waits in
+        progress end at their next look at ``interrupt_check`` (a supervisor
+        wakes them with ``interrupt_waits``).  For a container whose end has
+        begun (container.py).  Not undone."""
+        self._stopping = True
+        if self._binder is not None:
+            self._binder.stop_waiting()
+
     def cancel_waits(self) -> None:
         _check(_lib.np_wait_cancel(self._dom()), self)
 
@@ -486,7 +497,9 @@ class Domain:
         if anything (Ctrl-C, cancel) ends the wait early."""
         cache = self._sems if kind == _SEM else self._mtxs
         d = self._dom()
-        if deadline == _FOREVER and (cancel is not None or _main_thread()):
+        if self._stopping:                  # stop_waits: no wait any more
+            deadline = _NOWAIT
+        elif deadline == _FOREVER and (cancel is not None or _main_thread()):
             deadline = _SLICED
         try:
             while True:
