@@ -1,17 +1,23 @@
-"""A container's channel to the controller keeps every frame it reads when
-a Python signal handler raises on the main thread (channel.py,
-channel_frames.py, csrc/fast/container_channel.c: C1, C2).
+"""A container's channel to the controller when Python signal handlers run
+on its main thread (channel.py, channel_frames.py,
+csrc/fast/container_channel.c: C0-C3).
 
-- In a real container (RPC backend), worker threads make calls while the
-  main thread makes calls of its own and is interrupted by a SIGALRM
-  handler that raises every 0.5 ms: every worker finishes, the semaphore
-  keeps its exact count and the mutex is free.  Before C1/C2 the main
-  thread, as the channel's reader, lost replies it had received for the
-  workers, and they waited forever.
-- The dispatch on its own, both implementations (C and Python): the same
-  effects for the same frames in any chunking; a decoder that raises in
-  the middle (as a handler's exception does) leaves the frames before it
-  dispatched exactly once and the frame it raised on whole.
+In a real container (RPC backend), with worker threads calling meanwhile:
+- a handler that raises every 0.5 ms in the main thread's calls: every
+  worker finishes, the semaphore keeps its exact count, the mutex is free
+  (before C0-C2 the main thread, as the channel's reader, lost replies it
+  had received for the workers, and they waited forever);
+- an exception injected at every point of a main-thread call where CPython
+  can run a handler (a trace function), with the main thread writing,
+  reading for the others and sleeping: the same checks (it hangs on a
+  version that gave a role back through a call);
+- a handler that returns but calls the controller itself (C3), while the
+  main thread moves large shared-variable values: nothing waits forever.
+The dispatch and the send on their own, both implementations (C and
+Python): the same effects for the same frames in any chunking; a decoder
+that raises in the middle (as a handler's exception does) leaves the frames
+before it dispatched exactly once and the frame it raised on whole;
+garbage, the give-back rule, the inbox bounds, the bytes a send removes.
 """
 
 from __future__ import annotations
