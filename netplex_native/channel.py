@@ -116,6 +116,11 @@ _POLLOUT = select.POLLOUT
 _STOPS = ("system_shutdown", "shutdown")
 
 
+def _cancel_frame(rid: int) -> bytes:
+    """Asks the controller to stop waiting for call *rid*."""
+    return wire.encode_call(0, "ctl.cancel", [rid])
+
+
 def undo_frame(proc: str, args: list) -> bytes:
     """The give-back of a call: the frame of *proc(args)*, sent without a
     reply wanted if the call is abandoned after a grant (see ``call``)."""
@@ -291,12 +296,8 @@ class Channel:
         and the writes wait for the channel's next writer."""
         self._sync_ids.discard(rid)
         if rid in self._abandoned and not self.closed:
-            self._wbuf += wire.encode_call(0, "ctl.cancel", [rid])
-        if self._wbuf and not self.closed:
-            try:
-                self._flush()
-            except ControllerGoneError:
-                pass
+            self._wbuf += _cancel_frame(rid)
+        self._flush_quietly()
 
     async def acall(self, proc: str, args: list, blob: bytes | None = None, undo: bytes | None = None):
         rid = next(self._ids)
@@ -310,7 +311,7 @@ class Channel:
                 del self._futures[rid]
                 self._abandoned[rid] = undo
                 if not self.closed:
-                    self._wbuf += wire.encode_call(0, "ctl.cancel", [rid])
+                    self._wbuf += _cancel_frame(rid)
             raise
         try:
             reply = await fut
@@ -318,16 +319,12 @@ class Channel:
             if rid in self._futures:              # still pending at the controller
                 del self._futures[rid]
                 self._abandoned[rid] = undo
-                if not self.closed:
-                    try:
-                        self.notify("ctl.cancel", [rid])
-                    except ControllerGoneError:
-                        pass
+                self._give_back(_cancel_frame(rid))
             elif fut.done() and not fut.cancelled():
                 ok, result, _ = fut.result()      # granted, but no one will use it
                 if undo is not None and granted(ok, result):
                     self._give_back(undo)
-            # else: the reply is on its way to _deliver, which gives it back
+            # else: the reply is on its way to _drain_deliveries, which gives it back
             raise
         return _unwrap(reply)
 
@@ -353,12 +350,21 @@ class Channel:
         if self.closed and wcount[0] < end:
             raise ControllerGoneError("the controller closed the channel")
 
-    def _give_back(self, undo: bytes) -> None:
-        self._wbuf += undo
-        try:
-            self._flush()
-        except ControllerGoneError:
-            pass
+    def _give_back(self, frame: bytes) -> None:
+        """Send a give-back or a cancel: queued whole, then written if the
+        channel is still there."""
+        if not self.closed:
+            self._wbuf += frame
+        self._flush_quietly()
+
+    def _flush_quietly(self) -> None:
+        """``_flush`` where a closed channel is no news (a give-back, a cancel:
+        the controller gives back what a gone container held)."""
+        if self._wbuf and not self.closed:
+            try:
+                self._flush()
+            except ControllerGoneError:
+                pass
 
     def _flush(self) -> None:
         """Write ``_wbuf`` out as the writer, unless a writer is at work (it
@@ -604,11 +610,7 @@ class Channel:
                 fut.set_result(item[2])
             if deliveries and deliveries[0] is item:
                 deliveries.popleft()
-        if self._wbuf and not self.closed:
-            try:
-                self._flush()
-            except ControllerGoneError:
-                pass
+        self._flush_quietly()
 
     def _drain_inbox(self) -> None:
         self._drain_scheduled = False

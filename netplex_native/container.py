@@ -212,13 +212,18 @@ class _Runtime:
         would (``shutdown_pending``).  The controller is told, so that it
         answers the RPC waits it holds for us and wakes a native one asleep
         without a timeout (the first waiter of a semaphore)."""
-        self.stopping = True
-        if self.domain is not None:         # native waits begun from now on do not wait
-            self.domain.stop_waits()
+        self._stop_waits()
         try:
             self.channel.notify("ctl.stopping", [])
         except ControllerGoneError:
             pass
+
+    def _stop_waits(self) -> None:
+        """Blocking waits end from now on: those in progress at their next
+        look at ``shutdown_pending``, native ones begun later at once."""
+        self.stopping = True
+        if self.domain is not None:
+            self.domain.stop_waits()
 
     def hook(self, name: str, *args) -> None:
         try:
@@ -235,9 +240,7 @@ class _Runtime:
             self.hook("receive_admin_message", self.cont, obj[1], obj[2])
         elif kind == "ctl":
             if obj[1] == "system_shutdown":
-                self.stopping = True
-                if self.domain is not None:
-                    self.domain.stop_waits()
+                self._stop_waits()
                 self.hook("system_shutdown")
                 try:
                     self.channel.notify("ctl.system_shutdown_done", [])
