@@ -6,10 +6,11 @@
 #                       overhead; it calls the core through _core's function
 #                       pointers (csrc/fast/fast.h says why); one file per
 #                       layer, everything but PyInit__fast hidden; and the
-#                       container channel's reads (container_channel.c)
+#                       container channel's reads (container_channel.c); and
+#                       the controller's read of a hot call (controller_calls.c)
 from setuptools import Extension, setup
 
-FAST = ["binder.c", "public_functions.c", "handles.c", "container_channel.c", "module.c"]
+FAST = ["binder.c", "public_functions.c", "handles.c", "container_channel.c", "controller_calls.c", "module.c"]
 
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],

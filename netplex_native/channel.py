@@ -48,6 +48,14 @@ makes it so:
   granted something (``True``, or an int >= 0).
 - Sleeps are slices (WAIT_SLICE) on a private lock: a wake-up lost to an
   exception costs one slice, and sleepers re-check everything each time.
+- C4. A synchronous call made while nobody reads or writes takes both
+  roles (one test-and-set) and makes its whole round trip in one C call
+  (``chan_exchange``): the same C0-C2 steps; the writer role is given back
+  (one store, in C) before it sleeps in recv, so other threads' calls are
+  written meanwhile; anything out of the ordinary (a thread waiting, a
+  message or an awaited reply to hand to the loop, no room to write) ends
+  it, and the call goes on the general way.  No bytecode runs between the
+  steps the general way runs as separate calls.
 - C3. A handler that returns may itself make calls, even while the thread
   it interrupted holds a role: it reads and writes as that thread (the
   buffers are consistent at every point a handler can run), and a recv
@@ -88,11 +96,12 @@ from .logs import get_logger
 
 log = get_logger("netplex_native.channel")
 
-try:    # C0-C2 where no signal handler can run between their steps
+try:    # C0-C2 where no signal handler can run between their steps; C4 the round trip
     from ._fast import chan_dispatch as _dispatch_frames, chan_recv as _recv_into, \
-        chan_send as _send_out
+        chan_send as _send_out, chan_exchange as _exchange
 except ImportError:  # pragma: no cover - exercised by test_without_accelerator
     _dispatch_frames, _recv_into, _send_out = channel_frames.dispatch, channel_frames.recv, channel_frames.send
+    _exchange = None
 
 _PACK_CALL = wire._CALL.pack                       # Channel.call_op
 _CALL_FIXED = wire._CALL_FIXED
@@ -246,8 +255,29 @@ class Channel:
         results = self._results
         try:
             self._sync_ids.add(rid)
-            self._send(frame)
             me = _get_ident()
+            if self._writer is None and self._reader is None and _exchange is not None:
+                # Nobody writes or reads: the whole round trip in C (C4), both
+                # roles held.  (test-and-set of both: no call in between)
+                self._writer = me
+                self._reader = me
+                r = 0
+                try:
+                    self._wbuf += frame
+                    r = _exchange(self, self.sock, self._buf, self._wcount, rid, self._dstate)
+                except ProtocolError:
+                    self._eof()
+                    raise
+                finally:
+                    self._reader = None     # (first: a call could be cut short)
+                    if self._writer == me:  # (C4 gives it back once it has written)
+                        self._writer = None
+                    if r != 1 or self._waiters or self._reader_paused or self._close_by_reader:
+                        self._after_reading()
+                if rid not in results:
+                    self._send(b"")         # the general way from here: our frame out first
+            else:
+                self._send(frame)
             while rid not in results:
                 if self.closed:
                     raise ControllerGoneError("the controller closed the channel")

@@ -15,6 +15,13 @@ life, top to bottom:
 ``_shutdown``         system_shutdown -> shutdown -> wait/escalate ->
                       ``post_rm_hook`` -> plugins unplugged -> files removed
 
+Containers' calls: ``_Conn`` (one per container) reads them, serves the
+usual one (a binary semaphore/mutex call a plugin answers at once) in C
+(``ctrl_hot_read``, csrc/fast/controller_calls.c) and everything else
+through ``_on_call`` to the plugins.  The loop's selector
+(ctrl_selector.py) runs those reads from inside its poll while the loop has
+nothing else to do, so a call costs no loop iteration.
+
 Operations (gunicorn's signals, Netplex's admin verbs), all on the loop:
 
 ``_on_signal``        SIGTERM graceful stop, SIGINT/SIGQUIT quick stop (grace 0:
@@ -52,7 +59,6 @@ import asyncio
 import atexit
 import logging
 import os
-import selectors
 import signal
 import socket
 import sys
@@ -65,7 +71,8 @@ from . import options, wire
 from ._context import ctx
 from .container import Container, run_container
 from .logs import get_logger, reopen_log_files, set_title
-from .errors import (NetplexError, PluginNotAddedError, ProtocolError, ServiceConfigError,
+from .ctrl_selector import HotSelector
+from .errors import (NAME_MAX_BYTES, NetplexError, PluginNotAddedError, ProtocolError, ServiceConfigError,
                      check_message)
 from .plugin import Plugin
 from .service import Service, bind, bound_address
@@ -97,11 +104,20 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGPROF, signal.SIGIO, signal.SIGPWR)
 
 _encode_reply = wire.encode_reply
-# _Conn._serve_hot: one binary call (wire._CALL) and its name
+try:    # the usual read served whole in C (controller_calls.c)
+    from ._fast import ctrl_hot_read as _hot_read
+except ImportError:  # pragma: no cover - exercised by test_without_accelerator
+    _hot_read = None
+# _Conn._on_readable: one binary call (wire._CALL) and its name
 _CALL_UNPACK = wire._CALL.unpack_from
 _CALL_SIZE = wire._CALL.size
 _HOT_MIN = _CALL_SIZE + 1
-_HOT_MAX = _CALL_SIZE + 1024
+_HOT_MAX = _CALL_SIZE + NAME_MAX_BYTES
+# _Conn._serve_hot: an int answer (wire.encode_reply's binary reply, flags 1 | 4)
+_REPLY_PACK = wire._REPLY.pack
+_REPLY_LEN = wire._REPLY_LEN
+_OP_REPLY = wire.OP_REPLY
+_I64_MIN, _I64_MAX = wire._I64_MIN, wire._I64_MAX
 #: flags a hot op accepts: decrement's wait (bit 0) goes the general way
 _HOT_FLAGS = {1: 0, 2: 0, 3: 0, 4: 0, 5: 1}
 _reply_parts = wire.reply_parts
@@ -220,23 +236,60 @@ class _Conn:
         self._feed = self._decoder.feed
         self._on_call = ctrl._on_call
         self._hot = ctrl._hot
-        ctrl._loop.add_reader(self.fd, self._on_readable)
+        self._hot_ops = ctrl._hot_ops
+        self._read_from_select()
 
     # ---- input ----
+    def _read_from_select(self) -> None:
+        """Read when readable: served from inside the selector's poll while
+        the loop is idle (ctrl_selector.py), else as a reader callback."""
+        self._ctrl._loop.add_reader(self.fd, self._on_readable)
+        self._ctrl._selector.set_hot(self.fd, self._on_readable)
+
     def _on_readable(self) -> None:
-        try:
-            data = self._recv(1 << 18)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
+        if _hot_read is not None and not self.queued and not self._decoder.pending and self._rec.alive:
+            # the usual read, in C: see _serve_hot and controller_calls.c
+            try:
+                data = _hot_read(self.sock, self._hot_ops, self._rec)
+            except OSError:
+                self.close()
+                return
+            if data is True or data is None:
+                return
+            if data.__class__ is tuple:
+                self._finish_hot(data)
+                return
+        else:
+            try:
+                data = self._recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
         if not data:
             self.close()
             return
-        if _HOT_MIN <= len(data) <= _HOT_MAX and not self.queued and not self._decoder.pending:
-            if self._serve_hot(data):
-                return
+        n = len(data)
+        if _HOT_MIN <= n <= _HOT_MAX and not self.queued and not self._decoder.pending:
+            # The usual read: exactly one binary call of an operation a
+            # plugin answers at once (wire.CALL_OPS; sem.decrement without
+            # wait), with a valid name, nothing buffered before it and
+            # nothing waiting to go out.  Answered here with the checks of
+            # the general path (_decode_binary, _on_call, check_name,
+            # _Reply.ok) and nothing else; anything else goes the general
+            # way, which decodes, checks and answers it.
+            total, jlen, op, rid, flags, _timeout = _CALL_UNPACK(data)
+            fn = self._hot.get(op)
+            if (fn is not None and not jlen and total + 4 == n and not flags & ~_HOT_FLAGS[op]
+                    and rid and self._rec.alive and b"\0" not in data[_CALL_SIZE:]):
+                try:
+                    name = data[_CALL_SIZE:].decode("utf-8")
+                except UnicodeDecodeError:
+                    name = None
+                if name is not None:
+                    self._serve_hot(fn, rid, name, flags)
+                    return
         try:
             frames = self._feed(data)
         except ProtocolError as e:
@@ -246,34 +299,37 @@ class _Conn:
             return
         self._serve(frames, 0)
 
-    def _serve_hot(self, data) -> bool:
-        """The usual read: exactly one binary call of an operation a plugin
-        answers at once (wire.CALL_OPS; sem.decrement without wait), nothing
-        buffered before it and nothing waiting to go out.  Answered here
-        with the checks of the general path (_decode_binary, _on_call,
-        _Reply.ok) and nothing else; False (nothing done) for anything
-        else, which the general path then decodes, checks and answers."""
-        total, jlen, op, rid, flags, _timeout = _CALL_UNPACK(data)
-        fn = self._hot.get(op)
-        if (fn is None or jlen or total + 4 != len(data) or flags & ~_HOT_FLAGS[op]
-                or not rid or not self._rec.alive):
-            return False
+    def _serve_hot(self, fn, rid: int, name: str, flags: int) -> None:
+        """A hot call (see _on_readable): fn(rec, name, flags) -> result;
+        *name* passes check_name."""
         try:
-            name = data[_CALL_SIZE:].decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        rec = self._rec
-        try:
-            result = fn(rec, name, flags)
-        except (TypeError, ValueError, OverflowError, NetplexError) as e:
-            self.send(wire.error_frame(rid, e))
-            return True
-        except Exception as e:  # a plugin bug must not take the controller down
-            log.exception("error serving binary op %d for container %s", op, rec.id)
-            self.send(wire.error_frame(rid, e))
-            return True
-        self.send(_encode_reply(rid, result))
-        return True
+            result = fn(self._rec, name, flags)
+        except Exception as e:
+            self._hot_failed(rid, e)
+            return
+        if result.__class__ is int and _I64_MIN <= result <= _I64_MAX:
+            self.send(_REPLY_PACK(_REPLY_LEN, 0, _OP_REPLY, rid, 5, result))
+        else:
+            self.send(_encode_reply(rid, result))
+
+    def _hot_failed(self, rid: int, e: Exception) -> None:
+        if not isinstance(e, (TypeError, ValueError, OverflowError, NetplexError)):
+            # a plugin bug must not take the controller down
+            log.error("error serving binary op for container %s", self._rec.id, exc_info=e)
+        self.send(wire.error_frame(rid, e))
+
+    def _finish_hot(self, t: tuple) -> None:
+        """What ctrl_hot_read left to Python (H2 of controller_calls.c)."""
+        if len(t) == 3:                     # (rid, frame, sent): the socket took part of it
+            rid, frame, sent = t
+            if sent:
+                self._queue((memoryview(frame)[sent:],))
+            else:
+                self.send(frame)
+        elif isinstance(t[1], Exception):   # (rid, exc)
+            self._hot_failed(t[0], t[1])
+        else:                               # (rid, result) not encoded in C
+            self.send(_encode_reply(t[0], t[1]))
 
     def _serve(self, frames, i: int) -> None:
         """Serve frames[i:]; stop (and keep the rest) when over the limits."""
@@ -323,7 +379,7 @@ class _Conn:
         if self.closed or (self.queued and self._congested()):
             return
         self.paused = False
-        self._ctrl._loop.add_reader(self.fd, self._on_readable)
+        self._read_from_select()
 
     def drain_dead(self) -> None:
         """Its process is gone: serve the notifications (calls that want no
@@ -620,6 +676,8 @@ class Controller:
         #: binary op -> fn(rec, name, flags): the calls a plugin answers at once
         #: (see _Conn._serve_hot); filled by add_plugin from ``_hot_calls``.
         self._hot: dict = {}
+        #: the same, as ctrl_hot_read takes them: op -> (fn, flags allowed)
+        self._hot_ops: dict = {}
         self._by_pid: dict[int, _ContainerRecord] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._selector = None
@@ -694,6 +752,7 @@ class Controller:
             hot = getattr(plugin, "_hot_calls", None)
             if hot is not None:
                 self._hot.update(hot(self))
+                self._hot_ops.update((op, (fn, _HOT_FLAGS[op])) for op, fn in self._hot.items())
         if ctx.role == "controller" and ctx.controller is self:
             self._install_backends("controller")
 
@@ -1208,8 +1267,9 @@ class Controller:
             raise NetplexError(f"controller already {self._state}")
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED_SIGNALS))
         try:
-            self._selector = selectors.DefaultSelector()
+            self._selector = HotSelector()
             loop = asyncio.SelectorEventLoop(self._selector)
+            self._selector.bind(loop)
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             self._abort_startup()

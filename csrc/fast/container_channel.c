@@ -1,9 +1,10 @@
 /*
- * container_channel.c -- in the container process: the reads of its
- * channel to the controller (netplex_native/channel.py), made atomic with
- * respect to Python's signal handlers.  netplex_native/channel_frames.py
- * has the same two functions in Python (used without the accelerator) and
- * the decoder of the frames this file does not decode itself.
+ * container_channel.c -- in the container process: the reads and writes
+ * of its channel to the controller (netplex_native/channel.py), made
+ * atomic with respect to Python's signal handlers, and (C4) the usual
+ * call's round trip in one step.  netplex_native/channel_frames.py has
+ * C0-C2 in Python (used without the accelerator, which also goes without
+ * C4) and the decoder of the frames this file does not decode itself.
  *
  * Why: Python runs a signal handler on the main thread between two
  * bytecodes, and an exception it raises unwinds whatever the interrupted
@@ -39,6 +40,11 @@
  *      is applied: if that raises -- garbage (ProtocolError), or a signal
  *      handler's exception -- the frames already applied are removed, the
  *      failing one stays whole, and the exception propagates.
+ *  C4. exchange: a synchronous call's whole round trip (C0 as the writer,
+ *      the writer role given back, then C2 and C1 as the reader until its
+ *      reply is in), for the usual call made while nobody else reads or
+ *      writes; anything else hands the call back to the general way
+ *      (chan_exchange says when).
  *  So a frame is dispatched exactly once, or is still whole in the buffer.
  *  What the channel does afterwards in Python (waking sleepers, draining
  *  the queues) can be interrupted; each of those steps is picked up again
@@ -392,18 +398,32 @@ static int consume(PyObject *buf, Py_ssize_t n)
  * else, (end,) for a reply to no id of ours; it raises ProtocolError on
  * garbage.  woke: a synchronous caller's
  * reply was delivered. */
+/* The dispatch state tuple is well formed (see chan_dispatch). */
+static int state_ok(PyObject *state)
+{
+    return PyTuple_Check(state) && PyTuple_GET_SIZE(state) == S_N
+        && PyByteArray_Check(PyTuple_GET_ITEM(state, S_WBUF))
+        && PyList_Check(PyTuple_GET_ITEM(state, S_ICOUNT)) && PyList_GET_SIZE(PyTuple_GET_ITEM(state, S_ICOUNT)) == 2
+        && PyTuple_Check(PyTuple_GET_ITEM(state, S_LIMITS)) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(state, S_LIMITS)) == 2;
+}
+
+static int dispatch_all(PyObject *buf, PyObject *const *st);
+
 PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 2 || !PyByteArray_Check(args[0]) || !PyTuple_Check(args[1])
-            || PyTuple_GET_SIZE(args[1]) != S_N || !PyByteArray_Check(PyTuple_GET_ITEM(args[1], S_WBUF))
-            || !PyList_Check(PyTuple_GET_ITEM(args[1], S_ICOUNT)) || PyList_GET_SIZE(PyTuple_GET_ITEM(args[1], S_ICOUNT)) != 2
-            || !PyTuple_Check(PyTuple_GET_ITEM(args[1], S_LIMITS)) || PyTuple_GET_SIZE(PyTuple_GET_ITEM(args[1], S_LIMITS)) != 2) {
+    if (nargs != 2 || !PyByteArray_Check(args[0]) || !state_ok(args[1])) {
         PyErr_SetString(PyExc_TypeError, "chan_dispatch(bytearray, Channel._dispatch_state())");
         return NULL;
     }
-    PyObject *buf = args[0];
-    PyObject *const *st = &PyTuple_GET_ITEM(args[1], 0);
+    int woke = dispatch_all(args[0], &PyTuple_GET_ITEM(args[1], 0));
+    return woke < 0 ? NULL : PyBool_FromLong(woke);
+}
+
+/* C2 over buf: 1 if a synchronous caller's reply was delivered, 0 if not,
+ * -1 with an exception set. */
+static int dispatch_all(PyObject *buf, PyObject *const *st)
+{
     int woke = 0;
     /* Each frame leaves the buffer together with its effect, so the buffer's
      * head is always the next frame to apply.  decode runs Python, and a
@@ -424,13 +444,13 @@ PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (total == REPLY_TOTAL)
             rc = plain_reply(p, &rid, &result, &deferred);
         if (rc < 0)
-            return NULL;
+            return -1;
         if (rc == 1) {
             rc = apply_reply(st, rid, Py_True, result, deferred, Py_None);
             Py_DECREF(rid);
             Py_DECREF(result);
             if (rc < 0 || consume(buf, 4 + (Py_ssize_t)total) < 0)
-                return NULL;
+                return -1;
             woke |= rc;
             continue;
         }
@@ -445,7 +465,7 @@ PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(zero);
         Py_XDECREF(frame);
         if (d == NULL)
-            return NULL;                              /* the frame stays whole */
+            return -1;                              /* the frame stays whole */
         if (gen != dispatch_gen) {
             Py_DECREF(d);                             /* a nested dispatch took it */
             continue;
@@ -456,7 +476,7 @@ PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "chan_dispatch: decode returned a bad frame");
             Py_DECREF(d);
-            return NULL;
+            return -1;
         }
         PyObject *const *f = &PyTuple_GET_ITEM(d, 0);
         if (size == 6) {
@@ -467,8 +487,142 @@ PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }                       /* size 1: a reply to no id of ours, dropped */
         Py_DECREF(d);
         if (rc < 0 || consume(buf, end) < 0)
-            return NULL;
+            return -1;
         woke |= rc;
     }
-    return PyBool_FromLong(woke);
+    return woke;
+}
+
+/* C4. chan_exchange(ch, sock, buf, count, rid, state) -> r: a synchronous
+ * call's round trip, for a caller that took both roles of Channel ch
+ * (channel.py's Channel._call, fast path) and appended its frame to the
+ * write buffer.  As the writer: C0 until the write buffer is empty; then
+ * the writer role is given back (ch._writer = None, one store: a thread
+ * that waits to write is never kept waiting by a reader asleep in recv);
+ * then as the reader: C2 on what is buffered and C1 (blocking, the GIL
+ * released) until the reply to rid is in results.  Every step is the one
+ * C0-C2 describe, so the buffers are as consistent at each point a handler
+ * can run (a recv or send it interrupts) as they are between those calls.
+ * r:
+ *   1  the reply is in results and nothing is left for Python to do (fewer
+ *      than 8 bytes buffered, no delivery, no message);
+ *   2  the reply is in results; the caller does what a reader does after
+ *      reading (channel.py's _after_reading);
+ *   0  the caller goes on the general way (after _after_reading): no room
+ *      to write, a thread waiting (for a role, or woken by a reply this
+ *      dispatched), something to write before sleeping in recv (an
+ *      acknowledgement, another thread's frame), an awaited reply or a
+ *      message to hand to the loop, or the socket broken or at its end
+ *      (the general way finds out again and says so);
+ *  -1  a signal handler ran in a recv or send it interrupted (and may have
+ *      made calls of its own, C3): the caller looks again.
+ * NULL: the handler raised, or the dispatch did (ProtocolError: garbage).
+ * It sleeps nowhere but in recv, and runs no Python but a signal handler
+ * (at EINTR) and channel_frames.decode (C2, frames other than a plain
+ * binary reply). */
+static PyObject *str_writer, *str_waiters;
+
+static int nobody_waits(PyObject *ch)
+{
+    PyObject *w = PyObject_GetAttr(ch, str_waiters);
+    if (w == NULL)
+        return -1;
+    Py_ssize_t n = PyObject_Length(w);
+    Py_DECREF(w);
+    return n < 0 ? -1 : n == 0;
+}
+
+PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 6 || !PyByteArray_Check(args[2]) || !PyList_Check(args[3]) || PyList_GET_SIZE(args[3]) != 1
+            || !PyLong_CheckExact(args[4]) || !state_ok(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "chan_exchange(channel, sock, bytearray, [count], rid, Channel._dispatch_state())");
+        return NULL;
+    }
+    if (str_writer == NULL && ((str_writer = PyUnicode_InternFromString("_writer")) == NULL
+                               || (str_waiters = PyUnicode_InternFromString("_waiters")) == NULL))
+        return NULL;
+    PyObject *ch = args[0], *buf = args[2], *count = args[3], *rid = args[4];
+    int fd = fd_of(args[1]);
+    if (fd < 0)
+        return PyLong_FromLong(0);
+    PyObject *const *st = &PyTuple_GET_ITEM(args[5], 0);
+    PyObject *wbuf = st[S_WBUF], *results = st[S_RESULTS];
+    /* the writer: C0 until everything queued is out */
+    Py_ssize_t wlen;
+    while ((wlen = PyByteArray_GET_SIZE(wbuf)) > 0) {
+        ssize_t r = send(fd, PyByteArray_AS_STRING(wbuf), (size_t)wlen, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r < 0) {
+            if (errno != EINTR)
+                return PyLong_FromLong(0);              /* no room, or broken */
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            return PyLong_FromLong(-1);
+        }
+        if (PySequence_DelSlice(wbuf, 0, r) < 0)
+            return NULL;
+        PyObject *n = PyLong_FromSsize_t(r);
+        PyObject *sum = n ? PyNumber_Add(PyList_GET_ITEM(count, 0), n) : NULL;
+        Py_XDECREF(n);
+        if (sum == NULL || PyList_SetItem(count, 0, sum) < 0)
+            return NULL;
+    }
+    if (PyObject_SetAttr(ch, str_writer, Py_None) < 0)
+        return NULL;
+    int idle = nobody_waits(ch);
+    if (idle <= 0)
+        return idle < 0 ? NULL : PyLong_FromLong(0);   /* they are woken by _after_reading */
+    /* the reader */
+    for (;;) {
+        int got = PyDict_Contains(results, rid);
+        if (got < 0)
+            return NULL;
+        Py_ssize_t pending = PyObject_Length(st[S_DELIVERIES]), msgs = PyObject_Length(st[S_INBOX]);
+        if (pending < 0 || msgs < 0)
+            return NULL;
+        if (got)
+            return PyLong_FromLong(PyByteArray_GET_SIZE(buf) < 8 && !pending && !msgs ? 1 : 2);
+        if (pending || msgs || PyByteArray_GET_SIZE(wbuf) > 0)
+            return PyLong_FromLong(0);
+        /* C2 on what an interrupted reader, or the last recv, left */
+        Py_ssize_t before = PyByteArray_GET_SIZE(buf);
+        if (before >= 8) {
+            int woke = dispatch_all(buf, st);
+            if (woke < 0)
+                return NULL;
+            if (PyByteArray_GET_SIZE(buf) != before) {
+                if (woke && (got = PyDict_Contains(results, rid)) <= 0)
+                    return got < 0 ? NULL : PyLong_FromLong(0);     /* another thread's reply */
+                continue;
+            }
+        }
+        /* C1 */
+        char *tmp = PyMem_RawMalloc(RECV_CHUNK);
+        if (tmp == NULL)
+            return PyErr_NoMemory();
+        ssize_t r;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        r = recv(fd, tmp, RECV_CHUNK, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (r > 0) {
+            Py_ssize_t len = PyByteArray_GET_SIZE(buf);
+            int rc = PyByteArray_Resize(buf, len + r);
+            if (rc == 0)
+                memcpy(PyByteArray_AS_STRING(buf) + len, tmp, (size_t)r);
+            PyMem_RawFree(tmp);
+            if (rc < 0)
+                return NULL;
+            continue;
+        }
+        PyMem_RawFree(tmp);
+        if (r < 0 && err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            return PyLong_FromLong(-1);
+        }
+        return PyLong_FromLong(0);                      /* the end, or an error: the general way says which */
+    }
 }

@@ -153,6 +153,8 @@ PyObject *set_backend(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_send(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_recv(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_dispatch(PyObject *m, PyObject *const *args, Py_ssize_t n);
+PyObject *chan_exchange(PyObject *m, PyObject *const *args, Py_ssize_t n);
+PyObject *ctrl_hot_read(PyObject *m, PyObject *const *args, Py_ssize_t n);
 
 /* ---- handles.c ---- */
 extern PyTypeObject SemaphoreBaseType, MutexBaseType;

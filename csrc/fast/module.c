@@ -2,7 +2,8 @@
  * module.c -- netplex_native._fast (csrc/fast/fast.h): the module's
  * functions and its initialisation, nothing else.  The types and functions
  * are the layers' (binder.c, public_functions.c, handles.c) and the
- * container channel's reads (container_channel.c); the types are
+ * container channel's reads (container_channel.c) and the controller's
+ * read of a hot call (controller_calls.c); the types are
  * readied and the registry's names made before the module exists, so a
  * failed initialisation leaves no module.
  */
@@ -23,6 +24,10 @@ static PyMethodDef module_methods[] = {
      "chan_recv(sock, buf, wait) -> n: one recv appended to bytearray buf (container_channel.c, C1)."},
     {"chan_dispatch", (PyCFunction)(void (*)(void))chan_dispatch, METH_FASTCALL,
      "chan_dispatch(buf, state) -> woke: the complete frames at buf's head dispatched (container_channel.c, C2)."},
+    {"chan_exchange", (PyCFunction)(void (*)(void))chan_exchange, METH_FASTCALL,
+     "chan_exchange(sock, buf, count, rid, state) -> r: a synchronous call's round trip, both roles held (container_channel.c, C4)."},
+    {"ctrl_hot_read", (PyCFunction)(void (*)(void))ctrl_hot_read, METH_FASTCALL,
+     "ctrl_hot_read(sock, hot, rec): one read of a container's channel, a hot call served whole (controller_calls.c)."},
     {NULL, NULL, 0, NULL}
 };
 

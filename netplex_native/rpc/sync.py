@@ -393,12 +393,13 @@ class SemaphorePlugin(Plugin):
 
     def _hot_calls(self, ctrl):
         """Binary ops answered at once by the controller (_Conn._serve_hot):
-        fn(rec, name, flags) -> result, with the checks of ctrl_receive_call."""
+        fn(rec, name, flags) -> result, with the checks of ctrl_receive_call
+        but check_name (the controller answers only names that pass it)."""
         st = ctrl.plugin_data(_sync_base)
         inc, dec, get = st.sem_increment, st.sem_try_decrement, st.sem_get
-        return {1: lambda rec, name, flags: inc(rec.id, check_name(name)),
-                2: lambda rec, name, flags: dec(rec.id, check_name(name)),   # no wait
-                3: lambda rec, name, flags: get(check_name(name))}
+        return {1: lambda rec, name, flags: inc(rec.id, name),
+                2: lambda rec, name, flags: dec(rec.id, name),   # no wait
+                3: lambda rec, name, flags: get(name)}
 
     def backend(self, ctrl, role):
         if role == "container":
@@ -438,7 +439,7 @@ class MutexPlugin(Plugin):
         unlock = st.mutex_unlock
 
         def unlock_now(rec, name, flags):
-            unlock(check_name(name), rec.id, flags == 1)
+            unlock(name, rec.id, flags == 1)
         return {5: unlock_now}
 
     def backend(self, ctrl, role):
@@ -480,6 +481,19 @@ def _undo_of(proc: str, name: str) -> bytes:
     return frame
 
 
+_SEM_OPS: dict = {}
+
+
+def _sem_ops(name: str) -> tuple:
+    """(the name's bytes, a decrement's give-back) for a str *name*, cached
+    (at most _UNDOS_MAX names, then cleared); raises as check_name."""
+    ops = (_name_bytes(name), _undo_of("sem.increment", name))
+    if len(_SEM_OPS) >= _UNDOS_MAX:
+        _SEM_OPS.clear()
+    _SEM_OPS[name] = ops
+    return ops
+
+
 def _check_wait(wait, timeout):
     if wait is not True and wait is not False:
         raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
@@ -497,6 +511,8 @@ class _SemClient:
                                             check_bool(protected, "protected")])[0]
 
     def increment(self, name):
+        if type(name) is str:
+            return self._ch.call_op(1, (_SEM_OPS.get(name) or _sem_ops(name))[0])[0]
         return self._ch.call_op(1, _name_bytes(name))[0]
 
     @staticmethod
@@ -505,6 +521,9 @@ class _SemClient:
         return _undo_of("sem.increment", name)
 
     def decrement(self, name, wait=False, timeout=None):
+        if wait is False and timeout is None and type(name) is str:     # the usual call
+            ops = _SEM_OPS.get(name) or _sem_ops(name)
+            return self._ch.call_op(2, ops[0], 0, ops[1])[0]
         timeout = _check_wait(wait, timeout)
         if not wait:
             nb = _name_bytes(name)
