@@ -123,6 +123,20 @@ PyObject *chan_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(r);
 }
 
+/* The bytes a send took leave wbuf, then are added to count[0] (C0): a
+ * deletion at the head moves a start offset, it does not allocate. */
+static int sent_out(PyObject *wbuf, PyObject *count, ssize_t r)
+{
+    if (PySequence_DelSlice(wbuf, 0, r) < 0)
+        return -1;
+    PyObject *n = PyLong_FromSsize_t(r);
+    PyObject *sum = n ? PyNumber_Add(PyList_GET_ITEM(count, 0), n) : NULL;
+    Py_XDECREF(n);
+    if (sum == NULL || PyList_SetItem(count, 0, sum) < 0)       /* steals sum */
+        return -1;
+    return 0;
+}
+
 /* chan_send(sock, wbuf, count) -> n: one send of wbuf's head (C0); the bytes
  * sent are removed from wbuf and added to count[0].  n > 0 bytes sent; 0
  * no room (or wbuf empty); -1 the socket is broken. */
@@ -151,14 +165,7 @@ PyObject *chan_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (r < 0)
         return PyLong_FromLong(errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1);
-    /* first out of the buffer (a deletion at the head moves a start offset:
-     * it does not allocate), then counted */
-    if (PySequence_DelSlice(wbuf, 0, r) < 0)
-        return NULL;
-    PyObject *n = PyLong_FromSsize_t(r);
-    PyObject *sum = n ? PyNumber_Add(PyList_GET_ITEM(args[2], 0), n) : NULL;
-    Py_XDECREF(n);
-    if (sum == NULL || PyList_SetItem(args[2], 0, sum) < 0)     /* steals sum */
+    if (sent_out(wbuf, args[2], r) < 0)
         return NULL;
     return PyLong_FromSsize_t(r);
 }
@@ -560,12 +567,7 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 return NULL;
             return PyLong_FromLong(-1);
         }
-        if (PySequence_DelSlice(wbuf, 0, r) < 0)
-            return NULL;
-        PyObject *n = PyLong_FromSsize_t(r);
-        PyObject *sum = n ? PyNumber_Add(PyList_GET_ITEM(count, 0), n) : NULL;
-        Py_XDECREF(n);
-        if (sum == NULL || PyList_SetItem(count, 0, sum) < 0)
+        if (sent_out(wbuf, count, r) < 0)
             return NULL;
     }
     if (PyObject_SetAttr(ch, str_writer, Py_None) < 0)
