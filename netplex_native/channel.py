@@ -488,22 +488,24 @@ class Channel:
         after the next read (``_after_reading``)."""
         if self._wbuf and not self.closed:
             self._flush()                   # acknowledgements, give-backs
+        # (each flag is set before its drain is scheduled: on another
+        # thread the drain may run, and clear it, before the call returns)
         if self._deliveries and not self._deliveries_scheduled and self._loop is not None:
             # awaited replies: completed by the loop, never inside a
             # synchronous call (asyncio's code is not ours to make safe)
-            self._call_on_loop_soon(self._drain_deliveries)
             self._deliveries_scheduled = True
+            self._call_on_loop_soon(self._drain_deliveries)
         if self._inbox and not self._drain_scheduled and self._loop is not None:
-            self._call_on_loop_soon(self._drain_inbox)
             self._drain_scheduled = True
+            self._call_on_loop_soon(self._drain_inbox)
         if self._icount[1] != self._dropped_warned:
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY:
                 self._warned_at = now
                 self._dropped_warned = self._icount[1]
-                log.warning("container pid %d: inbox full (%d messages, %d bytes) while its loop is "
-                            "busy: %d messages dropped so far", os.getpid(), len(self._inbox),
-                            self._icount[0], self._icount[1])
+                log.warning("container pid %d: its inbox filled up while its loop was busy: %d "
+                            "messages dropped so far (%d messages, %d bytes queued now)", os.getpid(),
+                            self._icount[1], len(self._inbox), self._icount[0])
 
     def _after_reading(self) -> None:
         """Called right after a reader gave its role back (``_reader =

@@ -431,6 +431,52 @@ def test_a_worker_thread_unlocks_while_the_loop_thread_waits_in_lock(events, bac
         assert proc.stop() == 0
 
 
+@pytest.mark.timeout(90)
+def test_awaited_calls_are_answered_while_a_worker_thread_reads_the_channel(events):
+    """A worker thread in a long synchronous wait is the channel's reader,
+    and hands the awaited replies it reads to the loop.  Its flag ("a drain
+    is scheduled") was set after the drain was scheduled, so the loop could
+    run that drain, and clear the flag, first: the flag then stayed set
+    with nothing scheduled, and every later awaited reply waited in the
+    queue (the attack's 5 of 5 runs; the second or third await hung)."""
+    class Hooks(_Base):
+        def post_start_hook(self, cont):
+            cenv.create_timer(self.go, 0.05)
+
+        def go(self, timer):
+            asyncio.ensure_future(self.awaits())
+            return False
+
+        async def awaits(self):
+            sharedvar.create_var("aw.v")
+            m = mutex.access("aw.m")
+            worker = threading.Thread(target=semaphore.decrement, args=("aw.empty",),
+                                      kwargs={"wait": True, "timeout": 6}, daemon=True)
+            worker.start()
+            await asyncio.sleep(0.2)
+            n, hung, t_end = 0, None, time.monotonic() + 3
+            while time.monotonic() < t_end and hung is None:
+                try:
+                    await asyncio.wait_for(semaphore.decrement_async("aw.x"), 10)
+                    await asyncio.wait_for(sharedvar.get_value_async("aw.v"), 10)
+                    if await asyncio.wait_for(m.lock_async(timeout=0.05), 10):
+                        m.unlock()
+                    n += 1
+                except asyncio.TimeoutError:
+                    hung = n
+            self.events.emit("awaited", n=n, hung=hung, worker_waiting=worker.is_alive())
+
+    def build():
+        ctrl = netplex.Controller()
+        ctrl.add_service(netplex.Service("aw", hooks=Hooks(events, "rpc"), workers=1))
+        return ctrl
+
+    with run_controller(build) as proc:
+        r = events.wait("awaited", timeout=60)[0]
+        assert r["hung"] is None and r["n"] > 10, r
+        assert proc.stop() == 0
+
+
 # ---------------------------------------------------------------- item 2: failed forks retried
 
 @pytest.mark.timeout(60)
