@@ -488,16 +488,26 @@ class Channel:
         after the next read (``_after_reading``)."""
         if self._wbuf and not self.closed:
             self._flush()                   # acknowledgements, give-backs
-        # (each flag is set before its drain is scheduled: on another
-        # thread the drain may run, and clear it, before the call returns)
+        # Each flag is set before its drain is scheduled (on another thread
+        # the drain may run, and clear it, before the call returns), and
+        # cleared again if the scheduling is cut short (a handler's
+        # exception at the call: the store comes before any check point).
         if self._deliveries and not self._deliveries_scheduled and self._loop is not None:
             # awaited replies: completed by the loop, never inside a
             # synchronous call (asyncio's code is not ours to make safe)
             self._deliveries_scheduled = True
-            self._call_on_loop_soon(self._drain_deliveries)
+            try:
+                self._call_on_loop_soon(self._drain_deliveries)
+            except BaseException:
+                self._deliveries_scheduled = False
+                raise
         if self._inbox and not self._drain_scheduled and self._loop is not None:
             self._drain_scheduled = True
-            self._call_on_loop_soon(self._drain_inbox)
+            try:
+                self._call_on_loop_soon(self._drain_inbox)
+            except BaseException:
+                self._drain_scheduled = False
+                raise
         if self._icount[1] != self._dropped_warned:
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY:
