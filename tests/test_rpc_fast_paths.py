@@ -31,7 +31,7 @@ import pytest
 
 from netplex_native import wire
 from netplex_native.channel import Channel
-from netplex_native.ctrl_selector import HotSelector
+from netplex_native.ctrl_selector import HOT_BURST, HotSelector
 
 try:
     from netplex_native import _fast
@@ -132,6 +132,21 @@ def test_the_selector_serves_a_hot_fd_inside_select_and_the_loop_barely_iterates
     # the loop's own sleep (0.01 s) also iterates it: a few per hundredth
     assert fast.iterations < n // 10, (fast.iterations, plain.iterations)
     assert plain.iterations >= n, plain.iterations
+
+
+@pytest.mark.timeout(60)
+def test_the_loop_iterates_at_least_once_every_burst_of_hot_calls(echo):
+    e = echo()
+    n = 3000
+    done = e.loop.create_future()
+
+    def client():
+        e.round_trips(n).join(30)
+        e.loop.call_soon_threadsafe(done.set_result, None)
+    threading.Thread(target=client, daemon=True).start()
+    e.loop.run_until_complete(done)         # no timer: only the burst bound returns
+    assert e.calls == n
+    assert e.iterations >= n // HOT_BURST, e.iterations
 
 
 @pytest.mark.timeout(60)
