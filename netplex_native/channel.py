@@ -256,7 +256,7 @@ class Channel:
         try:
             self._sync_ids.add(rid)
             me = _get_ident()
-            if self._writer is None and self._reader is None and _exchange is not None:
+            if self._writer is None and self._reader is None and _exchange is not None and not self.closed:
                 # Nobody writes or reads: the whole round trip in C (C4), both
                 # roles held.  (test-and-set of both: no call in between)
                 self._writer = me

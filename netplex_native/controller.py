@@ -108,16 +108,11 @@ try:    # the usual read served whole in C (controller_calls.c)
     from ._fast import ctrl_hot_read as _hot_read
 except ImportError:  # pragma: no cover - exercised by test_without_accelerator
     _hot_read = None
-# _Conn._on_readable: one binary call (wire._CALL) and its name
+# _Conn._serve_hot: one binary call (wire._CALL) and its name
 _CALL_UNPACK = wire._CALL.unpack_from
 _CALL_SIZE = wire._CALL.size
 _HOT_MIN = _CALL_SIZE + 1
 _HOT_MAX = _CALL_SIZE + NAME_MAX_BYTES
-# _Conn._serve_hot: an int answer (wire.encode_reply's binary reply, flags 1 | 4)
-_REPLY_PACK = wire._REPLY.pack
-_REPLY_LEN = wire._REPLY_LEN
-_OP_REPLY = wire.OP_REPLY
-_I64_MIN, _I64_MAX = wire._I64_MIN, wire._I64_MAX
 #: flags a hot op accepts: decrement's wait (bit 0) goes the general way
 _HOT_FLAGS = {1: 0, 2: 0, 3: 0, 4: 0, 5: 1}
 _reply_parts = wire.reply_parts
@@ -247,10 +242,11 @@ class _Conn:
         self._ctrl._selector.set_hot(self.fd, self._on_readable)
 
     def _on_readable(self) -> None:
-        if _hot_read is not None and not self.queued and not self._decoder.pending and self._rec.alive:
-            # the usual read, in C: see _serve_hot and controller_calls.c
+        hot = not self.queued and not self._decoder.pending and self._rec.alive
+        if hot and _hot_read is not None:
+            # the usual read, in C (controller_calls.c, H1-H3)
             try:
-                data = _hot_read(self.sock, self._hot_ops, self._rec)
+                data = _hot_read(self, self.sock, self._hot_ops, self._rec)
             except OSError:
                 self.close()
                 return
@@ -259,6 +255,7 @@ class _Conn:
             if data.__class__ is tuple:
                 self._finish_hot(data)
                 return
+            hot = False                     # (C found no hot call in it)
         else:
             try:
                 data = self._recv(1 << 18)
@@ -270,26 +267,8 @@ class _Conn:
         if not data:
             self.close()
             return
-        n = len(data)
-        if _HOT_MIN <= n <= _HOT_MAX and not self.queued and not self._decoder.pending:
-            # The usual read: exactly one binary call of an operation a
-            # plugin answers at once (wire.CALL_OPS; sem.decrement without
-            # wait), with a valid name, nothing buffered before it and
-            # nothing waiting to go out.  Answered here with the checks of
-            # the general path (_decode_binary, _on_call, check_name,
-            # _Reply.ok) and nothing else; anything else goes the general
-            # way, which decodes, checks and answers it.
-            total, jlen, op, rid, flags, _timeout = _CALL_UNPACK(data)
-            fn = self._hot.get(op)
-            if (fn is not None and not jlen and total + 4 == n and not flags & ~_HOT_FLAGS[op]
-                    and rid and self._rec.alive and b"\0" not in data[_CALL_SIZE:]):
-                try:
-                    name = data[_CALL_SIZE:].decode("utf-8")
-                except UnicodeDecodeError:
-                    name = None
-                if name is not None:
-                    self._serve_hot(fn, rid, name, flags)
-                    return
+        if hot and _HOT_MIN <= len(data) <= _HOT_MAX and self._serve_hot(data):
+            return
         try:
             frames = self._feed(data)
         except ProtocolError as e:
@@ -299,37 +278,58 @@ class _Conn:
             return
         self._serve(frames, 0)
 
-    def _serve_hot(self, fn, rid: int, name: str, flags: int) -> None:
-        """A hot call (see _on_readable): fn(rec, name, flags) -> result;
-        *name* passes check_name."""
+    def _serve_hot(self, data) -> bool:
+        """Without the accelerator, what ctrl_hot_read does (H1, H2 of
+        controller_calls.c): if *data* is exactly one binary call of an
+        operation a plugin answers at once (wire.CALL_OPS; sem.decrement
+        without wait) with a name check_name accepts, answer it with the
+        checks of the general path (_decode_binary, _on_call, check_name,
+        _Reply.ok) and nothing else; else False (nothing done)."""
+        total, jlen, op, rid, flags, _timeout = _CALL_UNPACK(data)
+        fn = self._hot.get(op)
+        if (fn is None or jlen or total + 4 != len(data) or flags & ~_HOT_FLAGS[op] or not rid
+                or b"\0" in data[_CALL_SIZE:]):
+            return False
+        try:
+            name = data[_CALL_SIZE:].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
         try:
             result = fn(self._rec, name, flags)
         except Exception as e:
             self._hot_failed(rid, e)
-            return
-        if result.__class__ is int and _I64_MIN <= result <= _I64_MAX:
-            self.send(_REPLY_PACK(_REPLY_LEN, 0, _OP_REPLY, rid, 5, result))
         else:
-            self.send(_encode_reply(rid, result))
+            self._answer_hot(rid, result)
+        return True
+
+    def _answer_hot(self, rid: int, result) -> None:
+        try:
+            frame = _encode_reply(rid, result)
+        except (ValueError, TypeError, OverflowError) as e:     # not encodable: as _Reply.ok
+            log.warning("container %s (pid %d): answer to call %d cannot be sent: %s",
+                        self._rec.id, self._rec.pid, rid, wire.safe_text(str(e), 200))
+            frame = wire.error_frame(rid, e)
+        self.send(frame)
 
     def _hot_failed(self, rid: int, e: Exception) -> None:
         if not isinstance(e, (TypeError, ValueError, OverflowError, NetplexError)):
             # a plugin bug must not take the controller down
-            log.error("error serving binary op for container %s", self._rec.id, exc_info=e)
+            log.error("error serving a binary call for container %s", self._rec.id, exc_info=e)
         self.send(wire.error_frame(rid, e))
 
     def _finish_hot(self, t: tuple) -> None:
         """What ctrl_hot_read left to Python (H2 of controller_calls.c)."""
-        if len(t) == 3:                     # (rid, frame, sent): the socket took part of it
-            rid, frame, sent = t
+        kind, rid = t[0], t[1]
+        if kind == 0:                       # a result it does not send itself
+            self._answer_hot(rid, t[2])
+        elif kind == 1:                     # the plugin raised
+            self._hot_failed(rid, t[2])
+        else:                               # the socket took t[3] bytes of frame t[2]
+            frame, sent = t[2], t[3]
             if sent:
                 self._queue((memoryview(frame)[sent:],))
             else:
                 self.send(frame)
-        elif isinstance(t[1], Exception):   # (rid, exc)
-            self._hot_failed(t[0], t[1])
-        else:                               # (rid, result) not encoded in C
-            self.send(_encode_reply(t[0], t[1]))
 
     def _serve(self, frames, i: int) -> None:
         """Serve frames[i:]; stop (and keep the rest) when over the limits."""
@@ -751,8 +751,10 @@ class Controller:
             self._routes[plugin.prefix] = plugin
             hot = getattr(plugin, "_hot_calls", None)
             if hot is not None:
-                self._hot.update(hot(self))
-                self._hot_ops.update((op, (fn, _HOT_FLAGS[op])) for op, fn in self._hot.items())
+                calls = hot(self)
+                ops = {op: (fn, _HOT_FLAGS[op]) for op, fn in calls.items()}    # (a KeyError: nothing added)
+                self._hot.update(calls)
+                self._hot_ops.update(ops)
         if ctx.role == "controller" and ctx.controller is self:
             self._install_backends("controller")
 

@@ -21,9 +21,11 @@ do.  Invariants:
       say), or is stopping;
     - the caller's timeout has passed (the loop's next timer is due);
     - HOT_BURST callbacks were run in this call.
-    So nothing the loop would have run is delayed by more than one hot
-    callback: other fds, ``call_soon_threadsafe`` (the self-pipe is an fd)
-    and signals (asyncio's wakeup fd) end the inner polling at once.
+    The checks run after each poll's callbacks (one per ready hot fd), so
+    nothing the loop would have run is delayed by more than one poll's
+    worth of hot callbacks, and a burst may pass HOT_BURST by as many:
+    other fds, ``call_soon_threadsafe`` (the self-pipe is an fd) and
+    signals (asyncio's wakeup fd) end the inner polling at once.
  S2 An fd is served inline only while the reader asyncio has registered
     for it is the very handle ``set_hot`` found there: a ``remove_reader``,
     another ``add_reader``, an fd closed and reused all replace that handle
@@ -31,11 +33,14 @@ do.  Invariants:
     usual.  ``unregister`` forgets the mark.
  S3 A hot callback's exception is reported through the loop's exception
     handler, as asyncio reports a callback's, and select returns at once;
-    only SystemExit and KeyboardInterrupt propagate, as from a handle.
+    only SystemExit and KeyboardInterrupt propagate, as from a handle.  A
+    callback served here runs in the loop's own context (not a copy, as a
+    handle's), and debug mode's slow-callback warning does not see it.
  S4 Nothing here needs a loop feature it cannot find: ``bind`` checks that
     the loop has the ``_ready`` queue, ``_scheduled`` heap and ``_stopping``
-    flag it reads; if
-    not, no fd is ever served inline (plain EpollSelector behaviour).
+    flag it reads, and that this selector has the epoll object and fd map
+    (``_selector``, ``_fd_to_key``) of the standard library's; if not, no fd
+    is ever served inline (plain EpollSelector behaviour).
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ class HotSelector(selectors.EpollSelector):
 
     def bind(self, loop) -> bool:
         """The loop whose idleness decides when to keep polling (S4)."""
-        if all(hasattr(loop, a) for a in ("_ready", "_scheduled", "_stopping")):
+        if (all(hasattr(loop, a) for a in ("_ready", "_scheduled", "_stopping"))
+                and hasattr(getattr(self, "_selector", None), "poll") and hasattr(self, "_fd_to_key")):
             self._loop = loop
             return True
         self._loop = None

@@ -22,6 +22,7 @@ Container (csrc/fast/container_channel.c, C4; netplex_native/channel.py):
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -241,6 +242,16 @@ class _Rec:
     id = "c1"
 
 
+class _Conn:
+    """What ctrl_hot_read reads of a controller._Conn after the plugin ran."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.queued = 0
+        self.closed = False
+        self.draining = False
+
+
 @pytest.fixture
 def pair():
     a, b = socket.socketpair()
@@ -265,7 +276,7 @@ def test_ctrl_hot_read_answers_with_the_bytes_python_encodes(pair, result):
         seen.append((rec, name, flags))
         return result
     a.sendall(_call(2, 41, "s.é".encode()))
-    assert _fast.ctrl_hot_read(b, {2: (fn, 0)}, _Rec) is True
+    assert _fast.ctrl_hot_read(_Conn(b), b, {2: (fn, 0)}, _Rec) is True
     assert seen == [(_Rec, "s.é", 0)]
     assert _reply(a) == wire.encode_reply(41, result)
 
@@ -275,7 +286,7 @@ def test_ctrl_hot_read_answers_with_the_bytes_python_encodes(pair, result):
 def test_ctrl_hot_read_leaves_other_results_to_python(pair, result):
     a, b = pair
     a.sendall(_call(1, 9, b"s"))
-    assert _fast.ctrl_hot_read(b, {1: (lambda r, n, f: result, 0)}, _Rec) == (9, result)
+    assert _fast.ctrl_hot_read(_Conn(b), b, {1: (lambda r, n, f: result, 0)}, _Rec) == (0, 9, result)
 
 
 @needs_fast
@@ -286,14 +297,14 @@ def test_ctrl_hot_read_hands_an_exception_back_and_lets_a_base_exception_through
 
     def bad(rec, name, flags):
         raise err
-    rid, exc = _fast.ctrl_hot_read(b, {1: (bad, 0)}, _Rec)
-    assert rid == 9 and exc is err and exc.__traceback__ is not None
+    kind, rid, exc = _fast.ctrl_hot_read(_Conn(b), b, {1: (bad, 0)}, _Rec)
+    assert (kind, rid) == (1, 9) and exc is err and exc.__traceback__ is not None
 
     def interrupt(rec, name, flags):
         raise KeyboardInterrupt
     a.sendall(_call(1, 10, b"s"))
     with pytest.raises(KeyboardInterrupt):
-        _fast.ctrl_hot_read(b, {1: (interrupt, 0)}, _Rec)
+        _fast.ctrl_hot_read(_Conn(b), b, {1: (interrupt, 0)}, _Rec)
 
 
 @needs_fast
@@ -314,19 +325,19 @@ def test_ctrl_hot_read_returns_anything_but_one_hot_call_untouched(pair, data):
     called = []
     a.sendall(data)
     time.sleep(0.01)
-    got = _fast.ctrl_hot_read(b, {1: (lambda *x: called.append(x) or 0, 0)}, _Rec)
+    got = _fast.ctrl_hot_read(_Conn(b), b, {1: (lambda *x: called.append(x) or 0, 0)}, _Rec)
     assert got == data and not called
 
 
 @needs_fast
 def test_ctrl_hot_read_nothing_end_and_a_name_of_255_bytes(pair):
     a, b = pair
-    assert _fast.ctrl_hot_read(b, {}, _Rec) is None
+    assert _fast.ctrl_hot_read(_Conn(b), b, {}, _Rec) is None
     a.sendall(_call(1, 9, b"n" * 255))
-    assert _fast.ctrl_hot_read(b, {1: (lambda r, n, f: len(n), 0)}, _Rec) is True
+    assert _fast.ctrl_hot_read(_Conn(b), b, {1: (lambda r, n, f: len(n), 0)}, _Rec) is True
     assert _reply(a) == wire.encode_reply(9, 255)
     a.shutdown(socket.SHUT_WR)
-    assert _fast.ctrl_hot_read(b, {}, _Rec) == b""
+    assert _fast.ctrl_hot_read(_Conn(b), b, {}, _Rec) == b""
 
 
 @needs_fast
@@ -340,8 +351,34 @@ def test_ctrl_hot_read_hands_back_a_reply_the_socket_did_not_take(pair):
         except BlockingIOError:
             break
     a.sendall(_call(1, 9, b"s"))
-    rid, frame, sent = _fast.ctrl_hot_read(b, {1: (lambda r, n, f: 3, 0)}, _Rec)
-    assert (rid, sent) == (9, 0) and frame == wire.encode_reply(9, 3)
+    kind, rid, frame, sent = _fast.ctrl_hot_read(_Conn(b), b, {1: (lambda r, n, f: 3, 0)}, _Rec)
+    assert (kind, rid, sent) == (2, 9, 0) and frame == wire.encode_reply(9, 3)
+
+
+@needs_fast
+@pytest.mark.parametrize("what", ["queued", "closed", "draining", "socket closed"])
+def test_ctrl_hot_read_leaves_the_answer_to_the_queue_when_the_plugin_wrote_or_closed(pair, what):
+    """The plugin may answer other calls of the same container (a unit
+    granted to one of its waiters) and leave bytes queued, or close the
+    channel: then the answer must go through the connection's queue (after
+    those bytes, or nowhere), never straight to the socket."""
+    a, b = pair
+    conn = _Conn(b)
+
+    def fn(rec, name, flags):
+        if what == "socket closed":
+            os.close(b.detach())
+        else:
+            setattr(conn, what, 1 if what == "queued" else True)
+        return 4
+    a.sendall(_call(1, 9, b"s"))
+    assert _fast.ctrl_hot_read(conn, b, {1: (fn, 0)}, _Rec) == (0, 9, 4)
+    a.setblocking(False)
+    if what == "socket closed":
+        assert a.recv(100) == b""   # nothing was sent: the end of the stream
+    else:
+        with pytest.raises(BlockingIOError):
+            a.recv(100)             # nothing was sent
 
 
 # --------------------------------------------------------------------------
@@ -399,6 +436,25 @@ def test_a_deferred_reply_is_acknowledged_and_a_message_before_it_queued(chan):
     acks = [o for o in peer.got if o[0] == 0]
     assert acks and acks[0][1] == "ctl.ack" and acks[0][2] == [peer.got[0][0]]
     assert [m[0] for m in ch._inbox] == [["msg", "hello", []]]
+
+
+@needs_fast
+@pytest.mark.timeout(30)
+def test_a_deferred_reply_alone_is_acknowledged_at_once(chan):
+    """A wait that was granted (a deferred reply, nothing else in the read):
+    its acknowledgement goes out before the call returns, not with the
+    container's next write (else the controller keeps the grant as not
+    received, and gives it back if the container dies holding it)."""
+    ch, b = chan
+
+    def answer(obj):
+        return [] if obj[0] == 0 else [wire.encode_reply(obj[0], 0, deferred=True)]
+    peer = _Peer(b, answer)
+    assert ch.call_op(2, b"s", 0, b"")[0] == 0
+    deadline = time.monotonic() + 10
+    while len(peer.got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [o[1] for o in peer.got[1:]] == ["ctl.ack"], peer.got
 
 
 @needs_fast

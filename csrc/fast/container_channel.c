@@ -57,8 +57,7 @@
 
 #define RECV_CHUNK 65536
 #define MAX_FRAME (16 * 1024 * 1024)    /* wire.MAX_FRAME */
-#define OP_REPLY 0x80                   /* wire.OP_REPLY */
-#define REPLY_TOTAL 22                  /* wire._REPLY_LEN: length field of a binary reply */
+#define REPLY_TOTAL (WIRE_REPLY_SIZE - 4)   /* wire._REPLY_LEN: length field of a binary reply */
 
 /* The socket's file descriptor, or -1 once it is closed (no exception).
  * socket.fileno() is C: no bytecode runs. */
@@ -151,12 +150,14 @@ PyObject *chan_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (fd < 0)
         return PyLong_FromLong(-1);             /* closed */
     PyObject *wbuf = args[1];
-    Py_ssize_t len = PyByteArray_GET_SIZE(wbuf);
-    if (len == 0)
-        return PyLong_FromLong(0);
     ssize_t r;
     for (;;) {
-        /* non-blocking: no GIL release needed, and wbuf cannot change under us */
+        /* non-blocking: no GIL release needed, and wbuf cannot change under
+         * us (but a handler that ran at EINTR may have written some: the
+         * length is read again) */
+        Py_ssize_t len = PyByteArray_GET_SIZE(wbuf);
+        if (len == 0)
+            return PyLong_FromLong(0);
         r = send(fd, PyByteArray_AS_STRING(wbuf), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (r >= 0 || errno != EINTR)
             break;
@@ -168,16 +169,6 @@ PyObject *chan_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (sent_out(wbuf, args[2], r) < 0)
         return NULL;
     return PyLong_FromSsize_t(r);
-}
-
-static uint32_t be32(const unsigned char *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint64_t be64(const unsigned char *p)
-{
-    return (uint64_t)be32(p) << 32 | be32(p + 4);
 }
 
 /* The acknowledgement of a deferred reply, wire.encode_call(0, "ctl.ack",
@@ -363,7 +354,7 @@ static int enqueue(PyObject *const *st, PyObject *obj, PyObject *blob, Py_ssize_
  * says what is wrong with it). */
 static int plain_reply(const unsigned char *p, PyObject **rid, PyObject **result, int *deferred)
 {
-    if (be32(p + 4) != 0 || p[8] != OP_REPLY)
+    if (be32(p + 4) != 0 || p[8] != WIRE_OP_REPLY)
         return 0;
     unsigned flags = p[17], kind = flags >> 2;
     int64_t value = (int64_t)be64(p + 18);
@@ -397,14 +388,6 @@ static int consume(PyObject *buf, Py_ssize_t n)
     return PySequence_DelSlice(buf, 0, n);
 }
 
-/* chan_dispatch(buf, state) -> woke: C2 over the complete frames at buf's
- * head.  state: Channel._dispatch_state(): (decode, sync_ids, results,
- * abandoned, futures, wbuf, deliveries, inbox, [inbox bytes, dropped],
- * (max messages, max bytes)).  decode(buf, pos) -> (end, rid,
- * ok, result, deferred, blob) for a reply, (end, obj, blob) for anything
- * else, (end,) for a reply to no id of ours; it raises ProtocolError on
- * garbage.  woke: a synchronous caller's
- * reply was delivered. */
 /* The dispatch state tuple is well formed (see chan_dispatch). */
 static int state_ok(PyObject *state)
 {
@@ -414,6 +397,14 @@ static int state_ok(PyObject *state)
         && PyTuple_Check(PyTuple_GET_ITEM(state, S_LIMITS)) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(state, S_LIMITS)) == 2;
 }
 
+/* chan_dispatch(buf, state) -> woke: C2 over the complete frames at buf's
+ * head.  state: Channel._dispatch_state(): (decode, sync_ids, results,
+ * abandoned, futures, wbuf, deliveries, inbox, [inbox bytes, dropped],
+ * (max messages, max bytes)).  decode(buf, pos) -> (end, rid,
+ * ok, result, deferred, blob) for a reply, (end, obj, blob) for anything
+ * else, (end,) for a reply to no id of ours; it raises ProtocolError on
+ * garbage.  woke: a synchronous caller's
+ * reply was delivered. */
 static int dispatch_all(PyObject *buf, PyObject *const *st);
 
 PyObject *chan_dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -512,22 +503,36 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
  * can run (a recv or send it interrupts) as they are between those calls.
  * r:
  *   1  the reply is in results and nothing is left for Python to do (fewer
- *      than 8 bytes buffered, no delivery, no message);
+ *      than 8 bytes buffered, nothing to write, no delivery, no message);
  *   2  the reply is in results; the caller does what a reader does after
  *      reading (channel.py's _after_reading);
  *   0  the caller goes on the general way (after _after_reading): no room
  *      to write, a thread waiting (for a role, or woken by a reply this
  *      dispatched), something to write before sleeping in recv (an
  *      acknowledgement, another thread's frame), an awaited reply or a
- *      message to hand to the loop, or the socket broken or at its end
- *      (the general way finds out again and says so);
+ *      message to hand to the loop, the channel closed (by a handler that
+ *      ran in a decode), or the socket broken or at its end (the general
+ *      way finds out again and says so);
  *  -1  a signal handler ran in a recv or send it interrupted (and may have
  *      made calls of its own, C3): the caller looks again.
  * NULL: the handler raised, or the dispatch did (ProtocolError: garbage).
  * It sleeps nowhere but in recv, and runs no Python but a signal handler
  * (at EINTR) and channel_frames.decode (C2, frames other than a plain
  * binary reply). */
-static PyObject *str_writer, *str_waiters;
+static PyObject *str_writer, *str_waiters, *str_closed;
+
+/* 0 while ch is open and its socket still has fd; 1 if not; -1 on error */
+static int still_open(PyObject *ch, PyObject *sock, int fd)
+{
+    PyObject *c = PyObject_GetAttr(ch, str_closed);
+    if (c == NULL)
+        return -1;
+    int closed = PyObject_IsTrue(c);
+    Py_DECREF(c);
+    if (closed != 0)
+        return closed;
+    return fd_of(sock) != fd;
+}
 
 static int nobody_waits(PyObject *ch)
 {
@@ -547,9 +552,19 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "chan_exchange(channel, sock, bytearray, [count], rid, Channel._dispatch_state())");
         return NULL;
     }
-    if (str_writer == NULL && ((str_writer = PyUnicode_InternFromString("_writer")) == NULL
-                               || (str_waiters = PyUnicode_InternFromString("_waiters")) == NULL))
-        return NULL;
+    if (str_closed == NULL) {
+        PyObject *w = PyUnicode_InternFromString("_writer"), *ws = PyUnicode_InternFromString("_waiters"),
+                 *c = PyUnicode_InternFromString("closed");
+        if (w == NULL || ws == NULL || c == NULL) {
+            Py_XDECREF(w);
+            Py_XDECREF(ws);
+            Py_XDECREF(c);
+            return NULL;
+        }
+        str_writer = w;
+        str_waiters = ws;
+        str_closed = c;             /* last: the three are set together */
+    }
     PyObject *ch = args[0], *buf = args[2], *count = args[3], *rid = args[4];
     int fd = fd_of(args[1]);
     if (fd < 0)
@@ -583,9 +598,10 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t pending = PyObject_Length(st[S_DELIVERIES]), msgs = PyObject_Length(st[S_INBOX]);
         if (pending < 0 || msgs < 0)
             return NULL;
+        Py_ssize_t towrite = PyByteArray_GET_SIZE(wbuf);   /* acknowledgements, give-backs */
         if (got)
-            return PyLong_FromLong(PyByteArray_GET_SIZE(buf) < 8 && !pending && !msgs ? 1 : 2);
-        if (pending || msgs || PyByteArray_GET_SIZE(wbuf) > 0)
+            return PyLong_FromLong(PyByteArray_GET_SIZE(buf) < 8 && !pending && !msgs && !towrite ? 1 : 2);
+        if (pending || msgs || towrite)
             return PyLong_FromLong(0);
         /* C2 on what an interrupted reader, or the last recv, left */
         Py_ssize_t before = PyByteArray_GET_SIZE(buf);
@@ -593,6 +609,10 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             int woke = dispatch_all(buf, st);
             if (woke < 0)
                 return NULL;
+            /* decode may have run Python (a handler that closed the channel) */
+            int closed = still_open(ch, args[1], fd);
+            if (closed != 0)
+                return closed < 0 ? NULL : PyLong_FromLong(0);
             if (PyByteArray_GET_SIZE(buf) != before) {
                 if (woke && (got = PyDict_Contains(results, rid)) <= 0)
                     return got < 0 ? NULL : PyLong_FromLong(0);     /* another thread's reply */

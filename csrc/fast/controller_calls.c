@@ -2,10 +2,12 @@
  * controller_calls.c -- in the controller process, on its loop's thread:
  * the read of one container's channel when it holds the usual call (one
  * binary call that a plugin answers at once), served whole here
- * (netplex_native/controller.py, _Conn._on_readable, which has the same
- * path in Python for builds without the accelerator).
+ * (netplex_native/controller.py, _Conn._on_readable; _Conn._serve_hot is
+ * the same path in Python, for builds without the accelerator).
  *
- * ctrl_hot_read(sock, hot, rec) reads once (non-blocking).  Invariants:
+ * ctrl_hot_read(conn, sock, hot, rec) reads once (non-blocking); the
+ * caller has checked that conn has nothing queued to send and nothing
+ * buffered half-read.  Invariants:
  *  H1 It answers a call itself only if the bytes read are exactly one
  *     binary call (wire._CALL: length, no JSON, an op in `hot', a nonzero
  *     id, flags within the op's (`hot' maps op -> (fn, allowed flags))),
@@ -13,13 +15,17 @@
  *     check_name accepts) -- the checks of the Python path, no fewer.
  *     Anything else is returned as bytes, read and untouched, for the
  *     general path (b"" at the end of the stream).
- *  H2 A served call's answer is fn(rec, name, flags): an int in int64, a
- *     bool or None is encoded here exactly as wire.encode_reply does and
- *     sent at once if the socket takes it whole; every other outcome is
- *     returned for Python to finish, never dropped: (rid, result) (encode
- *     and send), (rid, exc) with exc an Exception instance (answer the
- *     error), (rid, frame, sent) (the socket took `sent' bytes of `frame':
- *     queue the rest).  True: answered and sent.  None: nothing to read.
+ *  H2 A served call's answer is fn(rec, name, flags).  It is sent here only
+ *     if, after fn ran (fn may have answered other calls of this container:
+ *     a unit or a lock granted to one of its waiters), conn is still open
+ *     with nothing queued and its socket still has the same fd, the result
+ *     is an int in int64, a bool or None (encoded exactly as
+ *     wire.encode_reply does), and the socket takes it whole: then True.
+ *     Otherwise Python finishes it, through conn's queue: (0, rid, result)
+ *     (encode and send), (1, rid, exc) with exc an Exception (answer the
+ *     error), (2, rid, frame, sent) (the socket took `sent' bytes of
+ *     `frame': queue the rest).  None: nothing to read.  An answer is lost
+ *     only to a MemoryError after fn ran (as in Python).
  *  H3 A BaseException that is not an Exception (SystemExit,
  *     KeyboardInterrupt) raised by fn propagates, as from Python; the
  *     call is then unanswered, as it would be there.  OSError from recv
@@ -31,34 +37,10 @@
 #include <sys/socket.h>
 
 #define READ_MAX (1 << 18)          /* as _Conn._on_readable */
-#define CALL_SIZE 26                /* wire._CALL.size: !IIBQBd */
 #define NAME_MAX 255                /* errors.NAME_MAX_BYTES */
-#define OP_REPLY 0x80
-#define REPLY_SIZE 26               /* wire._REPLY.size: !IIBQBq */
 
 static char *rbuf;                  /* the loop thread's read buffer */
-
-static uint32_t rd32(const unsigned char *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint64_t rd64(const unsigned char *p)
-{
-    return (uint64_t)rd32(p) << 32 | rd32(p + 4);
-}
-
-static void wr32(unsigned char *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (unsigned char)(v >> (24 - 8 * i));
-}
-
-static void wr64(unsigned char *p, uint64_t v)
-{
-    wr32(p, (uint32_t)(v >> 32));
-    wr32(p + 4, (uint32_t)v);
-}
+static PyObject *str_queued, *str_closed, *str_draining;
 
 /* wire.encode_reply(rid, result) for a binary-encodable result: 1 and the
  * frame, or 0 (Python encodes it). */
@@ -83,23 +65,23 @@ static int encode_reply(unsigned char *f, uint64_t rid, PyObject *result)
     } else {
         return 0;
     }
-    wr32(f, REPLY_SIZE - 4);
-    wr32(f + 4, 0);
-    f[8] = OP_REPLY;
-    wr64(f + 9, rid);
+    put_be32(f, WIRE_REPLY_SIZE - 4);
+    put_be32(f + 4, 0);
+    f[8] = WIRE_OP_REPLY;
+    put_be64(f + 9, rid);
     f[17] = (unsigned char)flags;
-    wr64(f + 18, (uint64_t)value);
+    put_be64(f + 18, (uint64_t)value);
     return 1;
 }
 
 /* The op's (fn, allowed flags) if data is one hot call (H1), else NULL. */
 static PyObject *hot_entry(PyObject *hot, const unsigned char *p, Py_ssize_t n)
 {
-    if (n <= CALL_SIZE || n > CALL_SIZE + NAME_MAX)
+    if (n <= WIRE_CALL_SIZE || n > WIRE_CALL_SIZE + NAME_MAX)
         return NULL;
-    if (rd32(p) + 4 != (uint64_t)n || rd32(p + 4) != 0 || rd64(p + 9) == 0)
+    if (be32(p) + 4 != (uint64_t)n || be32(p + 4) != 0 || be64(p + 9) == 0)
         return NULL;
-    if (memchr(p + CALL_SIZE, 0, (size_t)(n - CALL_SIZE)) != NULL)
+    if (memchr(p + WIRE_CALL_SIZE, 0, (size_t)(n - WIRE_CALL_SIZE)) != NULL)
         return NULL;
     PyObject *op = PyLong_FromLong(p[8]);
     if (op == NULL) {
@@ -124,14 +106,52 @@ static PyObject *hot_entry(PyObject *hot, const unsigned char *p, Py_ssize_t n)
     return e;
 }
 
+/* After fn ran: 1 if conn may still be written directly (H2), 0 if not,
+ * -1 on error. */
+static int conn_clear(PyObject *conn, PyObject *sock, int fd)
+{
+    PyObject *q = PyObject_GetAttr(conn, str_queued);
+    if (q == NULL)
+        return -1;
+    int busy = PyObject_IsTrue(q);
+    Py_DECREF(q);
+    for (int i = 0; busy == 0 && i < 2; i++) {
+        PyObject *v = PyObject_GetAttr(conn, i ? str_draining : str_closed);
+        if (v == NULL)
+            return -1;
+        busy = PyObject_IsTrue(v);
+        Py_DECREF(v);
+    }
+    if (busy != 0)
+        return busy < 0 ? -1 : 0;
+    int now = PyObject_AsFileDescriptor(sock);
+    if (now < 0)
+        PyErr_Clear();
+    return now == fd;
+}
+
 PyObject *ctrl_hot_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 3 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "ctrl_hot_read(sock, hot, rec)");
+    if (nargs != 4 || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "ctrl_hot_read(conn, sock, hot, rec)");
         return NULL;
     }
-    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (str_draining == NULL) {
+        PyObject *q = PyUnicode_InternFromString("queued"), *c = PyUnicode_InternFromString("closed"),
+                 *d = PyUnicode_InternFromString("draining");
+        if (q == NULL || c == NULL || d == NULL) {
+            Py_XDECREF(q);
+            Py_XDECREF(c);
+            Py_XDECREF(d);
+            return NULL;
+        }
+        str_queued = q;
+        str_closed = c;
+        str_draining = d;           /* last: the three are set together */
+    }
+    PyObject *conn = args[0], *sock = args[1];
+    int fd = PyObject_AsFileDescriptor(sock);
     if (fd < 0)
         return NULL;
     if (rbuf == NULL && (rbuf = PyMem_RawMalloc(READ_MAX)) == NULL)
@@ -143,32 +163,26 @@ PyObject *ctrl_hot_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     const unsigned char *p = (const unsigned char *)rbuf;
-    PyObject *e = hot_entry(args[1], p, n);
-    PyObject *name = e ? PyUnicode_DecodeUTF8(rbuf + CALL_SIZE, n - CALL_SIZE, NULL) : NULL;
+    PyObject *e = hot_entry(args[2], p, n);
+    PyObject *name = e ? PyUnicode_DecodeUTF8(rbuf + WIRE_CALL_SIZE, n - WIRE_CALL_SIZE, NULL) : NULL;
     if (name == NULL) {
         PyErr_Clear();
         return PyBytes_FromStringAndSize(rbuf, n);      /* the general path's */
     }
-    uint64_t rid = rd64(p + 9);
+    /* from here rbuf is not read again: fn may run anything */
+    uint64_t rid = be64(p + 9);
     PyObject *flags = PyLong_FromLong(p[17]);
     if (flags == NULL) {
         Py_DECREF(name);
         return NULL;
     }
-    PyObject *fargs[3] = {args[2], name, flags};
+    PyObject *fargs[3] = {args[3], name, flags};
     PyObject *result = PyObject_Vectorcall(PyTuple_GET_ITEM(e, 0), fargs, 3, NULL);
     Py_DECREF(name);
     Py_DECREF(flags);
-    PyObject *prid = PyLong_FromUnsignedLongLong(rid);
-    if (prid == NULL) {
-        Py_XDECREF(result);
-        return NULL;
-    }
     if (result == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) {     /* H3 */
-            Py_DECREF(prid);
+        if (!PyErr_ExceptionMatches(PyExc_Exception))   /* H3 */
             return NULL;
-        }
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
         PyErr_NormalizeException(&et, &ev, &tb);
@@ -177,33 +191,25 @@ PyObject *ctrl_hot_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(et);
         Py_XDECREF(tb);
         if (ev == NULL) {
-            Py_DECREF(prid);
+            PyErr_SetString(PyExc_SystemError, "ctrl_hot_read: an exception without a value");
             return NULL;
         }
-        PyObject *t = PyTuple_Pack(2, prid, ev);
-        Py_DECREF(prid);
-        Py_DECREF(ev);
+        PyObject *t = Py_BuildValue("(iKN)", 1, (unsigned long long)rid, ev);   /* steals ev */
         return t;
     }
-    unsigned char f[REPLY_SIZE];
-    if (!encode_reply(f, rid, result)) {
-        PyObject *t = PyTuple_Pack(2, prid, result);
-        Py_DECREF(prid);
+    unsigned char f[WIRE_REPLY_SIZE];
+    int clear = conn_clear(conn, sock, fd);
+    if (clear < 0) {
         Py_DECREF(result);
-        return t;
+        return NULL;
     }
+    if (!clear || !encode_reply(f, rid, result))
+        return Py_BuildValue("(iKN)", 0, (unsigned long long)rid, result);     /* steals result */
     Py_DECREF(result);
-    ssize_t s = send(fd, f, REPLY_SIZE, MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (s == REPLY_SIZE) {
-        Py_DECREF(prid);
+    ssize_t s = send(fd, f, WIRE_REPLY_SIZE, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (s == WIRE_REPLY_SIZE)
         Py_RETURN_TRUE;
-    }
     /* not taken whole (no room, a signal, broken): Python queues or closes */
-    PyObject *frame = PyBytes_FromStringAndSize((const char *)f, REPLY_SIZE);
-    PyObject *sent = PyLong_FromSsize_t(s < 0 ? 0 : s);
-    PyObject *t = frame && sent ? PyTuple_Pack(3, prid, frame, sent) : NULL;
-    Py_DECREF(prid);
-    Py_XDECREF(frame);
-    Py_XDECREF(sent);
-    return t;
+    return Py_BuildValue("(iKy#n)", 2, (unsigned long long)rid, (const char *)f, (Py_ssize_t)WIRE_REPLY_SIZE,
+                         (Py_ssize_t)(s < 0 ? 0 : s));
 }

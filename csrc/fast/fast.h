@@ -148,6 +148,34 @@ int registry_init(void);
 Binder *binder_of_backend(PyObject *be);
 PyObject *set_backend(PyObject *m, PyObject *const *args, Py_ssize_t n);
 
+/* ---- the RPC wire's binary frames (netplex_native/wire.py), for
+ * container_channel.c and controller_calls.c ---- */
+#define WIRE_OP_REPLY 0x80          /* wire.OP_REPLY */
+#define WIRE_CALL_SIZE 26           /* wire._CALL.size (!IIBQBd); the name follows */
+#define WIRE_REPLY_SIZE 26          /* wire._REPLY.size (!IIBQBq) */
+
+static inline uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t be64(const unsigned char *p)
+{
+    return (uint64_t)be32(p) << 32 | be32(p + 4);
+}
+
+static inline void put_be32(unsigned char *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (unsigned char)(v >> (24 - 8 * i));
+}
+
+static inline void put_be64(unsigned char *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
 /* ---- container_channel.c (not a layer: the RPC channel's reads, in C so
  * that no signal handler runs between their steps) ---- */
 PyObject *chan_send(PyObject *m, PyObject *const *args, Py_ssize_t n);

@@ -25,9 +25,9 @@ static PyMethodDef module_methods[] = {
     {"chan_dispatch", (PyCFunction)(void (*)(void))chan_dispatch, METH_FASTCALL,
      "chan_dispatch(buf, state) -> woke: the complete frames at buf's head dispatched (container_channel.c, C2)."},
     {"chan_exchange", (PyCFunction)(void (*)(void))chan_exchange, METH_FASTCALL,
-     "chan_exchange(sock, buf, count, rid, state) -> r: a synchronous call's round trip, both roles held (container_channel.c, C4)."},
+     "chan_exchange(channel, sock, buf, count, rid, state) -> r: a synchronous call's round trip, both roles held (container_channel.c, C4)."},
     {"ctrl_hot_read", (PyCFunction)(void (*)(void))ctrl_hot_read, METH_FASTCALL,
-     "ctrl_hot_read(sock, hot, rec): one read of a container's channel, a hot call served whole (controller_calls.c)."},
+     "ctrl_hot_read(conn, sock, hot, rec): one read of a container's channel, a hot call served whole (controller_calls.c)."},
     {NULL, NULL, 0, NULL}
 };
 
