@@ -519,7 +519,10 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
  * It sleeps nowhere but in recv, and runs no Python but a signal handler
  * (at EINTR) and channel_frames.decode (C2, frames other than a plain
  * binary reply). */
-static PyObject *str_writer, *str_waiters, *str_closed;
+static PyObject *strs[3];      /* _writer, _waiters, closed */
+#define str_writer strs[0]
+#define str_waiters strs[1]
+#define str_closed strs[2]
 
 /* 0 while ch is open and its socket still has fd; 1 if not; -1 on error */
 static int still_open(PyObject *ch, PyObject *sock, int fd)
@@ -552,19 +555,8 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "chan_exchange(channel, sock, bytearray, [count], rid, Channel._dispatch_state())");
         return NULL;
     }
-    if (str_closed == NULL) {
-        PyObject *w = PyUnicode_InternFromString("_writer"), *ws = PyUnicode_InternFromString("_waiters"),
-                 *c = PyUnicode_InternFromString("closed");
-        if (w == NULL || ws == NULL || c == NULL) {
-            Py_XDECREF(w);
-            Py_XDECREF(ws);
-            Py_XDECREF(c);
-            return NULL;
-        }
-        str_writer = w;
-        str_waiters = ws;
-        str_closed = c;             /* last: the three are set together */
-    }
+    if (intern_names(strs, (const char *const[]){"_writer", "_waiters", "closed"}, 3) < 0)
+        return NULL;
     PyObject *ch = args[0], *buf = args[2], *count = args[3], *rid = args[4];
     int fd = fd_of(args[1]);
     if (fd < 0)

@@ -40,7 +40,10 @@
 #define NAME_MAX 255                /* errors.NAME_MAX_BYTES */
 
 static char *rbuf;                  /* the loop thread's read buffer */
-static PyObject *str_queued, *str_closed, *str_draining;
+static PyObject *strs[3];      /* queued, closed, draining */
+#define str_queued strs[0]
+#define str_closed strs[1]
+#define str_draining strs[2]
 
 /* wire.encode_reply(rid, result) for a binary-encodable result: 1 and the
  * frame, or 0 (Python encodes it). */
@@ -137,19 +140,8 @@ PyObject *ctrl_hot_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "ctrl_hot_read(conn, sock, hot, rec)");
         return NULL;
     }
-    if (str_draining == NULL) {
-        PyObject *q = PyUnicode_InternFromString("queued"), *c = PyUnicode_InternFromString("closed"),
-                 *d = PyUnicode_InternFromString("draining");
-        if (q == NULL || c == NULL || d == NULL) {
-            Py_XDECREF(q);
-            Py_XDECREF(c);
-            Py_XDECREF(d);
-            return NULL;
-        }
-        str_queued = q;
-        str_closed = c;
-        str_draining = d;           /* last: the three are set together */
-    }
+    if (intern_names(strs, (const char *const[]){"queued", "closed", "draining"}, 3) < 0)
+        return NULL;
     PyObject *conn = args[0], *sock = args[1];
     int fd = PyObject_AsFileDescriptor(sock);
     if (fd < 0)

@@ -148,6 +148,25 @@ int registry_init(void);
 Binder *binder_of_backend(PyObject *be);
 PyObject *set_backend(PyObject *m, PyObject *const *args, Py_ssize_t n);
 
+/* Attribute names, interned once: slots[i] = names[i] for i < n, all or
+ * none (slots[n - 1], set last, says which).  0, or -1 with an exception. */
+static inline int intern_names(PyObject **slots, const char *const *names, int n)
+{
+    if (slots[n - 1] != NULL)
+        return 0;
+    PyObject *made[8];
+    for (int i = 0; i < n; i++) {
+        if ((made[i] = PyUnicode_InternFromString(names[i])) == NULL) {
+            while (i-- > 0)
+                Py_DECREF(made[i]);
+            return -1;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        slots[i] = made[i];
+    return 0;
+}
+
 /* ---- the RPC wire's binary frames (netplex_native/wire.py), for
  * container_channel.c and controller_calls.c ---- */
 #define WIRE_OP_REPLY 0x80          /* wire.OP_REPLY */
