@@ -40,7 +40,10 @@ do.  Invariants:
     the loop has the ``_ready`` queue, ``_scheduled`` heap and ``_stopping``
     flag it reads, and that this selector has the epoll object and fd map
     (``_selector``, ``_fd_to_key``) of the standard library's; if not, no fd
-    is ever served inline (plain EpollSelector behaviour).
+    is ever served inline (plain EpollSelector behaviour).  ``set_hot``
+    marks an fd only if its registration holds asyncio's reader handle for
+    the callback given (``key.data[0]._callback``); else it says no and the
+    loop serves that fd as any other.
 """
 
 from __future__ import annotations
@@ -76,15 +79,19 @@ class HotSelector(selectors.EpollSelector):
         self._loop = None
         return False
 
-    def set_hot(self, fd: int, callback) -> None:
+    def set_hot(self, fd: int, callback) -> bool:
         """Serve *fd*'s readability by calling *callback* from select, as
         long as the reader registered now (loop.add_reader(fd, callback),
-        done just before) stays registered (S2)."""
+        done just before) stays registered (S2).  False, and the fd is
+        served by the loop as usual, if that reader cannot be recognised
+        (S4: not asyncio's (reader, writer) handles, or not *callback*)."""
         key = self.get_map().get(fd)
         reader = key.data[0] if key is not None and type(key.data) is tuple and key.data else None
         if reader is None or not key.events & _READ or getattr(reader, "_callback", None) != callback:
-            raise ValueError(f"fd {fd} has no reader {callback!r} registered")
+            self._hot.pop(fd, None)
+            return False
         self._hot[fd] = (reader, callback)
+        return True
 
     def unregister(self, fileobj):
         key = super().unregister(fileobj)

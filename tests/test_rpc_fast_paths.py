@@ -214,6 +214,21 @@ def test_a_replaced_reader_is_never_served_by_the_old_callback(echo):
     assert time.monotonic() - t0 < 5 and e.calls == before
 
 
+def test_an_fd_whose_reader_is_not_recognised_is_not_marked(echo):
+    e = echo()
+    other = lambda: None                                    # noqa: E731
+    assert e.sel.set_hot(e.server.fileno(), other) is False     # not the registered callback
+    assert e.server.fileno() not in e.sel._hot
+    c, d = socket.socketpair()
+    try:
+        e.sel.register(d.fileno(), 1, (object(), None))     # not an asyncio handle
+        assert e.sel.set_hot(d.fileno(), other) is False
+        e.sel.unregister(d.fileno())
+    finally:
+        c.close()
+        d.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_hot_callback_exception_goes_to_the_exception_handler_and_serving_goes_on(echo):
     e = echo()
