@@ -177,14 +177,19 @@ def test_another_fd_is_served_while_a_hot_fd_never_stops(echo):
     e = echo()
     c, d = socket.socketpair()
     d.setblocking(False)
-    got = []
-    e.loop.add_reader(d.fileno(), lambda: got.append(d.recv(10)))
+    got = e.loop.create_future()
+    started = e.loop.create_future()
+    e.loop.add_reader(d.fileno(), lambda: got.done() or got.set_result(d.recv(10)))
+    e.extra = lambda loop: started.done() or e.calls < 100 or started.set_result(None)
     stop = threading.Event()
     t = e.round_trips(10**7, stop)
     try:
-        assert e.run_until(lambda: e.calls > 100, 20)
+        e.loop.run_until_complete(started)          # the hot fd is busy
+        e.loop.call_later(10, lambda: None)         # (no short timer to hide a starved fd)
+        t0 = time.monotonic()
         c.send(b"x")
-        assert e.run_until(lambda: bool(got), 20), "the other fd starved"
+        assert e.loop.run_until_complete(got) == b"x"
+        assert time.monotonic() - t0 < 5
         assert t.is_alive(), "the other fd was served only once the hot one went quiet"
     finally:
         stop.set()
