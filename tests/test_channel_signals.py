@@ -119,7 +119,8 @@ def test_an_exception_at_every_check_point_of_a_call_ends_that_call_only(events)
     point of a main-thread call where CPython could run a signal handler
     -- a function's entry, after each call returns, each backward jump --
     in the channel's code, for every k along the call's path, while two
-    worker threads make calls.  The grants the interrupted calls received
+    worker threads make calls; with the round trip in C (C4) and without
+    (the general way it falls back to).  The grants the interrupted calls received
     come back exactly (semaphore count, mutex free), and every worker
     finishes."""
     S, M = uniq("sem"), uniq("mtx")
@@ -200,8 +201,13 @@ def test_an_exception_at_every_check_point_of_a_call_ends_that_call_only(events)
             points = set()
             longest = 0
             # the workers: busy; calling with pauses (the main thread often
-            # reads for them); idle (the main thread alone)
-            for pause, idle in ((0.0, False), (0.0005, False), (0.0, True)):
+            # reads for them); idle (the main thread alone); each with the
+            # round trip in C (C4) and without it (the general way, which
+            # C4 falls back to, whatever the timing)
+            exchange = chmod._exchange
+            for pause, idle, c4 in [(p, i, c) for c in (exchange, None)
+                                    for p, i in ((0.0, False), (0.0005, False), (0.0, True))]:
+                chmod._exchange = c4
                 phase.update(pause=pause, idle=idle)
                 for name, (op, undo) in ops.items():
                     k = 1
@@ -226,6 +232,7 @@ def test_an_exception_at_every_check_point_of_a_call_ends_that_call_only(events)
                             if r is not None:
                                 undo(r)
                         k += 1
+            chmod._exchange = exchange
             phase["stop"] = True
             for t in threads:
                 t.join(60)
