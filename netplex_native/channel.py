@@ -488,26 +488,12 @@ class Channel:
         after the next read (``_after_reading``)."""
         if self._wbuf and not self.closed:
             self._flush()                   # acknowledgements, give-backs
-        # Each flag is set before its drain is scheduled (on another thread
-        # the drain may run, and clear it, before the call returns), and
-        # cleared again if the scheduling is cut short (a handler's
-        # exception at the call: the store comes before any check point).
         if self._deliveries and not self._deliveries_scheduled and self._loop is not None:
             # awaited replies: completed by the loop, never inside a
             # synchronous call (asyncio's code is not ours to make safe)
-            self._deliveries_scheduled = True
-            try:
-                self._call_on_loop_soon(self._drain_deliveries)
-            except BaseException:
-                self._deliveries_scheduled = False
-                raise
+            self._schedule_drain("_deliveries_scheduled", self._drain_deliveries)
         if self._inbox and not self._drain_scheduled and self._loop is not None:
-            self._drain_scheduled = True
-            try:
-                self._call_on_loop_soon(self._drain_inbox)
-            except BaseException:
-                self._drain_scheduled = False
-                raise
+            self._schedule_drain("_drain_scheduled", self._drain_inbox)
         if self._icount[1] != self._dropped_warned:
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY:
@@ -516,6 +502,20 @@ class Channel:
                 log.warning("container pid %d: its inbox filled up while its loop was busy: %d "
                             "messages dropped so far (%d messages, %d bytes queued now)", os.getpid(),
                             self._icount[1], len(self._inbox), self._icount[0])
+
+    def _schedule_drain(self, flag: str, drain) -> None:
+        """Set *flag* ("a drain is scheduled"), then schedule *drain* on the
+        loop: on another thread the drain may run, and clear the flag,
+        before the call returns.  If the scheduling is cut short (a
+        handler's exception at the call), the flag is cleared again: the
+        store is a subscript, not a call, so no check point precedes it."""
+        state = self.__dict__
+        try:
+            state[flag] = True
+            self._call_on_loop_soon(drain)
+        except BaseException:
+            state[flag] = False
+            raise
 
     def _after_reading(self) -> None:
         """Called right after a reader gave its role back (``_reader =

@@ -303,19 +303,13 @@ class _Conn:
         return True
 
     def _answer_hot(self, rid: int, result) -> None:
-        try:
-            frame = _encode_reply(rid, result)
-        except (ValueError, TypeError, OverflowError) as e:     # not encodable: as _Reply.ok
-            log.warning("container %s (pid %d): answer to call %d cannot be sent: %s",
-                        self._rec.id, self._rec.pid, rid, wire.safe_text(str(e), 200))
-            frame = wire.error_frame(rid, e)
-        self.send(frame)
+        _Reply(self._rec, rid).ok(result)       # (not encodable: an error answer)
 
     def _hot_failed(self, rid: int, e: Exception) -> None:
         if not isinstance(e, (TypeError, ValueError, OverflowError, NetplexError)):
             # a plugin bug must not take the controller down
             log.error("error serving a binary call for container %s", self._rec.id, exc_info=e)
-        self.send(wire.error_frame(rid, e))
+        _Reply(self._rec, rid).error(e)
 
     def _finish_hot(self, t: tuple) -> None:
         """What ctrl_hot_read left to Python (H2 of controller_calls.c)."""

@@ -465,33 +465,28 @@ def _name_bytes(name) -> bytes:
     return check_name(name).encode("utf-8")
 
 
-_UNDOS: dict = {}
-_UNDOS_MAX = 1024
+_CACHE_MAX = 1024
 
 
-def _undo_of(proc: str, name: str) -> bytes:
-    """The give-back frame of a grant on *name* (cached: a decrement or lock
-    makes one per call)."""
-    key = (proc, name)
-    frame = _UNDOS.get(key)
-    if frame is None:
-        if len(_UNDOS) >= _UNDOS_MAX:
-            _UNDOS.clear()
-        frame = _UNDOS[key] = undo_frame(proc, [name] if proc == "sem.increment" else [name, False])
-    return frame
+def _cached(cache: dict, key, make):
+    """cache[key], made by make(key) if missing; at most _CACHE_MAX
+    entries (then cleared: names come and go)."""
+    v = cache.get(key)
+    if v is None:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        v = cache[key] = make(key)
+    return v
 
 
-_SEM_OPS: dict = {}
+_SEM_OPS: dict = {}     # name -> (its UTF-8, a decrement's give-back: one increment)
+_LOCK_UNDOS: dict = {}  # name -> a lock's give-back: the unlock
 
 
 def _sem_ops(name: str) -> tuple:
-    """(the name's bytes, a decrement's give-back) for a str *name*, cached
-    (at most _UNDOS_MAX names, then cleared); raises as check_name."""
-    ops = (_name_bytes(name), _undo_of("sem.increment", name))
-    if len(_SEM_OPS) >= _UNDOS_MAX:
-        _SEM_OPS.clear()
-    _SEM_OPS[name] = ops
-    return ops
+    """(the name's bytes, a decrement's give-back) for a str *name*, cached;
+    raises as check_name."""
+    return _cached(_SEM_OPS, name, lambda n: (_name_bytes(n), undo_frame("sem.increment", [n])))
 
 
 def _check_wait(wait, timeout):
@@ -518,7 +513,7 @@ class _SemClient:
     @staticmethod
     def _undo(name):
         """A decrement's give-back (Channel.call): one increment."""
-        return _undo_of("sem.increment", name)
+        return _sem_ops(name)[1]
 
     def decrement(self, name, wait=False, timeout=None):
         if wait is False and timeout is None and type(name) is str:     # the usual call
@@ -584,7 +579,7 @@ class _MutexClient:
     @staticmethod
     def _undo(name):
         """A lock's give-back (Channel.call): the unlock."""
-        return _undo_of("mutex.unlock", name)
+        return _cached(_LOCK_UNDOS, name, lambda n: undo_frame("mutex.unlock", [n, False]))
 
     def lock(self, name, timeout=None):
         timeout = check_timeout(timeout)
