@@ -45,6 +45,18 @@
  *     process's death word (deathwatch.c): when the kernel reports the
  *     holder's death, the waiter recovers its slot itself (exact liveness,
  *     once per call), without waiting for the slice or the supervisor.
+ *  A8 Adaptive waiting, before queueing (nothing logged, nothing held): a
+ *     caller whose last releaser ran on another CPU watches the value for a
+ *     few microseconds (NP_SPIN_ITERS); one whose last releaser ran on its
+ *     own CPU yields it instead, at most NP_YIELDS times per call: a
+ *     releaser sharing the CPU then runs and gives the unit back with no
+ *     futex sleep, wake-up or queue entry (a hand-off on one CPU costs one
+ *     context switch).  A caller not queued is a newcomer (A2), so yielding
+ *     changes no fairness bound.  A yield that kept the thread off the CPU
+ *     for NP_YIELD_SLOW_NS and still found nothing ran other work, not a
+ *     hand-off: the thread then sleeps at once for its next waits (8, then
+ *     twice as many each time, up to 1024) -- an unrelated CPU hog costs a
+ *     waiter one of its time slices, not one per wait.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -63,6 +75,18 @@ static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t 
     }
 }
 
+
+/* A8: per thread, how many more waits sleep without yielding, and the
+ * length of the next such run. */
+static __thread uint32_t yield_skip, yield_pen;
+
+static inline int may_yield(void)
+{
+    if (likely(!yield_skip))
+        return 1;
+    yield_skip--;
+    return 0;
+}
 
 /* Watch o's value for a few microseconds (NP_SPIN_ITERS pauses), guard
  * released: cheaper than a sleep and a wake-up when the holder is running.
@@ -88,7 +112,8 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     np_obj *o = &d->objs[idx];
     np_actor *a = &d->actors[ai];
     int64_t slice_end = 0;
-    int spun = 0, rspun = 0, death_checked = 0, woken = 0;
+    int spun = 0, rspun = 0, death_checked = 0, woken = 0, yields = 0;
+    int64_t yielded_at = 0;
 
     if (kind == NP_KIND_MUTEX && likely(!a->waiting_on)) {
         /* A7: the fast path (mutex_fast.h), then a bounded spin on it while
@@ -156,6 +181,8 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             entitled = v > (int64_t)pos;
         }
         if (likely(entitled)) {
+            if (yields && yields <= NP_YIELDS)
+                yield_pen = 0;          /* A8: yielding works here */
             tx_begin(a, idx, 0);
             tx_grant(d, a, o, idx, kind, v);
             if (queued)
@@ -194,6 +221,20 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             obj_unlock(d, o);
             CRASHPOINT();
             return closing(d) ? NP_ECLOSED : NP_ETIMEDOUT;
+        }
+        if (!queued && yields && yields <= NP_YIELDS && now - yielded_at >= NP_YIELD_SLOW_NS) {
+            /* A8: the last yield ran other work and found no unit */
+            yield_pen = yield_pen ? (yield_pen < 512 ? 2 * yield_pen : 1024) : 8;
+            yield_skip = yield_pen;
+            yields = NP_YIELDS + 1;     /* no more yields this call */
+        }
+        if (!queued && yields < NP_YIELDS && o->rel_cpu == sched_getcpu()
+                && (yields || may_yield())) {
+            yields++;                   /* A8: reads only, nothing to log */
+            yielded_at = now;
+            obj_unlock(d, o);
+            sched_yield();
+            continue;
         }
         if (!slice_end)
             slice_end = now + NP_SLICE_NS;
