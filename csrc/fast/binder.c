@@ -52,19 +52,22 @@ static inline PyObject *slow(Binder *self, int k, PyObject *fn, PyObject *const 
 static PyObject *block_hook;         /* set_block_hook(): called with the kind before a blocking wait */
 static PyObject *loop_getter;        /* asyncio._get_running_loop (set_block_hook's second argument) */
 
-/* Call sites (code object, line) the hook has already reported: it warns
- * once per call site, so calling it again from one of them does nothing
+/* Call sites (code object, instruction offset) the hook has already
+ * reported: it warns once per call site (its line), so calling it again
+ * from one of them does nothing
  * (about a microsecond of Python on every blocking wait on a loop's thread,
  * which is most of a hand-off on one CPU).  The hook says when its call site
  * is our caller's own frame (True): only then is the site cached.  Strong
  * references: a cached code object is never freed and replaced at its
  * address. */
 #define SITES 64
-static struct { PyObject *code; int line; } sites[SITES];
+static struct { PyObject *code; int lasti; } sites[SITES];
 
-static inline unsigned site_slot(PyObject *code, int line)
+/* The offset, not the line: the frame has it at hand, where its line is a
+ * walk of the code's line table on every call. */
+static inline unsigned site_slot(PyObject *code, int lasti)
 {
-    uintptr_t h = ((uintptr_t)code >> 4) ^ ((uintptr_t)line * 2654435761u);
+    uintptr_t h = ((uintptr_t)code >> 4) ^ ((uintptr_t)lasti * 2654435761u);
     return (unsigned)(h % SITES);
 }
 
@@ -84,9 +87,9 @@ static int about_to_block(int kind)
     }
     PyFrameObject *f = PyEval_GetFrame();          /* borrowed: our caller's */
     PyObject *code = f ? (PyObject *)PyFrame_GetCode(f) : NULL;
-    int line = f ? PyFrame_GetLineNumber(f) : -1;
-    unsigned i = code ? site_slot(code, line) : 0;
-    if (code && sites[i].code == code && sites[i].line == line) {
+    int lasti = f ? PyFrame_GetLasti(f) : -1;
+    unsigned i = code ? site_slot(code, lasti) : 0;
+    if (code && sites[i].code == code && sites[i].lasti == lasti) {
         Py_DECREF(code);
         return 0;                       /* reported already */
     }
@@ -103,7 +106,7 @@ static int about_to_block(int kind)
     }
     if (code && r == Py_True) {
         Py_XSETREF(sites[i].code, code);            /* takes our reference */
-        sites[i].line = line;
+        sites[i].lasti = lasti;
     } else {
         Py_XDECREF(code);
     }
