@@ -56,6 +56,11 @@ makes it so:
   message or an awaited reply to hand to the loop, no room to write) ends
   it, and the call goes on the general way.  No bytecode runs between the
   steps the general way runs as separate calls.
+- C5. Before C4 sleeps in recv it polls for its reply, yielding the CPU,
+  for an adaptive window of at most ``NETPLEX_REPLY_POLL_US`` (50 µs by
+  default; 0 turns it off): a reply that comes within it is read without
+  a sleep and wake-up (container_channel.c says why and how it adapts).
+  Signals that came during the poll run their handlers before the sleep.
 - C3. A handler that returns may itself make calls, even while the thread
   it interrupted holds a role: it reads and writes as that thread (the
   buffers are consistent at every point a handler can run), and a recv
@@ -102,6 +107,30 @@ try:    # C0-C2 where no signal handler can run between their steps; C4 the roun
 except ImportError:  # pragma: no cover - exercised by test_without_accelerator
     _dispatch_frames, _recv_into, _send_out = channel_frames.dispatch, channel_frames.recv, channel_frames.send
     _exchange = None
+
+REPLY_POLL_ENV = "NETPLEX_REPLY_POLL_US"
+
+
+def _set_reply_poll() -> None:
+    """C5's cap from the environment (read once, at import).  A value that
+    is not a number of microseconds in 0..1,000,000 is reported and the
+    default kept: a container is not stopped by a knob."""
+    v = os.environ.get(REPLY_POLL_ENV)
+    if v is None or _exchange is None:
+        return
+    from ._fast import reply_poll
+    try:
+        us = int(v)
+        if not 0 <= us <= 1_000_000:
+            raise ValueError
+    except ValueError:
+        log.warning("%s=%r is not a number of microseconds in 0..1000000: the default is kept",
+                    REPLY_POLL_ENV, v)
+        return
+    reply_poll(us * 1000)
+
+
+_set_reply_poll()
 
 _PACK_CALL = wire._CALL.pack                       # Channel.call_op
 _CALL_FIXED = wire._CALL_FIXED

@@ -45,6 +45,12 @@
  *      reply is in), for the usual call made while nobody else reads or
  *      writes; anything else hands the call back to the general way
  *      (chan_exchange says when).
+ *  C5. poll: before C4 sleeps in recv it polls for the reply for an
+ *      adaptive window (at most 50 us), yielding the CPU between looks;
+ *      when the window is over, the handlers of signals that came during
+ *      it run, and the channel is looked at again, before the recv that
+ *      sleeps.  A signal is never held back by the poll for longer than
+ *      the window.
  *  So a frame is dispatched exactly once, or is still whole in the buffer.
  *  What the channel does afterwards in Python (waking sleepers, draining
  *  the queues) can be interrupted; each of those steps is picked up again
@@ -53,7 +59,9 @@
 #include "fast.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define RECV_CHUNK 65536
 #define MAX_FRAME (16 * 1024 * 1024)    /* wire.MAX_FRAME */
@@ -491,6 +499,102 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
     return woke;
 }
 
+/* C5. Before sleeping in recv for its reply, C4 polls the socket for a
+ * while, yielding the CPU between looks (the GIL released): a reply that
+ * comes within the window is read without the sleep and wake-up, whose
+ * cost on a virtual machine (an idle vCPU halted, woken by an
+ * inter-processor interrupt) is most of a round trip across CPUs; on one
+ * CPU each yield runs the controller, as the sleep would have.  The window
+ * adapts as a guest's halt-polling does (Linux haltpoll): a reply that came
+ * after the window, but within POLL_GROW_NS of the send, doubles it (up to
+ * POLL_MAX_NS); one later than that halves it; so calls that wait (a
+ * decrement that blocks) soon stop polling, and a poll costs at most the
+ * window per call. */
+#define POLL_MAX_NS   50000LL
+#define POLL_GROW_NS  200000LL
+#define POLL_START_NS 10000LL
+static int64_t poll_window = POLL_START_NS;    /* touched with the GIL held */
+static int64_t poll_max = POLL_MAX_NS;          /* reply_poll(): 0 = never poll */
+
+static inline int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* C1 for C4, the GIL released: one recv into tmp; with `until', polled
+ * (C5) and -1 with EAGAIN once `until' is past, without sleeping: a signal
+ * that came meanwhile interrupted no system call, so the caller runs its
+ * handler before it sleeps. */
+static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err)
+{
+    ssize_t r;
+    if (!until) {
+        r = recv(fd, tmp, RECV_CHUNK, 0);
+        *err = errno;
+        return r;
+    }
+    for (;;) {
+        r = recv(fd, tmp, RECV_CHUNK, MSG_DONTWAIT);
+        if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+            *err = errno;
+            return r;
+        }
+        if (mono_ns() >= until) {
+            *err = EAGAIN;
+            return -1;
+        }
+        sched_yield();
+    }
+}
+
+/* C5: a reply came `took' ns after the call was sent; `slept': it was not
+ * in time for the window. */
+static void adapt_window(int64_t took, int slept)
+{
+    if (!slept)
+        return;
+    if (took <= POLL_GROW_NS) {
+        int64_t w = poll_window ? 2 * poll_window : POLL_START_NS;
+        poll_window = w < poll_max ? w : poll_max;
+    } else {
+        poll_window /= 2;
+        if (poll_window < POLL_START_NS / 4)
+            poll_window = 0;
+    }
+}
+
+/* reply_poll(max_ns=-1, window_ns=-1) -> the previous cap of C5's window.
+ * max_ns >= 0 sets the cap (0: C4 sleeps in recv at once, as before C5);
+ * window_ns >= 0 sets the current window (clamped to the cap), which then
+ * adapts as usual: tests use it to poll for a known time. */
+PyObject *reply_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    long long v[2] = {-1, -1};
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "reply_poll(max_ns=-1, window_ns=-1)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        if ((v[i] = PyLong_AsLongLong(args[i])) == -1 && PyErr_Occurred())
+            return NULL;
+        if (v[i] < -1 || v[i] > 1000000000LL) {
+            PyErr_SetString(PyExc_ValueError, "reply_poll: each value is -1 (unchanged) or 0..1e9 ns");
+            return NULL;
+        }
+    }
+    int64_t old = poll_max;
+    if (v[0] >= 0)
+        poll_max = v[0];
+    if (v[1] >= 0)
+        poll_window = v[1];
+    if (poll_window > poll_max)
+        poll_window = poll_max;
+    return PyLong_FromLongLong(old);
+}
+
 /* C4. chan_exchange(ch, sock, buf, count, rid, state) -> r: a synchronous
  * call's round trip, for a caller that took both roles of Channel ch
  * (channel.py's Channel._call, fast path) and appended its frame to the
@@ -583,6 +687,9 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (idle <= 0)
         return idle < 0 ? NULL : PyLong_FromLong(0);   /* they are woken by _after_reading */
     /* the reader */
+    int64_t sent_at = mono_ns(), poll_end = sent_at + poll_window;
+    int64_t until = poll_window ? poll_end : 0;
+    int first = 1;
     for (;;) {
         int got = PyDict_Contains(results, rid);
         if (got < 0)
@@ -618,9 +725,26 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         ssize_t r;
         int err;
         Py_BEGIN_ALLOW_THREADS
-        r = recv(fd, tmp, RECV_CHUNK, 0);
-        err = errno;
+        r = recv_polled(fd, tmp, until, &err);
         Py_END_ALLOW_THREADS
+        if (r < 0 && err == EAGAIN && until) {
+            /* C5: the poll is over.  Handlers of signals that came during
+             * it run now; after them, as after a decode (C2), the channel
+             * is looked at again before the recv that sleeps. */
+            PyMem_RawFree(tmp);
+            until = 0;
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            int closed = still_open(ch, args[1], fd);
+            if (closed != 0)
+                return closed < 0 ? NULL : PyLong_FromLong(0);
+            continue;
+        }
+        if (first && r > 0) {
+            int64_t now = mono_ns();
+            adapt_window(now - sent_at, now >= poll_end);
+            first = 0;
+        }
         if (r > 0) {
             Py_ssize_t len = PyByteArray_GET_SIZE(buf);
             int rc = PyByteArray_Resize(buf, len + r);

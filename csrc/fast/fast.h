@@ -201,6 +201,7 @@ PyObject *chan_send(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_recv(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_dispatch(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_exchange(PyObject *m, PyObject *const *args, Py_ssize_t n);
+PyObject *reply_poll(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *ctrl_hot_read(PyObject *m, PyObject *const *args, Py_ssize_t n);
 
 /* ---- handles.c ---- */
