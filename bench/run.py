@@ -335,6 +335,7 @@ def job_uncontended(jc: JobCtx):
     order = []
     peers = [os.getppid()]          # the controller, then the RPC peers
     placed = {}                     # candidate -> base candidate, placement
+    peer_of = {}                    # candidate -> the process that answers it (its CPU time is counted)
 
     def public_sem(name, protected=False):
         """decrement+increment through the public API (either backend)."""
@@ -490,6 +491,7 @@ def job_uncontended(jc: JobCtx):
                     os._exit(0)
             b.close()
             peers.append(pid)
+            peer_of["socketpair_floor"] = pid
             send, recv = a.sendall, a.recv
             l1, l2 = len(req1), len(req2)
 
@@ -541,6 +543,7 @@ def job_uncontended(jc: JobCtx):
                     os._exit(0)
             b.close()
             peers.append(pid)
+            peer_of["socketpair_asyncio_echo"] = pid
             send, recv = a.sendall, a.recv
             l1, l2 = len(req1), len(req2)
 
@@ -564,6 +567,7 @@ def job_uncontended(jc: JobCtx):
         def c_manager():
             mgr = multiprocessing.Manager()
             peers.append(mgr._process.pid)
+            peer_of["mp_manager_sem"] = mgr._process.pid
             s = mgr.Semaphore(1)
             acq, rel = s.acquire, s.release
 
@@ -573,11 +577,27 @@ def job_uncontended(jc: JobCtx):
                     rel()
             return loop, mgr.shutdown
 
-        cands.update({"rpc_sem": public_sem("u.sem"), "rpc_mutex": public_mutex, "socketpair_floor": c_sock,
-                      "socketpair_asyncio_echo": c_sock_asyncio, "mp_manager_sem": c_manager})
-        order = ["rpc_sem", "socketpair_floor", "socketpair_asyncio_echo", "mp_manager_sem", "rpc_mutex",
-                 "posix_ipc_sem"]
-        for base in ("rpc_sem", "socketpair_floor", "socketpair_asyncio_echo", "mp_manager_sem"):
+        def rpc_sem_nopoll():
+            # The same pair with the container's reply poll off (C5 of
+            # csrc/fast/container_channel.c): it sleeps in recv at once.
+            from netplex_native._fast import reply_poll
+            inner, _ = public_sem("u.sem")()
+
+            def loop(n):
+                old = reply_poll(0)
+                try:
+                    inner(n)
+                finally:
+                    reply_poll(old)
+            return loop, None
+
+        cands.update({"rpc_sem": public_sem("u.sem"), "rpc_sem_nopoll": rpc_sem_nopoll, "rpc_mutex": public_mutex,
+                      "socketpair_floor": c_sock, "socketpair_asyncio_echo": c_sock_asyncio,
+                      "mp_manager_sem": c_manager})
+        peer_of.update({"rpc_sem": os.getppid(), "rpc_sem_nopoll": os.getppid()})
+        order = ["rpc_sem", "rpc_sem_nopoll", "socketpair_floor", "socketpair_asyncio_echo", "mp_manager_sem",
+                 "rpc_mutex", "posix_ipc_sem"]
+        for base in ("rpc_sem", "rpc_sem_nopoll", "socketpair_floor", "socketpair_asyncio_echo", "mp_manager_sem"):
             for pl in PLACEMENTS[1:]:
                 placed[f"{base}@{pl}"] = (base, pl)
         order += list(placed)
@@ -611,13 +631,27 @@ def job_uncontended(jc: JobCtx):
         n_of[name] = max(16, int(n * p["batch"] / max(dt, 1e-9)))
         jc.emit("calibrated", cand=name, n=n_of[name])
     pc = time.perf_counter_ns
+
+    def cpu_of(pid):
+        # ns on a CPU of the peer's main thread (the one that answers)
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
     for r in range(p["rounds"]):
         for name in order:
             n = n_of[name]
+            peer = peer_of.get(placed[name][0] if name in placed else name)
+            c0, p0 = time.process_time_ns(), peer and cpu_of(peer)
             t0 = pc()
             loops[name](n)
             ns = (pc() - t0) / n
-            jc.emit("u", cand=name, round=r, ns=ns)
+            c1, p1 = time.process_time_ns(), peer and cpu_of(peer)
+            cpu = {"cpu_ns": (c1 - c0) / n}
+            if p0 is not None and p1 is not None:
+                cpu["peer_cpu_ns"] = (p1 - p0) / n
+            jc.emit("u", cand=name, round=r, ns=ns, **cpu)
         jc.emit("round", round=r)
     for c in reversed(cleanups):
         try:
@@ -645,7 +679,11 @@ def bench_uncontended(q, results):
                     raise RuntimeError(f"uncontended {backend}: the controller died or hung")
             for ev in s.events.all("u"):
                 key = ev["cand"] if not (backend == "rpc" and ev["cand"] == "posix_ipc_sem") else "posix_ipc_sem@rpc"
-                out.setdefault(key, {"backend": backend, "samples": []})["samples"].append(ev["ns"])
+                o = out.setdefault(key, {"backend": backend, "samples": [], "cpu": [], "peer_cpu": []})
+                o["samples"].append(ev["ns"])
+                o["cpu"].append(ev.get("cpu_ns"))
+                if ev.get("peer_cpu_ns") is not None:
+                    o["peer_cpu"].append(ev["peer_cpu_ns"])
             for ev in s.events.all("calibrated"):
                 key = ev["cand"] if not (backend == "rpc" and ev["cand"] == "posix_ipc_sem") else "posix_ipc_sem@rpc"
                 out[key]["batch_pairs"] = ev["n"]
@@ -653,6 +691,12 @@ def bench_uncontended(q, results):
     for name, d in out.items():
         results["uncontended"][name] = {**summary(d["samples"]), "unit": "ns/pair", "backend": d["backend"],
                                         "batch_pairs": d.get("batch_pairs")}
+        if d["backend"] == "rpc" and all(c is not None for c in d["cpu"]):
+            # CPU time per pair: the container's (process_time) and, where
+            # there is one, its peer's (controller, echo peer, manager)
+            results["uncontended"][name]["cpu_ns"] = med(d["cpu"])
+            if d["peer_cpu"]:
+                results["uncontended"][name]["peer_cpu_ns"] = med(d["peer_cpu"])
     return results
 
 
@@ -1102,6 +1146,13 @@ def targets(results):
             add("native pair through a handle <= 0.8x posix_ipc pair", r, 0.8, r <= 0.8,
                 "; ".join(f"{k} {m(k):.0f} ns" for k in hs) + f" vs {px:.0f} ns")
         if "rpc_sem" in u:
+            def cpu(k):
+                e = u.get(k, {})
+                if "cpu_ns" not in e:
+                    return "?"
+                return f"{e['cpu_ns'] / 1000:.1f} + {e['peer_cpu_ns'] / 1000:.1f}" if "peer_cpu_ns" in e \
+                    else f"{e['cpu_ns'] / 1000:.1f} + ?"
+
             def pls(a, b, f):
                 return "".join(f"; {pl}: {f(m(a + '@' + pl), m(b + '@' + pl))}" for pl in ("same", "cross")
                                if f"{a}@{pl}" in u and f"{b}@{pl}" in u)
@@ -1116,7 +1167,14 @@ def targets(results):
                           f"{m('socketpair_floor' + (k if k != '@any' else '')) / 1000:.1f} us = {v:.2f}x"
                           for k, v in rs.items())
                 + "".join(f"; {k[1:]}: asyncio echo peer {m('socketpair_asyncio_echo' + (k if k != '@any' else '')) / m('socketpair_floor' + (k if k != '@any' else '')):.2f}x the floor"
-                          for k in rs if "socketpair_asyncio_echo" + (k if k != "@any" else "") in u))
+                          for k in rs if "socketpair_asyncio_echo" + (k if k != "@any" else "") in u)
+                + "".join(f"; {k[1:]}: reply poll off {m('rpc_sem_nopoll' + (k if k != '@any' else '')) / m('socketpair_floor' + (k if k != '@any' else '')):.2f}x the floor"
+                          for k in rs if "rpc_sem_nopoll" + (k if k != "@any" else "") in u)
+                + "".join(f"; {k[1:]}: CPU per pair, container + controller "
+                          f"{cpu('rpc_sem' + (k if k != '@any' else ''))} us, poll off "
+                          f"{cpu('rpc_sem_nopoll' + (k if k != '@any' else ''))} us, floor client + peer "
+                          f"{cpu('socketpair_floor' + (k if k != '@any' else ''))} us"
+                          for k in rs if "cpu_ns" in u.get("rpc_sem" + (k if k != "@any" else ""), {})))
             rs = {pl or "@any": m("mp_manager_sem" + pl) / m("rpc_sem" + pl) for pl in pl_ok + info}
             r = min(rs[pl or "@any"] for pl in pl_ok)
             add("RPC sem pair faster than multiprocessing.Manager (worst pinned placement)", r, 1.0, r > 1.0,
