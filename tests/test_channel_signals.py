@@ -312,6 +312,78 @@ def test_a_signal_handler_that_makes_calls_of_its_own_does_not_wait_for_the_thre
     assert finished == 2 and count == 2 and count2 == 5, out
 
 
+POLL_CALL = """
+    import signal, threading, time
+    from netplex_native import _fast
+    class Tick(Exception):
+        pass
+    semaphore.create(S, 0)
+    handled = []
+    def on_alarm(sig, frame):
+        handled.append(time.monotonic())
+        if RAISE:
+            raise Tick()
+    ended = [False]
+    def rescue():
+        # a unit, late: only needed by a call still asleep after the poll
+        time.sleep(UNIT_AFTER)
+        if not ended[0]:
+            semaphore.increment(S)
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    threading.Thread(target=rescue, daemon=True).start()
+    cap = _fast.reply_poll(10**9, 10**9)     # this call polls for 1 s (C5)
+    t0 = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        got = semaphore.decrement(S, wait=True)
+    except Tick:
+        got = "raised"
+    finally:
+        ended[0] = True
+        t1 = time.monotonic()
+        _fast.reply_poll(cap, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    semaphore.increment(S)                  # taken by nobody: the abandoned wait was cancelled
+    time.sleep(0.1)
+    result = [got, len(handled), handled[0] - t0 if handled else None, t1 - t0, semaphore.get(S)]
+"""
+
+
+@pytest.mark.skipif(_fast is None, reason="C5 is the accelerator's")
+@pytest.mark.timeout(120)
+def test_a_signal_that_comes_while_a_call_polls_for_its_reply_runs_its_handler_when_the_poll_ends(events):
+    """C5: a call that polls for its reply interrupts no system call, so a
+    signal that comes meanwhile is only caught by the C handler; its Python
+    handler runs when the poll ends, before the call sleeps in recv.  Here
+    the call waits for a unit that never comes while a SIGALRM handler that
+    raises is due 0.2 s into a 1 s poll: the call ends with the handler's
+    exception (a version that went from the poll straight to the recv would
+    sleep until the unit a rescue thread posts after 20 s, and return it);
+    the wait it abandoned is cancelled at the controller."""
+    S = uniq("sem")
+    with cluster(events, "rpc", ["a"]) as c:
+        got, handled, at, took, left = c["a"].call(POLL_CALL, timeout=90, S=S, RAISE=True, UNIT_AFTER=20.0)
+    print(f"handler ran {at:.3f} s after the call began; the call ended after {took:.3f} s")
+    assert got == "raised", f"the call returned {got!r}: the handler did not run before it slept"
+    assert handled == 1
+    assert left == 1, f"the semaphore holds {left}: the abandoned wait took the unit posted after it"
+
+
+@pytest.mark.skipif(_fast is None, reason="C5 is the accelerator's")
+@pytest.mark.timeout(120)
+def test_a_handler_that_returns_during_the_poll_leaves_the_call_waiting_for_its_reply(events):
+    """The same handler, returning: the call goes on (the channel looked at
+    again, then the recv that sleeps) and gets the unit posted 1.5 s in,
+    after its poll ended."""
+    S = uniq("sem")
+    with cluster(events, "rpc", ["a"]) as c:
+        got, handled, at, took, left = c["a"].call(POLL_CALL, timeout=90, S=S, RAISE=False, UNIT_AFTER=1.5)
+    assert got == 0 and handled == 1, (got, handled)
+    assert took >= 1.4, f"the call ended after {took:.3f} s, before the unit was posted"
+    assert left == 1
+
+
 # --------------------------------------------------------------------------
 # the dispatch on its own
 # --------------------------------------------------------------------------
