@@ -7,6 +7,7 @@ Also: wrong plugins, full native tables, calls outside any container (in a
 fresh interpreter) and a primitive whose plugin was never added.
 """
 
+import importlib.util
 import math
 import os
 import re
@@ -317,6 +318,23 @@ def test_calls_outside_a_container_fresh_interpreter():
     for label, msg in out.items():
         assert msg.startswith("NotInContainerError: "), (label, msg)
         assert re.search(r"outside any controller or container|must be called in a container", msg), (label, msg)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("netplex_native._fast") is None,
+                    reason="the reply poll is the accelerator's")
+@pytest.mark.parametrize("value, cap, warned", [("abc", 50_000, True), ("-1", 50_000, True),
+                                                ("2000000", 50_000, True), ("", 50_000, True),
+                                                ("0", 0, False), ("30", 30_000, False)])
+def test_a_bad_reply_poll_setting_is_reported_and_the_default_kept(value, cap, warned):
+    """NETPLEX_REPLY_POLL_US (C5 of csrc/fast/container_channel.c): microseconds
+    in 0..1,000,000; anything else is logged by name and changes nothing."""
+    code = "import netplex_native.channel; from netplex_native._fast import reply_poll; print(reply_poll())"
+    env = dict(os.environ, NETPLEX_REPLY_POLL_US=value)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) == cap, (r.stdout, r.stderr)
+    assert ("NETPLEX_REPLY_POLL_US" in r.stderr) is warned, r.stderr
 
 
 class _NoPlugin(netplex.ProcessorHooks):
