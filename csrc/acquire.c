@@ -53,10 +53,13 @@
  *     futex sleep, wake-up or queue entry (a hand-off on one CPU costs one
  *     context switch).  A caller not queued is a newcomer (A2), so yielding
  *     changes no fairness bound.  A yield that kept the thread off the CPU
- *     for NP_YIELD_SLOW_NS and still found nothing ran other work, not a
- *     hand-off: the thread then sleeps at once for its next waits (8, then
- *     twice as many each time, up to 1024) -- an unrelated CPU hog costs a
- *     waiter one of its time slices, not one per wait.
+ *     for NP_YIELD_SLOW_NS ran other work, not just a hand-off (a loaded
+ *     CPU: the yield put the thread behind that work, where a sleeper woken
+ *     by the release would have preempted it): the call yields no more, and
+ *     the thread's next waits sleep at once (8, then twice as many after
+ *     each such yield, up to 1024, until a call's yields work again) -- a
+ *     CPU hog costs a waiter one of its time slices now and then, not one
+ *     per wait.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -113,7 +116,6 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
     np_actor *a = &d->actors[ai];
     int64_t slice_end = 0;
     int spun = 0, rspun = 0, death_checked = 0, woken = 0, yields = 0;
-    int64_t yielded_at = 0;
 
     if (kind == NP_KIND_MUTEX && likely(!a->waiting_on)) {
         /* A7: the fast path (mutex_fast.h), then a bounded spin on it while
@@ -222,18 +224,18 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             CRASHPOINT();
             return closing(d) ? NP_ECLOSED : NP_ETIMEDOUT;
         }
-        if (!queued && yields && yields <= NP_YIELDS && now - yielded_at >= NP_YIELD_SLOW_NS) {
-            /* A8: the last yield ran other work and found no unit */
-            yield_pen = yield_pen ? (yield_pen < 512 ? 2 * yield_pen : 1024) : 8;
-            yield_skip = yield_pen;
-            yields = NP_YIELDS + 1;     /* no more yields this call */
-        }
         if (!queued && yields < NP_YIELDS && o->rel_cpu == sched_getcpu()
                 && (yields || may_yield())) {
             yields++;                   /* A8: reads only, nothing to log */
-            yielded_at = now;
             obj_unlock(d, o);
             sched_yield();
+            if (np_now() - now >= NP_YIELD_SLOW_NS) {
+                /* A8: it ran other work: we were behind it, where a
+                 * sleeper woken by the release would have preempted it */
+                yield_pen = yield_pen ? (yield_pen < 512 ? 2 * yield_pen : 1024) : 8;
+                yield_skip = yield_pen;
+                yields = NP_YIELDS + 1; /* no more yields this call */
+            }
             continue;
         }
         if (!slice_end)

@@ -248,3 +248,21 @@ def fork_call(fn, *args) -> int:
         finally:
             os._exit(code)
     return pid
+
+
+@contextlib.contextmanager
+def hog_on(cpu: int):
+    """A process that keeps `cpu` busy (it never sleeps) while the block runs."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.sched_setaffinity(0, {cpu})
+            while True:
+                pass
+        finally:
+            os._exit(0)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -7,7 +7,9 @@ Read from the kernel, not from timings: a futex sleep is a voluntary context
 switch (/proc/.../status: voluntary_ctxt_switches), a yield that lets the other
 process run is not.  Without A8 every wait of a one-CPU ping-pong sleeps (one
 voluntary switch per hand-off); with it, almost none does.  The values are then
-checked exactly: the yields take and give back nothing of their own."""
+checked exactly: the yields take and give back nothing of their own.  With a
+CPU hog on the same CPU a yield would put the waiter behind the hog's time slice
+(a sleeper woken by the release preempts it): the waits must then sleep again."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import threading
 
 import pytest
 
+from harness import hog_on
 from native_helpers import child, exited_ok, kill_if_alive, reap, sem
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,12 +63,10 @@ def ping_pong(dom, me: str, other: str, n: int, first: bool, in_thread: bool, ou
     os.write(out, b"%d\n" % res[0])
 
 
-@pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "worker-thread"])
-def test_a_hand_off_on_one_cpu_yields_the_cpu_instead_of_sleeping(dom, in_thread, pipes):
-    """Two processes pinned to one CPU pass a unit back and forth 2,000 times
-    through two semaphores (on Python's main thread, whose waits would sleep
-    with a timer, and on a worker thread, whose would not): fewer than a
-    quarter of the waits sleep, every value ends at 0, nobody is queued."""
+def run_ping_pong(dom, in_thread: bool, pipes) -> list[int]:
+    """Two children pinned to one CPU pass a unit back and forth HANDOFFS
+    times through two semaphores; the voluntary switches of each side's
+    waiting thread.  Checks the values and queues exactly."""
     dom.sem_create("ping", 0)
     dom.sem_create("pong", 0)
     cpu = one_cpu()
@@ -88,8 +89,27 @@ def test_a_hand_off_on_one_cpu_yields_the_cpu_instead_of_sleeping(dom, in_thread
         sleeps = [int(x) for x in f.read().split()]
     print(f"voluntary switches per side over {HANDOFFS} waits: {sleeps}")
     assert len(sleeps) == 2
-    assert all(s < HANDOFFS // 4 for s in sleeps), (
-        f"{sleeps} of {HANDOFFS} waits slept: a hand-off on one CPU went through a futex sleep")
     for name in ("ping", "pong"):
         info = sem(dom, name)
         assert info["value"] == 0 and info["waiters"] == 0, info
+    return sleeps
+
+
+@pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "worker-thread"])
+def test_a_hand_off_on_one_cpu_yields_the_cpu_instead_of_sleeping(dom, in_thread, pipes):
+    """On Python's main thread (whose waits would sleep with a timer) and on a
+    worker thread (whose would not): fewer than a quarter of the waits sleep."""
+    sleeps = run_ping_pong(dom, in_thread, pipes)
+    assert all(s < HANDOFFS // 4 for s in sleeps), (
+        f"{sleeps} of {HANDOFFS} waits slept: a hand-off on one CPU went through a futex sleep")
+
+
+def test_with_a_cpu_hog_on_that_cpu_the_waits_sleep_again(dom, pipes):
+    """The same ping-pong with a busy process on its CPU: a yield runs the
+    hog's time slice, so the waiters stop yielding and most waits sleep (a
+    waiter that kept yielding would sleep in none, and wait a slice per
+    hand-off)."""
+    with hog_on(one_cpu()):
+        sleeps = run_ping_pong(dom, False, pipes)
+    assert sum(sleeps) >= HANDOFFS // 2, (
+        f"only {sleeps} of 2 x {HANDOFFS} waits slept: the waiters kept yielding to the hog")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import struct
 import threading
@@ -33,6 +34,8 @@ import pytest
 from netplex_native import wire
 from netplex_native.channel import Channel
 from netplex_native.ctrl_selector import HOT_BURST, HotSelector
+
+from harness import fork_call, hog_on
 
 try:
     from netplex_native import _fast
@@ -502,6 +505,51 @@ def test_another_threads_call_is_written_and_answered_while_one_sleeps_in_recv(c
     assert ch.call_op(1, b"s")[0] == 2
     t.join(10)
     assert out == [1]
+
+
+def _reply_peer(sock, cpu: int) -> int:
+    """A process on `cpu` that answers every call on `sock` with 1."""
+    def run():
+        os.sched_setaffinity(0, {cpu})
+        dec = wire.Decoder(binary=True)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            for obj, _blob in dec.feed(data):
+                if obj[0]:
+                    sock.sendall(wire.encode_reply(obj[0], 1))
+    return fork_call(run)
+
+
+@needs_fast
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the hog on the caller's CPU, the peer on another")
+def test_the_reply_poll_stops_on_a_cpu_another_process_keeps_busy(chan):
+    """C5: a caller that polls for its reply yields its CPU between looks;
+    with a busy process on that CPU the yield runs the hog's time slice (a
+    sleeper woken by the reply would have preempted it), so the poll stops
+    and the next calls sleep at once.  A version that counted a late reply
+    as the poll's success would keep polling (the state shows no penalty)."""
+    ch, b = chan
+    cpus = sorted(os.sched_getaffinity(0))
+    peer = _reply_peer(b, cpus[1])
+    mine = os.sched_getaffinity(0)
+    cap = _fast.reply_poll(50_000, 50_000)
+    try:
+        os.sched_setaffinity(0, {cpus[0]})
+        with hog_on(cpus[0]):
+            for _ in range(30):
+                assert ch.call_op(1, b"s")[0] == 1
+            state = _fast.reply_poll_state()
+    finally:
+        os.sched_setaffinity(0, mine)
+        _fast.reply_poll(cap, 0)
+        os.kill(peer, signal.SIGKILL)
+        os.waitpid(peer, 0)
+    window, skip, pen = state
+    print(f"after 30 calls beside a hog: window {window} ns, {skip} calls to sleep at once, penalty {pen}")
+    assert pen >= 8, state
 
 
 # --------------------------------------------------------------------------

@@ -50,7 +50,8 @@
  *      when the window is over, the handlers of signals that came during
  *      it run, and the channel is looked at again, before the recv that
  *      sleeps.  A signal is never held back by the poll for longer than
- *      the window.
+ *      the window.  A yield that ran another process's work ends the
+ *      poll, and the calls after it sleep at once for a while.
  *  So a frame is dispatched exactly once, or is still whole in the buffer.
  *  What the channel does afterwards in Python (waking sleepers, draining
  *  the queues) can be interrupted; each of those steps is picked up again
@@ -509,12 +510,20 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
  * after the window, but within POLL_GROW_NS of the send, doubles it (up to
  * POLL_MAX_NS); one later than that halves it; so calls that wait (a
  * decrement that blocks) soon stop polling, and a poll costs at most the
- * window per call. */
+ * window per call.  A yield that kept the caller off its CPU for
+ * POLL_SLOW_NS ran another process's work (a loaded machine: the yield put
+ * the caller behind it, where a sleeper woken by the reply would have
+ * preempted it): the poll ends there (after one more look), and the next 8
+ * calls sleep at once, then twice as many after each such yield, up to
+ * 1024, until a poll gets its reply with no such yield. */
 #define POLL_MAX_NS   50000LL
 #define POLL_GROW_NS  200000LL
 #define POLL_START_NS 10000LL
-static int64_t poll_window = POLL_START_NS;    /* touched with the GIL held */
+#define POLL_SLOW_NS  50000LL
+/* touched with the GIL held, by the one thread in C4 (it holds both roles) */
+static int64_t poll_window = POLL_START_NS;
 static int64_t poll_max = POLL_MAX_NS;          /* reply_poll(): 0 = never poll */
+static uint32_t poll_skip, poll_pen;            /* calls that sleep at once; the next run's length */
 
 static inline int64_t mono_ns(void)
 {
@@ -527,7 +536,7 @@ static inline int64_t mono_ns(void)
  * (C5) and -1 with EAGAIN once `until' is past, without sleeping: a signal
  * that came meanwhile interrupted no system call, so the caller runs its
  * handler before it sleeps. */
-static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err)
+static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err, int *slow)
 {
     ssize_t r;
     if (!until) {
@@ -535,17 +544,20 @@ static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err)
         *err = errno;
         return r;
     }
+    int64_t t;
     for (;;) {
         r = recv(fd, tmp, RECV_CHUNK, MSG_DONTWAIT);
         if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
             *err = errno;
             return r;
         }
-        if (mono_ns() >= until) {
+        if (*slow || (t = mono_ns()) >= until) {
             *err = EAGAIN;
             return -1;
         }
         sched_yield();
+        if (mono_ns() - t >= POLL_SLOW_NS)
+            *slow = 1;                  /* it ran other work: one more look, then sleep */
     }
 }
 
@@ -593,6 +605,14 @@ PyObject *reply_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (poll_window > poll_max)
         poll_window = poll_max;
     return PyLong_FromLongLong(old);
+}
+
+/* reply_poll_state() -> (window_ns, calls that sleep at once, the next run's
+ * length): C5's state, for tests. */
+PyObject *reply_poll_state(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    (void)self;
+    return Py_BuildValue("(LII)", (long long)poll_window, (unsigned)poll_skip, (unsigned)poll_pen);
 }
 
 /* C4. chan_exchange(ch, sock, buf, count, rid, state) -> r: a synchronous
@@ -689,7 +709,11 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* the reader */
     int64_t sent_at = mono_ns(), poll_end = sent_at + poll_window;
     int64_t until = poll_window ? poll_end : 0;
-    int first = 1;
+    if (until && poll_skip) {
+        poll_skip--;                    /* C5: a loaded CPU, lately */
+        until = 0;
+    }
+    int first = 1, slow = 0;
     for (;;) {
         int got = PyDict_Contains(results, rid);
         if (got < 0)
@@ -725,8 +749,15 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         ssize_t r;
         int err;
         Py_BEGIN_ALLOW_THREADS
-        r = recv_polled(fd, tmp, until, &err);
+        r = recv_polled(fd, tmp, until, &err, &slow);
         Py_END_ALLOW_THREADS
+        if (until && slow) {            /* C5: a yield ran other work */
+            poll_pen = poll_pen ? (poll_pen < 512 ? 2 * poll_pen : 1024) : 8;
+            poll_skip = poll_pen;
+            slow = 0;
+        } else if (until && r > 0) {
+            poll_pen = 0;               /* the poll got its reply */
+        }
         if (r < 0 && err == EAGAIN && until) {
             /* C5: the poll is over.  Handlers of signals that came during
              * it run now; after them, as after a decode (C2), the channel

@@ -202,6 +202,7 @@ PyObject *chan_recv(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_dispatch(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *chan_exchange(PyObject *m, PyObject *const *args, Py_ssize_t n);
 PyObject *reply_poll(PyObject *m, PyObject *const *args, Py_ssize_t n);
+PyObject *reply_poll_state(PyObject *m, PyObject *ignored);
 PyObject *ctrl_hot_read(PyObject *m, PyObject *const *args, Py_ssize_t n);
 
 /* ---- handles.c ---- */
