@@ -15,6 +15,6 @@ FAST = ["binder.c", "public_functions.c", "handles.c", "container_channel.c", "c
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],
     ext_modules=[Extension("netplex_native._fast", [f"csrc/fast/{f}" for f in FAST],
-                           include_dirs=["csrc"], depends=["csrc/netplex_core.h", "csrc/fast/fast.h"],
+                           include_dirs=["csrc"], depends=["csrc/netplex_core.h", "csrc/fast/fast.h", "csrc/yield_backoff.h"],
                            extra_compile_args=["-O2", "-Wall", "-fvisibility=hidden"])],
 )

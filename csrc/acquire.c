@@ -53,19 +53,18 @@
  *     futex sleep, wake-up or queue entry (a hand-off on one CPU costs one
  *     context switch).  A caller not queued is a newcomer (A2), so yielding
  *     changes no fairness bound.  A yield that kept the thread off the CPU
- *     for NP_YIELD_SLOW_NS ran other work, not just a hand-off (a loaded
- *     CPU: the yield put the thread behind that work, where a sleeper woken
- *     by the release would have preempted it): the call yields no more, and
- *     the thread's next waits sleep at once (8, then twice as many after
- *     each such yield, up to 1024, until a call's yields work again) -- a
- *     CPU hog costs a waiter one of its time slices now and then, not one
- *     per wait.
+ *     for YB_SLOW_NS ran other work, not just a hand-off (a loaded CPU):
+ *     the call yields no more, and the thread's next waits sleep at once
+ *     (yield_backoff.h, Y1-Y2) -- a CPU hog costs a waiter one of its time
+ *     slices per thousands of waits, not one per wait.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
+#include "yield_backoff.h"
 
 #include <errno.h>
 #include <sched.h>
+#include <string.h>
 
 static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t *procs, int n,
                         int64_t deadline)
@@ -79,15 +78,13 @@ static void check_ahead(np_domain *d, uint32_t me, uint32_t tag, const uint32_t 
 }
 
 
-/* A8: per thread, how many more waits sleep without yielding, and the
- * length of the next such run. */
-static __thread uint32_t yield_skip, yield_pen;
+/* A8: per thread, when it stops yielding (yield_backoff.h), and what it did */
+static __thread yb_state yielding;
+static __thread int64_t yield_stats[3];     /* yields, slow ones, waits that did not (np_yield_stats) */
 
-static inline int may_yield(void)
+int64_t np_yield_stats(int64_t *out)
 {
-    if (likely(!yield_skip))
-        return 1;
-    yield_skip--;
+    memcpy(out, yield_stats, sizeof yield_stats);
     return 0;
 }
 
@@ -184,7 +181,7 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
         }
         if (likely(entitled)) {
             if (yields && yields <= NP_YIELDS)
-                yield_pen = 0;          /* A8: yielding works here */
+                yb_worked(&yielding);   /* A8: yielding works here */
             tx_begin(a, idx, 0);
             tx_grant(d, a, o, idx, kind, v);
             if (queued)
@@ -224,19 +221,23 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             CRASHPOINT();
             return closing(d) ? NP_ECLOSED : NP_ETIMEDOUT;
         }
-        if (!queued && yields < NP_YIELDS && o->rel_cpu == sched_getcpu()
-                && (yields || may_yield())) {
-            yields++;                   /* A8: reads only, nothing to log */
-            obj_unlock(d, o);
-            sched_yield();
-            if (np_now() - now >= NP_YIELD_SLOW_NS) {
-                /* A8: it ran other work: we were behind it, where a
-                 * sleeper woken by the release would have preempted it */
-                yield_pen = yield_pen ? (yield_pen < 512 ? 2 * yield_pen : 1024) : 8;
-                yield_skip = yield_pen;
-                yields = NP_YIELDS + 1; /* no more yields this call */
+        if (!queued && yields < NP_YIELDS && o->rel_cpu == sched_getcpu()) {
+            if (yields || yb_may_yield(&yielding)) {
+                yields++;               /* A8: reads only, nothing to log */
+                yield_stats[0]++;
+                obj_unlock(d, o);
+                sched_yield();
+                if (np_now() - now >= YB_SLOW_NS) {
+                    /* A8: it ran other work: we were behind it, where a
+                     * sleeper woken by the release would have preempted it */
+                    yb_slow(&yielding);
+                    yield_stats[1]++;
+                    yields = NP_YIELDS + 1;     /* no more yields this call */
+                }
+                continue;
             }
-            continue;
+            yield_stats[2]++;
+            yields = NP_YIELDS + 1;
         }
         if (!slice_end)
             slice_end = now + NP_SLICE_NS;

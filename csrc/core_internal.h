@@ -115,9 +115,6 @@
  * many times: a releaser sharing the CPU runs and gives a unit back without
  * a futex sleep and wake-up (A8 of acquire.c). */
 #define NP_YIELDS         4
-/* A yield that kept us off the CPU this long ran somebody else's work, not
- * the releaser's hand-off: the thread stops yielding for a while (A8). */
-#define NP_YIELD_SLOW_NS  50000LL
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
 #define NP_SLEEP_UNTIMED  2u              /* np_actor.sleeping: no timeout (Q6) */

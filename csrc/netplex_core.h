@@ -290,6 +290,11 @@ int64_t np_test_crash_count(void);
  * and unlocks take the guarded path, which still reopens the fast path for
  * others), 1 restores it. */
 int64_t np_test_fast_mutex(int32_t on);
+/* A8 of acquire.c, for tests: this thread's yields before queueing so far
+ * (out[0]), those that kept it off the CPU for long (out[1]: each turned
+ * yielding off for a while), and the waits that did not yield because of
+ * that (out[2]).  Returns 0. */
+int64_t np_yield_stats(int64_t *out);
 /* Floor of the binding, for bench/: does nothing. */
 int64_t np_noop(void);
 /* CLOCK_MONOTONIC in ns (deadlines). */

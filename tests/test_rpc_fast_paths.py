@@ -549,7 +549,7 @@ def test_the_reply_poll_stops_on_a_cpu_another_process_keeps_busy(chan):
         os.waitpid(peer, 0)
     window, skip, pen = state
     print(f"after 30 calls beside a hog: window {window} ns, {skip} calls to sleep at once, penalty {pen}")
-    assert pen >= 8, state
+    assert pen >= 64, state
 
 
 # --------------------------------------------------------------------------

@@ -58,6 +58,7 @@
  *  by the next reader (channel.py says how).
  */
 #include "fast.h"
+#include "yield_backoff.h"
 
 #include <errno.h>
 #include <sched.h>
@@ -511,19 +512,16 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
  * POLL_MAX_NS); one later than that halves it; so calls that wait (a
  * decrement that blocks) soon stop polling, and a poll costs at most the
  * window per call.  A yield that kept the caller off its CPU for
- * POLL_SLOW_NS ran another process's work (a loaded machine: the yield put
- * the caller behind it, where a sleeper woken by the reply would have
- * preempted it): the poll ends there (after one more look), and the next 8
- * calls sleep at once, then twice as many after each such yield, up to
- * 1024, until a poll gets its reply with no such yield. */
+ * YB_SLOW_NS ran another process's work (a loaded CPU): the poll ends
+ * there (after one more look), and the next calls sleep at once
+ * (yield_backoff.h, Y1-Y2). */
 #define POLL_MAX_NS   50000LL
 #define POLL_GROW_NS  200000LL
 #define POLL_START_NS 10000LL
-#define POLL_SLOW_NS  50000LL
 /* touched with the GIL held, by the one thread in C4 (it holds both roles) */
 static int64_t poll_window = POLL_START_NS;
 static int64_t poll_max = POLL_MAX_NS;          /* reply_poll(): 0 = never poll */
-static uint32_t poll_skip, poll_pen;            /* calls that sleep at once; the next run's length */
+static yb_state polling;                        /* when the poll stops (yield_backoff.h) */
 
 static inline int64_t mono_ns(void)
 {
@@ -556,7 +554,7 @@ static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err, int *slow
             return -1;
         }
         sched_yield();
-        if (mono_ns() - t >= POLL_SLOW_NS)
+        if (mono_ns() - t >= YB_SLOW_NS)
             *slow = 1;                  /* it ran other work: one more look, then sleep */
     }
 }
@@ -612,7 +610,7 @@ PyObject *reply_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 PyObject *reply_poll_state(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     (void)self;
-    return Py_BuildValue("(LII)", (long long)poll_window, (unsigned)poll_skip, (unsigned)poll_pen);
+    return Py_BuildValue("(LII)", (long long)poll_window, (unsigned)polling.skip, (unsigned)polling.pen);
 }
 
 /* C4. chan_exchange(ch, sock, buf, count, rid, state) -> r: a synchronous
@@ -709,10 +707,8 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* the reader */
     int64_t sent_at = mono_ns(), poll_end = sent_at + poll_window;
     int64_t until = poll_window ? poll_end : 0;
-    if (until && poll_skip) {
-        poll_skip--;                    /* C5: a loaded CPU, lately */
-        until = 0;
-    }
+    if (until && !yb_may_yield(&polling))
+        until = 0;                      /* C5: a loaded CPU, lately */
     int first = 1, slow = 0;
     for (;;) {
         int got = PyDict_Contains(results, rid);
@@ -752,11 +748,10 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         r = recv_polled(fd, tmp, until, &err, &slow);
         Py_END_ALLOW_THREADS
         if (until && slow) {            /* C5: a yield ran other work */
-            poll_pen = poll_pen ? (poll_pen < 512 ? 2 * poll_pen : 1024) : 8;
-            poll_skip = poll_pen;
+            yb_slow(&polling);
             slow = 0;
         } else if (until && r > 0) {
-            poll_pen = 0;               /* the poll got its reply */
+            yb_worked(&polling);        /* the poll got its reply */
         }
         if (r < 0 && err == EAGAIN && until) {
             /* C5: the poll is over.  Handlers of signals that came during
