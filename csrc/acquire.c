@@ -53,10 +53,10 @@
  *     futex sleep, wake-up or queue entry (a hand-off on one CPU costs one
  *     context switch).  A caller not queued is a newcomer (A2), so yielding
  *     changes no fairness bound.  A yield that kept the thread off the CPU
- *     for YB_SLOW_NS ran other work, not just a hand-off (a loaded CPU):
- *     the call yields no more, and the thread's next waits sleep at once
- *     (yield_backoff.h, Y1-Y2) -- a CPU hog costs a waiter one of its time
- *     slices per thousands of waits, not one per wait.
+ *     for YB_SLOW_NS ends the call's yields; two such yields close together
+ *     say other work runs on this CPU (a loaded CPU), and the thread's
+ *     next waits sleep at once (yield_backoff.h, Y1-Y2) -- a CPU hog costs
+ *     a waiter a time slice per thousands of waits, not one per wait.
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
@@ -180,8 +180,6 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             entitled = v > (int64_t)pos;
         }
         if (likely(entitled)) {
-            if (yields && yields <= NP_YIELDS)
-                yb_worked(&yielding);   /* A8: yielding works here */
             tx_begin(a, idx, 0);
             tx_grant(d, a, o, idx, kind, v);
             if (queued)
@@ -227,10 +225,9 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
                 yield_stats[0]++;
                 obj_unlock(d, o);
                 sched_yield();
-                if (np_now() - now >= YB_SLOW_NS) {
-                    /* A8: it ran other work: we were behind it, where a
-                     * sleeper woken by the release would have preempted it */
-                    yb_slow(&yielding);
+                if (yb_after(&yielding, np_now() - now, NP_YIELD_WORTH_NS)) {
+                    /* A8: other work may run here: we were behind it, where
+                     * a sleeper woken by the release would preempt it */
                     yield_stats[1]++;
                     yields = NP_YIELDS + 1;     /* no more yields this call */
                 }

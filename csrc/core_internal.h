@@ -115,6 +115,9 @@
  * many times: a releaser sharing the CPU runs and gives a unit back without
  * a futex sleep and wake-up (A8 of acquire.c). */
 #define NP_YIELDS         4
+/* What a yield that works saves on one CPU: a futex sleep and wake-up
+ * (yield_backoff.h sizes the back-off after a slow yield with it). */
+#define NP_YIELD_WORTH_NS 1000LL
 #define NP_GUARD_SLEEP_NS 10000000LL      /* guard waiters re-check the owner */
 #define NP_WAKE_BATCH     64
 #define NP_SLEEP_UNTIMED  2u              /* np_actor.sleeping: no timeout (Q6) */

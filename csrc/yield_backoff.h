@@ -4,18 +4,25 @@
  * for its reply (C5 of fast/container_channel.c).  Process-local state (a
  * thread's, or the one channel's), never shared memory: a hint.
  *
- * Yielding saves a sleep and a wake-up (about a microsecond) when the
- * process we wait for runs on our CPU; when another process's work runs
- * there instead, a yield puts us behind it for its time slice (milliseconds),
- * where a sleeper woken by the release or the reply would have preempted
- * it.  One slow yield costs what thousands of good ones save, so:
- *  Y1 A slow yield (YB_SLOW_NS off the CPU) makes the next `pen' waits
- *     sleep without yielding; pen starts at 64 and is multiplied by 8 at
- *     each slow yield, up to 4096.
- *  Y2 A wait that yielded, with no slow yield, and got what it waited for
- *     halves pen (a CPU that is busy only now and then costs a slow yield
- *     per thousands of waits; one that became idle has its waits yield
- *     again after a few thousand).
+ * Yielding saves a sleep and a wake-up (`worth': about a microsecond for a
+ * hand-off on one CPU, tens of microseconds for a reply across CPUs) when
+ * the process we wait for runs on our CPU or soon answers; when another
+ * process's work runs there instead, a yield puts us behind it for its
+ * time slice (milliseconds), where a sleeper woken by the release or the
+ * reply would have preempted it.  A slow yield also comes now and then
+ * on a CPU that nothing else wants: about 1 yield in 1,000 between two
+ * processes alone on a CPU of this project's VM took more than 50 us (up to
+ * 1.5 ms: the vCPU itself held up, where a sleeper would have waited as
+ * long).  So:
+ *  Y1 A yield is slow when it kept the caller YB_SLOW_NS or more off the
+ *     CPU.  One slow yield alone changes nothing; a second within
+ *     YB_STRIKES yields of the one before says the CPU is busy with other
+ *     work: the next 8 took/worth waits (at most YB_MAX) sleep without
+ *     yielding, so a CPU that stays busy costs about two slow yields per
+ *     such run, at most a quarter of what yielding saves however long its
+ *     time slices.
+ *  Y2 After such a run the first slow yield counts as the second (the CPU
+ *     was busy when the run began): one slow yield per run.
  */
 #ifndef NP_YIELD_BACKOFF_H
 #define NP_YIELD_BACKOFF_H
@@ -23,12 +30,12 @@
 #include <stdint.h>
 
 #define YB_SLOW_NS  50000LL
-#define YB_FIRST    64u
-#define YB_MAX      4096u
+#define YB_STRIKES  64u
+#define YB_MAX      (1u << 20)
 
 typedef struct {
     uint32_t skip;      /* waits left that sleep without yielding */
-    uint32_t pen;       /* Y1: the next run's length */
+    uint32_t strike;    /* yields left in which a slow one is the second (Y1) */
 } yb_state;
 
 /* 1 if this wait may yield (uses up one of the skipped waits if not). */
@@ -36,19 +43,28 @@ static inline int yb_may_yield(yb_state *s)
 {
     if (__builtin_expect(!s->skip, 1))
         return 1;
-    s->skip--;
+    if (!--s->skip)
+        s->strike = YB_STRIKES;         /* Y2 */
     return 0;
 }
 
-static inline void yb_slow(yb_state *s)             /* Y1 */
+/* After a yield that took `took' ns; `worth': what a yield that works
+ * saves.  1 if it was slow (Y1). */
+static inline int yb_after(yb_state *s, int64_t took, int64_t worth)
 {
-    s->pen = s->pen ? (s->pen < YB_MAX / 8 ? 8 * s->pen : YB_MAX) : YB_FIRST;
-    s->skip = s->pen;
-}
-
-static inline void yb_worked(yb_state *s)           /* Y2 */
-{
-    s->pen >>= 1;
+    if (__builtin_expect(took < YB_SLOW_NS, 1)) {
+        if (s->strike)
+            s->strike--;
+        return 0;
+    }
+    if (s->strike) {
+        uint64_t n = 8 * (uint64_t)(took / worth);
+        s->skip = n < YB_MAX ? (uint32_t)n : YB_MAX;
+        s->strike = 0;
+    } else {
+        s->strike = YB_STRIKES;
+    }
+    return 1;
 }
 
 #endif

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from harness import hog_on
-from native_helpers import child, exited_ok, kill_if_alive, reap, sem
+from native_helpers import child, exited_ok, kill_if_alive, reap, sem, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,13 +47,16 @@ def yield_stats() -> list[int]:
     return list(out)
 
 
-def ping_pong(dom, me: str, other: str, n: int, first: bool, in_thread: bool, out: int) -> None:
-    """n hand-offs: take `me`, give `other` (the first side gives first).
-    Writes what the waiting thread did to `out`: its voluntary switches,
-    then its yield counts (yield_stats), over the n waits."""
+def ping_pong(dom, me: str, other: str, n: int, first: bool, in_thread: bool, out: int, go: int) -> None:
+    """n hand-offs: take `me`, give `other` (the first side gives first),
+    once a byte comes on `go` (both sides are then ready: a yield at the
+    start runs the other side, not a process still being set up).  Writes
+    what the waiting thread did to `out`: its voluntary switches, then its
+    yield counts (yield_stats), over the n waits."""
     def run(res):
         tid = threading.get_native_id() if in_thread else None
         v0, y0 = voluntary_switches(tid), yield_stats()
+        os.read(go, 1)
         for i in range(n):
             if first:
                 dom.sem_increment(other)
@@ -82,15 +85,18 @@ def run_ping_pong(dom, in_thread: bool, pipes, tag: str = "") -> list[list[int]]
     dom.sem_create(pong, 0)
     cpu = one_cpu()
     r, w = pipes()
+    go_r, go_w = pipes()
 
     def side(me, other, first):
         os.sched_setaffinity(0, {cpu})
         dom.register()
-        ping_pong(dom, me, other, HANDOFFS, first, in_thread, w)
+        ping_pong(dom, me, other, HANDOFFS, first, in_thread, w, go_r)
 
     a = child(side, ping, pong, True)
     b = child(side, pong, ping, False)
     try:
+        until(lambda: len(dom.processes()) >= 3, what="both sides registered")
+        os.write(go_w, b"gg")
         assert exited_ok(reap(a, 60)) and exited_ok(reap(b, 60))
     finally:
         kill_if_alive(a)
@@ -128,12 +134,13 @@ def test_a_hand_off_on_one_cpu_yields_the_cpu_instead_of_sleeping(dom, in_thread
 def test_with_a_cpu_hog_on_that_cpu_the_waiters_soon_stop_yielding(dom, pipes):
     """The same ping-pong with a busy process on its CPU: a yield may run the
     hog's whole time slice (a sleeper woken by the release would have
-    preempted it), so after one such yield a waiter does not yield for its
-    next 64 waits, 512 after a second, 4096 after a third (yield_backoff.h,
-    Y1), and a yield that worked only halves that (Y2): at most 8 slow yields
-    per side in 2,000 waits (3-5 in our runs).  The first version's back-off
-    (8 waits, doubling, undone by one good yield) let 167-176 through, each a
-    time slice lost: 174 us per hand-off against posix_ipc's 6 us."""
+    preempted it).  Two slow yields close together make a waiter sleep
+    without yielding for about 8 x (the slow yield) / 1 us waits
+    (yield_backoff.h): at most 8 slow yields per side in 2,000 waits (2 in
+    our runs).  Without the back-off, 700-740 per side were slow, each a
+    time slice lost; the first version's (8 waits, doubling, undone by one
+    good yield) let 167-176 through: 174 us per hand-off against posix_ipc's
+    6 us beside the same hog."""
     with hog_on(one_cpu()):
         sides = run_ping_pong(dom, False, pipes)
     assert any(s[2] for s in sides), f"{sides}: no yield ran the hog: the test proves nothing"

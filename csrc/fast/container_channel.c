@@ -518,6 +518,7 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
 #define POLL_MAX_NS   50000LL
 #define POLL_GROW_NS  200000LL
 #define POLL_START_NS 10000LL
+#define POLL_WORTH_NS 20000LL   /* what a reply read without sleeping saves, across CPUs */
 /* touched with the GIL held, by the one thread in C4 (it holds both roles) */
 static int64_t poll_window = POLL_START_NS;
 static int64_t poll_max = POLL_MAX_NS;          /* reply_poll(): 0 = never poll */
@@ -554,8 +555,8 @@ static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err, int *slow
             return -1;
         }
         sched_yield();
-        if (mono_ns() - t >= YB_SLOW_NS)
-            *slow = 1;                  /* it ran other work: one more look, then sleep */
+        if (yb_after(&polling, mono_ns() - t, POLL_WORTH_NS))
+            *slow = 1;                  /* other work may run here: one more look, then sleep */
     }
 }
 
@@ -605,12 +606,13 @@ PyObject *reply_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLongLong(old);
 }
 
-/* reply_poll_state() -> (window_ns, calls that sleep at once, the next run's
- * length): C5's state, for tests. */
+/* reply_poll_state() -> (window_ns, calls that sleep at once, yields left in
+ * which a slow one is a second strike): C5's state (yield_backoff.h), for
+ * tests. */
 PyObject *reply_poll_state(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     (void)self;
-    return Py_BuildValue("(LII)", (long long)poll_window, (unsigned)polling.skip, (unsigned)polling.pen);
+    return Py_BuildValue("(LII)", (long long)poll_window, (unsigned)polling.skip, (unsigned)polling.strike);
 }
 
 /* C4. chan_exchange(ch, sock, buf, count, rid, state) -> r: a synchronous
@@ -747,12 +749,7 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_BEGIN_ALLOW_THREADS
         r = recv_polled(fd, tmp, until, &err, &slow);
         Py_END_ALLOW_THREADS
-        if (until && slow) {            /* C5: a yield ran other work */
-            yb_slow(&polling);
-            slow = 0;
-        } else if (until && r > 0) {
-            yb_worked(&polling);        /* the poll got its reply */
-        }
+        slow = 0;
         if (r < 0 && err == EAGAIN && until) {
             /* C5: the poll is over.  Handlers of signals that came during
              * it run now; after them, as after a decode (C2), the channel
