@@ -50,8 +50,8 @@
  *      when the window is over, the handlers of signals that came during
  *      it run, and the channel is looked at again, before the recv that
  *      sleeps.  A signal is never held back by the poll for longer than
- *      the window.  A yield that ran another process's work ends the
- *      poll, and the calls after it sleep at once for a while.
+ *      the window.  A yield during which something else ran on the CPU
+ *      ends the poll, and the calls after it sleep at once for a while.
  *  So a frame is dispatched exactly once, or is still whole in the buffer.
  *  What the channel does afterwards in Python (waking sleepers, draining
  *  the queues) can be interrupted; each of those steps is picked up again
@@ -511,14 +511,20 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
  * after the window, but within POLL_GROW_NS of the send, doubles it (up to
  * POLL_MAX_NS); one later than that halves it; so calls that wait (a
  * decrement that blocks) soon stop polling, and a poll costs at most the
- * window per call.  A yield that kept the caller off its CPU for
- * YB_SLOW_NS ran another process's work (a loaded CPU): the poll ends
- * there (after one more look), and the next calls sleep at once
- * (yield_backoff.h, Y1-Y2). */
+ * window per call.  The poll pays only on a CPU nobody else wants: a
+ * yield that kept the caller away for POLL_SHARED_NS ran something else
+ * there -- the controller itself (then the poll saves nothing: on one CPU
+ * the sleep costs the same), or another process's work, which a yield puts
+ * the caller behind for its time slice where a sleeper woken by the reply
+ * would have preempted it.  The poll then ends (after one more look), and
+ * the next 8 took/POLL_WORTH_NS calls sleep at once (yield_backoff.h,
+ * yb_penalize): a few calls after the controller ran, a thousand after a
+ * hog's 3 ms.  A lone yield took that long 1 time in 3,000 here. */
 #define POLL_MAX_NS   50000LL
 #define POLL_GROW_NS  200000LL
 #define POLL_START_NS 10000LL
 #define POLL_WORTH_NS 20000LL   /* what a reply read without sleeping saves, across CPUs */
+#define POLL_SHARED_NS 10000LL  /* a yield this long ran something else here */
 /* touched with the GIL held, by the one thread in C4 (it holds both roles) */
 static int64_t poll_window = POLL_START_NS;
 static int64_t poll_max = POLL_MAX_NS;          /* reply_poll(): 0 = never poll */
@@ -555,8 +561,12 @@ static ssize_t recv_polled(int fd, char *tmp, int64_t until, int *err, int *slow
             return -1;
         }
         sched_yield();
-        if (yb_after(&polling, mono_ns() - t, POLL_WORTH_NS))
-            *slow = 1;                  /* other work may run here: one more look, then sleep */
+        int64_t took = mono_ns() - t;
+        if (took >= POLL_SHARED_NS) {
+            /* something else ran on this CPU: one more look, then sleep */
+            yb_penalize(&polling, took, POLL_WORTH_NS);
+            *slow = 1;
+        }
     }
 }
 
@@ -606,13 +616,12 @@ PyObject *reply_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLongLong(old);
 }
 
-/* reply_poll_state() -> (window_ns, calls that sleep at once, yields left in
- * which a slow one is a second strike): C5's state (yield_backoff.h), for
- * tests. */
+/* reply_poll_state() -> (window_ns, calls that sleep at once): C5's state,
+ * for tests. */
 PyObject *reply_poll_state(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     (void)self;
-    return Py_BuildValue("(LII)", (long long)poll_window, (unsigned)polling.skip, (unsigned)polling.strike);
+    return Py_BuildValue("(LI)", (long long)poll_window, (unsigned)polling.skip);
 }
 
 /* C4. chan_exchange(ch, sock, buf, count, rid, state) -> r: a synchronous
@@ -709,8 +718,10 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* the reader */
     int64_t sent_at = mono_ns(), poll_end = sent_at + poll_window;
     int64_t until = poll_window ? poll_end : 0;
-    if (until && !yb_may_yield(&polling))
-        until = 0;                      /* C5: a loaded CPU, lately */
+    if (until && polling.skip) {
+        polling.skip--;                 /* C5: a CPU shared, lately */
+        until = 0;
+    }
     int first = 1, slow = 0;
     for (;;) {
         int got = PyDict_Contains(results, rid);

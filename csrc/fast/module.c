@@ -27,7 +27,7 @@ static PyMethodDef module_methods[] = {
     {"chan_exchange", (PyCFunction)(void (*)(void))chan_exchange, METH_FASTCALL,
      "chan_exchange(channel, sock, buf, count, rid, state) -> r: a synchronous call's round trip, both roles held (container_channel.c, C4)."},
     {"reply_poll_state", (PyCFunction)reply_poll_state, METH_NOARGS,
-     "reply_poll_state() -> (window_ns, calls that sleep at once, yields left in which a slow one is a second strike): C5's state, for tests (container_channel.c)."},
+     "reply_poll_state() -> (window_ns, calls that sleep at once): C5's state, for tests (container_channel.c)."},
     {"reply_poll", (PyCFunction)(void (*)(void))reply_poll, METH_FASTCALL,
      "reply_poll(max_ns=-1, window_ns=-1) -> the previous cap of the window C4 polls for a reply in; max_ns >= 0 sets it (0: never poll), window_ns >= 0 the current window (container_channel.c, C5)."},
     {"ctrl_hot_read", (PyCFunction)(void (*)(void))ctrl_hot_read, METH_FASTCALL,
