@@ -57,8 +57,8 @@ makes it so:
   it, and the call goes on the general way.  No bytecode runs between the
   steps the general way runs as separate calls.
 - C5. Before C4 sleeps in recv it polls for its reply, yielding the CPU,
-  for an adaptive window of at most ``NETPLEX_REPLY_POLL_US`` (50 µs by
-  default; 0 turns it off): a reply that comes within it is read without
+  for an adaptive window of at most ``NETPLEX_REPLY_POLL_US`` (read from the
+  container's environment as it starts; 50 µs by default; 0 turns it off): a reply that comes within it is read without
   a sleep and wake-up (container_channel.c says why and how it adapts,
   and how it stops on a loaded CPU).  Signals that came during the poll
   run their handlers before the sleep.
@@ -112,10 +112,13 @@ except ImportError:  # pragma: no cover - exercised by test_without_accelerator
 REPLY_POLL_ENV = "NETPLEX_REPLY_POLL_US"
 
 
-def _set_reply_poll() -> None:
-    """C5's cap from the environment (read once, at import).  A value that
-    is not a number of microseconds in 0..1,000,000 is reported and the
-    default kept: a container is not stopped by a knob."""
+def configure_reply_poll() -> None:
+    """C5's cap from this process's environment: a container calls it as it
+    starts (container.run_container), so the variable can be set for one
+    container (a pre_start_hook, the service's environment) after the
+    library was imported.  A value that is not a number of microseconds in
+    0..1,000,000 is reported and the default kept: a container is not
+    stopped by a knob.  Unset: the cap is left as it is."""
     v = os.environ.get(REPLY_POLL_ENV)
     if v is None or _exchange is None:
         return
@@ -129,9 +132,6 @@ def _set_reply_poll() -> None:
                     REPLY_POLL_ENV, v)
         return
     reply_poll(us * 1000)
-
-
-_set_reply_poll()
 
 _PACK_CALL = wire._CALL.pack                       # Channel.call_op
 _CALL_FIXED = wire._CALL_FIXED

@@ -43,7 +43,7 @@ import threading
 from collections.abc import Sequence
 
 from ._context import ctx
-from .channel import Channel
+from .channel import Channel, configure_reply_poll
 from .errors import check_message, ControllerGoneError
 from .logs import get_logger, reopen_log_files, set_title
 
@@ -480,6 +480,7 @@ def run_container(ctrl, service, cid: str, chan_sock, listen_sock) -> int:
     set_title(f"container {cid} of {service.name} (controller {ctrl.name})")
     cont = Container(cid, os.getpid(), service.name)
     channel = Channel(chan_sock)
+    configure_reply_poll()
     rt = _Runtime(ctrl, service, cont, channel, listen_sock)
     ctx.reset()
     ctx.role = "container"

@@ -328,13 +328,29 @@ def test_calls_outside_a_container_fresh_interpreter():
 def test_a_bad_reply_poll_setting_is_reported_and_the_default_kept(value, cap, warned):
     """NETPLEX_REPLY_POLL_US (C5 of csrc/fast/container_channel.c): microseconds
     in 0..1,000,000; anything else is logged by name and changes nothing."""
-    code = "import netplex_native.channel; from netplex_native._fast import reply_poll; print(reply_poll())"
+    code = ("import netplex_native.channel as c; c.configure_reply_poll(); "
+            "from netplex_native._fast import reply_poll; print(reply_poll())")
     env = dict(os.environ, NETPLEX_REPLY_POLL_US=value)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) == cap, (r.stdout, r.stderr)
     assert ("NETPLEX_REPLY_POLL_US" in r.stderr) is warned, r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("netplex_native._fast") is None,
+                    reason="the reply poll is the accelerator's")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value, cap", [("abc", 50_000), ("0", 0), ("30", 30_000)])
+def test_each_container_reads_the_reply_poll_setting_as_it_starts(events, monkeypatch, value, cap):
+    """Set after the library was imported (as a pre_start_hook or an app module
+    imported by `run` would): the container, not the import, reads it (the
+    warning a bad value gets is checked above)."""
+    from test_semantics import cluster
+    monkeypatch.setenv("NETPLEX_REPLY_POLL_US", value)
+    with cluster(events, "rpc", ["a"]) as c:
+        got = c["a"].call("__import__('netplex_native._fast', fromlist=['_']).reply_poll()")
+    assert got == cap
 
 
 class _NoPlugin(netplex.ProcessorHooks):
