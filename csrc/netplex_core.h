@@ -164,6 +164,10 @@ int64_t np_lookup(np_domain *d, int32_t kind, const char *name, int32_t flags, i
 /* ---- semaphores ---- */
 /* +1; returns the new value. */
 int64_t np_sem_increment(np_domain *d, uint64_t handle);
+/* n units at once (n >= 1), in one transaction: the new value, or
+ * NP_EOVERFLOW (value + n > NP_VALUE_MAX: nothing changed), NP_EINVAL
+ * (n < 1).  Wakes the waiters then entitled, as an increment does. */
+int64_t np_sem_add(np_domain *d, uint64_t handle, int64_t n);
 /* -1 when positive; returns the new value.  deadline NP_NOWAIT: NP_EAGAIN at
  * 0 (or when the object's internal guard stays busy a few milliseconds: its
  * holder is stopped).  Otherwise waits (FIFO, starvation-free) until the

@@ -3,9 +3,10 @@
  * leaving a wait queue, and the lock-free reads (get, deltas).
  *
  * Invariants kept here (with A1 of acquire.c and Q1-Q4 of queue.c)
- *  R1 A release puts one unit back into `value' (a mutex: value 1, owner 0)
- *     and wakes the waiters then entitled, after releasing the guard; it
- *     never exceeds NP_VALUE_MAX (NP_EOVERFLOW, nothing changed).
+ *  R1 A release puts one unit back into `value' (a mutex: value 1, owner 0;
+ *     np_sem_add: n units, in the same one transaction) and wakes the
+ *     waiters then entitled, after releasing the guard; it never exceeds
+ *     NP_VALUE_MAX (NP_EOVERFLOW, nothing changed).
  *  R2 A protected delta is revised with saturating arithmetic.
  *  R3 Leaving a queue wakes those who became entitled by it; when the guard
  *     cannot be had within NP_GUARD_SLEEP_NS the caller is marked given up
@@ -31,7 +32,7 @@
  * (NP_EAGAIN after a few ms: the accelerator, which holds the GIL, then
  * retries through the counted entry point with the GIL released). */
 static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline,
-                       int force)
+                       int force, int64_t units)
 {
     uint32_t idx, ai, tag, who[NP_WAKE_BATCH];
     int rc, n = 0;
@@ -60,19 +61,19 @@ static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_de
         obj_unlock(d, o);                /* R5; free + force: no-op */
         return force ? 0 : NP_ENOTHOLDER;
     }
-    if (unlikely(v >= (int64_t)NP_VALUE_MAX)) {
+    if (unlikely(v > (int64_t)NP_VALUE_MAX - units)) {
         obj_unlock(d, o);
         return NP_EOVERFLOW;
     }
     tx_begin(a, idx, 0);
-    TX64(d, a, o->value, v + 1);
+    TX64(d, a, o->value, v + units);
     if (kind == NP_KIND_MUTEX) {
         TX32(d, a, o->owner, 0);
     } else if (o->protected_) {
         np_delta *e = delta_of(d, d->my_proc - 1, idx);
         int64_t cur = e->gen == o->gen ? e->delta : 0;
         TX32(d, a, e->gen, o->gen);
-        TX64(d, a, e->delta, sat_add(cur, 1));
+        TX64(d, a, e->delta, sat_add(cur, units));
     }
     tx_commit(d, a);
     if (unlikely(o->qlen))
@@ -82,23 +83,33 @@ static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_de
     obj_unlock(d, o);
     CRASHPOINT();
     np_wake_actors(d, who, n);
-    return kind == NP_KIND_MUTEX ? 0 : v + 1;
+    return kind == NP_KIND_MUTEX ? 0 : v + units;
 }
 
 int64_t np_i_release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline)
 {
-    return release(d, handle, kind, guard_deadline, 0);
+    return release(d, handle, kind, guard_deadline, 0, 1);
 }
 
 int64_t np_i_release_mutex(np_domain *d, uint64_t handle, int64_t guard_deadline, int force)
 {
-    return release(d, handle, NP_KIND_MUTEX, guard_deadline, force);
+    return release(d, handle, NP_KIND_MUTEX, guard_deadline, force, 1);
 }
 
 int64_t np_sem_increment(np_domain *d, uint64_t handle)
 {
     NP_ENTER(d);
     int64_t rc = np_i_release(d, handle, NP_KIND_SEM, NP_NOWAIT);
+    NP_LEAVE(d);
+    return rc;
+}
+
+int64_t np_sem_add(np_domain *d, uint64_t handle, int64_t n)
+{
+    if (n < 1)
+        return NP_EINVAL;
+    NP_ENTER(d);
+    int64_t rc = release(d, handle, NP_KIND_SEM, NP_NOWAIT, 0, n);
     NP_LEAVE(d);
     return rc;
 }
@@ -114,7 +125,7 @@ int64_t np_mutex_unlock(np_domain *d, uint64_t handle)
 int64_t np_mutex_force_unlock(np_domain *d, uint64_t handle)
 {
     NP_ENTER(d);
-    int64_t rc = release(d, handle, NP_KIND_MUTEX, NP_NOWAIT, 1);
+    int64_t rc = release(d, handle, NP_KIND_MUTEX, NP_NOWAIT, 1, 1);
     NP_LEAVE(d);
     return rc;
 }

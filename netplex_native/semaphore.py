@@ -117,11 +117,14 @@ class Semaphore(SemaphoreBase, HandleRules, _ours=True):
         return bool(await self._backend.decrement_async(self.name, t != 0, t) >= 0)
 
     def release(self, n: int = 1) -> None:
-        """As ``threading.Semaphore.release``: give back *n* units (n >= 1)."""
+        """As ``threading.Semaphore.release``: give back *n* units (n >= 1), in
+        one step on every backend (all or none: OverflowError past the
+        maximum value, nothing given)."""
         n = check_int(n, "n", 1)
-        b = self._backend
-        for _ in range(n):
-            b.increment(self.name)
+        if n == 1:
+            self._backend.increment(self.name)
+        else:
+            self._backend.add(self.name, n)
 
     def __enter__(self) -> "Semaphore":
         if not self.acquire():

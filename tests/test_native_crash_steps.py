@@ -126,6 +126,23 @@ def test_sem_increment_is_atomic_at_every_crash_point(dom, protected):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
+def test_sem_add_of_many_units_is_atomic_at_every_crash_point(dom, protected):
+    """release(n) on the native backend: n units in one transaction
+    (np_sem_add), never a part of them."""
+    dom.sem_create("s", 3, protected=protected)
+    def setup():
+        return dom.sem_get("s")
+    def verify(before, crashed, n):
+        v = dom.sem_get("s")
+        # protected: the dead child's whole delta is reverted whatever step it died at
+        assert v == (before if protected else v) and v in (before, before + 1000), (n, before, v)
+        assert dom.sem_delta("s", os.getpid()) == 0
+    enumerate_crashes(dom, f"sem add ({'protected' if protected else 'unprotected'})",
+                      setup, lambda: dom.sem_get("s"), lambda: dom.sem_add("s", 1000), verify)
+
+
+@pytest.mark.timeout(120)
 def test_protected_sem_decrement_is_atomic_at_every_crash_point(dom):
     dom.sem_create("s", 3, protected=True)
     def verify(before, crashed, n):

@@ -765,6 +765,37 @@ def test_semaphore_handle_has_the_threading_semaphore_idiom(events, backend):
         assert waiting.result(10) is True
 
 
+@pytest.mark.timeout(120)
+def test_release_of_many_units_is_one_step(events, backend):
+    """release(n) gives its n units in one operation of the backend (all or
+    none; its time does not grow with n): 2**62 units at once; past the
+    maximum value OverflowError and nothing given; two waiters served by one
+    release(2).  (It was n increments: release(2**62) never ended, and a
+    signal handler's exception left part of the units given.)"""
+    S, W = uniq("sem"), uniq("sem")
+    with cluster(events, backend, ["a", "b", "c"]) as c:
+        a = c["a"]
+        assert a.call("""
+            from netplex_native.errors import VALUE_MAX
+            semaphore.create(S, 5)
+            s = semaphore.access(S)
+            s.release(2**62)
+            out = [s.get() == 5 + 2**62]
+            try:
+                s.release(VALUE_MAX - 2**62)
+            except OverflowError:
+                out.append("OverflowError")
+            out.append(s.get() == 5 + 2**62)
+            result = out
+        """, S=S, timeout=60) == [True, "OverflowError", True]
+        a.call("semaphore.create(W, 0)", W=W)
+        waits = [c[n].start("semaphore.access(W).acquire(timeout=20)", W=W) for n in ("b", "c")]
+        c.wait_waiters(W, 2)
+        a.call("semaphore.access(W).release(2)", W=W)
+        assert [w.result(20) for w in waits] == [True, True]
+        assert a.call("semaphore.get(W)", W=W) == 0
+
+
 @pytest.mark.parametrize("form", ["with", "async with"])
 def test_mutex_context_manager_holds_inside_and_releases_after(events, backend, form):
     M = uniq("mtx")

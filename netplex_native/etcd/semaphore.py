@@ -108,7 +108,7 @@ class EtcdSemaphore:
         return kv is not None and _parse(kv)[2] == wid
 
     async def _write(self, name, sn, change, lease, extra=()):
-        """Apply *change* (+1 or -1) to the value read in *sn*: to this
+        """Apply *change* (+n or -1) to the value read in *sn*: to this
         process's delta if protected (and it has a lease), else to the base.
         Returns the new value, or None if *sn* was stale (re-read)."""
         k = self.s.keys
@@ -163,7 +163,7 @@ class EtcdSemaphore:
     async def create(self, name, initial, protected):
         return await self._create(name, initial, protected)
 
-    async def increment(self, name):
+    async def increment(self, name, n=1):
         s = self.s
         t = self.taken.get(name)
         if t is not None and t[0] != s.lease and t[1] < 0 and await s.is_lost(t[0]):
@@ -172,11 +172,11 @@ class EtcdSemaphore:
                                  f"{-t[1]} unit(s) it had taken were given back already")
         while True:
             sn = await self._read(name)
-            if sn.value >= VALUE_MAX:
+            if sn.value > VALUE_MAX - n:
                 raise OverflowError(f"semaphore {name!r} would exceed {VALUE_MAX}")
             lease = await self._lease() if sn.protected else 0
             try:
-                v = await self._write(name, sn, +1, lease)
+                v = await self._write(name, sn, +n, lease)
             except LeaseGone:
                 s.lease_gone(lease)
                 continue
@@ -279,6 +279,9 @@ class SemaphoreBackend:
 
     def increment(self, name):
         return self._run(self.impl.increment(check_name(name)))
+
+    def add(self, name, n):
+        return self._run(self.impl.increment(check_name(name), check_int(n, "n", 1)))
 
     def _give_back(self, name):
         return lambda got: self.impl.increment(name) if isinstance(got, int) and got >= 0 else None

@@ -548,6 +548,11 @@ class Domain:
                 return rc
         return _check(self._call(_SEM, name, _lib.np_sem_increment), self, name, _SEM)
 
+    def sem_add(self, name, n) -> int:
+        """n units at once (n >= 1), in one transaction (np_sem_add): the new value."""
+        n = errors.check_int(n, "n", 1)
+        return _check(self._call(_SEM, name, _lib.np_sem_add, n), self, name, _SEM)
+
     def sem_decrement(self, name, wait=False, timeout=None, *, cancel=None) -> int:
         """The new value, or -1 when nothing was taken (0 without wait, timeout,
         destroyed while waiting, cancel set)."""

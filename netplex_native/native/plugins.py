@@ -142,6 +142,7 @@ class _NativeSem:
     def __init__(self, dom: Any, role: str) -> None:
         self._dom = dom
         self.increment = dom.sem_increment
+        self.add = dom.sem_add
         self.get = dom.sem_get
         self.destroy = dom.sem_destroy
         #: The accelerator's Binder whose methods increment and decrement are

@@ -107,13 +107,13 @@ class SyncState:
         self.sems[name] = _Sem(name, initial, protected)
         return True
 
-    def sem_increment(self, cid, name) -> int:
+    def sem_increment(self, cid, name, n: int = 1) -> int:
         s = self.sems.get(name) or self._sem(name)
-        if s.value >= VALUE_MAX:
+        if s.value > VALUE_MAX - n:
             raise OverflowError(f"semaphore {name!r} would exceed {VALUE_MAX}")
-        s.value += 1
+        s.value += n
         if s.protected and cid:
-            s.deltas[cid] = s.deltas.get(cid, 0) + 1
+            s.deltas[cid] = s.deltas.get(cid, 0) + n
         new = s.value
         if s.waiters:
             self._serve(s)
@@ -379,6 +379,9 @@ class SemaphorePlugin(Plugin):
                 reply.ok(st.sem_try_decrement(rec.id, name))
         elif proc == "increment":
             reply.ok(st.sem_increment(rec.id, check_name(_args(args, 1, proc)[0])))
+        elif proc == "add":
+            name, n = _args(args, 2, proc)
+            reply.ok(st.sem_increment(rec.id, check_name(name), check_int(n, "n", 1)))
         elif proc == "create":
             name, initial, protected = _args(args, 3, proc)
             reply.ok(st.sem_create(check_name(name), check_int(initial, "initial"),
@@ -510,6 +513,9 @@ class _SemClient:
             return self._ch.call_op(1, (_SEM_OPS.get(name) or _sem_ops(name))[0])[0]
         return self._ch.call_op(1, _name_bytes(name))[0]
 
+    def add(self, name, n):
+        return self._ch.call("sem.add", [check_name(name), check_int(n, "n", 1)])[0]
+
     @staticmethod
     def _undo(name):
         """A decrement's give-back (Channel.call): one increment."""
@@ -553,6 +559,9 @@ class _SemLocal:
 
     def increment(self, name):
         return self._st.sem_increment(None, check_name(name))
+
+    def add(self, name, n):
+        return self._st.sem_increment(None, check_name(name), check_int(n, "n", 1))
 
     def decrement(self, name, wait=False, timeout=None):
         timeout = _check_wait(wait, timeout)
