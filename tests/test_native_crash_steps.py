@@ -112,34 +112,22 @@ def test_sem_create_is_atomic_at_every_crash_point(dom):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
-def test_sem_increment_is_atomic_at_every_crash_point(dom, protected):
+@pytest.mark.parametrize("units", [1, 1000], ids=["increment", "add"])
+def test_sem_increment_is_atomic_at_every_crash_point(dom, protected, units):
+    """An increment, and release(n)'s np_sem_add: its n units in one
+    transaction, never a part of them."""
     dom.sem_create("s", 3, protected=protected)
     def setup():
         return dom.sem_get("s")
     def verify(before, crashed, n):
         v = dom.sem_get("s")
         # protected: the dead child's delta is reverted whatever step it died at
-        assert v == (before if protected else v) and v in (before, before + 1), (n, before, v)
+        assert v == (before if protected else v) and v in (before, before + units), (n, before, v)
         assert dom.sem_delta("s", os.getpid()) == 0
-    enumerate_crashes(dom, f"sem increment ({'protected' if protected else 'unprotected'})",
-                      setup, lambda: dom.sem_get("s"), lambda: dom.sem_increment("s"), verify)
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
-def test_sem_add_of_many_units_is_atomic_at_every_crash_point(dom, protected):
-    """release(n) on the native backend: n units in one transaction
-    (np_sem_add), never a part of them."""
-    dom.sem_create("s", 3, protected=protected)
-    def setup():
-        return dom.sem_get("s")
-    def verify(before, crashed, n):
-        v = dom.sem_get("s")
-        # protected: the dead child's whole delta is reverted whatever step it died at
-        assert v == (before if protected else v) and v in (before, before + 1000), (n, before, v)
-        assert dom.sem_delta("s", os.getpid()) == 0
-    enumerate_crashes(dom, f"sem add ({'protected' if protected else 'unprotected'})",
-                      setup, lambda: dom.sem_get("s"), lambda: dom.sem_add("s", 1000), verify)
+    op = (lambda: dom.sem_increment("s")) if units == 1 else (lambda: dom.sem_add("s", units))
+    enumerate_crashes(dom, f"sem {'increment' if units == 1 else 'add'} "
+                           f"({'protected' if protected else 'unprotected'})",
+                      setup, lambda: dom.sem_get("s"), op, verify)
 
 
 @pytest.mark.timeout(120)
