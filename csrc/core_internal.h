@@ -12,7 +12,10 @@
  *                 fork, and reclaiming a full table through the reserve
  *   queue.c       FIFO wait queues and wake-ups
  *   acquire.c     semaphore decrement and mutex lock (one implementation)
- *   release.c     semaphore increment and mutex unlock, get, deltas, cancel
+ *   yield_backoff.h  when a waiter stops yielding its CPU (A8 of acquire.c;
+ *                 also the container's reply poll, csrc/fast/)
+ *   release.c     semaphore increment (and add n) and mutex unlock, get,
+ *                 deltas, cancel
  *   mutex_fast.h  a mutex's one-CAS lock and unlock while nobody waits, and
  *                 obj_lock/obj_unlock: every object guard holder closes it
  *   names.c       lookup / create / destroy
