@@ -539,6 +539,7 @@ void np_tx_q_remove(np_domain *d, np_actor *me, np_obj *o, uint32_t victim);
 void np_tx_q_append(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
 void np_tx_q_append_rec(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint32_t idx, int64_t now);
 int  np_q_collect(np_domain *d, np_obj *o, uint32_t *out);
+int  np_q_collect_n(np_domain *d, np_obj *o, uint32_t *out, int max);
 /* Waiter xi leaves the queue of object w - 1 (its guard held by actor a),
  * or only loses its mark when that object was destroyed since it queued;
  * returns how many of those behind it are entitled now (in who[], to wake

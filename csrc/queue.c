@@ -100,17 +100,23 @@ void np_tx_q_append_rec(np_domain *d, np_actor *me, uint32_t ai, np_obj *o, uint
     TX32(d, me, o->qlen, o->qlen + 1);
 }
 
-/* The first min(value, qlen) queued actors (capped): those entitled. */
-int np_q_collect(np_domain *d, np_obj *o, uint32_t *out)
+/* The first min(value, qlen, max) queued actors: those entitled. */
+int np_q_collect_n(np_domain *d, np_obj *o, uint32_t *out, int max)
 {
     int64_t v = o->value;
     int n = 0;
     uint32_t cur = o->qhead, steps = 0;
-    while (cur && n < v && n < NP_WAKE_BATCH && steps++ <= d->nall) {
+    while (cur && n < v && n < max && steps++ <= d->nall) {
         out[n++] = cur - 1;
         cur = d->actors[cur - 1].qnext;
     }
     return n;
+}
+
+/* The first min(value, qlen) queued actors, capped at NP_WAKE_BATCH. */
+int np_q_collect(np_domain *d, np_obj *o, uint32_t *out)
+{
+    return np_q_collect_n(d, o, out, NP_WAKE_BATCH);
 }
 
 /* Q3: remove the waiters that gave up; one transaction each.  `me' is the

@@ -5,8 +5,8 @@
  * Invariants kept here (with A1 of acquire.c and Q1-Q4 of queue.c)
  *  R1 A release puts one unit back into `value' (a mutex: value 1, owner 0;
  *     np_sem_add: n units, in the same one transaction) and wakes the
- *     waiters then entitled, after releasing the guard; it never exceeds
- *     NP_VALUE_MAX (NP_EOVERFLOW, nothing changed).
+ *     waiters then entitled, all of them, after releasing the guard; it
+ *     never exceeds NP_VALUE_MAX (NP_EOVERFLOW, nothing changed).
  *  R2 A protected delta is revised with saturating arithmetic.
  *  R3 Leaving a queue wakes those who became entitled by it; when the guard
  *     cannot be had within NP_GUARD_SLEEP_NS the caller is marked given up
@@ -27,6 +27,7 @@
 #include "core_internal.h"
 
 #include <sched.h>
+#include <stdlib.h>
 
 /* guard_deadline: NP_NOWAIT (slices: NP_EINTR, call again) or NP_GUARD_TRY
  * (NP_EAGAIN after a few ms: the accelerator, which holds the GIL, then
@@ -34,7 +35,7 @@
 static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_deadline,
                        int force, int64_t units)
 {
-    uint32_t idx, ai, tag, who[NP_WAKE_BATCH];
+    uint32_t idx, ai, tag, who[NP_WAKE_BATCH], *wake = who;
     int rc, n = 0;
     if ((rc = handle_obj(d, handle, kind, &idx)) < 0)
         return rc;
@@ -76,13 +77,25 @@ static int64_t release(np_domain *d, uint64_t handle, int kind, int64_t guard_de
         TX64(d, a, e->delta, sat_add(cur, units));
     }
     tx_commit(d, a);
-    if (unlikely(o->qlen))
-        n = np_q_collect(d, o, who);
+    if (unlikely(o->qlen)) {
+        /* R1: every waiter entitled now (a release of many units may
+         * entitle more than a batch; without memory, a batch, and the rest
+         * at the end of their slice) */
+        int64_t entitled = o->value < (int64_t)o->qlen ? o->value : (int64_t)o->qlen;
+        if (entitled > NP_WAKE_BATCH && (wake = malloc((size_t)entitled * sizeof *wake)) != NULL) {
+            n = np_q_collect_n(d, o, wake, (int)entitled);
+        } else {
+            wake = who;
+            n = np_q_collect(d, o, who);
+        }
+    }
     /* relaxed: a hint for spinning waiters, ordered by nothing. */
     __atomic_store_n(&o->rel_cpu, sched_getcpu(), __ATOMIC_RELAXED);
     obj_unlock(d, o);
     CRASHPOINT();
-    np_wake_actors(d, who, n);
+    np_wake_actors(d, wake, n);
+    if (wake != who)
+        free(wake);
     return kind == NP_KIND_MUTEX ? 0 : v + units;
 }
 
