@@ -45,6 +45,11 @@
  *     process's death word (deathwatch.c): when the kernel reports the
  *     holder's death, the waiter recovers its slot itself (exact liveness,
  *     once per call), without waiting for the slice or the supervisor.
+ *  A9 One wait per thread (its actor's queue fields): while a wait of the
+ *     thread is in progress -- a signal handler that runs between the
+ *     wait's slices -- a call takes a unit that is free to take (it never
+ *     queues, and no transaction of the actor is open between slices), and
+ *     one that would have to wait is refused (NP_EBUSY, nothing taken).
  *  A8 Adaptive waiting, before queueing (nothing logged, nothing held): a
  *     caller whose last releaser ran on another CPU watches the value for a
  *     few microseconds (NP_SPIN_ITERS); one whose last releaser ran on its
@@ -155,10 +160,8 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             tx_commit(d, a);
             queued = 0;
         }
-        if (unlikely(a->waiting_on && !queued)) {
+        if (unlikely(a->waiting_on && !queued && a->cancel_pending)) {
             obj_unlock(d, o);
-            if (!a->cancel_pending)
-                return NP_EBUSY;        /* a wait of this thread is in progress */
             np_i_wait_cancel(d);        /* a given-up wait: try to leave it */
             if (__atomic_load_n(&a->waiting_on, __ATOMIC_RELAXED)) {
                 /* still stuck behind a stopped process: Q5, go on with a
@@ -170,6 +173,9 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             }
             continue;
         }
+        /* A9: a wait of this thread is in progress (a signal handler that
+         * runs between its slices): take what is free, never queue */
+        int nested = a->waiting_on && !queued;
         int64_t v = o->value;
         int entitled;
         uint32_t pos = 0;
@@ -189,9 +195,9 @@ int64_t np_i_acquire(np_domain *d, uint64_t handle, int64_t deadline, int kind)
             CRASHPOINT();
             return kind == NP_KIND_MUTEX ? 0 : v - 1;
         }
-        if (deadline == NP_NOWAIT) {
+        if (deadline == NP_NOWAIT || unlikely(nested)) {
             obj_unlock(d, o);
-            return NP_EAGAIN;
+            return nested && deadline != NP_NOWAIT ? NP_EBUSY : NP_EAGAIN;
         }
         if (!queued && !spun && o->rel_cpu != sched_getcpu()) {
             spun = 1;                   /* reads only: nothing to log */

@@ -6,7 +6,7 @@ timers, which survive crashes: what a dead container held is given back.
 See README.md.
 """
 
-from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError,
+from .errors import (NetplexError, PluginNotAddedError, NotInContainerError, WouldBlockError, NestedWaitError,
                      NotHolderError,
                      TableFullError, SharedVarPermissionError, SharedVarTypeError,
                      ControllerGoneError, ProtocolError, SegmentError, NativeUnavailableError,
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Controller", "Service", "ProcessorHooks", "Container", "Timer", "Plugin",
     "semaphore", "mutex", "sharedvar", "cenv", "Domain",
-    "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NotHolderError",
+    "NetplexError", "PluginNotAddedError", "NotInContainerError", "WouldBlockError", "NestedWaitError", "NotHolderError",
     "TableFullError", "SharedVarPermissionError", "SharedVarTypeError", "ControllerGoneError",
     "ProtocolError", "SegmentError", "NativeUnavailableError", "ServiceConfigError", "RemoteError",
     "LeaseLostError", "EtcdUnavailableError", "AsyncWaitHelperError",

@@ -37,6 +37,13 @@ class WouldBlockError(NetplexError, RuntimeError):
     """A blocking wait was requested in the controller, whose loop must never block."""
 
 
+class NestedWaitError(NetplexError, RuntimeError):
+    """A blocking wait on the native backend from a thread that is already
+    waiting: a signal handler that runs during a wait (between its slices)
+    may take and give back units without waiting (``blocking=False``,
+    ``timeout=0``), not wait itself.  Nothing was taken."""
+
+
 class TableFullError(NetplexError, MemoryError):
     """A table of the native shared-memory segment (semaphores, mutexes,
     processes or threads) is full.  Nothing was changed."""

@@ -434,3 +434,42 @@ def test_a_registrant_from_another_pid_namespace_is_never_taken_for_dead(dom):
         assert [p["state"] for p in dom.processes() if p["pid"] == ns_pid] == ["registering"]
     finally:
         end()                               # the registrant, stopped, dies with pid 1
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_handler_during_a_wait_takes_what_is_free_and_is_refused_only_a_wait(dom):
+    """Found by the attack on issue 15's changes: a SIGALRM handler that ran
+    between the slices of a main-thread wait could take nothing (a plain
+    RuntimeError, even for a free unit).  A thread has one wait at a time
+    (A9 of csrc/acquire.c): the handler takes free units and a free mutex,
+    blocking or not, gives them back, and a call that would have to wait
+    raises NestedWaitError (a NetplexError), nothing taken; counts exact."""
+    from netplex_native.errors import NestedWaitError, NetplexError
+    dom.sem_create("outer", 0)
+    dom.sem_create("free", 2)
+    dom.sem_create("empty", 0)
+    seen = []
+
+    def handler(sig, frame):
+        seen.append(dom.sem_decrement("free"))                     # non-blocking
+        seen.append(dom.sem_decrement("free", wait=True, timeout=1))
+        seen.append(dom.mutex_lock("m", timeout=1))
+        dom.mutex_unlock("m")
+        dom.sem_increment("free")
+        dom.sem_increment("free")
+        try:
+            dom.sem_decrement("empty", wait=True, timeout=1)
+        except NestedWaitError as e:
+            seen.append(isinstance(e, NetplexError))
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        got = dom.sem_decrement("outer", wait=True, timeout=1.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert got == -1                                # the outer wait timed out, undisturbed
+    assert seen == [1, 0, True, True], seen
+    assert [sem(dom, n)["value"] for n in ("outer", "free", "empty")] == [0, 2, 0]
+    assert all(sem(dom, n)["waiters"] == 0 for n in ("outer", "free", "empty"))
+    assert mtx(dom, "m")["locked"] is False, mtx(dom, "m")

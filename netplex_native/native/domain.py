@@ -163,7 +163,10 @@ def _error(rc, dom, name, kind):
     if rc == _lib.NP_EOVERFLOW:
         return OverflowError(f"semaphore {name!r} would exceed {errors.VALUE_MAX}")
     if rc == _lib.NP_EBUSY:
-        return RuntimeError("this thread is already queued on another semaphore or mutex")
+        return errors.NestedWaitError(
+            f"this thread is already waiting for another semaphore or mutex (a signal handler "
+            f"that runs during a wait may take {name!r} without waiting, not wait for it); "
+            f"nothing was taken")
     if rc == _lib.NP_ENOTHOLDER:
         return errors.NotHolderError(
             f"mutex {name!r} is not held by this process (pid {os.getpid()}): nothing was "
