@@ -123,15 +123,13 @@ def configure_reply_poll() -> None:
     if v is None or _exchange is None:
         return
     from ._fast import reply_poll
-    try:
-        us = int(v)
-        if not 0 <= us <= 1_000_000:
-            raise ValueError
-    except ValueError:
+    # ASCII digits only (int() would also take "+5", " 20 ", "1_000", "-0"
+    # and other scripts' digits)
+    if not (v.isascii() and v.isdigit() and len(v) <= 7 and int(v) <= 1_000_000):
         log.warning("%s=%r is not a number of microseconds in 0..1000000: the default is kept",
                     REPLY_POLL_ENV, v)
         return
-    reply_poll(us * 1000)
+    reply_poll(int(v) * 1000)
 
 _PACK_CALL = wire._CALL.pack                       # Channel.call_op
 _CALL_FIXED = wire._CALL_FIXED

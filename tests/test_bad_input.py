@@ -324,7 +324,11 @@ def test_calls_outside_a_container_fresh_interpreter():
                     reason="the reply poll is the accelerator's")
 @pytest.mark.parametrize("value, cap, warned", [("abc", 50_000, True), ("-1", 50_000, True),
                                                 ("2000000", 50_000, True), ("", 50_000, True),
-                                                ("0", 0, False), ("30", 30_000, False)])
+                                                ("+5", 50_000, True), (" 20 ", 50_000, True),
+                                                ("1_000", 50_000, True), ("-0", 50_000, True),
+                                                ("\u0663", 50_000, True), ("0" * 30 + "1", 50_000, True),
+                                                ("0", 0, False), ("30", 30_000, False),
+                                                ("1000000", 1_000_000_000, False)])
 def test_a_bad_reply_poll_setting_is_reported_and_the_default_kept(value, cap, warned):
     """NETPLEX_REPLY_POLL_US (C5 of csrc/fast/container_channel.c): microseconds
     in 0..1,000,000; anything else is logged by name and changes nothing."""
