@@ -351,7 +351,10 @@ static int register_process(np_domain *d)
                 np_dw_start(d, p);      /* D2: before we can own anything */
                 return 0;
             }
-        if (attempt == 0 && reclaim(d) <= 0)
+        /* S3: look again even if this reclaim found nobody dead: another
+         * registrant's, which we waited for in the reserve, may have freed
+         * slots (what it freed is not ours to count) */
+        if (attempt == 0 && reclaim(d) < 0)
             break;
     }
     return NP_ENOSPC_PROC;
@@ -415,7 +418,7 @@ NOINLINE int np_my_actor_slow(np_domain *d, uint32_t *out, uint32_t *tag)
         goto out;
     uint32_t a;
     if (!claim_actor(d, 0, d->nact, d->my_proc, &a)) {
-        if (reclaim(d) <= 0 || !claim_actor(d, 0, d->nact, d->my_proc, &a)) {
+        if (reclaim(d) < 0 || !claim_actor(d, 0, d->nact, d->my_proc, &a)) {     /* S3, as above */
             rc = NP_ENOSPC_ACT;
             goto out;
         }
