@@ -525,7 +525,8 @@ static int dispatch_all(PyObject *buf, PyObject *const *st)
 #define POLL_START_NS 10000LL
 #define POLL_WORTH_NS 20000LL   /* what a reply read without sleeping saves, across CPUs */
 #define POLL_SHARED_NS 10000LL  /* a yield this long ran something else here */
-/* touched with the GIL held, by the one thread in C4 (it holds both roles) */
+/* touched only by the thread in C4's reader part (it holds the reader role,
+ * so one thread at a time; the GIL orders one such thread after another) */
 static int64_t poll_window = POLL_START_NS;
 static int64_t poll_max = POLL_MAX_NS;          /* reply_poll(): 0 = never poll */
 static yb_state polling;                        /* when the poll stops (yield_backoff.h) */
