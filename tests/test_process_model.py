@@ -292,7 +292,10 @@ def test_service_failing_at_start_is_disabled_after_10_failures(events, socket_d
 
 @pytest.mark.timeout(40)
 def test_restart_back_off_doubles_between_consecutive_start_failures(events, socket_dir):
-    """Default-like back-off (0.1 s doubling): gaps of about 0.1, 0.2, 0.4, 0.8 s."""
+    """Default-like back-off (0.1 s doubling): gaps of about 0.1, 0.2, 0.4, 0.8 s.
+    Each gap is at least 0.9 x its step (the controller waits that long) and
+    at most 0.5 s more; gaps are not compared with each other (a loaded
+    machine delayed the first start by 0.17 s, past the second gap)."""
 
     def build():
         ctrl = netplex.Controller(socket_dir, max_start_failures=5, backoff=(0.1, 5.0))
@@ -307,7 +310,6 @@ def test_restart_back_off_doubles_between_consecutive_start_failures(events, soc
         gaps = [b - a for a, b in zip(ts, ts[1:])]
         for gap, expected in zip(gaps, (0.1, 0.2, 0.4, 0.8)):
             assert expected * 0.9 <= gap <= expected + 0.5, f"gaps {gaps}"
-        assert all(b > a for a, b in zip(gaps, gaps[1:])), f"gaps do not grow: {gaps}"
         assert _service(_admin_list(socket_dir), "bad")["disabled"] is True
         assert proc.stop() == 0
 
