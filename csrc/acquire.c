@@ -45,11 +45,6 @@
  *     process's death word (deathwatch.c): when the kernel reports the
  *     holder's death, the waiter recovers its slot itself (exact liveness,
  *     once per call), without waiting for the slice or the supervisor.
- *  A9 One wait per thread (its actor's queue fields): while a wait of the
- *     thread is in progress -- a signal handler that runs between the
- *     wait's slices -- a call takes a unit that is free to take (it never
- *     queues, and no transaction of the actor is open between slices), and
- *     one that would have to wait is refused (NP_EBUSY, nothing taken).
  *  A8 Adaptive waiting, before queueing (nothing logged, nothing held): a
  *     caller whose last releaser ran on another CPU watches the value for a
  *     few microseconds (NP_SPIN_ITERS); one whose last releaser ran on its
@@ -62,6 +57,11 @@
  *     say other work runs on this CPU (a loaded CPU), and the thread's
  *     next waits sleep at once (yield_backoff.h, Y1-Y2) -- a CPU hog costs
  *     a waiter a time slice per thousands of waits, not one per wait.
+ *  A9 One wait per thread (its actor's queue fields): while a wait of the
+ *     thread is in progress -- a signal handler that runs between the
+ *     wait's slices -- a call takes a unit that is free to take (it never
+ *     queues, and no transaction of the actor is open between slices), and
+ *     one that would have to wait is refused (NP_EBUSY, nothing taken).
  */
 #define _GNU_SOURCE
 #include "core_internal.h"

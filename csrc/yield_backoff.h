@@ -2,7 +2,7 @@
  * yield_backoff.h -- when a waiter stops yielding its CPU (A8 of acquire.c:
  * a semaphore or mutex waiter yields to a releaser on its CPU; C5 of
  * fast/container_channel.c, which yields between looks for a reply, uses
- * yb_penalize on its own rule).  Process-local state (a thread's, or the
+ * yb_may_yield, and yb_penalize on its own rule: no strikes).  Process-local state (a thread's, or the
  * one channel's), never shared memory: a hint.
  *
  * Yielding saves a sleep and a wake-up (`worth': about a microsecond for a

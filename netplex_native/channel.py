@@ -57,9 +57,9 @@ makes it so:
   it, and the call goes on the general way.  No bytecode runs between the
   steps the general way runs as separate calls.
 - C5. Before C4 sleeps in recv it polls for its reply, yielding the CPU,
-  for an adaptive window of at most ``NETPLEX_REPLY_POLL_US`` (read from the
-  container's environment as it starts; 50 µs by default; 0 turns it off): a reply that comes within it is read without
-  a sleep and wake-up (container_channel.c says why and how it adapts,
+  for an adaptive window of at most ``NETPLEX_REPLY_POLL_US`` (read from
+  the container's environment as it starts; 50 µs by default; 0 turns it
+  off): a reply that comes within it is read without a sleep and wake-up (container_channel.c says why and how it adapts,
   and how it stops on a loaded CPU).  Signals that came during the poll
   run their handlers before the sleep.
 - C3. A handler that returns may itself make calls, even while the thread

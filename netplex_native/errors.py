@@ -38,10 +38,10 @@ class WouldBlockError(NetplexError, RuntimeError):
 
 
 class NestedWaitError(NetplexError, RuntimeError):
-    """A blocking wait on the native backend from a thread that is already
-    waiting: a signal handler that runs during a wait (between its slices)
-    may take and give back units without waiting (``blocking=False``,
-    ``timeout=0``), not wait itself.  Nothing was taken."""
+    """A call on the native backend that would have to wait, from a thread
+    that is already waiting: a signal handler that runs during a wait
+    (between its slices) may take what is free, blocking or not, and give
+    it back, but not wait itself.  Nothing was taken."""
 
 
 class TableFullError(NetplexError, MemoryError):

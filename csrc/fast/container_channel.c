@@ -719,10 +719,8 @@ PyObject *chan_exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* the reader */
     int64_t sent_at = mono_ns(), poll_end = sent_at + poll_window;
     int64_t until = poll_window ? poll_end : 0;
-    if (until && polling.skip) {
-        polling.skip--;                 /* C5: a CPU shared, lately */
-        until = 0;
-    }
+    if (until && !yb_may_yield(&polling))
+        until = 0;                      /* C5: a CPU shared, lately */
     int first = 1, slow = 0;
     for (;;) {
         int got = PyDict_Contains(results, rid);
