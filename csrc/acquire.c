@@ -62,6 +62,9 @@
  *     wait's slices -- a call takes a unit that is free to take (it never
  *     queues, and no transaction of the actor is open between slices), and
  *     one that would have to wait is refused (NP_EBUSY, nothing taken).
+ *     Not kept on the object of the interrupted wait: a call there is taken
+ *     for that wait going on (the core cannot tell a slice's continuation
+ *     from a new call) -- a known defect, README "Errors".
  */
 #define _GNU_SOURCE
 #include "core_internal.h"
