@@ -115,20 +115,23 @@ def run_ping_pong(dom, in_thread: bool, pipes, tag: str = "") -> list[list[int]]
 @pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "worker-thread"])
 def test_a_hand_off_on_one_cpu_yields_the_cpu_instead_of_sleeping(dom, in_thread, pipes):
     """On Python's main thread (whose waits would sleep with a timer) and on a
-    worker thread (whose would not): fewer than a quarter of the waits sleep.
-    Another process busy on that CPU turns the yields off (the test below), so
-    a run that met one (a slow yield) is tried again, up to 3 runs in all;
-    without A8 every run sleeps in every wait."""
+    worker thread (whose would not): the waits that yield do not sleep (a
+    side's sleeps are at most its waits that did not yield, plus a tenth),
+    and yielding is on for at least half the waits.  Other work on that CPU
+    turns the yields off for a while (the test below), so a run in which
+    less than half yielded is tried again, up to 3 runs in all; without A8
+    no wait yields and every wait sleeps."""
     runs = []
     for attempt in range(3):
         sides = run_ping_pong(dom, in_thread, pipes, f"-{attempt}")
         runs.append(sides)
-        if all(s[0] < HANDOFFS // 4 for s in sides):
+        assert all(s[0] <= s[3] + HANDOFFS // 10 for s in sides), (
+            f"[sleeps, yields, slow yields, waits not yielding] per side: {sides}: "
+            f"waits that yielded slept")
+        if sum(s[1] for s in sides) >= HANDOFFS:
             return
-        if not any(s[2] for s in sides):
-            break                       # nothing ran beside them: no excuse
     raise AssertionError(f"[sleeps, yields, slow yields, waits not yielding] per side, over {HANDOFFS} "
-                         f"waits, in each run: {runs}: a hand-off on one CPU went through a futex sleep")
+                         f"waits, in each run: {runs}: less than half the waits yielded in every run")
 
 
 def test_with_a_cpu_hog_on_that_cpu_the_waiters_soon_stop_yielding(dom, pipes):
